@@ -1,0 +1,21 @@
+"""jpeft: parameter-efficient fine-tuning for JAX and Flax, as pure parameter-tree transforms."""
+
+from jpeft import checkpoint
+from jpeft.core.method import Context, Method, compose, wrap
+from jpeft.core.paths import Selection, select
+from jpeft.core.sharding import (delta_shardings, opt_state_shardings, shard_by_rules,
+                                 shardings_of)
+from jpeft.core.train import init_opt_state, make_train_step, partition
+from jpeft.core.tree import ParamReport, combine, num_bytes, num_params, param_report, split
+from jpeft.methods.bitfit import bitfit
+from jpeft.methods.full import full_finetune
+from jpeft.methods.lora import lora
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Context", "Method", "ParamReport", "Selection", "bitfit", "checkpoint", "combine", "compose",
+    "delta_shardings", "full_finetune", "init_opt_state", "lora", "make_train_step", "num_bytes",
+    "num_params", "opt_state_shardings", "param_report", "partition", "select", "shard_by_rules",
+    "shardings_of", "split", "wrap",
+]

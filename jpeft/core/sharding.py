@@ -1,0 +1,73 @@
+"""Shardings for deltas and optimizer state, derived from those of the base weights.
+
+The base parameters carry ``NamedSharding``s (FSDP, tensor parallel, or both). Each method derives
+its delta's shardings from them (``Method.shardings``): an additive delta takes its weight's sharding,
+a LoRA factor takes the spec of the weight axis it shares, with the rank axis replicated. Optimizer
+state that mirrors the delta (Adam's moments) takes the delta's shardings; scalars are replicated.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Sequence
+
+import jax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from jpeft.core import method as method_lib
+from jpeft.core import paths as paths_lib
+
+
+def shardings_of(tree: Any) -> Any:
+    """The ``.sharding`` of every (concrete) array leaf."""
+    return jax.tree_util.tree_map(lambda x: x.sharding, tree)
+
+
+def shard_by_rules(tree: Any, mesh: Mesh, rules: Sequence[tuple[str, PartitionSpec]],
+                   default: PartitionSpec = PartitionSpec()) -> Any:
+    """``NamedSharding`` per leaf: the first rule whose regex fully matches the '/'-joined path.
+
+    A spec with more entries than the leaf has dimensions, or an axis that does not divide the
+    dimension, raises a ``ValueError`` naming the leaf.
+    """
+    def one(kp, x):
+        path = paths_lib.path_str(paths_lib.to_path(kp))
+        spec = next((s for pat, s in rules if re.fullmatch(pat, path)), default)
+        if len(spec) > x.ndim:
+            raise ValueError(f"shard_by_rules: spec {spec} has more axes than {path} {x.shape}")
+        for dim, axis in zip(x.shape, spec):
+            size = 1
+            for a in (axis if isinstance(axis, tuple) else (axis,)):
+                size *= mesh.shape[a] if a is not None else 1
+            if dim % size:
+                raise ValueError(f"shard_by_rules: {path} dim {dim} not divisible by mesh axes "
+                                 f"{axis} of size {size}")
+        return NamedSharding(mesh, spec)
+    return jax.tree_util.tree_map_with_path(one, tree)
+
+
+def delta_shardings(method: method_lib.Method, param_shardings: Any, delta: Any) -> Any:
+    """Shardings for ``delta`` (concrete or abstract) from the base tree's shardings."""
+    return method.shardings(param_shardings, delta)
+
+
+def opt_state_shardings(optimizer, delta: Any, delta_shards: Any, mesh: Mesh) -> Any:
+    """Shardings for ``optimizer.init(delta)``: subtrees shaped like the delta follow it.
+
+    Every subtree of the optimizer state with the delta's tree structure (moments, traces, masks)
+    gets the delta's shardings; any other leaf (step counts, scalars) is replicated over ``mesh``.
+    """
+    state = jax.eval_shape(optimizer.init, delta)
+    delta_def = jax.tree_util.tree_structure(delta)
+    replicated = NamedSharding(mesh, PartitionSpec())
+
+    def is_delta_like(x):
+        if x is None or isinstance(x, jax.ShapeDtypeStruct):
+            return False
+        return jax.tree_util.tree_structure(x) == delta_def
+
+    def place(x):
+        if is_delta_like(x):
+            return delta_shards
+        return jax.tree_util.tree_map(lambda _: replicated, x)
+    return jax.tree_util.tree_map(place, state, is_leaf=is_delta_like)
