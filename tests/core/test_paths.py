@@ -1,0 +1,81 @@
+"""Target selection over key paths: regex, suffixes, layers, exclusions, and the errors."""
+
+import jax.numpy as jnp
+import pytest
+
+from jpeft.core import paths
+
+TREE = {"params": {
+    "encoder": {"layer": {str(i): {
+        "attention": {"self": {n: {"kernel": jnp.zeros((4, 4)), "bias": jnp.zeros(4)}
+                               for n in ("query", "key", "value")}},
+        "intermediate": {"dense": {"kernel": jnp.zeros((4, 8)), "bias": jnp.zeros(8)}},
+    } for i in range(3)}},
+    "classifier": {"kernel": jnp.zeros((4, 2)), "bias": jnp.zeros(2)},
+}}
+
+
+def _strs(ps):
+    return [paths.path_str(p) for p in ps]
+
+
+def test_suffix_targets_match_whole_components():
+    got = paths.select(TREE, paths.Selection(targets=("query", "self/value"), leaf_names=("kernel",)))
+    assert len(got) == 6
+    assert all(p[-2] in ("query", "value") for p in got)
+    # "uery" is not a component suffix: nothing matches.
+    with pytest.raises(ValueError):
+        paths.select(TREE, paths.Selection(targets=("uery",), leaf_names=("kernel",)))
+
+
+def test_regex_is_full_match_with_either_separator():
+    sel = paths.Selection(targets=r"params\.encoder\.layer\.\d+\.attention\.self\.(query|key)",
+                          leaf_names=("kernel",))
+    assert len(paths.select(TREE, sel)) == 6
+    sel = paths.Selection(targets=r".*/query", leaf_names=("bias",))
+    assert len(paths.select(TREE, sel)) == 3
+    # A partial match is not a match.
+    with pytest.raises(ValueError):
+        paths.select(TREE, paths.Selection(targets=r"query", leaf_names=("kernel",)))
+
+
+def test_layers_to_transform_and_exclude():
+    sel = paths.Selection(targets=("query",), leaf_names=("kernel",), layers_to_transform=[0, 2])
+    assert _strs(paths.select(TREE, sel)) == [
+        "params/encoder/layer/0/attention/self/query/kernel",
+        "params/encoder/layer/2/attention/self/query/kernel"]
+    sel = paths.Selection(targets=None, leaf_names=("kernel",), exclude=("classifier", "key"))
+    got = _strs(paths.select(TREE, sel))
+    assert len(got) == 9 and not any("classifier" in p or "/key/" in p for p in got)
+
+
+def test_layer_index_forms():
+    assert paths.layer_index(("encoder", "layer", "3", "dense")) == 3
+    assert paths.layer_index(("model", "layers_12", "mlp")) == 12
+    assert paths.layer_index(("h", "7"), layers_pattern="h") == 7
+    assert paths.layer_index(("blocks", "7"), layers_pattern="h") is None
+    assert paths.layer_index(("classifier",)) is None
+
+
+def test_no_match_lists_closest_paths():
+    with pytest.raises(ValueError) as e:
+        paths.select(TREE, paths.Selection(targets=("qurey",), leaf_names=("kernel",)), what="lora")
+    msg = str(e.value)
+    assert "lora" in msg and "qurey" in msg and "attention/self/query" in msg
+
+
+def test_no_match_for_layers_names_present_indices():
+    with pytest.raises(ValueError, match=r"layer indices present: \[0, 1, 2\]"):
+        paths.select(TREE, paths.Selection(targets=("query",), leaf_names=("kernel",),
+                                           layers_to_transform=7))
+
+
+def test_no_candidate_leaf_names_what_exists():
+    with pytest.raises(ValueError, match="leaf names present"):
+        paths.select(TREE, paths.Selection(leaf_names=("weight",)))
+
+
+def test_flatten_unflatten_round_trip():
+    flat = paths.flatten(TREE)
+    assert paths.unflatten(flat).keys() == TREE.keys()
+    assert paths.flatten(paths.unflatten(flat)).keys() == flat.keys()

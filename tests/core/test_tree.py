@@ -1,0 +1,40 @@
+"""Frozen/trainable split, combine, and the parameter report."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jpeft
+from jpeft.core import paths
+
+
+def test_split_combine_round_trip():
+    tree = {"a": {"w": jnp.ones((2, 3)), "b": jnp.zeros(3)}, "c": jnp.arange(4.0)}
+    sel = [("a", "b"), ("c",)]
+    train, frozen = jpeft.split(tree, sel)
+    assert train["a"]["w"] is None and frozen["a"]["b"] is None
+    assert jpeft.num_params(train) == 7 and jpeft.num_params(frozen) == 6
+    back = jpeft.combine(train, frozen)
+    assert jax.tree.all(jax.tree.map(lambda x, y: bool((x == y).all()), back, tree))
+
+
+def test_combine_rejects_overlap():
+    tree = {"a": jnp.ones(2)}
+    with pytest.raises(ValueError, match="more than one"):
+        jpeft.combine(tree, tree)
+
+
+def test_param_report_percent():
+    params = {"w": jnp.zeros((10, 10))}
+    delta = {"w": jnp.zeros((5,))}
+    rep = jpeft.param_report(params, delta)
+    assert (rep.trainable, rep.base) == (5, 100)
+    assert rep.percent == pytest.approx(5.0)
+    assert "5" in str(rep) and "100" in str(rep)
+
+
+def test_num_bytes_on_abstract_arrays():
+    tree = {"a": jax.ShapeDtypeStruct((3, 4), jnp.float32), "b": np.zeros(2, np.int8)}
+    assert jpeft.num_bytes(tree) == 3 * 4 * 4 + 2
+    assert paths.flatten(tree).keys() == {("a",), ("b",)}

@@ -1,0 +1,242 @@
+"""LoRA against the math: W = W0 + s A B, factored == merged == materialised, counts, errors."""
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import jpeft
+from jpeft.core import paths
+
+
+def _perturb(delta, key=jax.random.key(7), scale=0.1):
+    leaves, treedef = jax.tree.flatten(delta)
+    keys = jax.random.split(key, len(leaves))
+    return jax.tree.unflatten(treedef, [x + scale * jax.random.normal(k, x.shape, x.dtype)
+                                        for x, k in zip(leaves, keys)])
+
+
+@pytest.fixture
+def setup(tiny_bert, tiny_batch):
+    model, params = tiny_bert
+    variables = {"params": params}
+    method = jpeft.lora(targets=("query", "value"), rank=4, alpha=8)
+    delta = method.init(jax.random.key(1), variables)
+    return model, variables, method, delta, tiny_batch
+
+
+def test_zero_delta_is_exactly_the_base_model(setup):
+    model, variables, method, delta, batch = setup
+    base = model.apply(variables, **batch)
+    for mode in ("factored", "materialised"):
+        out = jpeft.wrap(model.apply, method, mode=mode)(variables, delta, **batch)
+        np.testing.assert_array_equal(np.asarray(out), np.asarray(base))
+
+
+def test_merge_equals_factored_and_materialised(setup):
+    model, variables, method, delta, batch = setup
+    delta = _perturb(delta)
+    fact = jpeft.wrap(model.apply, method)(variables, delta, **batch)
+    mat = jpeft.wrap(model.apply, method, mode="materialised")(variables, delta, **batch)
+    merged = model.apply(method.merge(variables, delta), **batch)
+    assert not np.allclose(fact, model.apply(variables, **batch), atol=1e-3)
+    np.testing.assert_allclose(fact, merged, atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(mat, merged, atol=1e-6, rtol=1e-6)
+
+
+def test_unmerge_restores_base_weights(setup):
+    _, variables, method, delta, _ = setup
+    delta = _perturb(delta)
+    back = method.unmerge(method.merge(variables, delta), delta)
+    for (p, w0), w in zip(paths.flatten(variables).items(), jax.tree.leaves(back)):
+        # |(W0 + D) - D - W0| <= 2 ulp of the largest magnitude involved.
+        np.testing.assert_allclose(w, w0, atol=4 * np.finfo(np.float32).eps * (1 + float(jnp.abs(w0).max())))
+
+
+def test_merged_weight_is_w0_plus_scaled_product(setup):
+    _, variables, method, delta, _ = setup
+    delta = _perturb(delta)
+    merged = paths.flatten(method.merge(variables, delta))
+    base = paths.flatten(variables)
+    flat_d = paths.flatten(delta)
+    for p, a in flat_d.items():
+        if p[-1] != "lora_A":
+            continue
+        b = np.asarray(flat_d[p[:-1] + ("lora_B",)], np.float64)
+        want = np.asarray(base[p[:-1]], np.float64) + (8 / 4) * np.asarray(a, np.float64) @ b
+        np.testing.assert_allclose(merged[p[:-1]], want, atol=1e-5)
+
+
+class _OneDense(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return nn.Dense(6, name="proj")(x)
+
+
+@pytest.mark.parametrize("rslora", [False, True])
+def test_factored_forward_matches_plain_jnp(rslora):
+    model = _OneDense()
+    x = jax.random.normal(jax.random.key(0), (5, 12))
+    variables = model.init(jax.random.key(1), x)
+    method = jpeft.lora(("proj",), rank=3, alpha=6, use_rslora=rslora)
+    delta = _perturb(method.init(jax.random.key(2), variables))
+    a = delta["params"]["proj"]["kernel"]["lora_A"]
+    b = delta["params"]["proj"]["kernel"]["lora_B"]
+    w, bias = variables["params"]["proj"]["kernel"], variables["params"]["proj"]["bias"]
+    s = 6 / math.sqrt(3) if rslora else 6 / 3
+    want = x @ w + bias + s * (x @ a) @ b
+    got = jpeft.wrap(model.apply, method)(variables, delta, x)
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    assert method.config["scaling"] == pytest.approx(s)
+
+
+def test_gradients_match_between_factored_and_materialised(setup):
+    model, variables, method, delta, batch = setup
+    delta = _perturb(delta)
+
+    def loss(mode):
+        f = jpeft.wrap(model.apply, method, mode=mode)
+        return lambda d: jnp.sum(f(variables, d, **batch) ** 2)
+    g1 = jax.grad(loss("factored"))(delta)
+    g2 = jax.grad(loss("materialised"))(delta)
+    for x, y in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
+        np.testing.assert_allclose(x, y, atol=1e-4, rtol=1e-4)
+
+
+def _grad_flops(model, variables, method, delta, batch, mode):
+    f = jpeft.wrap(model.apply, method, mode=mode)
+    g = jax.jit(jax.grad(lambda d, p: jnp.sum(f(p, d, **batch) ** 2)))
+    cost = g.lower(delta, variables).compile().cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return cost["flops"]
+
+
+def test_factored_form_never_forms_the_full_weight_gradient(tiny_bert, tiny_batch):
+    model, params = tiny_bert
+    variables = {"params": params}
+    method = jpeft.lora("all-linear", rank=2, alpha=2, exclude=("classifier",))
+    delta = method.init(jax.random.key(0), variables)
+    fact = _grad_flops(model, variables, method, delta, tiny_batch, "factored")
+    mat = _grad_flops(model, variables, method, delta, tiny_batch, "materialised")
+    # Materialised pays, per adapted [in, out] matrix, one [in, out] gradient x^T dy (2*N*in*out
+    # FLOPs for N tokens) plus the merge; the factored form pays O(N * r * (in + out)).
+    n_tokens = int(np.prod(tiny_batch["input_ids"].shape))
+    flat = paths.flatten(variables)
+    full_grad = sum(2 * n_tokens * flat[p[:-1]].shape[0] * flat[p[:-1]].shape[1]
+                    for p in paths.flatten(delta) if p[-1] == "lora_A")
+    assert mat - fact >= 0.5 * full_grad, (fact, mat, full_grad)
+
+
+def test_counts_follow_the_formula(setup, tiny_config):
+    _, variables, _, delta, _ = setup
+    h, layers = tiny_config.hidden_size, tiny_config.num_hidden_layers
+    assert jpeft.num_params(delta) == layers * 2 * 4 * (h + h)
+    method = jpeft.lora("all-linear", rank=2, exclude=("classifier",))
+    d = method.init(jax.random.key(0), variables)
+    i = tiny_config.intermediate_size
+    per_layer = 4 * 2 * (h + h) + 2 * (h + i) + 2 * (i + h)
+    assert jpeft.num_params(d) == layers * per_layer
+    assert "classifier" not in str(jax.tree.map(jnp.shape, d))
+
+
+def test_layers_to_transform(setup):
+    _, variables, _, _, _ = setup
+    d = jpeft.lora(("query",), rank=2, layers_to_transform=[1]).init(jax.random.key(0), variables)
+    selected = [paths.path_str(p) for p in paths.flatten(d) if p[-1] == "lora_A"]
+    assert selected == ["params/bert/encoder/layer/1/attention/self/query/kernel/lora_A"]
+
+
+def test_init_distributions():
+    variables = {"params": {"proj": {"kernel": jnp.zeros((4096, 64))}}}
+    k = jpeft.lora(("proj",), rank=16).init(jax.random.key(0), variables)["params"]["proj"]["kernel"]
+    a = np.asarray(k["lora_A"])
+    bound = 1 / math.sqrt(4096)
+    assert np.abs(a).max() <= bound and np.abs(a).max() > 0.99 * bound
+    assert np.std(a) == pytest.approx(bound / math.sqrt(3), rel=0.02)
+    assert not np.any(np.asarray(k["lora_B"]))
+    g = jpeft.lora(("proj",), rank=16, init="gaussian").init(jax.random.key(0), variables)
+    assert np.std(np.asarray(g["params"]["proj"]["kernel"]["lora_A"])) == pytest.approx(1 / 16, rel=0.02)
+
+
+def test_dropout_only_with_a_key(setup):
+    model, variables, _, delta, batch = setup
+    method = jpeft.lora(targets=("query", "value"), rank=4, alpha=8, dropout=0.5)
+    delta = _perturb(delta, scale=0.5)
+    f = jpeft.wrap(model.apply, method)
+    no_drop = jpeft.wrap(model.apply, jpeft.lora(("query", "value"), rank=4, alpha=8))
+    np.testing.assert_array_equal(f(variables, delta, **batch), no_drop(variables, delta, **batch))
+    a = f(variables, delta, **batch, delta_rng=jax.random.key(0))
+    b = f(variables, delta, **batch, delta_rng=jax.random.key(1))
+    assert not np.allclose(a, b)
+    np.testing.assert_array_equal(a, f(variables, delta, **batch, delta_rng=jax.random.key(0)))
+
+
+def test_dropout_keeps_the_expected_update():
+    model = _OneDense()
+    x = jnp.ones((20000, 12))
+    variables = model.init(jax.random.key(1), x)
+    method = jpeft.lora(("proj",), rank=3, alpha=3, dropout=0.3)
+    delta = _perturb(method.init(jax.random.key(2), variables), scale=1.0)
+    f = jpeft.wrap(model.apply, method)
+    base = model.apply(variables, x)
+    with_drop = f(variables, delta, x, delta_rng=jax.random.key(3)) - base
+    without = f(variables, delta, x) - base
+    np.testing.assert_allclose(with_drop.mean(0), without.mean(0), atol=0.05 * float(jnp.abs(without).max()))
+
+
+def test_errors(setup):
+    _, variables, _, _, _ = setup
+    with pytest.raises(ValueError, match="rank 40 is larger than the matrix"):
+        jpeft.lora(("query",), rank=40).init(jax.random.key(0), variables)
+    with pytest.raises(ValueError, match="positive integer"):
+        jpeft.lora(rank=0)
+    with pytest.raises(ValueError, match="dropout"):
+        jpeft.lora(dropout=1.0)
+    with pytest.raises(ValueError, match="init"):
+        jpeft.lora(init="xavier")
+    with pytest.raises(ValueError, match=r"matched none.*attention/self/query"):
+        jpeft.lora(("qeury",)).init(jax.random.key(0), variables)
+    with pytest.raises(ValueError, match="mode"):
+        jpeft.wrap(lambda p: p, jpeft.lora(), mode="fused")
+
+
+def test_factored_mode_reports_weights_not_used_by_dense():
+    def apply(variables, x):     # a plain-JAX model: no nn.Dense to intercept
+        return x @ variables["params"]["proj"]["kernel"]
+    variables = {"params": {"proj": {"kernel": jnp.ones((4, 3))}}}
+    method = jpeft.lora(("proj",), rank=2)
+    delta = _perturb(method.init(jax.random.key(0), variables))
+    x = jnp.ones((2, 4))
+    with pytest.raises(ValueError, match="mode='materialised'"):
+        jpeft.wrap(apply, method)(variables, delta, x)
+    out = jpeft.wrap(apply, method, mode="materialised")(variables, delta, x)
+    np.testing.assert_allclose(out, apply(method.merge(variables, delta), x), atol=1e-6)
+
+
+@pytest.mark.slow
+def test_minilm_qv_r8_has_73728_adapter_params(minilm):
+    variables = {"params": minilm.params}
+    delta = jpeft.lora(("query", "value"), rank=8, alpha=8).init(jax.random.key(0), variables)
+    assert jpeft.num_params(delta) == 73_728
+
+
+@pytest.mark.torch
+@pytest.mark.parametrize("targets", [("query", "value"), "all-linear"])
+def test_count_matches_hugging_face_peft(minilm, targets):
+    pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    from jpeft.data.embedded import minilm_dir
+    # Our MiniLM uses mean pooling (no pooler), so compare with a BertModel without one.
+    hf = transformers.BertModel.from_pretrained(str(minilm_dir()), local_files_only=True,
+                                                add_pooling_layer=False)
+    hf_targets = list(targets) if isinstance(targets, tuple) else targets
+    model = peft.get_peft_model(hf, peft.LoraConfig(r=8, lora_alpha=8, target_modules=hf_targets))
+    trainable, _ = model.get_nb_trainable_parameters()
+    delta = jpeft.lora(targets, rank=8, exclude=("classifier",)).init(
+        jax.random.key(0), {"params": minilm.params})
+    assert jpeft.num_params(delta) == trainable
