@@ -1,0 +1,18 @@
+"""Models with Hugging Face parameter names, their checkpoint loading and tokenisation."""
+
+from jpeft.models.bert import (BertAttention, BertConfig, BertEmbeddings, BertEncoder,
+                               BertForSequenceClassification, BertIntermediate, BertLayer,
+                               BertLayerStack, BertModel, BertOutput, BertPooler, BertSelfAttention,
+                               BertSelfOutput, EncoderOutput, attention_bias, get_activation,
+                               masked_mean)
+from jpeft.models.loading import (LoadReport, LoadedBert, flax_to_hf_state, hf_state_to_flax,
+                                  load_hf_bert)
+from jpeft.models.tokenizer import encode, load_tokenizer
+
+__all__ = [
+    "BertAttention", "BertConfig", "BertEmbeddings", "BertEncoder", "BertForSequenceClassification",
+    "BertIntermediate", "BertLayer", "BertLayerStack", "BertModel", "BertOutput", "BertPooler",
+    "BertSelfAttention", "BertSelfOutput", "EncoderOutput", "LoadReport", "LoadedBert",
+    "attention_bias", "encode", "flax_to_hf_state", "get_activation", "hf_state_to_flax",
+    "load_hf_bert", "load_tokenizer", "masked_mean",
+]

