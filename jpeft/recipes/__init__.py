@@ -1,0 +1,1 @@
+"""End-to-end jobs built from the public API (the demo's fine-tune lives here)."""

@@ -1,0 +1,197 @@
+"""Fine-tune a sequence classifier with any jpeft method: the main job behind ``make demo``.
+
+The pieces are plain functions so that each method's own entry point (``jpeft demo --method ...``)
+and the tests reuse them: encode the data once, build the loss, train for a number of steps with a
+progress bar, evaluate, predict.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable, Iterator, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jpeft.core import method as method_lib
+from jpeft.core import train as train_lib
+
+Batch = dict[str, np.ndarray]
+
+
+class Split(NamedTuple):
+    """Encoded examples: ``inputs`` maps names to int32 ``[N, T]``, ``labels`` is int32 ``[N]``."""
+    inputs: Batch
+    labels: np.ndarray
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+
+def bucket_length(lengths: np.ndarray, buckets: tuple[int, ...]) -> int:
+    """The smallest bucket that holds the longest of ``lengths`` (the largest bucket otherwise)."""
+    longest = int(np.max(lengths)) if len(lengths) else 1
+    return next((b for b in sorted(buckets) if b >= longest), max(buckets))
+
+
+def _take(split: Split, idx: np.ndarray, batch_size: int, buckets: tuple[int, ...] | None) -> Batch:
+    weight = np.ones(len(idx), np.float32)
+    if len(idx) < batch_size:
+        pad = batch_size - len(idx)
+        idx = np.concatenate([idx, np.full(pad, idx[0], idx.dtype)])
+        weight = np.concatenate([weight, np.zeros(pad, np.float32)])
+    batch = {k: v[idx] for k, v in split.inputs.items()}
+    if buckets:
+        width = bucket_length(batch["attention_mask"].sum(1), buckets)
+        batch = {k: v[:, :width] for k, v in batch.items()}
+    batch["labels"] = split.labels[idx]
+    batch["weight"] = weight
+    return batch
+
+
+def batches(split: Split, batch_size: int, *, seed: int | None = None, drop_last: bool = True,
+            buckets: tuple[int, ...] | None = None, group_by_length: bool = False
+            ) -> Iterator[Batch]:
+    """Batches of ``split`` with ``"labels"`` and ``"weight"`` added.
+
+    Args:
+      split: the examples, right-padded to a common length ``T``.
+      batch_size: rows per batch; every batch has exactly this many (one compiled shape per bucket).
+      seed: shuffle with this seed (``None``: keep the order).
+      drop_last: drop the incomplete last batch; otherwise it is padded by repeating a row with
+        ``weight`` 0.
+      buckets: cut each batch to the smallest of these lengths that holds its longest example, so
+        short sentences do not pay for ``T`` (a handful of compiled shapes instead of one).
+      group_by_length: with ``seed``, sort each window of 32 shuffled batches by length and then
+        shuffle the batches, so that a batch holds examples of similar length (as Hugging Face's
+        ``group_by_length``); the set of examples per epoch is unchanged.
+    """
+    n = len(split)
+    order = np.arange(n) if seed is None else np.random.default_rng(seed).permutation(n)
+    if group_by_length and seed is not None:
+        lengths = split.inputs["attention_mask"].sum(1)
+        window = 32 * batch_size
+        order = np.concatenate([
+            chunk[np.argsort(lengths[chunk], kind="stable")]
+            for chunk in np.split(order, range(window, n, window))])
+    stop = n - n % batch_size if drop_last else n
+    starts = list(range(0, stop, batch_size))
+    if group_by_length and seed is not None:
+        np.random.default_rng(seed + 1).shuffle(starts)
+    for start in starts:
+        yield _take(split, order[start:start + batch_size], batch_size, buckets)
+
+
+def endless(split: Split, batch_size: int, seed: int, **kwargs) -> Iterator[Batch]:
+    """Shuffled batches forever; pass ``e`` uses seed ``seed + e`` (``kwargs`` go to :func:`batches`)."""
+    epoch = 0
+    while True:
+        yield from batches(split, batch_size, seed=seed + epoch, **kwargs)
+        epoch += 1
+
+
+def make_loss(apply_fn: Callable[..., Any], method: method_lib.Method, *,
+              mode: str = "factored", dropout: bool = True):
+    """Weighted cross-entropy of a classifier; returns ``(loss, {"accuracy": ...})``.
+
+    ``apply_fn(params, input_ids, attention_mask, token_type_ids, deterministic=..., rngs=...)`` is
+    the model's apply; the key drives model dropout and the method's own dropout.
+    """
+    f = method_lib.wrap(apply_fn, method, mode=mode)
+
+    def loss(params, delta, batch, key):
+        model_key, delta_key = jax.random.split(key)
+        logits = f(params, delta, batch["input_ids"], batch["attention_mask"],
+                   batch["token_type_ids"], deterministic=not dropout,
+                   rngs={"dropout": model_key}, delta_rng=delta_key if dropout else None)
+        nll = optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"])
+        w = batch["weight"]
+        correct = (jnp.argmax(logits, -1) == batch["labels"]).astype(jnp.float32)
+        return jnp.sum(nll * w) / jnp.sum(w), {"accuracy": jnp.sum(correct * w) / jnp.sum(w)}
+    return loss
+
+
+def make_predict(apply_fn: Callable[..., Any], method: method_lib.Method | None = None):
+    """``predict(params, delta, batch) -> logits`` (jitted, deterministic).
+
+    With ``method=None`` the delta argument is ignored and the plain model runs (e.g. on merged
+    parameters).
+    """
+    def predict(params, delta, batch):
+        args = (batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
+        if method is None:
+            return apply_fn(params, *args)
+        return method_lib.wrap(apply_fn, method)(params, delta, *args)
+    return jax.jit(predict)
+
+
+def logits_of(predict, params, delta, split: Split, batch_size: int = 128,
+              buckets: tuple[int, ...] | None = None) -> np.ndarray:
+    """Logits ``[N, C]`` for every example of ``split``, in the split's order.
+
+    With ``buckets`` the examples run sorted by length, each batch cut to its bucket.
+    """
+    lengths = split.inputs["attention_mask"].sum(1)
+    order = np.argsort(lengths, kind="stable") if buckets else np.arange(len(split))
+    out = []
+    for start in range(0, len(split), batch_size):
+        batch = _take(split, order[start:start + batch_size], batch_size, buckets)
+        logits = np.asarray(predict(params, delta, batch))
+        out.append(logits[batch["weight"] > 0])
+    logits = np.concatenate(out)
+    result = np.empty_like(logits)
+    result[order] = logits
+    return result
+
+
+def accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
+    return float(np.mean(np.argmax(logits, -1) == labels))
+
+
+class TrainResult(NamedTuple):
+    delta: Any
+    opt_state: Any
+    losses: list[float]
+    seconds: float
+
+
+def train(params: Any, delta: Any, loss_fn, optimizer: optax.GradientTransformation,
+          split: Split, *, steps: int, batch_size: int, seed: int = 0,
+          progress: bool = True, opt_state: Any = None, start_step: int = 0,
+          buckets: tuple[int, ...] | None = None) -> TrainResult:
+    """Run ``steps`` steps of :func:`jpeft.make_train_step` over shuffled batches of ``split``.
+
+    With ``buckets``, batches group examples of similar length and are cut to a bucket length
+    (see :func:`batches`). The batch order and the per-step keys depend only on ``seed`` and the step number, so a run
+    resumed at ``start_step`` from a checkpoint continues exactly.
+    """
+    step_fn = train_lib.make_train_step(loss_fn, optimizer)
+    if opt_state is None:
+        opt_state = train_lib.init_opt_state(optimizer, delta)
+    per_epoch = len(split) // batch_size
+    if per_epoch == 0:
+        raise ValueError(f"batch_size {batch_size} is larger than the {len(split)} training examples")
+    stream = endless(split, batch_size, seed, buckets=buckets, group_by_length=bool(buckets))
+    for _ in range(start_step):
+        next(stream)
+    losses: list[float] = []
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=steps, desc="fine-tuning", unit="step")
+    start = time.perf_counter()
+    key = jax.random.key(seed)
+    for i in range(start_step, start_step + steps):
+        delta, opt_state, metrics = step_fn(params, delta, opt_state, next(stream),
+                                            jax.random.fold_in(key, i))
+        losses.append(float(metrics["loss"]))
+        if bar is not None:
+            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
+            bar.update(1)
+    jax.block_until_ready(delta)
+    seconds = time.perf_counter() - start
+    if bar is not None:
+        bar.close()
+    return TrainResult(delta, opt_state, losses, seconds)
