@@ -10,7 +10,6 @@ import json
 import os
 import sys
 import time
-from pathlib import Path
 
 METHODS = ("lora", "lora-all-linear", "bitfit", "full")
 
@@ -37,93 +36,37 @@ def default_lr(name: str) -> float:
 
 def demo(args: argparse.Namespace) -> int:
     import jax
-    import numpy as np
-    import optax
 
     import jpeft
-    from jpeft import checkpoint
-    from jpeft.data.embedded import minilm_dir
-    from jpeft.data.movies import load_movie_reviews, train_dev_split
-    from jpeft.models.loading import load_hf_bert
-    from jpeft.models.tokenizer import encode, load_tokenizer
-    from jpeft.recipes import classification as clf
+    from jpeft.recipes import movies
 
     t0 = time.perf_counter()
-    model_dir = minilm_dir()
+    task = movies.load_task(seq=args.seq, seed=args.seed, dev_limit=args.dev_limit)
     print(f"jpeft {jpeft.__version__} | jax {jax.__version__} on {jax.devices()[0].platform} "
-          f"| model: {model_dir}")
-    loaded = load_hf_bert(model_dir, num_labels=2, pooling="mean")
-    model, variables = loaded.model, {"params": loaded.params}
-    tok = load_tokenizer(model_dir / "tokenizer.json", max_length=args.seq)
-    texts, labels = load_movie_reviews()
-    (tr_x, tr_y), (dev_x, dev_y) = train_dev_split(texts, labels, dev_fraction=0.1, seed=args.seed)
-    if args.dev_limit:
-        dev_x, dev_y = dev_x[:args.dev_limit], dev_y[:args.dev_limit]
-    train_split = clf.Split(encode(tok, tr_x), tr_y)
-    dev_split = clf.Split(encode(tok, dev_x), dev_y)
-    print(f"data: movie-review sentences, {len(train_split)} train / {len(dev_split)} dev, "
-          f"{100 * labels.mean():.1f}% positive; sequence length {args.seq}")
+          f"| model: {task.model_dir}")
+    print(f"data: movie-review sentences, {len(task.train)} train / {len(task.dev)} dev, "
+          f"{100 * task.train.labels.mean():.1f}% positive in train; sequence length {args.seq}")
 
-    buckets = tuple(b for b in (16, 24, 32, 48, 64, 96, 128) if b < args.seq) + (args.seq,)
-    method = build_method(args.method, args.rank, args.alpha)
-    delta = method.init(jax.random.key(args.seed), variables)
+    rebuild = lambda: build_method(args.method, args.rank, args.alpha)
+    method = rebuild()
+    delta = method.init(jax.random.key(args.seed), task.variables)
     print(f"method: {args.method}  {json.dumps(method.config, default=str)}")
-    print(jpeft.param_report(variables, delta))
+    print(jpeft.param_report(task.variables, delta))
 
-    predict = clf.make_predict(model.apply, method)
-    before = clf.accuracy(clf.logits_of(predict, variables, delta, dev_split, buckets=buckets), dev_y)
+    _, before = movies.evaluate(task, method, task.variables, delta)
     print(f"dev accuracy before fine-tuning: {100 * before:.2f}%")
-
     lr = args.lr or default_lr(args.method)
-
-    def adamw(peak):
-        warmup = max(1, args.steps // 10)
-        return optax.adamw(optax.warmup_cosine_decay_schedule(0.0, peak, warmup, args.steps),
-                           weight_decay=0.0)
-    parts = method.config.get("compose", {})
-    optimizer = (jpeft.partition({n: adamw(args.head_lr if n == "head" else lr) for n in parts},
-                                 method) if parts else adamw(lr))
-    loss_fn = clf.make_loss(model.apply, method)
-    result = clf.train(variables, delta, loss_fn, optimizer, train_split, steps=args.steps,
-                       batch_size=args.batch, seed=args.seed, progress=not args.no_progress,
-                       buckets=buckets)
+    result = movies.fine_tune(task, method, delta, steps=args.steps, batch=args.batch, lr=lr,
+                              head_lr=args.head_lr, seed=args.seed, progress=not args.no_progress)
     delta = result.delta
-    dev_logits = clf.logits_of(predict, variables, delta, dev_split, buckets=buckets)
-    after = clf.accuracy(dev_logits, dev_y)
-    print(f"dev accuracy after {args.steps} steps (batch {args.batch}, lr {lr}, head lr {args.head_lr}): {100 * after:.2f}% "
-          f"(before: {100 * before:.2f}%); training took {result.seconds:.1f} s "
-          f"({result.seconds / args.steps:.3f} s/step)")
+    dev_logits, after = movies.evaluate(task, method, task.variables, delta)
+    print(f"dev accuracy after {args.steps} steps (batch {args.batch}, lr {lr}, head lr "
+          f"{args.head_lr}): {100 * after:.2f}% (before: {100 * before:.2f}%); training took "
+          f"{result.seconds:.1f} s ({result.seconds / args.steps:.3f} s/step)")
 
-    out = Path(args.out).absolute()
-    ckpt = checkpoint.save(out / "delta", delta, metadata={"method": args.method,
-                                                           "config": method.config},
-                           overwrite=True)
-    size = sum(f.stat().st_size for f in ckpt.rglob("*") if f.is_file())
-    print(f"saved the delta (only the delta: {size / 1e6:.2f} MB on disk, base weights "
-          f"{jpeft.num_bytes(variables) / 1e6:.1f} MB) to {ckpt}")
-
-    # Reload: base weights from the model files again, delta from the checkpoint, nothing reused.
-    fresh = load_hf_bert(model_dir, num_labels=2, pooling="mean")
-    fresh_vars = {"params": fresh.params}
-    fresh_method = build_method(args.method, args.rank, args.alpha)
-    like = jax.eval_shape(fresh_method.init, jax.random.key(0), fresh_vars)
-    restored = checkpoint.restore(ckpt, like)["delta"]
-    fresh_predict = clf.make_predict(fresh.model.apply, fresh_method)
-    reloaded = clf.logits_of(fresh_predict, fresh_vars, restored, dev_split, buckets=buckets)
-    same = bool(np.array_equal(reloaded, dev_logits))
-    print(f"reloaded delta: predictions identical to the trained model: {same} "
-          f"(max |logit diff| {np.abs(reloaded - dev_logits).max():.2e})")
-
-    merged = method.merge(variables, delta)
-    merged_logits = clf.logits_of(clf.make_predict(model.apply), merged, None, dev_split,
-                                  buckets=buckets)
-    agree = float(np.mean(np.argmax(merged_logits, -1) == np.argmax(dev_logits, -1)))
-    print(f"merged model: {100 * agree:.2f}% of dev predictions equal to the unmerged model "
-          f"(max |logit diff| {np.abs(merged_logits - dev_logits).max():.2e}); "
-          f"merged accuracy {100 * clf.accuracy(merged_logits, dev_y):.2f}%")
-    total = time.perf_counter() - t0
-    print(f"total time {total:.1f} s")
-    ok = same and agree == 1.0
+    ok = movies.check_save_reload_merge(task, method, delta, dev_logits, args.out, rebuild=rebuild,
+                                        metadata={"method": args.method})
+    print(f"total time {time.perf_counter() - t0:.1f} s")
     if not ok:
         print("ERROR: reload or merge changed the predictions", file=sys.stderr)
     return 0 if ok else 1

@@ -93,8 +93,10 @@ def endless(split: Split, batch_size: int, seed: int, **kwargs) -> Iterator[Batc
 
 
 def make_loss(apply_fn: Callable[..., Any], method: method_lib.Method, *,
-              mode: str = "factored", dropout: bool = True):
-    """Weighted cross-entropy of a classifier; returns ``(loss, {"accuracy": ...})``.
+              mode: str = "factored", dropout: bool = True,
+              penalty: Callable[[Any], Any] | None = None):
+    """Weighted cross-entropy of a classifier (plus ``penalty(delta)`` when given); returns
+    ``(loss, {"accuracy": ..., "penalty": ...})``.
 
     ``apply_fn(params, input_ids, attention_mask, token_type_ids, deterministic=..., rngs=...)`` is
     the model's apply; the key drives model dropout and the method's own dropout.
@@ -109,7 +111,12 @@ def make_loss(apply_fn: Callable[..., Any], method: method_lib.Method, *,
         nll = optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"])
         w = batch["weight"]
         correct = (jnp.argmax(logits, -1) == batch["labels"]).astype(jnp.float32)
-        return jnp.sum(nll * w) / jnp.sum(w), {"accuracy": jnp.sum(correct * w) / jnp.sum(w)}
+        metrics = {"accuracy": jnp.sum(correct * w) / jnp.sum(w)}
+        total = jnp.sum(nll * w) / jnp.sum(w)
+        if penalty is not None:
+            metrics["penalty"] = penalty(delta)
+            total = total + metrics["penalty"]
+        return total, metrics
     return loss
 
 
