@@ -1,0 +1,300 @@
+"""AdaLoRA (Zhang et al., 2023, arXiv 2303.10512): LoRA in SVD form with an adaptive rank budget.
+
+For each adapted weight ``W0: [in, out]`` (Flax layout)::
+
+    W = W0 + s * P diag(lam) Q,   P: [in, r], lam: [r], Q: [r, out],   s = alpha / r
+
+``lam`` starts at zero (training starts at the base model); ``P`` and ``Q`` are Gaussian (std 0.02,
+as Hugging Face PEFT). ``r = init_r`` triplets ``(P[:, k], lam[k], Q[k, :])`` per matrix compete for
+a *global* budget ``b(t)`` of triplets over all matrices:
+
+* sensitivity of an entry ``I = |w * dL/dw|``; smoothed ``I_bar = b1 I_bar + (1 - b1) I``;
+  uncertainty ``U_bar = b2 U_bar + (1 - b2) |I - I_bar|`` (with the new ``I_bar``); score
+  ``s = I_bar * U_bar``;
+* importance of triplet ``k``: ``S_k = s(lam_k) + mean_j s(P_jk) + mean_j s(Q_kj)``;
+* budget (steps numbered ``t = 1 .. T``): ``b0 = init_r * n`` for ``t <= t_i``;
+  ``b_T + (b0 - b_T) (1 - (t - t_i) / (T - t_i - t_f))^3`` (truncated to an integer, as Hugging
+  Face) for ``t_i < t < T - t_f``; ``b_T = target_r * n`` from ``t = T - t_f`` on;
+* every ``delta_T`` steps in the decay phase, ``lam`` of the triplets outside the global top-``b(t)``
+  is set to zero; they keep receiving gradients and can come back. At ``t = T - t_f`` the top-``b_T``
+  pattern is fixed and enforced at every later step.
+
+The paper writes the decay in ``t - t_i`` (so does Hugging Face PEFT); ``shared/METHODS.md`` writes
+``t - t_i - t_f``, which would start the decay above ``b0``: we follow the paper.
+
+The allocation is optimizer-side state: :func:`adalora_optimizer` wraps any optax optimizer into a
+``GradientTransformation`` that updates the importance EMAs from the raw gradients, runs the inner
+optimizer, and then zeroes the masked ``lam`` entries through the update. The orthogonality
+regulariser ``gamma * mean_k (||P_k^T P_k - I||_F^2 + ||Q_k Q_k^T - I||_F^2)`` is a function the loss
+adds (:func:`orthogonality_penalty`; the paper's squared norms, averaged over matrices as Hugging
+Face does so that ``orth_reg_weight = 0.5`` does not scale with the model).
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from jpeft.core import intercept
+from jpeft.core import method as method_lib
+from jpeft.core import paths as paths_lib
+from jpeft.methods import lora as lora_lib
+
+P_NAME, E_NAME, Q_NAME = "lora_A", "lora_E", "lora_B"
+
+#: Hugging Face PEFT's AdaLoraConfig defaults.
+HF_DEFAULTS = {"init_r": 12, "target_r": 8, "beta1": 0.85, "beta2": 0.85, "orth_reg_weight": 0.5,
+               "lora_alpha": 8, "tinit": 0, "tfinal": 0, "deltaT": 1}
+
+
+def adalora(targets: paths_lib.Targets | str = ("query", "value"), init_r: int = 12,
+            alpha: float = 8.0, *, kernel_names: Sequence[str] = ("kernel",),
+            layers_to_transform: int | Sequence[int] | None = None,
+            layers_pattern: str | None = None, exclude: paths_lib.Targets = (),
+            init_std: float = 0.02) -> method_lib.Method:
+    """AdaLoRA triplets on the 2-D kernels of the modules matched by ``targets``.
+
+    The delta holds ``{"lora_A": P [in, r], "lora_E": lam [r], "lora_B": Q [r, out]}`` at each
+    adapted kernel's path. Merge is exact: ``W0 + s * (P * lam) @ Q``.
+    """
+    if not isinstance(init_r, int) or init_r < 1:
+        raise ValueError(f"adalora: init_r must be a positive integer, got {init_r!r}")
+    s = alpha / init_r
+    sel = paths_lib.Selection(
+        targets=None if targets == lora_lib.ALL_LINEAR else targets,
+        leaf_names=tuple(kernel_names), layers_to_transform=layers_to_transform,
+        layers_pattern=layers_pattern, exclude=exclude, ndim=2)
+
+    def init(key, params):
+        selected = paths_lib.select(params, sel, what="adalora")
+        flat = paths_lib.flatten(params)
+        out = {}
+        for i, path in enumerate(selected):
+            w = flat[path]
+            d_in, d_out = w.shape
+            if init_r > min(d_in, d_out):
+                raise ValueError(f"adalora: init_r {init_r} is larger than the matrix "
+                                 f"{paths_lib.path_str(path)} of shape {tuple(w.shape)} allows")
+            kp, kq = jax.random.split(jax.random.fold_in(key, i))
+            out[path] = {P_NAME: init_std * jax.random.normal(kp, (d_in, init_r), w.dtype),
+                         E_NAME: jnp.zeros((init_r,), w.dtype),
+                         Q_NAME: init_std * jax.random.normal(kq, (init_r, d_out), w.dtype)}
+        return paths_lib.unflatten(out)
+
+    def delta_w(t, dtype):
+        p, lam, q = (t[n].astype(jnp.float32) for n in (P_NAME, E_NAME, Q_NAME))
+        return (s * (p * lam) @ q).astype(dtype)
+
+    def merge(params, delta):
+        return paths_lib.map_selected(lambda _, w, t: w + delta_w(t, w.dtype), params,
+                                      triplets(delta))
+
+    def unmerge(params, delta):
+        return paths_lib.map_selected(lambda _, w, t: w - delta_w(t, w.dtype), params,
+                                      triplets(delta))
+
+    def prepare(params, delta, context):
+        if context.mode == "materialised":
+            return merge(params, delta), ()
+        edits = {}
+        for path, t in triplets(delta).items():
+            def edit(x, y, t=t):
+                p, lam, q = (t[n].astype(x.dtype) for n in (P_NAME, E_NAME, Q_NAME))
+                return y + (s * ((x @ p) * lam) @ q).astype(y.dtype)
+            edits[path[:-1]] = edit
+        return params, (intercept.DenseInterceptor(edits, "adalora"),)
+
+    def shardings(param_shardings, delta):
+        flat_s = paths_lib.flatten(param_shardings)
+
+        def one(kp, _):
+            path = paths_lib.to_path(kp)
+            base = flat_s[path[:-1]]
+            if not isinstance(base, jax.sharding.NamedSharding):
+                return base
+            spec = tuple(base.spec) + (None,) * (2 - len(base.spec))
+            pick = {P_NAME: (spec[0], None), E_NAME: (None,), Q_NAME: (None, spec[1])}[path[-1]]
+            return jax.sharding.NamedSharding(base.mesh, jax.sharding.PartitionSpec(*pick))
+        return jax.tree_util.tree_map_with_path(one, delta)
+
+    config = {"method": "adalora", "targets": targets, "init_r": init_r, "alpha": alpha,
+              "kernel_names": list(kernel_names), "layers_to_transform": layers_to_transform,
+              "layers_pattern": layers_pattern, "exclude": exclude, "init_std": init_std,
+              "scaling": s}
+    return method_lib.Method(
+        name="adalora", init=init, merge=merge, unmerge=unmerge, prepare=prepare,
+        shardings=shardings, labels=method_lib.constant_labels("adalora"), config=config)
+
+
+def triplets(delta: Any) -> dict[paths_lib.Path, dict[str, jax.Array]]:
+    """``{kernel_path: {"lora_A", "lora_E", "lora_B"}}`` for every AdaLoRA triplet set in ``delta``
+    (anywhere in a composed delta). The optimizer state keys them by ``path_str(kernel_path)``."""
+    flat = paths_lib.flatten(delta)
+    return {p[:-1]: {n: flat[p[:-1] + (n,)] for n in (P_NAME, E_NAME, Q_NAME)}
+            for p in flat if p[-1] == E_NAME}
+
+
+def orthogonality_penalty(delta: Any, weight: float = 0.5) -> jax.Array:
+    """``weight * mean_k (||P_k^T P_k - I||_F^2 + ||Q_k Q_k^T - I||_F^2)`` over adapted matrices."""
+    terms = []
+    for t in triplets(delta).values():
+        p, q = t[P_NAME].astype(jnp.float32), t[Q_NAME].astype(jnp.float32)
+        eye = jnp.eye(p.shape[1], dtype=jnp.float32)
+        terms.append(jnp.sum((p.T @ p - eye) ** 2) + jnp.sum((q @ q.T - eye) ** 2))
+    if not terms:
+        raise ValueError("orthogonality_penalty: the delta holds no AdaLoRA triplets")
+    return weight * jnp.mean(jnp.stack(terms))
+
+
+class BudgetSchedule(NamedTuple):
+    """The cubic budget schedule; steps are numbered ``t = 1 .. total_steps``."""
+    init_budget: int
+    target_budget: int
+    t_init: int
+    t_final: int
+    delta_t: int
+    total_steps: int
+
+    def budget(self, t):
+        """``b(t)`` (works on Python ints and traced int arrays)."""
+        b0, bt, ti, tf, total = (self.init_budget, self.target_budget, self.t_init, self.t_final,
+                                 self.total_steps)
+        frac = 1.0 - (t - ti) / (total - ti - tf)
+        decay = jnp.floor((b0 - bt) * jnp.clip(frac, 0.0, 1.0) ** 3 + bt).astype(jnp.int32)
+        return jnp.where(t <= ti, b0, jnp.where(t >= total - tf, bt, decay))
+
+    def masks_at(self, t):
+        """Whether the budget is enforced (by scores) at step ``t``."""
+        ti, tf, total = self.t_init, self.t_final, self.total_steps
+        return ((t > ti) & (t < total - tf) & (t % self.delta_t == 0)) | (t == total - tf)
+
+
+def budget_schedule(num_matrices: int, *, init_r: int = 12, target_r: int = 8, t_init: int = 0,
+                    t_final: int = 0, delta_t: int = 1, total_steps: int) -> BudgetSchedule:
+    """Validated :class:`BudgetSchedule` for ``num_matrices`` adapted matrices."""
+    if target_r > init_r:
+        raise ValueError(f"adalora: target_r {target_r} is above init_r {init_r}")
+    if target_r < 0:
+        raise ValueError(f"adalora: target_r must be >= 0, got {target_r}")
+    if delta_t < 1:
+        raise ValueError(f"adalora: delta_T must be >= 1, got {delta_t}")
+    if min(t_init, t_final) < 0 or t_init + t_final >= total_steps:
+        raise ValueError(f"adalora: t_init ({t_init}) + t_final ({t_final}) must be smaller than "
+                         f"total_steps ({total_steps}) and both >= 0")
+    return BudgetSchedule(init_r * num_matrices, target_r * num_matrices, t_init, t_final, delta_t,
+                          total_steps)
+
+
+class AdaLoRAState(NamedTuple):
+    """``count``: updates done; ``ipt``/``unc``: EMAs of sensitivity and uncertainty (trees like the
+    triplets); ``pattern``: bool ``[r]`` per matrix, the kept triplets (fixed from ``T - t_f``);
+    ``budget``: the budget of the last step; ``inner``: the wrapped optimizer's state."""
+    count: jax.Array
+    ipt: Any
+    unc: Any
+    pattern: Any
+    budget: jax.Array
+    inner: Any
+
+
+def triplet_scores(ipt: dict, unc: dict) -> dict:
+    """``S_k = s(lam_k) + mean_j s(P_jk) + mean_j s(Q_kj)`` with ``s = I_bar * U_bar``; ``[r]`` each."""
+    out = {}
+    for path in ipt:
+        s = {n: ipt[path][n] * unc[path][n] for n in (P_NAME, E_NAME, Q_NAME)}
+        out[path] = s[E_NAME] + jnp.mean(s[P_NAME], axis=0) + jnp.mean(s[Q_NAME], axis=1)
+    return out
+
+
+def _top_budget(scores: dict, budget) -> dict:
+    """Bool masks keeping exactly the ``budget`` highest scores over all matrices (ties: first)."""
+    order = list(scores)
+    flat = jnp.concatenate([scores[p] for p in order])
+    rank = jnp.argsort(jnp.argsort(-flat, stable=True), stable=True)
+    keep = rank < budget
+    out, start = {}, 0
+    for p in order:
+        n = scores[p].shape[0]
+        out[p] = keep[start:start + n]
+        start += n
+    return out
+
+
+def adalora_optimizer(inner: optax.GradientTransformation, *, total_steps: int,
+                      init_r: int = 12, target_r: int = 8, t_init: int = 0, t_final: int = 0,
+                      delta_t: int = 1, beta1: float = 0.85, beta2: float = 0.85
+                      ) -> optax.GradientTransformation:
+    """Wrap ``inner`` with AdaLoRA's rank allocation (see the module docstring).
+
+    ``update(grads, state, params)`` needs ``params`` (the current delta). Only the AdaLoRA triplets
+    of the delta take part; other parts of a composed delta pass through ``inner`` unchanged.
+    """
+    if not 0.0 <= beta1 < 1.0 or not 0.0 <= beta2 < 1.0:
+        raise ValueError(f"adalora: beta1, beta2 must be in [0, 1), got {beta1}, {beta2}")
+
+    def schedule_for(delta):
+        n = len(triplets(delta))
+        if n == 0:
+            raise ValueError("adalora_optimizer: the delta holds no AdaLoRA triplets")
+        return budget_schedule(n, init_r=init_r, target_r=target_r, t_init=t_init,
+                               t_final=t_final, delta_t=delta_t, total_steps=total_steps)
+
+    def init(params):
+        sched = schedule_for(params)
+        trip = {paths_lib.path_str(p): t for p, t in triplets(params).items()}
+        for path, t in trip.items():
+            if t[E_NAME].shape[0] != init_r:
+                raise ValueError(f"adalora_optimizer: init_r={init_r} but "
+                                 f"{path} has rank {t[E_NAME].shape[0]}")
+        zeros = jax.tree.map(jnp.zeros_like, trip)
+        pattern = {p: jnp.ones((init_r,), bool) for p in trip}
+        return AdaLoRAState(jnp.zeros([], jnp.int32), zeros, jax.tree.map(jnp.zeros_like, trip),
+                            pattern, jnp.asarray(sched.init_budget, jnp.int32), inner.init(params))
+
+    def update(grads, state, params=None):
+        if params is None:
+            raise ValueError("adalora_optimizer needs params (the delta) in update()")
+        sched = schedule_for(params)
+        t = state.count + 1
+        trip_p = {paths_lib.path_str(p): t for p, t in triplets(params).items()}
+        trip_g = {paths_lib.path_str(p): t for p, t in triplets(grads).items()}
+        keys = {paths_lib.path_str(p): p + (E_NAME,) for p in triplets(params)}
+        tracking = t <= total_steps - t_final
+        ipt, unc = {}, {}
+        for path in trip_p:
+            ipt[path], unc[path] = {}, {}
+            for n in (P_NAME, E_NAME, Q_NAME):
+                i_now = jnp.abs(trip_p[path][n] * trip_g[path][n]).astype(jnp.float32)
+                i_bar = beta1 * state.ipt[path][n] + (1 - beta1) * i_now
+                u_bar = beta2 * state.unc[path][n] + (1 - beta2) * jnp.abs(i_now - i_bar)
+                ipt[path][n] = jnp.where(tracking, i_bar, state.ipt[path][n])
+                unc[path][n] = jnp.where(tracking, u_bar, state.unc[path][n])
+
+        budget = sched.budget(t)
+        by_score = _top_budget(triplet_scores(ipt, unc), budget)
+        scored, frozen = sched.masks_at(t), t > total_steps - t_final
+        pattern = {p: jnp.where(scored, by_score[p], state.pattern[p]) for p in trip_p}
+        enforce = scored | frozen
+
+        updates, inner_state = inner.update(grads, state.inner, params)
+        flat_u = paths_lib.flatten(updates)
+        for path in trip_p:
+            key = keys[path]
+            lam = trip_p[path][E_NAME]
+            u = flat_u[key]
+            masked = jnp.where(pattern[path], u, -lam)           # lam + u -> 0 where dropped
+            flat_u[key] = jnp.where(enforce, masked, u)
+        updates = jax.tree_util.tree_unflatten(
+            jax.tree_util.tree_structure(updates), list(flat_u.values()))
+        return updates, AdaLoRAState(state.count + 1, ipt, unc, pattern, budget, inner_state)
+
+    return optax.GradientTransformation(init, update)
+
+
+def rank_pattern(delta: Any) -> dict[str, int]:
+    """Final rank of every adapted matrix: the number of non-zero ``lam`` entries, by path."""
+    return {paths_lib.path_str(p): int(jnp.count_nonzero(t[E_NAME]))
+            for p, t in triplets(delta).items()}
