@@ -1,6 +1,6 @@
 """``jpeft`` command line: ``jpeft demo`` fine-tunes the embedded MiniLM on movie-review sentiment.
 
-``python -m jpeft.cli demo [--method lora|lora-all-linear|bitfit|full] [--steps N] ...``
+``python -m jpeft.cli demo [--method lora|lora-all-linear|bitfit|adalora|full] [--steps N] ...``
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import os
 import sys
 import time
 
-METHODS = ("lora", "lora-all-linear", "bitfit", "full")
+METHODS = ("lora", "lora-all-linear", "bitfit", "adalora", "full")
 
 
 def build_method(name: str, rank: int = 8, alpha: float = 8.0):
@@ -25,13 +25,31 @@ def build_method(name: str, rank: int = 8, alpha: float = 8.0):
                                              exclude=("classifier",)), head=head)
     if name == "bitfit":
         return jpeft.compose(bitfit=jpeft.bitfit(exclude=("classifier",)), head=head)
+    if name == "adalora":
+        from jpeft.methods.adalora import adalora
+        return jpeft.compose(adalora=adalora(("query", "value"), init_r=12, alpha=alpha), head=head)
     if name == "full":
         return jpeft.full_finetune()
     raise ValueError(f"unknown method {name!r}; choose from {METHODS}")
 
 
 def default_lr(name: str) -> float:
-    return {"full": 5e-5}.get(name, 2e-3 if name.startswith("lora") else 5e-3)
+    return {"full": 5e-5}.get(name, 2e-3 if "lora" in name else 5e-3)
+
+
+def training_extras(name: str, method, optimizer, steps: int):
+    """Method-specific additions to the training loop: ``(optimizer, penalty)``.
+
+    AdaLoRA wraps the optimizer with its rank allocator (Hugging Face defaults, with the warm-up and
+    final phases at 10% and 20% of the steps, decisions every 5 steps) and adds the
+    orthogonality penalty to the loss.
+    """
+    if name == "adalora":
+        from jpeft.methods import adalora
+        wrapped = adalora.adalora_optimizer(optimizer, total_steps=steps, t_init=steps // 10,
+                                            t_final=steps // 5, delta_t=5)
+        return wrapped, adalora.orthogonality_penalty
+    return optimizer, None
 
 
 def demo(args: argparse.Namespace) -> int:
@@ -56,9 +74,15 @@ def demo(args: argparse.Namespace) -> int:
     _, before = movies.evaluate(task, method, task.variables, delta)
     print(f"dev accuracy before fine-tuning: {100 * before:.2f}%")
     lr = args.lr or default_lr(args.method)
+    optimizer, penalty = training_extras(
+        args.method, method, movies.make_optimizer(method, args.steps, lr, args.head_lr), args.steps)
     result = movies.fine_tune(task, method, delta, steps=args.steps, batch=args.batch, lr=lr,
-                              head_lr=args.head_lr, seed=args.seed, progress=not args.no_progress)
+                              seed=args.seed, progress=not args.no_progress,
+                              optimizer=optimizer, penalty=penalty)
     delta = result.delta
+    if args.method == "adalora":
+        from jpeft.methods.adalora import rank_pattern
+        print(f"AdaLoRA final ranks: {rank_pattern(delta)}")
     dev_logits, after = movies.evaluate(task, method, task.variables, delta)
     print(f"dev accuracy after {args.steps} steps (batch {args.batch}, lr {lr}, head lr "
           f"{args.head_lr}): {100 * after:.2f}% (before: {100 * before:.2f}%); training took "
