@@ -21,6 +21,8 @@ from typing import Any, Callable, NamedTuple
 import flax.linen as nn
 import jax
 
+from jpeft.core import paths as paths_lib
+
 Params = Any
 Delta = Any
 Interceptor = Callable[..., Any]
@@ -101,6 +103,20 @@ def wrap(apply_fn: Callable[..., Any], method: Method, *, mode: str = "factored"
     return wrapped
 
 
+def _check_disjoint(parts: dict) -> None:
+    """Raise if two parts of a composed delta hold an entry at the same path (the same base leaf
+    trained twice, with two optimizer states: e.g. BitFit's classifier bias and a trained head)."""
+    owner: dict = {}
+    for name, delta in parts.items():
+        for kp, _ in jax.tree_util.tree_flatten_with_path(delta)[0]:
+            path = paths_lib.path_str(paths_lib.to_path(kp))
+            if path in owner:
+                raise ValueError(
+                    f"compose: parts {owner[path]!r} and {name!r} both train {path}; "
+                    f"narrow one of them (e.g. exclude=...)")
+            owner[path] = name
+
+
 def compose(**methods: Method) -> Method:
     """Several methods applied together, in the order given; the delta is ``{name: delta_i}``.
 
@@ -113,7 +129,9 @@ def compose(**methods: Method) -> Method:
 
     def init(key, params):
         keys = jax.random.split(key, len(names))
-        return {n: methods[n].init(k, params) for n, k in zip(names, keys)}
+        delta = {n: methods[n].init(k, params) for n, k in zip(names, keys)}
+        _check_disjoint(delta)
+        return delta
 
     def merge(params, delta):
         for n in names:

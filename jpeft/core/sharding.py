@@ -71,3 +71,26 @@ def opt_state_shardings(optimizer, delta: Any, delta_shards: Any, mesh: Mesh) ->
             return delta_shards
         return jax.tree_util.tree_map(lambda _: replicated, x)
     return jax.tree_util.tree_map(place, state, is_leaf=is_delta_like)
+
+
+def follow_weight_axes(param_shardings: Any, delta: Any,
+                       axes_of: dict[str, tuple[int | None, ...]]) -> Any:
+    """Shardings of factor leaves stored under the path of the weight they adapt.
+
+    A delta leaf at ``weight_path + (name,)`` takes, for its axis ``j``, the mesh axes of the
+    weight's axis ``axes_of[name][j]`` (``None``: replicated). LoRA uses
+    ``{"lora_A": (0, None), "lora_B": (None, 1)}``: ``A [in, r]`` shares ``W``'s input axis, ``B
+    [r, out]`` its output axis, and the rank axis is replicated. A weight without a
+    ``NamedSharding`` passes its sharding through.
+    """
+    flat_s = paths_lib.flatten(param_shardings)
+
+    def one(kp, _):
+        path = paths_lib.to_path(kp)
+        base = flat_s[path[:-1]]
+        if not isinstance(base, NamedSharding):
+            return base
+        spec = tuple(base.spec) + (None,) * (8 - len(base.spec))
+        return NamedSharding(base.mesh, PartitionSpec(
+            *(None if a is None else spec[a] for a in axes_of[path[-1]])))
+    return jax.tree_util.tree_map_with_path(one, delta)

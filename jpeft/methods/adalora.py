@@ -41,6 +41,7 @@ import optax
 from jpeft.core import intercept
 from jpeft.core import method as method_lib
 from jpeft.core import paths as paths_lib
+from jpeft.core import sharding as sharding_lib
 from jpeft.methods import lora as lora_lib
 
 P_NAME, E_NAME, Q_NAME = "lora_A", "lora_E", "lora_B"
@@ -108,17 +109,8 @@ def adalora(targets: paths_lib.Targets | str = ("query", "value"), init_r: int =
         return params, (intercept.DenseInterceptor(edits, "adalora"),)
 
     def shardings(param_shardings, delta):
-        flat_s = paths_lib.flatten(param_shardings)
-
-        def one(kp, _):
-            path = paths_lib.to_path(kp)
-            base = flat_s[path[:-1]]
-            if not isinstance(base, jax.sharding.NamedSharding):
-                return base
-            spec = tuple(base.spec) + (None,) * (2 - len(base.spec))
-            pick = {P_NAME: (spec[0], None), E_NAME: (None,), Q_NAME: (None, spec[1])}[path[-1]]
-            return jax.sharding.NamedSharding(base.mesh, jax.sharding.PartitionSpec(*pick))
-        return jax.tree_util.tree_map_with_path(one, delta)
+        return sharding_lib.follow_weight_axes(param_shardings, delta,
+                                               {**lora_lib.FACTOR_AXES, E_NAME: (None,)})
 
     config = {"method": "adalora", "targets": targets, "init_r": init_r, "alpha": alpha,
               "kernel_names": list(kernel_names), "layers_to_transform": layers_to_transform,

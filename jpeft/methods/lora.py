@@ -32,13 +32,14 @@ from typing import Sequence
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import NamedSharding, PartitionSpec
-
 from jpeft.core import intercept
 from jpeft.core import method as method_lib
 from jpeft.core import paths as paths_lib
+from jpeft.core import sharding as sharding_lib
 
 ALL_LINEAR = "all-linear"
+#: Which axis of ``W [in, out]`` each factor axis shares (``None``: the replicated rank axis).
+FACTOR_AXES = {"lora_A": (0, None), "lora_B": (None, 1)}
 
 
 def scaling(rank: int, alpha: float, use_rslora: bool = False) -> float:
@@ -137,17 +138,7 @@ def lora(targets: paths_lib.Targets | str = ("query", "value"), rank: int = 8, a
         return params, (intercept.DenseInterceptor(edits, "lora"),)
 
     def shardings(param_shardings, delta):
-        flat_s = paths_lib.flatten(param_shardings)
-
-        def one(kp, _):
-            path = paths_lib.to_path(kp)
-            base = flat_s[path[:-1]]
-            if not isinstance(base, NamedSharding):
-                return base
-            spec = tuple(base.spec) + (None,) * (2 - len(base.spec))
-            spec = PartitionSpec(spec[0], None) if path[-1] == "lora_A" else PartitionSpec(None, spec[1])
-            return NamedSharding(base.mesh, spec)
-        return jax.tree_util.tree_map_with_path(one, delta)
+        return sharding_lib.follow_weight_axes(param_shardings, delta, FACTOR_AXES)
 
     config = {"method": "lora", "targets": targets, "rank": rank, "alpha": alpha,
               "use_rslora": use_rslora, "dropout": dropout, "init": init,

@@ -38,3 +38,16 @@ def test_num_bytes_on_abstract_arrays():
     tree = {"a": jax.ShapeDtypeStruct((3, 4), jnp.float32), "b": np.zeros(2, np.int8)}
     assert jpeft.num_bytes(tree) == 3 * 4 * 4 + 2
     assert paths.flatten(tree).keys() == {("a",), ("b",)}
+
+
+def test_compose_rejects_two_parts_training_the_same_leaf(tiny_bert):
+    _, params = tiny_bert
+    variables = {"params": params}
+    bad = jpeft.compose(bitfit=jpeft.bitfit(), head=jpeft.full_finetune(("classifier",)))
+    with pytest.raises(ValueError, match="'bitfit' and 'head' both train params/classifier/bias"):
+        bad.init(jax.random.key(0), variables)
+    ok = jpeft.compose(bitfit=jpeft.bitfit(exclude=("classifier",)),
+                       head=jpeft.full_finetune(("classifier",)))
+    delta = ok.init(jax.random.key(0), variables)
+    n_bias = sum(x.size for p, x in paths.flatten(variables).items() if p[-1] == "bias")
+    assert jpeft.num_params(delta) == n_bias + variables["params"]["classifier"]["kernel"].size

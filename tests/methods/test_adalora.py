@@ -174,3 +174,16 @@ def test_errors(setup):
         ada.adalora_optimizer(optax.sgd(1.0), total_steps=10).init({"w": jnp.zeros(3)})
     with pytest.raises(ValueError, match="init_r=12 but"):
         ada.adalora_optimizer(optax.sgd(1.0), total_steps=10).init(delta)
+
+
+def test_shardings_follow_the_weight(setup):
+    if jax.device_count() < 8:
+        pytest.skip("needs 8 devices")
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+    _, variables, method, delta, _ = setup
+    mesh = Mesh(np.array(jax.devices()[:8]).reshape(2, 4), ("data", "model"))
+    shard = jax.tree.map(lambda x: NamedSharding(mesh, P(None, "model") if x.ndim == 2 else P()),
+                         variables)
+    ds = jpeft.delta_shardings(method, shard, delta)
+    q = ds["params"]["bert"]["encoder"]["layer"]["0"]["attention"]["self"]["query"]["kernel"]
+    assert (q["lora_A"].spec, q["lora_E"].spec, q["lora_B"].spec) == (P(None, None), P(None), P(None, "model"))

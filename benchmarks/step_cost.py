@@ -1,0 +1,590 @@
+"""Cost of one training step for each fine-tuning method, JAX (jpeft) and PyTorch (HF PEFT).
+
+Runs the embedded MiniLM (all-MiniLM-L6-v2, 6 layers, 384 wide, 22.7M parameters) as a
+2-label sequence classifier (mean pooling) on one synthetic batch (random token ids, full attention
+mask, random labels), cross-entropy loss, ``optax.adamw(1e-4)``, and for every configuration
+records, in one run:
+
+* trainable parameters and bytes;
+* XLA FLOPs of the compiled train step (``cost_analysis()``) and their ratio to full fine-tuning;
+* XLA memory of the compiled step (``memory_analysis()``: temporaries, arguments, outputs);
+* optimizer-state bytes and their ratio to the trainable bytes (Adam: 2x, plus a step counter);
+* median wall time of a step (after warm-up), and, when torch + transformers + peft import, the
+  median step time of the equivalent Hugging Face set-up on the same batch and their ratio.
+
+It also compiles the inference forward pass three ways (base model, LoRA merged into the weights,
+LoRA factored/unmerged) to show that merging costs nothing at inference.
+
+Usage::
+
+    python benchmarks/step_cost.py                   # everything, 10 timed steps
+    python benchmarks/step_cost.py --steps 3 --no-torch --only lora_qv,inference
+
+Results go to ``benchmarks/results/step_cost.jsonl`` (rewritten each run, one JSON object per line)
+and a table is printed. See ``benchmarks/README.md`` for the meaning of every field.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import os
+import pathlib
+import platform
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from typing import Any, Callable
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+
+import jpeft  # noqa: E402
+from jpeft.data import minilm_dir  # noqa: E402
+from jpeft.models import load_hf_bert  # noqa: E402
+
+DEFAULT_OUT = REPO / "benchmarks" / "results" / "step_cost.jsonl"
+LR = 1e-4
+WEIGHT_DECAY = 1e-4          # optax.adamw's default; torch AdamW is given the same value
+RANK, ALPHA = 8, 8
+NUM_LABELS = 2
+
+# Informational targets (a MISS is printed, never fatal).
+TARGETS = {"lora_qv": 0.70, "lora_all_linear": 0.75, "bitfit": 0.70}
+
+
+# --------------------------------------------------------------------------------------------
+# Configurations
+
+
+def _head() -> jpeft.Method:
+    return jpeft.full_finetune(("classifier",), name="head")
+
+
+def _configs() -> dict[str, dict[str, Any]]:
+    """name -> how to build the jpeft method, its forward mode and the torch equivalent."""
+    lora_qv = lambda: jpeft.lora(("query", "value"), rank=RANK, alpha=ALPHA)
+    return {
+        "full": dict(
+            method=lambda: jpeft.full_finetune(), mode="factored", torch="full",
+            description="full fine-tuning of every parameter (jpeft.full_finetune(): a zero-init "
+                        "additive delta over all params)"),
+        "bitfit": dict(
+            method=lambda: jpeft.compose(bitfit=jpeft.bitfit(exclude=("classifier",)), head=_head()),
+            mode="factored", torch="bitfit",
+            description="BitFit on every bias (LayerNorm biases included) + classifier head "
+                        "trained: compose(bitfit=bitfit(exclude=('classifier',)), "
+                        "head=full_finetune(('classifier',)))"),
+        "lora_qv": dict(
+            method=lambda: jpeft.compose(lora=lora_qv(), head=_head()), mode="factored",
+            torch="lora_qv",
+            description=f"LoRA on query,value r={RANK} alpha={ALPHA} (factored) + classifier head "
+                        "trained: compose(lora=..., head=full_finetune(('classifier',)))"),
+        "lora_all_linear": dict(
+            method=lambda: jpeft.compose(
+                lora=jpeft.lora("all-linear", rank=RANK, alpha=ALPHA, exclude=("classifier",)),
+                head=_head()),
+            mode="factored", torch="lora_all_linear",
+            description=f"LoRA on every 2-D kernel except the classifier, r={RANK} alpha={ALPHA} "
+                        "(factored) + classifier head trained separately"),
+        "lora_qv_materialised": dict(
+            method=lambda: jpeft.compose(lora=lora_qv(), head=_head()), mode="materialised",
+            torch=None,
+            description=f"as lora_qv but wrap(mode='materialised'): apply(W0 + s*A@B), so dW0 "
+                        "[in, out] is formed in the backward pass (no torch counterpart)"),
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Helpers
+
+
+def _cost(compiled) -> dict[str, float | None]:
+    """flops / transcendentals / bytes accessed of a compiled executable (dict or list of dicts)."""
+    ca = compiled.cost_analysis()
+    if isinstance(ca, (list, tuple)):
+        ca = ca[0] if ca else {}
+    ca = ca or {}
+    get = lambda k: (float(ca[k]) if k in ca and ca[k] is not None else None)
+    return {"flops": get("flops"), "transcendentals": get("transcendentals"),
+            "bytes_accessed": get("bytes accessed")}
+
+
+def _memory(compiled) -> dict[str, int | None]:
+    try:
+        ma = compiled.memory_analysis()
+    except Exception:   # noqa: BLE001 - not every backend implements it
+        ma = None
+    fields = ("temp_size_in_bytes", "argument_size_in_bytes", "output_size_in_bytes",
+              "alias_size_in_bytes", "peak_memory_in_bytes")
+    out = {}
+    for f in fields:
+        v = getattr(ma, f, None) if ma is not None else None
+        out[f.replace("_size_in_bytes", "_bytes").replace("_in_bytes", "_bytes")] = (
+            int(v) if v is not None else None)
+    return out
+
+
+def _scalar_bytes(tree) -> int:
+    return int(sum(np.dtype(x.dtype).itemsize for x in jax.tree_util.tree_leaves(tree)
+                   if np.ndim(x) == 0))
+
+
+def _median_ms(times: list[float]) -> float:
+    return 1e3 * statistics.median(times)
+
+
+def _loadavg() -> list[float] | None:
+    """1, 5 and 15-minute load averages (a load above the core count means contention)."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except (AttributeError, OSError):
+        return None
+
+
+def _machine() -> dict[str, Any]:
+    dev = jax.devices()[0]
+    info = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "jax_version": jax.__version__,
+        "jaxlib_version": getattr(__import__("jaxlib"), "__version__", None),
+        "flax_version": __import__("flax").__version__,
+        "optax_version": optax.__version__,
+        "jpeft_version": jpeft.__version__,
+        "backend": jax.default_backend(),
+        "device_kind": dev.device_kind,
+        "device_count": jax.device_count(),
+        "cpu_count": os.cpu_count(),
+        "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "loadavg_start": _loadavg(),
+    }
+    return info
+
+
+def _fmt_bytes(n: int | None) -> str:
+    return "-" if n is None else f"{n / 2**20:.1f}"
+
+
+def _fmt(x: float | None, spec: str) -> str:
+    return "-" if x is None else format(x, spec)
+
+
+# --------------------------------------------------------------------------------------------
+# JAX side
+
+
+def _jax_prepare(name: str, spec: dict, model, variables, batch
+                 ) -> tuple[dict[str, Any], Callable[[], float]]:
+    """Compile the jpeft train step of one configuration: ``(row, run_step)``."""
+    method = spec["method"]()
+    f = jpeft.wrap(model.apply, method, mode=spec["mode"])
+
+    def loss_fn(params, delta, batch, key):
+        del key                                       # no dropout: deterministic forward
+        logits = f(params, delta, batch["input_ids"], batch["attention_mask"])
+        return optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"]).mean()
+
+    opt = optax.adamw(LR, weight_decay=WEIGHT_DECAY)
+    delta = method.init(jax.random.key(1), variables)
+    opt_state = jpeft.init_opt_state(opt, delta)
+    step = jpeft.make_train_step(loss_fn, opt, donate=True)
+    key = jax.random.key(2)
+
+    trainable = jpeft.num_params(delta)
+    trainable_bytes = jpeft.num_bytes(delta)
+    opt_bytes = jpeft.num_bytes(opt_state)
+    opt_scalar = _scalar_bytes(opt_state)
+
+    t0 = time.perf_counter()
+    compiled = step.lower(variables, delta, opt_state, batch, key).compile()
+    compile_s = time.perf_counter() - t0
+    row: dict[str, Any] = {
+        "kind": "train", "config": name, "description": spec["description"],
+        "mode": spec["mode"], "method_config": method.config,
+        "trainable_params": trainable, "base_params": jpeft.num_params(variables),
+        "trainable_percent": 100.0 * trainable / jpeft.num_params(variables),
+        "trainable_bytes": trainable_bytes,
+        "opt_state_bytes": opt_bytes, "opt_state_scalar_bytes": opt_scalar,
+        "opt_state_ratio": opt_bytes / trainable_bytes,
+        "opt_state_ratio_excl_scalars": (opt_bytes - opt_scalar) / trainable_bytes,
+        "compile_s": compile_s,
+    }
+    row.update(_cost(compiled))
+    row.update(_memory(compiled))
+
+    state = {"delta": delta, "opt_state": opt_state}
+    del delta, opt_state
+
+    def run_step() -> float:
+        """One step (outputs replace the donated inputs); returns the loss."""
+        state["delta"], state["opt_state"], metrics = compiled(
+            variables, state["delta"], state["opt_state"], batch, key)
+        jax.block_until_ready((state["delta"], state["opt_state"], metrics))
+        return float(metrics["loss"])
+
+    return row, run_step
+
+
+def _inference_rows(name: str, spec: dict, model, variables, batch) -> list[dict[str, Any]]:
+    """FLOPs of the forward pass: base, LoRA merged into the weights, LoRA factored (unmerged)."""
+    method = spec["method"]()
+    delta = method.init(jax.random.key(1), variables)
+    args = (batch["input_ids"], batch["attention_mask"])
+
+    base_c = jax.jit(model.apply).lower(variables, *args).compile()
+    merged = jax.jit(method.merge)(variables, delta)
+    same_tree = (jax.tree_util.tree_structure(merged) == jax.tree_util.tree_structure(variables)
+                 and all(a.shape == b.shape and a.dtype == b.dtype for a, b in zip(
+                     jax.tree_util.tree_leaves(merged), jax.tree_util.tree_leaves(variables))))
+    merged_c = jax.jit(model.apply).lower(merged, *args).compile()
+    merge_c = jax.jit(method.merge).lower(variables, delta).compile()
+    wrapped = jpeft.wrap(model.apply, method, mode="factored")
+    factored_c = jax.jit(wrapped).lower(variables, delta, *args).compile()
+
+    base = _cost(base_c)["flops"]
+    rows = []
+    for form, c, note in (
+            ("base", base_c, "model.apply(params, batch)"),
+            ("merged", merged_c, "model.apply(method.merge(params, delta), batch), merge done once "
+                                 "beforehand"),
+            ("factored", factored_c, "jpeft.wrap(model.apply, method)(params, delta, batch)"),
+            ("merge_once", merge_c, "method.merge(params, delta) alone (one-time cost)")):
+        cost = _cost(c)
+        rows.append({
+            "kind": "inference", "config": name, "form": form, "description": note,
+            "flops": cost["flops"], "transcendentals": cost["transcendentals"],
+            "bytes_accessed": cost["bytes_accessed"],
+            "ratio_to_base": (cost["flops"] / base if cost["flops"] is not None and base else None),
+            "merged_tree_matches_base": same_tree if form == "merged" else None,
+            **_memory(c)})
+    return rows
+
+
+# --------------------------------------------------------------------------------------------
+# PyTorch side
+
+
+def _torch_available() -> str | None:
+    try:
+        import peft  # noqa: F401
+        import torch  # noqa: F401
+        import transformers  # noqa: F401
+    except Exception as e:   # noqa: BLE001
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+def _torch_prepare(kind: str, model_dir: pathlib.Path, batch_np: dict[str, np.ndarray]
+                   ) -> tuple[Callable[[], float], Callable[[], dict[str, Any]]]:
+    """The Hugging Face counterpart of one configuration: ``(run_step, finish)``."""
+    import peft
+    import torch
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    torch.manual_seed(0)
+    # Dropout off, as in the JAX forward (deterministic=True): same arithmetic in both.
+    model = transformers.BertForSequenceClassification.from_pretrained(
+        str(model_dir), num_labels=NUM_LABELS, local_files_only=True,
+        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    if kind == "full":
+        pass
+    elif kind == "bitfit":
+        for n, p in model.named_parameters():
+            p.requires_grad_(n.endswith(".bias") or n.startswith("classifier."))
+    elif kind in ("lora_qv", "lora_all_linear"):
+        cfg = peft.LoraConfig(
+            r=RANK, lora_alpha=ALPHA, lora_dropout=0.0,
+            target_modules=["query", "value"] if kind == "lora_qv" else "all-linear",
+            modules_to_save=["classifier"])
+        with warnings.catch_warnings():   # transformers' deprecation notices raised by peft
+            warnings.simplefilter("ignore", FutureWarning)
+            model = peft.get_peft_model(model, cfg)
+    else:
+        raise ValueError(kind)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    trainable = int(sum(p.numel() for p in params))
+    # HF BertForSequenceClassification pools with its CLS pooler (pooler.dense + tanh) where the
+    # JAX model uses mean pooling (no parameters): the pooler's trainable entries explain the
+    # difference in trainable counts between the two frameworks.
+    pooler = int(sum(p.numel() for n, p in model.named_parameters()
+                     if p.requires_grad and ".pooler." in f".{n}"))
+    opt = torch.optim.AdamW(params, lr=LR, weight_decay=WEIGHT_DECAY)
+    inputs = {k: torch.from_numpy(np.asarray(v)).long() for k, v in batch_np.items()}
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        out = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                    labels=inputs["labels"])
+        out.loss.backward()
+        opt.step()
+        return float(out.loss.detach())
+
+    def finish() -> dict[str, Any]:
+        opt_bytes = 0
+        for st in opt.state.values():
+            for v in st.values():
+                if torch.is_tensor(v):
+                    opt_bytes += v.numel() * v.element_size()
+        return {"torch_trainable_params": trainable,
+                "torch_trainable_pooler_params": pooler,
+                "torch_trainable_params_excl_pooler": trainable - pooler,
+                "torch_opt_state_bytes": int(opt_bytes),
+                "torch_threads": torch.get_num_threads()}
+
+    return step, finish
+
+
+def _timed(steps: int, warmup: int, runners: dict[str, Callable[[], float]]) -> dict[str, Any]:
+    """Warm every runner up, then time them in alternation (one step each per round), so that a
+    burst of load on a shared machine hits all of them alike. Fields ``<name>_step_ms`` etc."""
+    losses: dict[str, list[float]] = {n: [] for n in runners}
+    times: dict[str, list[float]] = {n: [] for n in runners}
+    for n, run in runners.items():
+        for _ in range(warmup):
+            losses[n].append(run())
+    for _ in range(steps):
+        for n, run in runners.items():
+            t0 = time.perf_counter()
+            losses[n].append(run())
+            times[n].append(time.perf_counter() - t0)
+    out: dict[str, Any] = {"steps": steps, "warmup": warmup, "loadavg_after": _loadavg()}
+    for n in runners:
+        out.update({f"{n}_step_ms": _median_ms(times[n]), f"{n}_step_ms_min": 1e3 * min(times[n]),
+                    f"{n}_step_ms_all": [1e3 * t for t in times[n]],
+                    f"{n}_loss_first": losses[n][0], f"{n}_loss_last": losses[n][-1]})
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Output
+
+
+def _write_jsonl(path: pathlib.Path, rows: list[dict[str, Any]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=str(path.parent))
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            for r in rows:
+                f.write(json.dumps(r, sort_keys=False, default=str) + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _print_train_table(rows: list[dict[str, Any]]) -> None:
+    head = (f"{'config':<21} {'trainable':>11} {'%':>7} {'GFLOP/step':>10} {'x full':>7} "
+            f"{'temp MiB':>9} {'arg MiB':>8} {'out MiB':>8} {'opt/train':>9} "
+            f"{'jax ms':>8} {'torch ms':>9} {'jax/torch':>9}")
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        gf = None if r.get("flops") is None else r["flops"] / 1e9
+        print(f"{r['config']:<21} {r['trainable_params']:>11,} {r['trainable_percent']:>7.3f} "
+              f"{_fmt(gf, '10.2f'):>10} {_fmt(r.get('flops_ratio_to_full'), '7.3f'):>7} "
+              f"{_fmt_bytes(r.get('temp_bytes')):>9} {_fmt_bytes(r.get('argument_bytes')):>8} "
+              f"{_fmt_bytes(r.get('output_bytes')):>8} {r['opt_state_ratio']:>9.5f} "
+              f"{_fmt(r.get('jax_step_ms'), '8.1f'):>8} {_fmt(r.get('torch_step_ms'), '9.1f'):>9} "
+              f"{_fmt(r.get('jax_over_torch'), '9.2f'):>9}")
+
+
+def _print_inference_table(rows: list[dict[str, Any]]) -> None:
+    head = f"{'config':<21} {'forward':<11} {'GFLOP':>9} {'x base':>8}"
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        gf = None if r.get("flops") is None else r["flops"] / 1e9
+        print(f"{r['config']:<21} {r['form']:<11} {_fmt(gf, '9.4f'):>9} "
+              f"{_fmt(r.get('ratio_to_base'), '8.4f'):>8}")
+
+
+def _checks(train: dict[str, dict], inference: list[dict]) -> list[dict[str, Any]]:
+    out = []
+    for name, limit in TARGETS.items():
+        r = train.get(name)
+        if r is None or r.get("flops_ratio_to_full") is None:
+            continue
+        v = r["flops_ratio_to_full"]
+        out.append({"check": f"{name} FLOPs <= {limit:.2f}x full", "value": v,
+                    "passed": v <= limit})
+    for name, r in train.items():
+        if name == "full":
+            continue
+        exact = (r["opt_state_bytes"] - r["opt_state_scalar_bytes"]) == 2 * r["trainable_bytes"]
+        out.append({"check": f"{name} Adam state = 2x trainable bytes (+{r['opt_state_scalar_bytes']}"
+                             f" B of step counters)",
+                    "value": r["opt_state_ratio_excl_scalars"], "passed": bool(exact)})
+    if "full" in train:
+        r = train["full"]
+        exact = (r["opt_state_bytes"] - r["opt_state_scalar_bytes"]) == 2 * r["trainable_bytes"]
+        out.append({"check": f"full Adam state = 2x trainable bytes (+{r['opt_state_scalar_bytes']}"
+                             f" B of step counters)",
+                    "value": r["opt_state_ratio_excl_scalars"], "passed": bool(exact)})
+    for name, r in train.items():
+        if r.get("torch_trainable_params") is not None:
+            ok = r["torch_trainable_params_excl_pooler"] == r["trainable_params"]
+            out.append({"check": f"{name} torch trainable params (excl. pooler) == jax trainable",
+                        "value": None, "passed": ok})
+    by = {}
+    for r in inference:
+        by.setdefault(r["config"], {})[r["form"]] = r
+    for name, forms in by.items():
+        if "base" in forms and "merged" in forms:
+            b, m = forms["base"]["flops"], forms["merged"]["flops"]
+            out.append({"check": f"{name} merged inference FLOPs == base FLOPs",
+                        "value": None if not b else m / b, "passed": b is not None and m == b})
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    configs = _configs()
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--steps", type=int, default=10, help="timed steps per configuration (10)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps before timing (2)")
+    p.add_argument("--batch", type=int, default=32, help="batch size (32)")
+    p.add_argument("--seq", type=int, default=64, help="sequence length (64)")
+    p.add_argument("--no-torch", action="store_true", help="skip the PyTorch comparison")
+    p.add_argument("--only", default=None,
+                   help="comma-separated subset of: " + ", ".join(list(configs) + ["inference"]))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=str(DEFAULT_OUT), help=f"results file ({DEFAULT_OUT})")
+    args = p.parse_args(argv)
+    if args.steps < 1:
+        p.error("--steps must be >= 1")
+
+    selected = list(configs) + ["inference"]
+    if args.only:
+        selected = [s.strip() for s in args.only.split(",") if s.strip()]
+        bad = [s for s in selected if s not in configs and s != "inference"]
+        if bad:
+            p.error(f"--only: unknown {bad}; choose from {list(configs) + ['inference']}")
+
+    machine = _machine()
+    torch_reason = "--no-torch" if args.no_torch else _torch_available()
+    use_torch = torch_reason is None
+    if use_torch:
+        import torch
+        torch.set_num_threads(machine["cpus_usable"] or os.cpu_count() or 1)
+        machine["torch_version"] = torch.__version__
+        machine["transformers_version"] = __import__("transformers").__version__
+        machine["peft_version"] = __import__("peft").__version__
+        machine["torch_threads"] = torch.get_num_threads()
+    else:
+        machine["torch_skipped"] = torch_reason
+
+    model_dir = minilm_dir()
+    loaded = load_hf_bert(model_dir, num_labels=NUM_LABELS, pooling="mean")
+    model, variables = loaded.model, {"params": loaded.params}
+    rng = np.random.default_rng(args.seed)
+    batch_np = {
+        "input_ids": rng.integers(1000, loaded.config.vocab_size, (args.batch, args.seq),
+                                  dtype=np.int32),
+        "attention_mask": np.ones((args.batch, args.seq), np.int32),
+        "labels": rng.integers(0, NUM_LABELS, (args.batch,), dtype=np.int32),
+    }
+    batch = {k: jnp.asarray(v) for k, v in batch_np.items()}
+    setup = {"model": "all-MiniLM-L6-v2 (embedded)", "model_dir": str(model_dir),
+             "pooling": "mean", "num_labels": NUM_LABELS, "batch": args.batch, "seq": args.seq,
+             "optimizer": f"adamw(lr={LR}, weight_decay={WEIGHT_DECAY})", "dropout": 0.0,
+             "loss": "softmax cross-entropy", "dtype": "float32",
+             "base_params": jpeft.num_params(variables),
+             "torch_model": "transformers.BertForSequenceClassification.from_pretrained(model_dir, "
+                            "num_labels=2, dropout 0): CLS pooler (pooler.dense + tanh) instead of "
+                            "mean pooling; AdamW(lr=1e-4, weight_decay=1e-4)"}
+    print(f"jpeft step cost: MiniLM-L6 ({setup['base_params']:,} params), batch {args.batch} x "
+          f"seq {args.seq}, {args.steps} timed steps after {args.warmup} warm-up; "
+          f"{machine['device_kind']} x{machine['device_count']}, {machine['cpus_usable']} cpus, "
+          f"jax {machine['jax_version']}"
+          + (f", torch {machine['torch_version']} ({machine['torch_threads']} threads)"
+             if use_torch else f"; torch skipped ({torch_reason})"), flush=True)
+
+    train: dict[str, dict[str, Any]] = {}
+    train_names = [n for n in configs if n in selected]
+    full_flops = None
+    if train_names and "full" not in train_names:
+        print("[full] compile only, for the FLOPs ratio", flush=True)
+        full_flops = _jax_prepare("full", configs["full"], model, variables, batch)[0]["flops"]
+        gc.collect()
+    for name in train_names:
+        spec = configs[name]
+        print(f"[{name}] jax: compile", flush=True)
+        row, jax_step = _jax_prepare(name, spec, model, variables, batch)
+        runners = {"jax": jax_step}
+        finish = None
+        row["torch_config"] = spec["torch"] if use_torch else None
+        if use_torch and spec["torch"] is not None:
+            print(f"[{name}] torch: load", flush=True)
+            runners["torch"], finish = _torch_prepare(spec["torch"], model_dir, batch_np)
+        print(f"[{name}] {' + '.join(runners)}: {args.warmup} warm-up + {args.steps} timed steps"
+              + (" each, alternating" if len(runners) > 1 else ""), flush=True)
+        row.update(_timed(args.steps, args.warmup, runners))
+        if finish is not None:
+            row.update(finish())
+            row["jax_over_torch"] = row["jax_step_ms"] / row["torch_step_ms"]
+        if name == "full":
+            full_flops = row["flops"]
+        train[name] = row
+        del runners, jax_step, finish
+        gc.collect()
+    for row in train.values():
+        row["flops_ratio_to_full"] = (row["flops"] / full_flops
+                                      if row.get("flops") is not None and full_flops else None)
+
+    inference: list[dict[str, Any]] = []
+    if "inference" in selected:
+        for name in ("lora_qv", "lora_all_linear"):
+            print(f"[inference] {name}: base / merged / factored forward", flush=True)
+            inference += _inference_rows(name, configs[name], model, variables, batch)
+
+    checks = _checks(train, inference)
+    rows = []
+    for r in list(train.values()) + inference:
+        rows.append({**r, "setup": setup, "machine": machine})
+    machine["loadavg_end"] = _loadavg()
+    rows.append({"kind": "checks", "checks": checks, "setup": setup, "machine": machine})
+    out = pathlib.Path(args.out)
+    _write_jsonl(out, rows)
+
+    print()
+    if train:
+        print("Training step (XLA cost/memory analysis of the compiled step; times are medians)")
+        _print_train_table(list(train.values()))
+        print()
+    if inference:
+        print("Inference forward (XLA FLOPs)")
+        _print_inference_table(inference)
+        print()
+    print("Targets (informational)")
+    for c in checks:
+        v = "" if c["value"] is None else f" ({c['value']:.4f})"
+        print(f"  {'PASS' if c['passed'] else 'MISS'}  {c['check']}{v}")
+    print(f"\nwrote {len(rows)} rows to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
