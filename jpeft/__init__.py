@@ -7,6 +7,7 @@ from jpeft.core.sharding import (delta_shardings, opt_state_shardings, shard_by_
                                  shardings_of)
 from jpeft.core.train import init_opt_state, make_train_step, partition
 from jpeft.core.tree import ParamReport, combine, num_bytes, num_params, param_report, split
+from jpeft.methods.adalora import adalora, adalora_optimizer, orthogonality_penalty, rank_pattern
 from jpeft.methods.bitfit import bitfit
 from jpeft.methods.full import full_finetune
 from jpeft.methods.lora import lora
@@ -14,8 +15,9 @@ from jpeft.methods.lora import lora
 __version__ = "0.1.0"
 
 __all__ = [
-    "Context", "Method", "ParamReport", "Selection", "bitfit", "checkpoint", "combine", "compose",
+    "Context", "Method", "ParamReport", "Selection", "adalora", "adalora_optimizer", "bitfit", "checkpoint", "combine", "compose",
     "delta_shardings", "full_finetune", "init_opt_state", "lora", "make_train_step", "num_bytes",
-    "num_params", "opt_state_shardings", "param_report", "partition", "select", "shard_by_rules",
+    "num_params", "opt_state_shardings", "orthogonality_penalty", "param_report", "partition",
+    "rank_pattern", "select", "shard_by_rules",
     "shardings_of", "split", "wrap",
 ]
