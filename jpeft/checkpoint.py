@@ -59,6 +59,21 @@ def _stored_tree(directory: Path, item: str) -> Any:
     return ocp.StandardCheckpointHandler().metadata(directory / item)
 
 
+def stored_like(directory: str | os.PathLike, item: str = "delta") -> Any:
+    """The abstract tree (``jax.ShapeDtypeStruct`` leaves, nested dicts) that ``item`` of the
+    checkpoint at ``directory`` holds, read from its metadata.
+
+    For deltas whose shapes only the checkpoint knows, such as a stored sparse delta (the number
+    of kept entries per tensor): ``restore(path, stored_like(path))``.
+    """
+    directory = Path(directory).absolute()
+    if not (directory / item).is_dir():
+        raise FileNotFoundError(f"no item {item!r} in a jpeft checkpoint at {directory}")
+    flat = paths_lib.flatten(_stored_tree(directory, item))
+    return paths_lib.unflatten({p: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype)
+                                for p, m in flat.items()})
+
+
 def metadata(directory: str | os.PathLike) -> dict:
     """The ``{"step": ..., "metadata": ...}`` JSON written by :func:`save`."""
     directory = Path(directory).absolute()
