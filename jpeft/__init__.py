@@ -9,6 +9,8 @@ from jpeft.core.train import init_opt_state, make_train_step, partition
 from jpeft.core.tree import ParamReport, combine, num_bytes, num_params, param_report, split
 from jpeft.methods.adalora import adalora, adalora_optimizer, orthogonality_penalty, rank_pattern
 from jpeft.methods.bitfit import bitfit
+from jpeft.methods.far import (FarReport, far, far_magnitude_scores, far_pack, far_report,
+                               far_scores, far_select, far_stored_like, far_unpack)
 from jpeft.methods.full import full_finetune
 from jpeft.methods.lora import lora
 
@@ -16,7 +18,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Context", "Method", "ParamReport", "Selection", "adalora", "adalora_optimizer", "bitfit", "checkpoint", "combine", "compose",
-    "delta_shardings", "full_finetune", "init_opt_state", "lora", "make_train_step", "num_bytes",
+    "delta_shardings", "FarReport", "far", "far_magnitude_scores", "far_pack", "far_report",
+    "far_scores", "far_select", "far_stored_like", "far_unpack", "full_finetune", "init_opt_state", "lora", "make_train_step", "num_bytes",
     "num_params", "opt_state_shardings", "orthogonality_penalty", "param_report", "partition",
     "rank_pattern", "select", "shard_by_rules",
     "shardings_of", "split", "wrap",

@@ -1,6 +1,6 @@
 """``jpeft`` command line: ``jpeft demo`` fine-tunes the embedded MiniLM on movie-review sentiment.
 
-``python -m jpeft.cli demo [--method lora|lora-all-linear|bitfit|adalora|full] [--steps N] ...``
+``python -m jpeft.cli demo [--method lora|lora-all-linear|bitfit|adalora|far|full] [--steps N] ...``
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import os
 import sys
 import time
 
-METHODS = ("lora", "lora-all-linear", "bitfit", "adalora", "full")
+METHODS = ("lora", "lora-all-linear", "bitfit", "adalora", "far", "full")
 
 
 def build_method(name: str, rank: int = 8, alpha: float = 8.0):
@@ -65,6 +65,15 @@ def demo(args: argparse.Namespace) -> int:
     print(f"data: movie-review sentences, {len(task.train)} train / {len(task.dev)} dev, "
           f"{100 * task.train.labels.mean():.1f}% positive in train; sequence length {args.seq}")
 
+    if args.method == "far":      # two stages: score columns after a warm-up, then train them
+        from jpeft.recipes import far_demo
+        ok = far_demo.run_far(task, steps=args.steps, batch=args.batch, seed=args.seed,
+                              progress=not args.no_progress, out=args.out,
+                              fraction=args.fraction, warmup_steps=args.warmup_steps,
+                              score=args.far_score, lr=args.lr or 1e-3, head_lr=args.head_lr)
+        print(f"total time {time.perf_counter() - t0:.1f} s")
+        return 0 if ok else 1
+
     rebuild = lambda: build_method(args.method, args.rank, args.alpha)
     method = rebuild()
     delta = method.init(jax.random.key(args.seed), task.variables)
@@ -109,6 +118,9 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--rank", type=int, default=8)
     d.add_argument("--alpha", type=float, default=8.0)
     d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--fraction", type=float, default=0.2, help="FAR: kept fraction of FFN columns")
+    d.add_argument("--warmup-steps", type=int, default=20, help="FAR: warm-up steps for scoring")
+    d.add_argument("--far-score", choices=("change", "magnitude"), default="change")
     d.add_argument("--dev-limit", type=int, default=0, help="evaluate on the first N dev examples")
     d.add_argument("--out", default=os.path.join("runs", "demo"))
     d.add_argument("--no-progress", action="store_true")
