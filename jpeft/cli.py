@@ -1,6 +1,7 @@
 """``jpeft`` command line: ``jpeft demo`` fine-tunes the embedded MiniLM on movie-review sentiment.
 
-``python -m jpeft.cli demo [--method lora|lora-all-linear|bitfit|adalora|far|full] [--steps N] ...``
+``python -m jpeft.cli demo [--method lora|lora-all-linear|bitfit|adalora|far|diff-pruning|fishmask|full]
+[--steps N] ...``
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import os
 import sys
 import time
 
-METHODS = ("lora", "lora-all-linear", "bitfit", "adalora", "far", "full")
+METHODS = ("lora", "lora-all-linear", "bitfit", "adalora", "far", "diff-pruning", "fishmask", "full")
 
 
 def build_method(name: str, rank: int = 8, alpha: float = 8.0):
@@ -74,6 +75,19 @@ def demo(args: argparse.Namespace) -> int:
         print(f"total time {time.perf_counter() - t0:.1f} s")
         return 0 if ok else 1
 
+    if args.method in ("diff-pruning", "fishmask"):   # masks learnt or estimated from data first
+        from jpeft.recipes import sparse_demos
+        common = dict(steps=args.steps, batch=args.batch, seed=args.seed,
+                      progress=not args.no_progress, out=args.out, density=args.density)
+        if args.method == "diff-pruning":
+            ok = sparse_demos.run_diff_pruning(task, **common, refine_steps=args.refine_steps,
+                                               structured=args.structured, lr=args.lr or 1e-4,
+                                               head_lr=args.head_lr)
+        else:
+            ok = sparse_demos.run_fishmask(task, **common, fisher_examples=args.fisher_examples,
+                                           lr=args.lr or 1e-3, head_lr=args.head_lr)
+        return 0 if ok else 1
+
     rebuild = lambda: build_method(args.method, args.rank, args.alpha)
     method = rebuild()
     delta = method.init(jax.random.key(args.seed), task.variables)
@@ -121,6 +135,13 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--fraction", type=float, default=0.2, help="FAR: kept fraction of FFN columns")
     d.add_argument("--warmup-steps", type=int, default=20, help="FAR: warm-up steps for scoring")
     d.add_argument("--far-score", choices=("change", "magnitude"), default="change")
+    d.add_argument("--density", type=float, default=0.005,
+                   help="diff pruning / FishMask: kept fraction of all entries but the head")
+    d.add_argument("--refine-steps", type=int, default=50,
+                   help="diff pruning: re-fine-tune steps with the mask fixed")
+    d.add_argument("--structured", action="store_true", help="diff pruning: one gate per tensor too")
+    d.add_argument("--fisher-examples", type=int, default=256,
+                   help="FishMask: examples for the empirical Fisher (paper: 1024)")
     d.add_argument("--dev-limit", type=int, default=0, help="evaluate on the first N dev examples")
     d.add_argument("--out", default=os.path.join("runs", "demo"))
     d.add_argument("--no-progress", action="store_true")

@@ -103,17 +103,29 @@ def wrap(apply_fn: Callable[..., Any], method: Method, *, mode: str = "factored"
     return wrapped
 
 
-def _check_disjoint(parts: dict) -> None:
-    """Raise if two parts of a composed delta hold an entry at the same path (the same base leaf
-    trained twice, with two optimizer states: e.g. BitFit's classifier bias and a trained head)."""
+def _covered(params_paths: set, delta: Any) -> set:
+    """Base leaves a delta adapts: for each delta leaf, the longest prefix of its path that is a
+    base leaf path (``.../kernel/lora_A`` and ``.../kernel/w`` cover ``.../kernel``)."""
+    out = set()
+    for path in paths_lib.flatten(delta):
+        for n in range(len(path), 0, -1):
+            if path[:n] in params_paths:
+                out.add(path[:n])
+                break
+    return out
+
+
+def _check_disjoint(params: Any, parts: dict) -> None:
+    """Raise if two parts of a composed delta adapt the same base leaf (e.g. BitFit's classifier
+    bias and a trained head: one weight trained twice, with two optimizer states)."""
+    base = set(paths_lib.flatten(params))
     owner: dict = {}
     for name, delta in parts.items():
-        for kp, _ in jax.tree_util.tree_flatten_with_path(delta)[0]:
-            path = paths_lib.path_str(paths_lib.to_path(kp))
+        for path in sorted(_covered(base, delta)):
             if path in owner:
                 raise ValueError(
-                    f"compose: parts {owner[path]!r} and {name!r} both train {path}; "
-                    f"narrow one of them (e.g. exclude=...)")
+                    f"compose: parts {owner[path]!r} and {name!r} both adapt "
+                    f"{paths_lib.path_str(path)}; narrow one of them (e.g. exclude=...)")
             owner[path] = name
 
 
@@ -130,7 +142,7 @@ def compose(**methods: Method) -> Method:
     def init(key, params):
         keys = jax.random.split(key, len(names))
         delta = {n: methods[n].init(k, params) for n, k in zip(names, keys)}
-        _check_disjoint(delta)
+        _check_disjoint(params, delta)
         return delta
 
     def merge(params, delta):

@@ -44,10 +44,18 @@ def test_compose_rejects_two_parts_training_the_same_leaf(tiny_bert):
     _, params = tiny_bert
     variables = {"params": params}
     bad = jpeft.compose(bitfit=jpeft.bitfit(), head=jpeft.full_finetune(("classifier",)))
-    with pytest.raises(ValueError, match="'bitfit' and 'head' both train params/classifier/bias"):
+    with pytest.raises(ValueError, match="'bitfit' and 'head' both adapt params/classifier/bias"):
         bad.init(jax.random.key(0), variables)
     ok = jpeft.compose(bitfit=jpeft.bitfit(exclude=("classifier",)),
                        head=jpeft.full_finetune(("classifier",)))
     delta = ok.init(jax.random.key(0), variables)
     n_bias = sum(x.size for p, x in paths.flatten(variables).items() if p[-1] == "bias")
     assert jpeft.num_params(delta) == n_bias + variables["params"]["classifier"]["kernel"].size
+
+
+def test_compose_rejects_factors_on_a_trained_weight(tiny_bert):
+    _, params = tiny_bert
+    bad = jpeft.compose(lora=jpeft.lora(("classifier",), rank=1),
+                        head=jpeft.full_finetune(("classifier",)))
+    with pytest.raises(ValueError, match="'lora' and 'head' both adapt params/classifier/kernel"):
+        bad.init(jax.random.key(0), {"params": params})
