@@ -35,7 +35,7 @@ def build_method(name: str, rank: int = 8, alpha: float = 8.0):
 
 
 def default_lr(name: str) -> float:
-    return {"full": 5e-5}.get(name, 2e-3 if "lora" in name else 5e-3)
+    return {"full": 5e-5}.get(name, 4e-3 if "lora" in name else 5e-3)
 
 
 def training_extras(name: str, method, optimizer, steps: int):
