@@ -187,3 +187,17 @@ def test_shardings_follow_the_weight(setup):
     ds = jpeft.delta_shardings(method, shard, delta)
     q = ds["params"]["bert"]["encoder"]["layer"]["0"]["attention"]["self"]["query"]["kernel"]
     assert (q["lora_A"].spec, q["lora_E"].spec, q["lora_B"].spec) == (P(None, None), P(None), P(None, "model"))
+
+
+def test_orthogonality_penalty_hugging_face_convention():
+    rng = np.random.default_rng(4)
+    mats = [(rng.normal(size=(16, 4)), rng.normal(size=(4, 10))) for _ in range(3)]
+    delta = {f"m{i}": {"kernel": {"lora_A": jnp.asarray(p), "lora_E": jnp.zeros(4),
+                                  "lora_B": jnp.asarray(q)}} for i, (p, q) in enumerate(mats)}
+    norms = []
+    for p, q in mats:   # HF: torch.norm(A A^T - I) for lora_A [r, in], B^T B - I for lora_B [out, r]
+        norms += [np.linalg.norm(p.T @ p - np.eye(4)), np.linalg.norm(q @ q.T - np.eye(4))]
+    got = ada.orthogonality_penalty(delta, convention="hf")
+    assert float(got) == pytest.approx(0.5 * np.mean(norms), rel=1e-5)
+    with pytest.raises(ValueError, match="convention"):
+        ada.orthogonality_penalty(delta, convention="torch")
