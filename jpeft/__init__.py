@@ -16,16 +16,17 @@ from jpeft.methods.far import (FarReport, far, far_magnitude_scores, far_pack, f
                                far_scores, far_select, far_stored_like, far_unpack)
 from jpeft.methods.fishmask import fisher_information, fishmask, fishmask_indices
 from jpeft.methods.full import full_finetune
+from jpeft.methods.intrinsic import did, said
 from jpeft.methods.lora import lora
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Context", "Method", "ParamReport", "Selection", "adalora", "adalora_optimizer", "bitfit", "checkpoint", "combine", "compose",
-    "delta_shardings", "diff_pruning", "FarReport", "far", "far_magnitude_scores", "far_pack", "far_report",
+    "delta_shardings", "did", "diff_pruning", "FarReport", "far", "far_magnitude_scores", "far_pack", "far_report",
     "far_scores", "far_select", "far_stored_like", "far_unpack", "fisher_information", "fishmask",
     "fishmask_indices", "full_finetune", "init_opt_state", "lora", "make_train_step", "num_bytes",
     "num_params", "opt_state_shardings", "orthogonality_penalty", "param_report", "partition",
-    "rank_pattern", "sparse", "SparseDelta", "sparse_finetune", "top_k_indices", "select", "shard_by_rules",
+    "rank_pattern", "said", "sparse", "SparseDelta", "sparse_finetune", "top_k_indices", "select", "shard_by_rules",
     "shardings_of", "split", "wrap",
 ]

@@ -1,6 +1,6 @@
 """``jpeft`` command line: ``jpeft demo`` fine-tunes the embedded MiniLM on movie-review sentiment.
 
-``python -m jpeft.cli demo [--method lora|lora-all-linear|bitfit|adalora|far|diff-pruning|fishmask|full]
+``python -m jpeft.cli demo [--method lora|lora-all-linear|bitfit|adalora|far|diff-pruning|fishmask|said|did|full]
 [--steps N] ...``
 """
 
@@ -12,7 +12,8 @@ import os
 import sys
 import time
 
-METHODS = ("lora", "lora-all-linear", "bitfit", "adalora", "far", "diff-pruning", "fishmask", "full")
+METHODS = ("lora", "lora-all-linear", "bitfit", "adalora", "far", "diff-pruning", "fishmask", "said",
+           "did", "full")
 
 
 def build_method(name: str, rank: int = 8, alpha: float = 8.0):
@@ -88,6 +89,14 @@ def demo(args: argparse.Namespace) -> int:
                                            lr=args.lr or 1e-3, head_lr=args.head_lr)
         return 0 if ok else 1
 
+    if args.method in ("said", "did"):   # a d-dimensional subspace of the whole model + the head
+        from jpeft.recipes import intrinsic_demo
+        ok = intrinsic_demo.run_intrinsic(task, d=args.d, said=args.method == "said",
+                                          steps=args.steps, batch=args.batch, seed=args.seed,
+                                          progress=not args.no_progress, out=args.out, lr=args.lr,
+                                          head_lr=args.head_lr)
+        return 0 if ok else 1
+
     rebuild = lambda: build_method(args.method, args.rank, args.alpha)
     method = rebuild()
     delta = method.init(jax.random.key(args.seed), task.variables)
@@ -140,6 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--refine-steps", type=int, default=50,
                    help="diff pruning: re-fine-tune steps with the mask fixed")
     d.add_argument("--structured", action="store_true", help="diff pruning: one gate per tensor too")
+    d.add_argument("--d", type=int, default=1000, help="SAID/DID: intrinsic dimension")
     d.add_argument("--fisher-examples", type=int, default=256,
                    help="FishMask: examples for the empirical Fisher (paper: 1024)")
     d.add_argument("--dev-limit", type=int, default=0, help="evaluate on the first N dev examples")
