@@ -263,6 +263,13 @@ def _configs() -> dict[str, dict[str, Any]]:
                         "head trained; optimizer adalora_optimizer(adamw(1e-4), t_init=0, "
                         "delta_t=1: every timed step in the budget-decay phase), loss + "
                         "orthogonality_penalty(delta)"),
+        "said_d1000": dict(
+            method=lambda: jpeft.compose(said=jpeft.said(1000, exclude=("classifier",)),
+                                         head=_head()),
+            mode="factored", torch=None,
+            description="Intrinsic SAID, d=1000 (990 projected coordinates + one scalar per layer "
+                        "group) over every tensor but the classifier, Fastfood projection "
+                        "regenerated from the seed inside the step, + classifier head trained"),
     }
 
 

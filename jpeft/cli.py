@@ -112,16 +112,18 @@ def demo(args: argparse.Namespace) -> int:
                               seed=args.seed, progress=not args.no_progress,
                               optimizer=optimizer, penalty=penalty)
     delta = result.delta
+    extra = {"method": args.method}
     if args.method == "adalora":
         from jpeft.methods.adalora import rank_pattern
-        print(f"AdaLoRA final ranks: {rank_pattern(delta)}")
+        extra["rank_pattern"] = rank_pattern(delta)
+        print(f"AdaLoRA final ranks: {extra['rank_pattern']}")
     dev_logits, after = movies.evaluate(task, method, task.variables, delta)
     print(f"dev accuracy after {args.steps} steps (batch {args.batch}, lr {lr}, head lr "
           f"{args.head_lr}): {100 * after:.2f}% (before: {100 * before:.2f}%); training took "
           f"{result.seconds:.1f} s ({result.seconds / args.steps:.3f} s/step)")
 
     ok = movies.check_save_reload_merge(task, method, delta, dev_logits, args.out, rebuild=rebuild,
-                                        metadata={"method": args.method})
+                                        metadata=extra)
     print(f"total time {time.perf_counter() - t0:.1f} s")
     if not ok:
         print("ERROR: reload or merge changed the predictions", file=sys.stderr)
