@@ -267,8 +267,8 @@ def _configs() -> dict[str, dict[str, Any]]:
             method=lambda: jpeft.compose(said=jpeft.said(1000, exclude=("classifier",)),
                                          head=_head()),
             mode="factored", torch=None,
-            description="Intrinsic SAID, d=1000 (990 projected coordinates + one scalar per layer "
-                        "group) over every tensor but the classifier, Fastfood projection "
+            description="Intrinsic SAID, d=1000 (993 projected coordinates + 7 scalars: 6 layers and one "
+                        "group for tensors without a layer index) over every tensor but the classifier, Fastfood projection "
                         "regenerated from the seed inside the step, + classifier head trained"),
     }
 

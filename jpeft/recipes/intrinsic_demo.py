@@ -100,7 +100,7 @@ def train_intrinsic(task: movies.Task, *, d: int, said: bool = True, steps: int,
     result = movies.fine_tune(task, method, delta, steps=steps, batch=batch, lr=lr,
                               head_lr=head_lr, seed=seed, progress=progress)
     logits, acc = merged_accuracy(task, method, result.delta)
-    log(f"d = {d}: dev accuracy {100 * acc:.2f}% after {steps} steps (batch {batch}, lr {lr}, head "
+    log(f"d = {d}: dev accuracy {100 * acc:.2f}% after {steps} steps (batch {batch}, lr {lr:.3g}, head "
         f"lr {head_lr}); {result.seconds:.1f} s ({result.seconds / max(steps, 1):.3f} s/step)")
     return IntrinsicResult(method, result.delta, logits, acc, result.seconds, result.losses)
 
