@@ -34,13 +34,11 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import math
 import os
 import pathlib
 import platform
 import sys
-import tempfile
 import time
 from typing import Any
 
@@ -53,25 +51,12 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 import jpeft  # noqa: E402
+from common import write_jsonl  # noqa: E402  (benchmarks/common.py)
 from jpeft.core import method as method_lib  # noqa: E402
 from jpeft.methods.full import full_finetune  # noqa: E402
 from jpeft.recipes import intrinsic_demo, movies  # noqa: E402
 
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "intrinsic_sweep.jsonl"
-
-
-def _write_jsonl(path: pathlib.Path, rows: list[dict[str, Any]]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=str(path.parent))
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for r in rows:
-                f.write(json.dumps(r, default=str) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _machine() -> dict[str, Any]:
@@ -170,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def record(row):
         rows.append({**row, "setup": setup, "machine": machine})
-        _write_jsonl(out, rows + [{**_finish(rows), "setup": setup, "machine": machine}])
+        write_jsonl(out, rows + [{**_finish(rows), "setup": setup, "machine": machine}])
 
     common = dict(steps=args.steps, batch=args.batch, seed=args.seed)
     if not args.no_baselines:
@@ -184,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
                     head_lr=args.head_lr, **common))
 
     summary = _finish(rows)
-    _write_jsonl(out, rows + [{**summary, "setup": setup, "machine": machine}])
+    write_jsonl(out, rows + [{**summary, "setup": setup, "machine": machine}])
     print(f"\n{'config':<14} {'trainable':>11} {'lr':>9} {'dev acc':>8} {'x full':>7} "
           f"{'gap closed':>10} {'s':>6}")
     for r in rows:

@@ -36,13 +36,11 @@ from __future__ import annotations
 import argparse
 import datetime
 import gc
-import json
 import os
 import pathlib
 import platform
 import statistics
 import sys
-import tempfile
 import time
 import warnings
 from typing import Any, Callable
@@ -61,6 +59,7 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 import jpeft  # noqa: E402
+from common import write_jsonl  # noqa: E402  (benchmarks/common.py)
 from jpeft.data import minilm_dir  # noqa: E402
 from jpeft.methods import adalora as adalora_lib  # noqa: E402
 from jpeft.methods import diff_pruning as diff_pruning_lib  # noqa: E402
@@ -216,7 +215,7 @@ def _configs() -> dict[str, dict[str, Any]]:
         "lora_qv_materialised": dict(
             method=lambda: jpeft.compose(lora=lora_qv(), head=_head()), mode="materialised",
             torch=None,
-            description=f"as lora_qv but wrap(mode='materialised'): apply(W0 + s*A@B), so dW0 "
+            description="as lora_qv but wrap(mode='materialised'): apply(W0 + s*A@B), so dW0 "
                         "[in, out] is formed in the backward pass (no torch counterpart)"),
         "far": dict(
             method_from_params=_far_method, mode="factored", torch=None,
@@ -599,20 +598,6 @@ def _timed(steps: int, warmup: int, runners: dict[str, Callable[[], float]]) -> 
 # Output
 
 
-def _write_jsonl(path: pathlib.Path, rows: list[dict[str, Any]]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=str(path.parent))
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for r in rows:
-                f.write(json.dumps(r, sort_keys=False, default=str) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def _print_train_table(rows: list[dict[str, Any]]) -> None:
     head = (f"{'config':<28} {'trainable':>11} {'%':>7} {'GFLOP/step':>10} {'x full':>7} "
             f"{'temp MiB':>9} {'arg MiB':>8} {'out MiB':>8} {'opt/train':>9} "
@@ -790,7 +775,7 @@ def main(argv: list[str] | None = None) -> int:
     machine["loadavg_end"] = _loadavg()
     rows.append({"kind": "checks", "checks": checks, "setup": setup, "machine": machine})
     out = pathlib.Path(args.out)
-    _write_jsonl(out, rows)
+    write_jsonl(out, rows)
 
     print()
     if train:

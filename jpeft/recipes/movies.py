@@ -7,7 +7,6 @@ and that merging changes nothing (:func:`check_save_reload_merge`).
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any, Callable, NamedTuple
 
@@ -125,8 +124,3 @@ def check_save_reload_merge(task: Task, method: method_lib.Method, delta: Any, d
         f"merged accuracy {100 * merged_acc:.2f}%")
     return same and agree == 1.0
 
-
-def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
-    start = time.perf_counter()
-    out = fn()
-    return out, time.perf_counter() - start

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 import jpeft
 
@@ -15,13 +15,6 @@ RULES = [
     (r".*/(attention/output|[0-9]+/output)/dense/kernel", P("model", None)),
     (r".*/word_embeddings/embedding", P(None, "model")),
 ]
-
-
-@pytest.fixture
-def mesh():
-    if jax.device_count() < 8:
-        pytest.skip("needs 8 devices: XLA_FLAGS=--xla_force_host_platform_device_count=8")
-    return Mesh(np.array(jax.devices()[:8]).reshape(2, 4), ("data", "model"))
 
 
 def _batch(config, n=8, t=10):

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 import jpeft
 from jpeft import checkpoint
@@ -268,11 +268,8 @@ def test_bad_indices_are_errors(variables):
         sparse.from_stored({"a": {"indices": np.zeros(1, np.int32)}})
 
 
-def test_values_are_replicated_on_the_mesh_of_their_weight(small):
-    if jax.device_count() < 8:
-        pytest.skip("needs 8 devices: XLA_FLAGS=--xla_force_host_platform_device_count=8")
+def test_values_are_replicated_on_the_mesh_of_their_weight(small, mesh):
     _, variables, _ = small
-    mesh = Mesh(np.array(jax.devices()[:8]).reshape(2, 4), ("data", "model"))
     shards = jpeft.shard_by_rules(variables, mesh, [(r".*/dense/kernel", P(None, "model"))])
     idx = _random_indices(variables, 0.2, exclude_head=False)
     method = sparse.sparse_finetune(idx)

@@ -119,14 +119,15 @@ def test_importance_emas_match_numpy(setup):
     prev = delta
     for t, _, d, g, state in history:
         if t > 5 - 1:       # the EMAs stop at T - t_final, when the final pattern is fixed
-            np.testing.assert_array_equal(state.ipt[paths.path_str(path)]["lora_E"],
-                                          history[t - 2][4].ipt[paths.path_str(path)]["lora_E"])
+            for key in state.ipt:
+                np.testing.assert_array_equal(state.ipt[key]["lora_E"],
+                                              history[t - 2][4].ipt[key]["lora_E"])
             break
-        for path, t in ada.triplets(prev).items():
+        for path, trip in ada.triplets(prev).items():
             gt = ada.triplets(g)[path]
             for n in ("lora_A", "lora_E", "lora_B"):
                 k = (path, n)
-                i_now = np.abs(np.asarray(t[n], np.float64) * np.asarray(gt[n], np.float64))
+                i_now = np.abs(np.asarray(trip[n], np.float64) * np.asarray(gt[n], np.float64))
                 ipt[k] = 0.85 * ipt.get(k, 0) + 0.15 * i_now
                 unc[k] = 0.85 * unc.get(k, 0) + 0.15 * np.abs(i_now - ipt[k])
         prev = d
@@ -176,12 +177,9 @@ def test_errors(setup):
         ada.adalora_optimizer(optax.sgd(1.0), total_steps=10).init(delta)
 
 
-def test_shardings_follow_the_weight(setup):
-    if jax.device_count() < 8:
-        pytest.skip("needs 8 devices")
-    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+def test_shardings_follow_the_weight(setup, mesh):
+    from jax.sharding import NamedSharding, PartitionSpec as P
     _, variables, method, delta, _ = setup
-    mesh = Mesh(np.array(jax.devices()[:8]).reshape(2, 4), ("data", "model"))
     shard = jax.tree.map(lambda x: NamedSharding(mesh, P(None, "model") if x.ndim == 2 else P()),
                          variables)
     ds = jpeft.delta_shardings(method, shard, delta)

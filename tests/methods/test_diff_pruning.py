@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 import jpeft
 from jpeft.core import paths, sparse
@@ -284,11 +284,8 @@ def test_bad_arguments_are_errors(small):
         dp.l0_penalty({"params": {"dense": {"kernel": jnp.zeros(3)}}})
 
 
-def test_shardings_follow_the_weights(small):
-    if jax.device_count() < 8:
-        pytest.skip("needs 8 devices: XLA_FLAGS=--xla_force_host_platform_device_count=8")
+def test_shardings_follow_the_weights(small, mesh):
     _, variables, _ = small
-    mesh = Mesh(np.array(jax.devices()[:8]).reshape(2, 4), ("data", "model"))
     shards = jpeft.shard_by_rules(variables, mesh, [(r".*/embed/embedding", P(None, "data"))])
     method = dp.diff_pruning(structured=True)
     like = jax.eval_shape(method.init, jax.random.key(0), variables)

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from jax.sharding import Mesh, PartitionSpec as P
+from jax.sharding import PartitionSpec as P
 
 import jpeft
 from jpeft.core import paths
@@ -276,12 +276,9 @@ def test_factored_form_never_forms_the_full_weight_gradient(tiny_bert, tiny_batc
 # Sharding and storage
 
 
-def test_delta_shardings_take_the_input_axis_of_the_weight(tiny_bert):
-    if jax.device_count() < 8:
-        pytest.skip("needs 8 devices: XLA_FLAGS=--xla_force_host_platform_device_count=8")
+def test_delta_shardings_take_the_input_axis_of_the_weight(tiny_bert, mesh):
     _, params = tiny_bert
     variables = {"params": params}
-    mesh = Mesh(np.array(jax.devices()[:8]).reshape(2, 4), ("data", "model"))
     rules = [(r".*/intermediate/dense/kernel", P(None, "model")),
              (r".*/intermediate/dense/bias", P("model")),
              (r".*/[0-9]+/output/dense/kernel", P("model", None))]
