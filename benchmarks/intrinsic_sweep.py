@@ -72,7 +72,7 @@ def _machine() -> dict[str, Any]:
 
 def _run(task: movies.Task, name: str, method: method_lib.Method, *, d: int | None, lr: float,
          head_lr: float | None, steps: int, batch: int, seed: int) -> dict[str, Any]:
-    delta = method.init(jax.random.key(seed), task.variables)
+    delta = method.init(jax.random.key(seed), task.variables, task.sites)
     t0 = time.perf_counter()
     result = movies.fine_tune(task, method, delta, steps=steps, batch=batch, lr=lr,
                               head_lr=head_lr, seed=seed, progress=False)

@@ -363,7 +363,8 @@ def _jax_prepare(name: str, spec: dict, model, variables, batch, run_steps: int
     """Compile the jpeft train step of one configuration: ``(row, run_step)``. ``run_steps``: how
     many updates the benchmark will run (AdaLoRA's schedule is sized from it)."""
     method = _build_method(spec, variables)
-    f = jpeft.wrap(model.apply, method, mode=spec["mode"])
+    sites = jpeft.probe(model.apply, variables, batch["input_ids"], batch["attention_mask"])
+    f = jpeft.wrap(model.apply, method, sites, mode=spec["mode"])
     penalty = spec.get("penalty")
     use_rng = bool(spec.get("delta_rng"))
 
@@ -380,7 +381,7 @@ def _jax_prepare(name: str, spec: dict, model, variables, batch, run_steps: int
 
     opt = (spec["optimizer"](run_steps) if spec.get("optimizer") is not None
            else optax.adamw(LR, weight_decay=WEIGHT_DECAY))
-    delta = method.init(jax.random.key(1), variables)
+    delta = method.init(jax.random.key(1), variables, sites)
     opt_state = jpeft.init_opt_state(opt, delta)
     step = jpeft.make_train_step(loss_fn, opt, donate=True)
     key = jax.random.key(2)
@@ -436,17 +437,19 @@ def _jax_prepare(name: str, spec: dict, model, variables, batch, run_steps: int
 def _inference_rows(name: str, spec: dict, model, variables, batch) -> list[dict[str, Any]]:
     """FLOPs of the forward pass: base, LoRA merged into the weights, LoRA factored (unmerged)."""
     method = _build_method(spec, variables)
-    delta = method.init(jax.random.key(1), variables)
     args = (batch["input_ids"], batch["attention_mask"])
+    sites = jpeft.probe(model.apply, variables, *args)
+    delta = method.init(jax.random.key(1), variables, sites)
+    merge = lambda p, d: method.merge(p, d, sites)
 
     base_c = jax.jit(model.apply).lower(variables, *args).compile()
-    merged = jax.jit(method.merge)(variables, delta)
+    merged = jax.jit(merge)(variables, delta)
     same_tree = (jax.tree_util.tree_structure(merged) == jax.tree_util.tree_structure(variables)
                  and all(a.shape == b.shape and a.dtype == b.dtype for a, b in zip(
                      jax.tree_util.tree_leaves(merged), jax.tree_util.tree_leaves(variables))))
     merged_c = jax.jit(model.apply).lower(merged, *args).compile()
-    merge_c = jax.jit(method.merge).lower(variables, delta).compile()
-    wrapped = jpeft.wrap(model.apply, method, mode="factored")
+    merge_c = jax.jit(merge).lower(variables, delta).compile()
+    wrapped = jpeft.wrap(model.apply, method, sites, mode="factored")
     factored_c = jax.jit(wrapped).lower(variables, delta, *args).compile()
 
     base = _cost(base_c)["flops"]

@@ -99,7 +99,7 @@ def demo(args: argparse.Namespace) -> int:
 
     rebuild = lambda: build_method(args.method, args.rank, args.alpha)
     method = rebuild()
-    delta = method.init(jax.random.key(args.seed), task.variables)
+    delta = method.init(jax.random.key(args.seed), task.variables, task.sites)
     print(f"method: {args.method}  {json.dumps(method.config, default=str)}")
     print(jpeft.param_report(task.variables, delta))
 

@@ -52,6 +52,35 @@ def tiny_bert(tiny_config):
 
 
 @pytest.fixture(scope="session")
+def tiny_sites(tiny_bert):
+    """The contraction sites (:func:`jpeft.probe`) of ``tiny_bert``'s ``{"params": ...}``."""
+    import jpeft
+
+    model, params = tiny_bert
+    ids = np.ones((2, 5), np.int32)
+    return jpeft.probe(model.apply, {"params": params}, ids, ids, np.zeros_like(ids))
+
+
+@pytest.fixture(scope="session")
+def minilm_sites(minilm):
+    """The contraction sites of the embedded MiniLM classifier's ``{"params": ...}``."""
+    import jpeft
+
+    ids = np.ones((2, 5), np.int32)
+    return jpeft.probe(minilm.model.apply, {"params": minilm.params}, ids, ids, np.zeros_like(ids))
+
+
+def perturb(delta, key=None, scale=0.1):
+    """``delta`` plus ``scale`` times independent standard normal noise in every leaf (to move a
+    zero-initialised delta away from the base model in tests)."""
+    key = jax.random.key(7) if key is None else key
+    leaves, treedef = jax.tree.flatten(delta)
+    keys = jax.random.split(key, len(leaves))
+    return jax.tree.unflatten(treedef, [x + scale * jax.random.normal(k, x.shape, x.dtype)
+                                        for x, k in zip(leaves, keys)])
+
+
+@pytest.fixture(scope="session")
 def minilm():
     """``MiniLM(config, model, params, tokenizer)`` from the embedded all-MiniLM-L6-v2:
     ``BertForSequenceClassification`` with mean pooling and 2 labels (classifier at init, key 0),

@@ -29,7 +29,7 @@ def add(params: Any, delta: Any, sign: float = 1.0) -> Any:
         lambda _, w, d: (w + sign * d.astype(w.dtype)).astype(w.dtype), params, flat)
 
 
-def same_shardings(param_shardings: Any, delta: Any) -> Any:
+def same_shardings(param_shardings: Any, delta: Any, sites: Any = None) -> Any:
     """Each delta leaf takes the sharding of the base leaf at the same path."""
     flat_s = paths_lib.flatten(param_shardings)
     return jax.tree_util.tree_map_with_path(
@@ -38,13 +38,13 @@ def same_shardings(param_shardings: Any, delta: Any) -> Any:
 
 def additive_method(name: str, selection: paths_lib.Selection, config: dict) -> method_lib.Method:
     """A :class:`~jpeft.core.method.Method` training ``selection`` additively."""
-    def init(key, params):
-        del key
+    def init(key, params, sites=None):
+        del key, sites
         return init_zeros(params, paths_lib.select(params, selection, what=name))
 
-    merge = lambda params, delta: add(params, delta, 1.0)
-    unmerge = lambda params, delta: add(params, delta, -1.0)
+    merge = lambda params, delta, sites=None: add(params, delta, 1.0)
+    unmerge = lambda params, delta, sites=None: add(params, delta, -1.0)
     return method_lib.Method(
         name=name, init=init, merge=merge, unmerge=unmerge,
-        prepare=method_lib.merge_only_prepare(merge), shardings=same_shardings,
+        edits=method_lib.merge_edits(merge), shardings=same_shardings,
         labels=method_lib.constant_labels(name), config=config)

@@ -3,29 +3,34 @@
 A method is a :class:`Method`: a named tuple of pure functions, in the spirit of
 ``optax.GradientTransformation``::
 
+    sites  = jpeft.probe(model.apply, params, *example_inputs)   # where weights meet the forward pass
     method = jpeft.lora(targets=("query", "value"), rank=8, alpha=8)
-    delta  = method.init(key, params)             # small trainable tree; params untouched
-    f      = jpeft.wrap(model.apply, method)      # f(params, delta, *args) -> outputs
-    merged = method.merge(params, delta)          # zero-overhead inference where the math allows
+    delta  = method.init(key, params, sites)         # small trainable tree; params untouched
+    f      = jpeft.wrap(model.apply, method, sites)  # f(params, delta, *args) -> outputs
+    merged = method.merge(params, delta, sites)      # zero-overhead inference where the math allows
 
 ``params`` is whatever the apply function takes as its first argument (for linen, the variables
-dict ``{"params": ...}``). ``delta`` is a pytree that holds only trainable arrays; it mirrors the
-paths of the base weights it adapts, so the shardings of those weights carry over to it.
+dict ``{"params": ...}``; for NNX, the parameter dict of :func:`jpeft.nnx.split`). ``delta`` is a
+pytree that holds only trainable arrays; it mirrors the paths of the base weights it adapts, so
+the shardings of those weights carry over to it. ``sites`` (:func:`jpeft.probe`) tells methods that
+change contractions (LoRA, AdaLoRA, FAR, the sparse methods' factored form) how each weight is
+contracted; methods that only transform parameters (BitFit, DID/SAID, ...) accept and ignore it.
 """
 
 from __future__ import annotations
 
-import contextlib
 from typing import Any, Callable, NamedTuple
 
-import flax.linen as nn
 import jax
 
+from jpeft.core import dataflow
 from jpeft.core import paths as paths_lib
+from jpeft.core import sites as sites_lib
 
 Params = Any
 Delta = Any
-Interceptor = Callable[..., Any]
+Sites = sites_lib.Sites | None
+MODES = ("factored", "materialised")
 
 
 class Context(NamedTuple):
@@ -35,7 +40,8 @@ class Context(NamedTuple):
       mode: ``"factored"`` (methods that have a cheaper unmerged computation use it; e.g. LoRA
         computes ``x @ W0 + s * (x @ A) @ B`` and never forms ``dW0``) or ``"materialised"`` (every
         method is folded into the parameters first: ``apply(merge(params, delta))``).
-      rng: key for delta-side randomness (LoRA dropout); ``None`` means deterministic (evaluation).
+      rng: key for delta-side randomness (LoRA dropout, diff pruning's gates); ``None`` means
+        deterministic (evaluation).
     """
     mode: str = "factored"
     rng: jax.Array | None = None
@@ -46,59 +52,72 @@ class Method(NamedTuple):
 
     Attributes:
       name: short name; the default optimizer label of the delta's leaves.
-      init: ``(key, params) -> delta``. Zero-effect at initialisation where the paper says so.
-      merge: ``(params, delta) -> params`` with the delta folded into the base weights (exact math).
-      unmerge: ``(params, delta) -> params``, the inverse of ``merge``; ``None`` when not invertible.
-      prepare: ``(params, delta, context) -> (params, interceptors)``: the parameters the forward pass
-        runs with and the linen interceptors that change its computation.
-      shardings: ``(param_shardings, delta) -> delta_shardings``: ``param_shardings`` is a tree like
-        ``params`` with a ``jax.sharding.Sharding`` per leaf; ``delta`` may be abstract.
+      init: ``(key, params, sites=None) -> delta``. Zero-effect at initialisation where the paper
+        says so.
+      merge: ``(params, delta, sites=None) -> params`` with the delta folded into the base weights
+        (exact math); ``None`` for a method that cannot be merged (gated or additive modules).
+      unmerge: ``(params, delta, sites=None) -> params``, the inverse of ``merge``; ``None`` when not
+        invertible.
+      edits: ``(params, delta, sites, context) -> Edits``: the parameters the forward pass runs
+        with and the changes at contraction sites (:class:`jpeft.core.sites.Edits`).
+      shardings: ``(param_shardings, delta, sites=None) -> delta_shardings``: ``param_shardings``
+        is a tree like ``params`` with a ``jax.sharding.Sharding`` per leaf; ``delta`` may be
+        abstract.
       labels: ``delta -> tree of str`` for ``optax.partition``.
       config: JSON-serialisable description of the hyper-parameters (saved with checkpoints).
     """
     name: str
-    init: Callable[[jax.Array, Params], Delta]
-    merge: Callable[[Params, Delta], Params]
-    unmerge: Callable[[Params, Delta], Params] | None
-    prepare: Callable[[Params, Delta, Context], tuple[Params, tuple[Interceptor, ...]]]
-    shardings: Callable[[Any, Delta], Any]
+    init: Callable[..., Delta]
+    merge: Callable[..., Params] | None
+    unmerge: Callable[..., Params] | None
+    edits: Callable[[Params, Delta, Sites, Context], sites_lib.Edits]
+    shardings: Callable[..., Any]
     labels: Callable[[Delta], Any]
     config: dict
 
 
-def merge_only_prepare(merge: Callable[[Params, Delta], Params]):
-    """``prepare`` for methods whose forward pass is just the merged parameters."""
-    def prepare(params, delta, context):
+def merge_edits(merge: Callable[..., Params]):
+    """``edits`` for methods whose forward pass is just the merged parameters."""
+    def edits(params, delta, sites, context):
         del context
-        return merge(params, delta), ()
-    return prepare
+        return sites_lib.Edits(merge(params, delta, sites))
+    return edits
 
 
 def constant_labels(name: str) -> Callable[[Delta], Any]:
     return lambda delta: jax.tree_util.tree_map(lambda _: name, delta)
 
 
-def wrap(apply_fn: Callable[..., Any], method: Method, *, mode: str = "factored") -> Callable[..., Any]:
+def require_merge(method: Method, what: str = "merge") -> Callable[..., Params]:
+    """``method.merge``, or a ``ValueError`` naming the method when it cannot be merged."""
+    if method.merge is None:
+        raise ValueError(f"{what}: method {method.name!r} cannot be merged into the base weights "
+                         f"(its change is not a change of parameters)")
+    return method.merge
+
+
+def wrap(apply_fn: Callable[..., Any], method: Method, sites: Sites = None, *,
+         mode: str = "factored") -> Callable[..., Any]:
     """An apply function that takes the delta: ``f(params, delta, *args, delta_rng=None, **kwargs)``.
 
-    ``apply_fn(params, *args, **kwargs)`` is the model's own (for linen, ``model.apply``). The result is
-    pure and jit-safe. ``delta_rng`` switches on the method's own randomness (LoRA dropout) for
-    training; leave it ``None`` in evaluation. ``mode`` is described in :class:`Context`.
+    ``apply_fn(params, *args, **kwargs)`` is the model's own (linen: ``model.apply``; NNX: the
+    ``apply`` of :func:`jpeft.nnx.split`; any JAX function of a parameter tree). The result is pure
+    and jit-safe. ``delta_rng`` switches on the method's own randomness (LoRA dropout) for training;
+    leave it ``None`` in evaluation. ``mode`` is described in :class:`Context`. ``sites`` are the
+    model's contraction sites (:func:`jpeft.probe`), needed by methods that change contractions.
+
+    Contraction edits run through the data-flow backend (:mod:`jpeft.core.dataflow`): the model is
+    traced once per compilation and evaluated with the edits in place.
     """
-    if mode not in ("factored", "materialised"):
-        raise ValueError(f"mode must be 'factored' or 'materialised', got {mode!r}")
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
 
     def wrapped(params, delta, *args, delta_rng=None, **kwargs):
-        run_params, interceptors = method.prepare(params, delta, Context(mode, delta_rng))
-        with contextlib.ExitStack() as stack:
-            for ic in interceptors:
-                stack.enter_context(nn.intercept_methods(ic))
-            out = apply_fn(run_params, *args, **kwargs)
-        for ic in interceptors:
-            check = getattr(ic, "check_reached", None)
-            if check is not None:
-                check()
-        return out
+        edits = method.edits(params, delta, sites, Context(mode, delta_rng))
+        if not edits.contractions:
+            return apply_fn(edits.params, *args, **kwargs)
+        return dataflow.call(apply_fn, edits.params, args, kwargs, edits=edits.contractions,
+                             rng=delta_rng, what=method.name)
 
     return wrapped
 
@@ -133,45 +152,54 @@ def compose(**methods: Method) -> Method:
     """Several methods applied together, in the order given; the delta is ``{name: delta_i}``.
 
     ``jpeft.compose(lora=jpeft.lora(...), bitfit=jpeft.bitfit())`` trains both deltas; each part is
-    labelled by its name for ``optax.partition``, so each can get its own optimizer.
+    labelled by its name for ``optax.partition``, so each can get its own optimizer. Parts that
+    edit contractions are applied at the contractions; parts that change parameters change the
+    parameters the model runs with. The composition merges only when every part does.
     """
     if not methods:
         raise ValueError("compose needs at least one method")
     names = tuple(methods)
 
-    def init(key, params):
+    def init(key, params, sites=None):
         keys = jax.random.split(key, len(names))
-        delta = {n: methods[n].init(k, params) for n, k in zip(names, keys)}
+        delta = {n: methods[n].init(k, params, sites) for n, k in zip(names, keys)}
         _check_disjoint(params, delta)
         return delta
 
-    def merge(params, delta):
+    unmergeable = [n for n in names if methods[n].merge is None]
+    not_invertible = [n for n in names if methods[n].unmerge is None]
+
+    def merge(params, delta, sites=None):
         for n in names:
-            params = methods[n].merge(params, delta[n])
+            params = methods[n].merge(params, delta[n], sites)
         return params
 
-    unmergeable = [n for n in names if methods[n].unmerge is None]
-
-    def unmerge(params, delta):
+    def unmerge(params, delta, sites=None):
         for n in reversed(names):
-            params = methods[n].unmerge(params, delta[n])
+            params = methods[n].unmerge(params, delta[n], sites)
         return params
 
-    def prepare(params, delta, context):
-        interceptors: tuple = ()
+    def edits(params, delta, sites, context):
+        contractions: dict = {}
         for i, n in enumerate(names):
             rng = None if context.rng is None else jax.random.fold_in(context.rng, i)
-            params, ics = methods[n].prepare(params, delta[n], context._replace(rng=rng))
-            interceptors += tuple(ics)
-        return params, interceptors
+            e = methods[n].edits(params, delta[n], sites, context._replace(rng=rng))
+            params = e.params
+            for path, edit in e.contractions.items():
+                if path in contractions:
+                    raise ValueError(f"compose: two parts edit the contractions of "
+                                     f"{paths_lib.path_str(path)}")
+                contractions[path] = edit
+        return sites_lib.Edits(params, contractions)
 
-    def shardings(param_shardings, delta):
-        return {n: methods[n].shardings(param_shardings, delta[n]) for n in names}
+    def shardings(param_shardings, delta, sites=None):
+        return {n: methods[n].shardings(param_shardings, delta[n], sites) for n in names}
 
     def labels(delta):
         return {n: jax.tree_util.tree_map(lambda _, n=n: n, delta[n]) for n in names}
 
     return Method(
-        name="+".join(names), init=init, merge=merge,
-        unmerge=None if unmergeable else unmerge, prepare=prepare, shardings=shardings,
-        labels=labels, config={"compose": {n: methods[n].config for n in names}})
+        name="+".join(names), init=init, merge=None if unmergeable else merge,
+        unmerge=None if not_invertible or unmergeable else unmerge, edits=edits,
+        shardings=shardings, labels=labels,
+        config={"compose": {n: methods[n].config for n in names}})

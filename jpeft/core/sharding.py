@@ -9,7 +9,7 @@ state that mirrors the delta (Adam's moments) takes the delta's shardings; scala
 from __future__ import annotations
 
 import re
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
@@ -46,9 +46,11 @@ def shard_by_rules(tree: Any, mesh: Mesh, rules: Sequence[tuple[str, PartitionSp
     return jax.tree_util.tree_map_with_path(one, tree)
 
 
-def delta_shardings(method: method_lib.Method, param_shardings: Any, delta: Any) -> Any:
-    """Shardings for ``delta`` (concrete or abstract) from the base tree's shardings."""
-    return method.shardings(param_shardings, delta)
+def delta_shardings(method: method_lib.Method, param_shardings: Any, delta: Any,
+                    sites: Any = None) -> Any:
+    """Shardings for ``delta`` (concrete or abstract) from the base tree's shardings (``sites``:
+    the model's contraction sites, for methods whose factors follow a weight's layout)."""
+    return method.shardings(param_shardings, delta, sites)
 
 
 def opt_state_shardings(optimizer, delta: Any, delta_shards: Any, mesh: Mesh) -> Any:
@@ -74,14 +76,13 @@ def opt_state_shardings(optimizer, delta: Any, delta_shards: Any, mesh: Mesh) ->
 
 
 def follow_weight_axes(param_shardings: Any, delta: Any,
-                       axes_of: dict[str, tuple[int | None, ...]]) -> Any:
+                       axes_of: Callable[[paths_lib.Path, str], tuple[int | None, ...]]) -> Any:
     """Shardings of factor leaves stored under the path of the weight they adapt.
 
     A delta leaf at ``weight_path + (name,)`` takes, for its axis ``j``, the mesh axes of the
-    weight's axis ``axes_of[name][j]`` (``None``: replicated). LoRA uses
-    ``{"lora_A": (0, None), "lora_B": (None, 1)}``: ``A [in, r]`` shares ``W``'s input axis, ``B
-    [r, out]`` its output axis, and the rank axis is replicated. A weight without a
-    ``NamedSharding`` passes its sharding through.
+    weight's axis ``axes_of(weight_path, name)[j]`` (``None``: replicated). LoRA's ``A [*S, *I, r]``
+    shares the weight's stacked and input axes, ``B [*S, r, *O]`` its stacked and output axes, and
+    the rank axis is replicated. A weight without a ``NamedSharding`` passes its sharding through.
     """
     flat_s = paths_lib.flatten(param_shardings)
 
@@ -90,7 +91,8 @@ def follow_weight_axes(param_shardings: Any, delta: Any,
         base = flat_s[path[:-1]]
         if not isinstance(base, NamedSharding):
             return base
-        spec = tuple(base.spec) + (None,) * (8 - len(base.spec))
+        spec = tuple(base.spec) + (None,) * 8
+        axes = axes_of(path[:-1], path[-1])
         return NamedSharding(base.mesh, PartitionSpec(
-            *(None if a is None else spec[a] for a in axes_of[path[-1]])))
+            *(None if a is None else spec[a] for a in axes)))
     return jax.tree_util.tree_map_with_path(one, delta)

@@ -33,14 +33,15 @@ Forward forms (:func:`sparse_finetune`, ``jpeft.wrap(..., mode=...)``):
 * ``"materialised"``: ``apply(W + scatter(idx, v))``. Gradients reach only ``v`` (the scatter's
   transpose is a gather), but the backward pass still forms the full ``[in, out]`` gradient of each
   adapted matrix before gathering ``k`` entries of it.
-* ``"factored"`` (default): for 2-D kernels called through ``flax.linen.Dense``
-  (``y = x @ W + b``, ``W: [in, out]``), with ``rows = idx // out`` and ``cols = idx % out``::
+* ``"factored"`` (default): for weights ``W: [in, out]`` contracted over their first axis (the
+  contraction sites of :func:`jpeft.probe`: Dense-like layers, ``y = x @ W + b``), with
+  ``rows = idx // out`` and ``cols = idx % out``::
 
       y' = y + scatter_add_{last axis}(cols, x[..., rows] * v)       # O(tokens * k)
 
   so neither the forward nor the backward pass touches an ``[in, out]`` array; the gradient of
   ``v`` is ``sum_tokens x[..., rows] * dy[..., cols]``. Other leaves (biases, LayerNorm,
-  embeddings) are merged as in the materialised form.
+  embeddings, weights of other layouts) are merged as in the materialised form.
 
 Which is faster depends on the backend. The factored form does fewer FLOPs (MiniLM, batch 32 x 64,
 0.5% of the entries: 93.6 vs 136.1 GFLOP per train step, the latter as much as full fine-tuning),
@@ -54,16 +55,16 @@ from __future__ import annotations
 import fractions
 import math
 import numbers
-from typing import Any, NamedTuple, Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from jpeft.core import intercept
 from jpeft.core import method as method_lib
 from jpeft.core import paths as paths_lib
+from jpeft.core import sites as sites_lib
 
 Path = paths_lib.Path
 _INT32_MAX = np.iinfo(np.int32).max
@@ -294,42 +295,61 @@ def stored_like(indices: Any, params: Any) -> dict:
 # Methods
 
 
-def _dense_edit(idx, v, d_in: int, d_out: int):
-    """``(x, y) -> y + x @ D`` for the sparse ``D = scatter(idx, v): [in, out]``, without forming
-    ``D``: with ``rows = idx // out``, ``cols = idx % out`` and the ``N`` tokens of ``x`` as columns,
+def _matrix_edit(idx, d_in: int, d_out: int) -> sites_lib.EditFn:
+    """The edit ``y + x @ D`` for the sparse ``D = scatter(idx, v): [in, out]`` of a weight
+    contracted over its axis 0, without forming ``D``: with ``rows = idx // out``,
+    ``cols = idx % out`` and the ``N`` tokens of ``x`` as columns,
 
         (x @ D)^T = segment_sum_{cols}(x^T[rows] * v[:, None])         [out, N], O(N k)
 
     Entries are taken in column order (``segment_sum`` with sorted segments), so every update and
     its transpose (the gather of ``dy^T`` rows, the scatter into ``dx^T`` rows) moves contiguous
-    rows of ``N`` tokens.
+    rows of ``N`` tokens. The values arrive as the factor ``"values"``.
     """
     xp = np if isinstance(idx, np.ndarray) else jnp        # static indices stay host constants
     perm = xp.argsort(idx % d_out, stable=True)
-    rows, cols, v = idx[perm] // d_out, idx[perm] % d_out, v[perm]
+    rows, cols = idx[perm] // d_out, idx[perm] % d_out
 
-    def edit(x, y):
+    def edit(call: sites_lib.ContractionCall, factors) -> jax.Array:
+        (lc, rc), _ = call.params["dimension_numbers"]
+        x_axis = (rc if call.weight_is_lhs else lc)[0]
+        x = jnp.moveaxis(call.x, x_axis, -1)
         xt = x.reshape(-1, d_in).T                                           # [in, N]
+        v = factors["values"].value[perm]
         upd = jnp.take(xt, rows, axis=0) * v.astype(x.dtype)[:, None]        # [k, N]
         yd = jax.ops.segment_sum(upd, cols, num_segments=d_out, indices_are_sorted=True)
-        return y + yd.T.reshape(y.shape).astype(y.dtype)
+        yd = yd.T.reshape(x.shape[:-1] + (d_out,))                           # [..., out]
+        if call.weight_is_lhs:
+            yd = jnp.moveaxis(yd, -1, 0)
+        return call.y + yd.astype(call.y.dtype)
     return edit
 
 
-def _prepare(params: Any, pairs: dict[Path, tuple[Any, Any]], context: method_lib.Context,
-             kernel_names: Sequence[str], what: str):
+def is_matrix(layout: sites_lib.Contraction | None) -> bool:
+    """A weight ``[in, out]`` contracted over axis 0 only, nothing else using it."""
+    return (layout is not None and layout.kind == "dot" and layout.stack == ()
+            and layout.contract == (0,) and layout.free == (1,) and not layout.other_uses)
+
+
+def _edits(params: Any, pairs: dict[Path, tuple[Any, Any]], sites: Any,
+           context: method_lib.Context) -> sites_lib.Edits:
+    """Materialised: every pair merged. Factored: pairs on a matrix contracted over its first
+    axis become contraction edits (:func:`_matrix_edit`); the rest (biases, LayerNorm,
+    embeddings, weights of other layouts) are merged."""
     if context.mode == "materialised":
-        return _merge_pairs(params, pairs, 1.0), ()
+        return sites_lib.Edits(_merge_pairs(params, pairs, 1.0))
     flat_p = paths_lib.flatten(params)
-    edits, rest = {}, {}
+    contractions, rest = {}, {}
     for path, (i, v) in pairs.items():
-        w = flat_p[path]
-        if path[-1] in kernel_names and np.ndim(w) == 2:
-            edits[path[:-1]] = _dense_edit(i, v, *(int(d) for d in np.shape(w)))
+        layout = None if sites is None else sites.contractions.get(path)
+        if is_matrix(layout):
+            d_in, d_out = (int(d) for d in np.shape(flat_p[path]))
+            contractions[path] = sites_lib.ContractionEdit(
+                {"values": sites_lib.Factor(v, (None,))}, _matrix_edit(i, d_in, d_out))
         else:
             rest[path] = (i, v)
     params = _merge_pairs(params, rest, 1.0) if rest else params
-    return params, ((intercept.DenseInterceptor(edits, what),) if edits else ())
+    return sites_lib.Edits(params, contractions)
 
 
 def _replicated_like(param_shardings: Any, delta: Any, depth: int) -> Any:
@@ -345,8 +365,7 @@ def _replicated_like(param_shardings: Any, delta: Any, depth: int) -> Any:
     return jax.tree_util.tree_map_with_path(one, delta)
 
 
-def sparse_finetune(indices: Any, *, kernel_names: Sequence[str] = ("kernel",),
-                    name: str = "sparse") -> method_lib.Method:
+def sparse_finetune(indices: Any, *, name: str = "sparse") -> method_lib.Method:
     """Train only the entries ``indices`` of the base tensors; the delta is the values tree.
 
     ``W' = W + scatter(idx, v)`` per path of ``indices`` (see the module docstring for the two
@@ -356,7 +375,6 @@ def sparse_finetune(indices: Any, *, kernel_names: Sequence[str] = ("kernel",),
     Args:
       indices: ``{..path..: int [k]}`` sorted unique flat positions per base leaf (e.g. from
         :func:`top_k_indices`); kept on the host as static int32 constants.
-      kernel_names: leaf names of ``nn.Dense`` kernels that the factored form edits in place.
       name: the method's name (its optimizer label).
 
     Raises:
@@ -373,33 +391,32 @@ def sparse_finetune(indices: Any, *, kernel_names: Sequence[str] = ("kernel",),
         raise ValueError(f"{name}: no entries selected (the indices tree is empty)")
     indices = paths_lib.unflatten(flat_i)
 
-    def init(key, params):
-        del key
+    def init(key, params, sites=None):
+        del key, sites
         check_indices(params, indices, what=name)
         flat_p = paths_lib.flatten(params)
         return paths_lib.unflatten({p: jnp.zeros(i.shape, flat_p[p].dtype) for p, i in flat_i.items()})
 
-    merge_fn = lambda params, values: merge(params, indices, values)
-    unmerge_fn = lambda params, values: unmerge(params, indices, values)
+    merge_fn = lambda params, values, sites=None: merge(params, indices, values)
+    unmerge_fn = lambda params, values, sites=None: unmerge(params, indices, values)
 
-    def prepare(params, values, context):
-        return _prepare(params, _pairs(indices, values), context, kernel_names, name)
+    def edits(params, values, sites, context):
+        return _edits(params, _pairs(indices, values), sites, context)
 
     config = {"method": "sparse", "name": name, "entries": num_entries(indices),
-              "tensors": len(flat_i), "kernel_names": list(kernel_names)}
+              "tensors": len(flat_i)}
     return method_lib.Method(
-        name=name, init=init, merge=merge_fn, unmerge=unmerge_fn, prepare=prepare,
-        shardings=lambda ps, d: _replicated_like(ps, d, 0),
+        name=name, init=init, merge=merge_fn, unmerge=unmerge_fn, edits=edits,
+        shardings=lambda ps, d, sites=None: _replicated_like(ps, d, 0),
         labels=method_lib.constant_labels(name), config=config)
 
 
-def stored_method(*, kernel_names: Sequence[str] = ("kernel",),
-                  name: str = "sparse") -> method_lib.Method:
+def stored_method(*, name: str = "sparse") -> method_lib.Method:
     """A method whose delta is a *stored* sparse delta ``{..path..: {"indices", "values"}}``: for
     inference on (and merging of) a restored checkpoint, with the same forward forms as
     :func:`sparse_finetune`. Not for training (its delta holds integer arrays); ``init`` raises,
     since a stored delta is restored, not initialised."""
-    def init(key, params):
+    def init(key, params, sites=None):
         raise ValueError(f"{name}: a stored sparse delta is not initialised; restore one with "
                          f"jpeft.checkpoint.restore(path, jpeft.checkpoint.stored_like(path)), or "
                          f"train with sparse_finetune(indices)")
@@ -408,13 +425,13 @@ def stored_method(*, kernel_names: Sequence[str] = ("kernel",),
         sd = from_stored(stored)
         return _pairs(sd.indices, sd.values)
 
-    def prepare(params, stored, context):
-        return _prepare(params, pairs(stored), context, kernel_names, name)
+    def edits(params, stored, sites, context):
+        return _edits(params, pairs(stored), sites, context)
 
     return method_lib.Method(
         name=name, init=init,
-        merge=lambda params, stored: _merge_pairs(params, pairs(stored), 1.0),
-        unmerge=lambda params, stored: _merge_pairs(params, pairs(stored), -1.0),
-        prepare=prepare, shardings=lambda ps, d: _replicated_like(ps, d, 1),
+        merge=lambda params, stored, sites=None: _merge_pairs(params, pairs(stored), 1.0),
+        unmerge=lambda params, stored, sites=None: _merge_pairs(params, pairs(stored), -1.0),
+        edits=edits, shardings=lambda ps, d, sites=None: _replicated_like(ps, d, 1),
         labels=method_lib.constant_labels(name),
-        config={"method": "sparse_stored", "name": name, "kernel_names": list(kernel_names)})
+        config={"method": "sparse_stored", "name": name})

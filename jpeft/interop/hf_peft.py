@@ -84,6 +84,11 @@ def save_lora(directory: str | os.PathLike, variables: Any, method: method_lib.M
                 if p[-1] != "lora_A":
                     continue
                 module = _module_name(p[:-2], collection)
+                shapes = (np.shape(flat[p]), np.shape(flat[p[:-1] + ("lora_B",)]))
+                if len(shapes[0]) != 2 or len(shapes[1]) != 2:
+                    raise ValueError(
+                        f"save_lora: {paths_lib.path_str(p[:-1])} has factors of shapes {shapes}; "
+                        f"Hugging Face PEFT files hold LoRA of 2-D weights [in, out] only")
                 modules.append(module)
                 tensors[f"{PREFIX}{module}.lora_A.weight"] = np.ascontiguousarray(
                     np.asarray(flat[p]).T)

@@ -4,6 +4,9 @@ For each adapted weight ``W0: [in, out]`` (Flax layout)::
 
     W = W0 + s * P diag(lam) Q,   P: [in, r], lam: [r], Q: [r, out],   s = alpha / r
 
+(any other weight: the input, output and stacked axes of its contraction, as LoRA's factors; each
+slice of a stacked weight is a matrix with its own triplets).
+
 ``lam`` starts at zero (training starts at the base model); ``P`` and ``Q`` are Gaussian (std 0.02,
 as Hugging Face PEFT). ``r = init_r`` triplets ``(P[:, k], lam[k], Q[k, :])`` per matrix compete for
 a *global* budget ``b(t)`` of triplets over all matrices:
@@ -36,12 +39,13 @@ from typing import Any, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
-from jpeft.core import intercept
+from jpeft.core import contraction
 from jpeft.core import method as method_lib
 from jpeft.core import paths as paths_lib
-from jpeft.core import sharding as sharding_lib
+from jpeft.core import sites as sites_lib
 from jpeft.methods import lora as lora_lib
 
 P_NAME, E_NAME, Q_NAME = "lora_A", "lora_E", "lora_B"
@@ -52,73 +56,86 @@ HF_DEFAULTS = {"init_r": 12, "target_r": 8, "beta1": 0.85, "beta2": 0.85, "orth_
 
 
 def adalora(targets: paths_lib.Targets | str = ("query", "value"), init_r: int = 12,
-            alpha: float = 8.0, *, kernel_names: Sequence[str] = ("kernel",),
+            alpha: float = 8.0, *,
             layers_to_transform: int | Sequence[int] | None = None,
             layers_pattern: str | None = None, exclude: paths_lib.Targets = (),
             init_std: float = 0.02) -> method_lib.Method:
-    """AdaLoRA triplets on the 2-D kernels of the modules matched by ``targets``.
+    """AdaLoRA triplets on the contraction weights matched by ``targets`` (any rank).
 
-    The delta holds ``{"lora_A": P [in, r], "lora_E": lam [r], "lora_B": Q [r, out]}`` at each
-    adapted kernel's path. Merge is exact: ``W0 + s * (P * lam) @ Q``.
+    The delta holds ``{"lora_A": P [*S, *I, r], "lora_E": lam [*S, r], "lora_B": Q [*S, r, *O]}``
+    at each adapted weight's path, with the weight's stacked, input and output axes as in
+    :mod:`jpeft.methods.lora` (``P [in, r]``, ``lam [r]``, ``Q [r, out]`` for a Dense kernel); each
+    slice of a stacked weight is a matrix of its own, with its own triplets. Merge is exact:
+    ``W0 + s * (P * lam) . Q``. Needs the model's sites (:func:`jpeft.probe`).
     """
-    if not isinstance(init_r, int) or init_r < 1:
+    if not isinstance(init_r, int) or isinstance(init_r, bool) or init_r < 1:
         raise ValueError(f"adalora: init_r must be a positive integer, got {init_r!r}")
     s = alpha / init_r
-    sel = paths_lib.Selection(
-        targets=None if targets == lora_lib.ALL_LINEAR else targets,
-        leaf_names=tuple(kernel_names), layers_to_transform=layers_to_transform,
-        layers_pattern=layers_pattern, exclude=exclude, ndim=2)
+    sel, all_linear = lora_lib.selection(targets, layers_to_transform=layers_to_transform,
+                                         layers_pattern=layers_pattern, exclude=exclude)
 
-    def init(key, params):
-        selected = paths_lib.select(params, sel, what="adalora")
+    def init(key, params, sites=None):
+        chosen = lora_lib.select(params, sites, sel, all_linear, "adalora").chosen
         flat = paths_lib.flatten(params)
         out = {}
-        for i, path in enumerate(selected):
+        for i, path in enumerate(chosen):
             w = flat[path]
-            d_in, d_out = w.shape
-            if init_r > min(d_in, d_out):
-                raise ValueError(f"adalora: init_r {init_r} is larger than the matrix "
-                                 f"{paths_lib.path_str(path)} of shape {tuple(w.shape)} allows")
+            layout = sites.layout(path, what="adalora")
+            lora_lib.check_rank(init_r, w.shape, layout, path, "adalora", "init_r")
+            p_shape, q_shape = contraction.low_rank_shapes(w.shape, layout, init_r)
             kp, kq = jax.random.split(jax.random.fold_in(key, i))
-            out[path] = {P_NAME: init_std * jax.random.normal(kp, (d_in, init_r), w.dtype),
-                         E_NAME: jnp.zeros((init_r,), w.dtype),
-                         Q_NAME: init_std * jax.random.normal(kq, (init_r, d_out), w.dtype)}
+            out[path] = {P_NAME: init_std * jax.random.normal(kp, p_shape, w.dtype),
+                         E_NAME: jnp.zeros(tuple(w.shape[a] for a in layout.stack) + (init_r,),
+                                           w.dtype),
+                         Q_NAME: init_std * jax.random.normal(kq, q_shape, w.dtype)}
         return paths_lib.unflatten(out)
 
-    def delta_w(t, dtype):
-        p, lam, q = (t[n].astype(jnp.float32) for n in (P_NAME, E_NAME, Q_NAME))
-        return (s * (p * lam) @ q).astype(dtype)
-
-    def merge(params, delta):
-        return paths_lib.map_selected(lambda _, w, t: w + delta_w(t, w.dtype), params,
-                                      triplets(delta))
-
-    def unmerge(params, delta):
-        return paths_lib.map_selected(lambda _, w, t: w - delta_w(t, w.dtype), params,
-                                      triplets(delta))
-
-    def prepare(params, delta, context):
-        if context.mode == "materialised":
-            return merge(params, delta), ()
-        edits = {}
+    def factors(delta, sites) -> dict:
+        """``{weight path: {P, lam, Q}}`` as :class:`~jpeft.core.sites.Factor` (lam: stacked axes
+        and the rank)."""
+        out = {}
         for path, t in triplets(delta).items():
-            def edit(x, y, t=t):
-                p, lam, q = (t[n].astype(x.dtype) for n in (P_NAME, E_NAME, Q_NAME))
-                return y + (s * ((x @ p) * lam) @ q).astype(y.dtype)
-            edits[path[:-1]] = edit
-        return params, (intercept.DenseInterceptor(edits, "adalora"),)
+            layout = sites.layout(path, what="adalora")
+            p_axes, q_axes = contraction.low_rank_axes(layout)
+            out[path] = {P_NAME: sites_lib.Factor(t[P_NAME], p_axes),
+                         E_NAME: sites_lib.Factor(t[E_NAME], tuple(layout.stack) + (None,)),
+                         Q_NAME: sites_lib.Factor(t[Q_NAME], q_axes)}
+        return out
 
-    def shardings(param_shardings, delta):
-        return sharding_lib.follow_weight_axes(param_shardings, delta,
-                                               {**lora_lib.FACTOR_AXES, E_NAME: (None,)})
+    def scaled_p(fs) -> sites_lib.Factor:
+        """``P * lam`` (lam broadcast over the input axes of ``P``)."""
+        p, lam = fs[P_NAME], fs[E_NAME]
+        n_in = p.value.ndim - lam.value.ndim
+        lam_b = lam.value.reshape(lam.value.shape[:-1] + (1,) * n_in + lam.value.shape[-1:])
+        return sites_lib.Factor(p.value * lam_b.astype(p.value.dtype), p.axes)
+
+    def add(params, delta, sites, sign):
+        flat = paths_lib.flatten(params)
+        upd = {p: sign * s * contraction.outer(scaled_p(fs), fs[Q_NAME], flat[p].shape)
+               for p, fs in factors(delta, sites).items()}
+        return paths_lib.map_selected(lambda _, w, d: (w + d.astype(w.dtype)).astype(w.dtype),
+                                      params, upd)
+
+    merge = lambda params, delta, sites=None: add(params, delta, sites, 1.0)
+    unmerge = lambda params, delta, sites=None: add(params, delta, sites, -1.0)
+
+    def edit_fn(call, fs):
+        return call.y + s * contraction.low_rank(call, call.x, scaled_p(fs), fs[Q_NAME])
+
+    def edits(params, delta, sites, context):
+        if context.mode == "materialised":
+            return sites_lib.Edits(merge(params, delta, sites))
+        return sites_lib.Edits(params, {p: sites_lib.ContractionEdit(fs, edit_fn)
+                                        for p, fs in factors(delta, sites).items()})
 
     config = {"method": "adalora", "targets": targets, "init_r": init_r, "alpha": alpha,
-              "kernel_names": list(kernel_names), "layers_to_transform": layers_to_transform,
+              "layers_to_transform": layers_to_transform,
               "layers_pattern": layers_pattern, "exclude": exclude, "init_std": init_std,
               "scaling": s}
     return method_lib.Method(
-        name="adalora", init=init, merge=merge, unmerge=unmerge, prepare=prepare,
-        shardings=shardings, labels=method_lib.constant_labels("adalora"), config=config)
+        name="adalora", init=init, merge=merge, unmerge=unmerge, edits=edits,
+        shardings=lambda ps, d, sites=None: lora_lib.factor_shardings(ps, d, sites, "adalora"),
+        labels=method_lib.constant_labels("adalora"), config=config)
 
 
 def triplets(delta: Any) -> dict[paths_lib.Path, dict[str, jax.Array]]:
@@ -143,13 +160,19 @@ def orthogonality_penalty(delta: Any, weight: float = 0.5, *, convention: str = 
         raise ValueError(f"orthogonality_penalty: convention must be 'paper' or 'hf', got {convention!r}")
     terms = []
     for t in triplets(delta).values():
-        p, q = t[P_NAME].astype(jnp.float32), t[Q_NAME].astype(jnp.float32)
-        eye = jnp.eye(p.shape[1], dtype=jnp.float32)
-        sq_p, sq_q = jnp.sum((p.T @ p - eye) ** 2), jnp.sum((q @ q.T - eye) ** 2)
-        terms += [sq_p + sq_q] if convention == "paper" else [jnp.sqrt(sq_p), jnp.sqrt(sq_q)]
+        n_stack = t[E_NAME].ndim - 1
+        r = t[E_NAME].shape[-1]
+        p = t[P_NAME].astype(jnp.float32)
+        p = p.reshape((int(np.prod(p.shape[:n_stack])), -1, r))            # [slices, in, r]
+        q = t[Q_NAME].astype(jnp.float32)
+        q = q.reshape((int(np.prod(q.shape[:n_stack])), r, -1))            # [slices, r, out]
+        eye = jnp.eye(r, dtype=jnp.float32)
+        sq_p = jnp.sum((jnp.einsum("nir,nis->nrs", p, p) - eye) ** 2, axis=(1, 2))
+        sq_q = jnp.sum((jnp.einsum("nro,nso->nrs", q, q) - eye) ** 2, axis=(1, 2))
+        terms += ([sq_p + sq_q] if convention == "paper" else [jnp.sqrt(sq_p), jnp.sqrt(sq_q)])
     if not terms:
         raise ValueError("orthogonality_penalty: the delta holds no AdaLoRA triplets")
-    return weight * jnp.mean(jnp.stack(terms))
+    return weight * jnp.mean(jnp.concatenate(terms))
 
 
 class BudgetSchedule(NamedTuple):
@@ -193,7 +216,7 @@ def budget_schedule(num_matrices: int, *, init_r: int = 12, target_r: int = 8, t
 
 class AdaLoRAState(NamedTuple):
     """``count``: updates done; ``ipt``/``unc``: EMAs of sensitivity and uncertainty (trees like the
-    triplets); ``pattern``: bool ``[r]`` per matrix, the kept triplets (fixed from ``T - t_f``);
+    triplets); ``pattern``: bool ``[*S, r]`` per weight, the kept triplets (fixed from ``T - t_f``);
     ``budget``: the budget of the last step; ``inner``: the wrapped optimizer's state."""
     count: jax.Array
     ipt: Any
@@ -204,24 +227,29 @@ class AdaLoRAState(NamedTuple):
 
 
 def triplet_scores(ipt: dict, unc: dict) -> dict:
-    """``S_k = s(lam_k) + mean_j s(P_jk) + mean_j s(Q_kj)`` with ``s = I_bar * U_bar``; ``[r]`` each."""
+    """``S_k = s(lam_k) + mean_j s(P_jk) + mean_j s(Q_kj)`` with ``s = I_bar * U_bar``: ``[*S, r]``
+    per weight (``[r]`` for an unstacked one); ``j`` runs over the input (output) axes."""
     out = {}
     for path in ipt:
         s = {n: ipt[path][n] * unc[path][n] for n in (P_NAME, E_NAME, Q_NAME)}
-        out[path] = s[E_NAME] + jnp.mean(s[P_NAME], axis=0) + jnp.mean(s[Q_NAME], axis=1)
+        n_stack = s[E_NAME].ndim - 1
+        p_in = tuple(range(n_stack, s[P_NAME].ndim - 1))
+        q_out = tuple(range(n_stack + 1, s[Q_NAME].ndim))
+        out[path] = (s[E_NAME] + jnp.mean(s[P_NAME], axis=p_in)
+                     + jnp.mean(s[Q_NAME], axis=q_out))
     return out
 
 
 def _top_budget(scores: dict, budget) -> dict:
     """Bool masks keeping exactly the ``budget`` highest scores over all matrices (ties: first)."""
     order = list(scores)
-    flat = jnp.concatenate([scores[p] for p in order])
+    flat = jnp.concatenate([scores[p].reshape(-1) for p in order])
     rank = jnp.argsort(jnp.argsort(-flat, stable=True), stable=True)
     keep = rank < budget
     out, start = {}, 0
     for p in order:
-        n = scores[p].shape[0]
-        out[p] = keep[start:start + n]
+        n = scores[p].size
+        out[p] = keep[start:start + n].reshape(scores[p].shape)
         start += n
     return out
 
@@ -239,7 +267,7 @@ def adalora_optimizer(inner: optax.GradientTransformation, *, total_steps: int,
         raise ValueError(f"adalora: beta1, beta2 must be in [0, 1), got {beta1}, {beta2}")
 
     def schedule_for(delta):
-        n = len(triplets(delta))
+        n = sum(int(np.prod(t[E_NAME].shape[:-1])) for t in triplets(delta).values())
         if n == 0:
             raise ValueError("adalora_optimizer: the delta holds no AdaLoRA triplets")
         return budget_schedule(n, init_r=init_r, target_r=target_r, t_init=t_init,
@@ -249,11 +277,11 @@ def adalora_optimizer(inner: optax.GradientTransformation, *, total_steps: int,
         sched = schedule_for(params)
         trip = {paths_lib.path_str(p): t for p, t in triplets(params).items()}
         for path, t in trip.items():
-            if t[E_NAME].shape[0] != init_r:
+            if t[E_NAME].shape[-1] != init_r:
                 raise ValueError(f"adalora_optimizer: init_r={init_r} but "
-                                 f"{path} has rank {t[E_NAME].shape[0]}")
+                                 f"{path} has rank {t[E_NAME].shape[-1]}")
         zeros = jax.tree.map(jnp.zeros_like, trip)
-        pattern = {p: jnp.ones((init_r,), bool) for p in trip}
+        pattern = {p: jnp.ones(t[E_NAME].shape, bool) for p, t in trip.items()}
         return AdaLoRAState(jnp.zeros([], jnp.int32), zeros, jax.tree.map(jnp.zeros_like, trip),
                             pattern, jnp.asarray(sched.init_budget, jnp.int32), inner.init(params))
 
@@ -297,7 +325,11 @@ def adalora_optimizer(inner: optax.GradientTransformation, *, total_steps: int,
     return optax.GradientTransformation(init, update)
 
 
-def rank_pattern(delta: Any) -> dict[str, int]:
-    """Final rank of every adapted matrix: the number of non-zero ``lam`` entries, by path."""
-    return {paths_lib.path_str(p): int(jnp.count_nonzero(t[E_NAME]))
-            for p, t in triplets(delta).items()}
+def rank_pattern(delta: Any) -> dict[str, Any]:
+    """Final rank of every adapted matrix: the number of non-zero ``lam`` entries, by path (a
+    nested list with one count per slice for a stacked weight)."""
+    out = {}
+    for p, t in triplets(delta).items():
+        counts = np.count_nonzero(np.asarray(t[E_NAME]), axis=-1)
+        out[paths_lib.path_str(p)] = counts.tolist() if counts.ndim else int(counts)
+    return out

@@ -46,6 +46,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from jpeft.core import method as method_lib
 from jpeft.core import paths as paths_lib
+from jpeft.core import sites as sites_lib
 from jpeft.core import sparse as sparse_lib
 from jpeft.ops import hard_concrete as hc
 
@@ -178,8 +179,8 @@ def diff_pruning(targets: paths_lib.Targets = None, *, structured: bool = False,
                               layers_to_transform=layers_to_transform,
                               layers_pattern=layers_pattern, exclude=exclude)
 
-    def init(key, params):
-        del key
+    def init(key, params, sites=None):
+        del key, sites
         flat = paths_lib.flatten(params)
         chosen = [p for p in paths_lib.select(params, sel, what=name)
                   if jnp.issubdtype(flat[p].dtype, jnp.floating)]
@@ -198,10 +199,10 @@ def diff_pruning(targets: paths_lib.Targets = None, *, structured: bool = False,
         return paths_lib.map_selected(
             lambda _, w, d: (w + sign * d.astype(w.dtype)).astype(w.dtype), params, diff)
 
-    def prepare(params, delta, context):
-        return add(params, delta, context.rng, 1.0), ()
+    def edits(params, delta, sites, context):
+        return sites_lib.Edits(add(params, delta, context.rng, 1.0))
 
-    def shardings(param_shardings, delta):
+    def shardings(param_shardings, delta, sites=None):
         flat_s = paths_lib.flatten(param_shardings)
 
         def one(kp, _):
@@ -218,7 +219,7 @@ def diff_pruning(targets: paths_lib.Targets = None, *, structured: bool = False,
               "exclude": exclude}
     return method_lib.Method(
         name=name, init=init,
-        merge=lambda params, delta: add(params, delta, None, 1.0),
-        unmerge=lambda params, delta: add(params, delta, None, -1.0),
-        prepare=prepare, shardings=shardings, labels=method_lib.constant_labels(name),
+        merge=lambda params, delta, sites=None: add(params, delta, None, 1.0),
+        unmerge=lambda params, delta, sites=None: add(params, delta, None, -1.0),
+        edits=edits, shardings=shardings, labels=method_lib.constant_labels(name),
         config=config)

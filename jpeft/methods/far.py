@@ -63,9 +63,11 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from jpeft.core import intercept
+from jpeft.core import contraction
 from jpeft.core import method as method_lib
 from jpeft.core import paths as paths_lib
+from jpeft.core import sites as sites_lib
+from jpeft.core import sparse as sparse_lib
 
 #: The feed-forward matrices of a Hugging Face-named BERT: ``encoder/layer/{i}/intermediate/dense``
 #: and ``encoder/layer/{i}/output/dense``, but not ``attention/output/dense`` (a regex, full match).
@@ -375,8 +377,8 @@ def far(columns: Any, *, train_bias: bool = True, bias_name: str = "bias",
     def bias_path(path):
         return path[:-1] + (bias_name,)
 
-    def init(key, params):
-        del key
+    def init(key, params, sites=None):
+        del key, sites
         flat = check(params)
         out = {}
         for path, c in cols.items():
@@ -387,14 +389,15 @@ def far(columns: Any, *, train_bias: bool = True, bias_name: str = "bias",
         return paths_lib.unflatten(out)
 
     def parts(delta) -> dict:
-        """``{kernel path: (cols, D, d or None)}``."""
+        """``{kernel path: (cols, D or None, d or None)}`` (``None``: not in ``delta``)."""
         flat = paths_lib.flatten(delta)
-        return {p: (c, flat[p], flat.get(bias_path(p))) for p, c in cols.items()}
+        return {p: (c, flat.get(p), flat.get(bias_path(p))) for p, c in cols.items()}
 
     def scatter(params, delta, sign):
         upd = {}
         for path, (c, d_w, d_b) in parts(delta).items():
-            upd[path] = (c, d_w, 1)
+            if d_w is not None:
+                upd[path] = (c, d_w, 1)
             if d_b is not None:
                 upd[bias_path(path)] = (c, d_b, 0)
 
@@ -405,24 +408,39 @@ def far(columns: Any, *, train_bias: bool = True, bias_name: str = "bias",
                                  unique_indices=True)
         return paths_lib.map_selected(one, params, upd)
 
-    merge = lambda params, delta: scatter(params, delta, 1)
-    unmerge = lambda params, delta: scatter(params, delta, -1)
+    merge = lambda params, delta, sites=None: scatter(params, delta, 1)
+    unmerge = lambda params, delta, sites=None: scatter(params, delta, -1)
 
-    def prepare(params, delta, context):
+    def column_edit(c):
+        def fn(call, factors):
+            u = contraction.dot_with(call, call.x, factors["kernel_cols"])   # [..., k]
+            y = jnp.moveaxis(call.y, 0, -1) if call.weight_is_lhs else call.y
+            y = y.at[..., c].add(u.astype(y.dtype), indices_are_sorted=True, unique_indices=True)
+            return jnp.moveaxis(y, -1, 0) if call.weight_is_lhs else y
+        return fn
+
+    def edits(params, delta, sites, context):
+        """Factored: the kept columns of each matrix contracted over its first axis are added to
+        its output (``y[..., c] += x @ D``); biases and other layouts are merged."""
         if context.mode == "materialised":
-            return merge(params, delta), ()
-        edits = {}
+            return sites_lib.Edits(merge(params, delta))
+        flat_d = paths_lib.flatten(delta)
+        contractions, rest = {}, {}
         for path, (c, d_w, d_b) in parts(delta).items():
-            def edit(x, y, c=c, d_w=d_w, d_b=d_b):
-                u = x @ d_w.astype(x.dtype)                     # [..., k]: only kept columns
+            layout = None if sites is None else sites.contractions.get(path)
+            if sparse_lib.is_matrix(layout):
+                contractions[path] = sites_lib.ContractionEdit(
+                    {"kernel_cols": sites_lib.Factor(d_w, (0, None))}, column_edit(c))
                 if d_b is not None:
-                    u = u + d_b.astype(u.dtype)
-                return y.at[..., c].add(u.astype(y.dtype), indices_are_sorted=True,
-                                        unique_indices=True)
-            edits[path[:-1]] = edit
-        return params, (intercept.DenseInterceptor(edits, name),)
+                    rest[bias_path(path)] = d_b
+            else:
+                rest[path] = d_w
+                if d_b is not None:
+                    rest[bias_path(path)] = d_b
+        keep = {p: v for p, v in flat_d.items() if p in rest}
+        return sites_lib.Edits(scatter(params, paths_lib.unflatten(keep), 1), contractions)
 
-    def shardings(param_shardings, delta):
+    def shardings(param_shardings, delta, sites=None):
         flat_s = paths_lib.flatten(param_shardings)
         kernel_of = {bias_path(p): p for p in cols}
 
@@ -440,7 +458,7 @@ def far(columns: Any, *, train_bias: bool = True, bias_name: str = "bias",
     config = {"method": "far", "train_bias": train_bias, "bias_name": bias_name,
               "columns_kept": {paths_lib.path_str(p): int(c.size) for p, c in cols.items()}}
     return method_lib.Method(
-        name=name, init=init, merge=merge, unmerge=unmerge, prepare=prepare,
+        name=name, init=init, merge=merge, unmerge=unmerge, edits=edits,
         shardings=shardings, labels=method_lib.constant_labels(name), config=config)
 
 

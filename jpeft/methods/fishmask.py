@@ -137,9 +137,8 @@ def fishmask_indices(fisher: Any, *, density: float | None = None, k: int | None
                                     k=k, density=density, what="fishmask")
 
 
-def fishmask(indices: Any, *, kernel_names: Sequence[str] = ("kernel",),
-             name: str = "fishmask") -> method_lib.Method:
+def fishmask(indices: Any, *, name: str = "fishmask") -> method_lib.Method:
     """Train only the masked entries ``indices`` (:func:`fishmask_indices`): a
     :func:`jpeft.core.sparse.sparse_finetune` method named ``name``."""
-    m = sparse_lib.sparse_finetune(indices, kernel_names=kernel_names, name=name)
+    m = sparse_lib.sparse_finetune(indices, name=name)
     return m._replace(config={**m.config, "method": "fishmask"})

@@ -334,8 +334,8 @@ def _intrinsic(name: str, d: int, *, said: bool, targets: paths_lib.Targets, see
                 f"count inside d, leaving d - m for theta); groups: {list(p.group_names)}")
         return d - m, m
 
-    def init(key, params):
-        del key                         # theta_d = 0, lambda = 1; the projection is fixed by seed
+    def init(key, params, sites=None):
+        del key, sites                  # theta_d = 0, lambda = 1; the projection is fixed by seed
         n_theta, m = budget(plan_of(params))
         delta = {"theta_d": jnp.zeros((n_theta,), dtype)}
         if said:
@@ -366,10 +366,10 @@ def _intrinsic(name: str, d: int, *, said: bool, targets: paths_lib.Targets, see
         return paths_lib.map_selected(
             lambda _, w, inc: (w + sign * inc.astype(w.dtype)).astype(w.dtype), params, incs)
 
-    merge = lambda params, delta: apply_sign(params, delta, 1.0)
-    unmerge = lambda params, delta: apply_sign(params, delta, -1.0)
+    merge = lambda params, delta, sites=None: apply_sign(params, delta, 1.0)
+    unmerge = lambda params, delta, sites=None: apply_sign(params, delta, -1.0)
 
-    def shardings(param_shardings, delta):
+    def shardings(param_shardings, delta, sites=None):
         leaves = jax.tree_util.tree_leaves(param_shardings)
         named = next((s for s in leaves if isinstance(s, NamedSharding)), None)
         replicated = NamedSharding(named.mesh, PartitionSpec()) if named is not None else leaves[0]
@@ -385,7 +385,7 @@ def _intrinsic(name: str, d: int, *, said: bool, targets: paths_lib.Targets, see
             groups, "__qualname__", repr(groups))
     return method_lib.Method(
         name=name, init=init, merge=merge, unmerge=unmerge,
-        prepare=method_lib.merge_only_prepare(merge), shardings=shardings,
+        edits=method_lib.merge_edits(merge), shardings=shardings,
         labels=method_lib.constant_labels(name), config=config)
 
 

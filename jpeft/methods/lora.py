@@ -1,45 +1,55 @@
-"""LoRA (Hu et al., 2021, arXiv 2106.09685): a low-rank update of selected weight matrices.
+"""LoRA (Hu et al., 2021, arXiv 2106.09685): a low-rank update of selected weights, of any rank.
 
 For a weight ``W0: [in, out]`` (Flax layout, ``y = x @ W0 + b``)::
 
     W = W0 + s * A @ B,    A: [in, r],  B: [r, out],   s = alpha / r   (rsLoRA: alpha / sqrt(r))
 
-``A`` is random (Kaiming-uniform with bound ``1/sqrt(in)``, Hugging Face PEFT's default, or Gaussian
-with std ``1/r``) and ``B = 0``, so training starts exactly at the base model. The trainable count
-is ``sum r * (in + out)`` over the adapted matrices (73,728 for q, v at r = 8 on a 6-layer, 384-wide
-BERT).
+and for any other weight the factors follow its contraction (:mod:`jpeft.core.sites`): with
+input (contracted) axes ``I``, output axes ``O`` and stacked axes ``S`` (a ``scan``-stacked layer
+axis, dot batch axes), ``A: [*S, *I, r]`` and ``B: [*S, r, *O]``; a DenseGeneral query kernel
+``[in, heads, head_dim]`` gets ``A [in, r]``, ``B [r, heads, head_dim]``; a stacked ``[L, in, out]``
+kernel ``A [L, in, r]``, ``B [L, r, out]``; a conv kernel ``[kh, kw, in, out]`` gets
+``A [kh, kw, in, r]`` (a conv with ``r`` output channels) and ``B [r, out]`` (a 1x1 conv), as
+Hugging Face PEFT's LoRA for ``Conv2d``.
+
+``A`` is random (Kaiming-uniform with bound ``1/sqrt(fan_in)``, Hugging Face PEFT's default, or
+Gaussian with std ``1/r``; ``fan_in = prod(I)``) and ``B = 0``, so training starts exactly at the
+base model. The trainable count is ``sum r * (prod(I) + prod(O)) * prod(S)`` (73,728 for q, v at
+r = 8 on a 6-layer, 384-wide BERT).
 
 Two forward forms, chosen by :func:`jpeft.wrap`'s ``mode``:
 
-* ``"factored"`` (default): ``y = x @ W0 + b + s * (dropout(x) @ A) @ B``. The frozen ``W0`` only
-  enters as a constant, so the backward pass never forms the ``[in, out]`` gradient of ``W0``; it
-  costs ``O(tokens * r * (in + out))`` extra FLOPs. Needs the model to call ``flax.linen.Dense``.
-* ``"materialised"``: ``apply(W0 + s * A @ B)``; works for any apply function, but the backward pass
-  computes a full ``[in, out]`` gradient for every adapted matrix (and cannot apply dropout).
+* ``"factored"`` (default): ``y = op(x, W0) + s * op(dropout(x), A) . B`` at every contraction of
+  an adapted weight (:func:`jpeft.core.contraction.low_rank`). ``W0`` only enters as a constant,
+  so the backward pass never forms its gradient; it costs ``O(tokens * r * (|I| + |O|))`` extra
+  FLOPs.
+* ``"materialised"``: ``apply(W0 + s * A . B)``; the backward pass computes a full gradient for
+  every adapted weight, and dropout cannot be applied (asking for it is an error).
 
 Merging gives zero-overhead inference; unmerging restores ``W0`` up to float rounding.
 
-The delta mirrors the base tree: at the path of each adapted kernel it holds
-``{"lora_A": A, "lora_B": B}``. ``A`` takes the sharding of ``W0``'s input axis and ``B`` that of its
-output axis; the rank axis is replicated.
+The delta mirrors the base tree: at the path of each adapted weight it holds
+``{"lora_A": A, "lora_B": B}``. Each factor axis takes the sharding of the weight axis it shares;
+the rank axis is replicated.
 """
 
 from __future__ import annotations
 
 import math
-import zlib
 from typing import Sequence
 
 import jax
 import jax.numpy as jnp
-from jpeft.core import intercept
+import numpy as np
+
+from jpeft.core import contraction
 from jpeft.core import method as method_lib
 from jpeft.core import paths as paths_lib
 from jpeft.core import sharding as sharding_lib
+from jpeft.core import sites as sites_lib
 
 ALL_LINEAR = "all-linear"
-#: Which axis of ``W [in, out]`` each factor axis shares (``None``: the replicated rank axis).
-FACTOR_AXES = {"lora_A": (0, None), "lora_B": (None, 1)}
+A_NAME, B_NAME = "lora_A", "lora_B"
 
 
 def scaling(rank: int, alpha: float, use_rslora: bool = False) -> float:
@@ -47,103 +57,160 @@ def scaling(rank: int, alpha: float, use_rslora: bool = False) -> float:
     return alpha / math.sqrt(rank) if use_rslora else alpha / rank
 
 
-def _init_a(key, shape, dtype, init: str, rank: int):
-    fan_in = shape[0]
+def _init_a(key, shape, dtype, init: str, rank: int, fan_in: int):
     if init == "kaiming":        # torch kaiming_uniform_(a=sqrt(5)) on [r, in]: bound 1/sqrt(in)
         bound = 1.0 / math.sqrt(fan_in)
         return jax.random.uniform(key, shape, dtype, -bound, bound)
-    if init == "gaussian":       # Hugging Face PEFT init_lora_weights="gaussian": std 1/r
-        return jax.random.normal(key, shape, dtype) / rank
-    raise ValueError(f"lora: init must be 'kaiming' or 'gaussian', got {init!r}")
+    return jax.random.normal(key, shape, dtype) / rank     # PEFT init_lora_weights="gaussian"
 
 
-def _dropout(key, x, rate: float):
+def apply_dropout(key, x, rate: float):
+    """Inverted dropout of ``x`` with keep probability ``1 - rate``."""
     keep = 1.0 - rate
     mask = jax.random.bernoulli(key, keep, x.shape)
     return jnp.where(mask, x / keep, 0).astype(x.dtype)
 
 
+def selection(targets, *, layers_to_transform=None, layers_pattern=None, exclude=()
+              ) -> tuple[paths_lib.Selection, bool]:
+    """The :class:`~jpeft.core.paths.Selection` of a LoRA-family method and whether it is
+    ``"all-linear"``."""
+    all_linear = targets == ALL_LINEAR
+    return paths_lib.Selection(targets=None if all_linear else targets,
+                               layers_to_transform=layers_to_transform,
+                               layers_pattern=layers_pattern, exclude=exclude), all_linear
+
+
+def select(params, sites, sel: paths_lib.Selection, all_linear: bool, what: str
+           ) -> sites_lib.SiteSelection:
+    """The adapted weights: every weight of a dot contraction for ``"all-linear"``; named targets
+    may also be conv kernels."""
+    kinds = ("dot",) if all_linear else ("dot", "conv")
+    return sites_lib.select(params, sites, sel, what=what, kinds=kinds, all_weights=all_linear)
+
+
+def factor_axes(sites, path, what: str) -> tuple[tuple, tuple]:
+    return contraction.low_rank_axes(sites.layout(path, what=what))
+
+
+def check_rank(rank: int, shape, layout, path, what: str, rank_name: str = "rank") -> None:
+    """``rank <= min(prod(I), prod(O))``: a larger rank adds parameters and no expressiveness."""
+    d_in = int(np.prod([shape[a] for a in layout.contract]))
+    d_out = int(np.prod([shape[a] for a in layout.free]))
+    if rank > min(d_in, d_out):
+        raise ValueError(
+            f"{what}: {rank_name} {rank} is larger than the weight {paths_lib.path_str(path)} of "
+            f"shape {tuple(shape)} allows (at most min(in, out) = min({d_in}, {d_out}) = "
+            f"{min(d_in, d_out)}; input axes {list(layout.contract)}, output axes "
+            f"{list(layout.free)})")
+
+
+def factor_shardings(param_shardings, delta, sites, what: str, names=(A_NAME, B_NAME)):
+    """Each factor axis takes the mesh axes of the weight axis it shares (rank replicated); leaves
+    not in ``names`` (e.g. AdaLoRA's ``lam``) keep only the weight's stacked axes."""
+    def axes_of(path, name):
+        layout = sites.layout(path, what=what)
+        return dict(zip(names, contraction.low_rank_axes(layout))).get(
+            name, tuple(layout.stack) + (None,))
+    return sharding_lib.follow_weight_axes(param_shardings, delta, axes_of)
+
+
 def lora(targets: paths_lib.Targets | str = ("query", "value"), rank: int = 8, alpha: float = 8.0,
          *, use_rslora: bool = False, dropout: float = 0.0, init: str = "kaiming",
-         kernel_names: Sequence[str] = ("kernel",),
          layers_to_transform: int | Sequence[int] | None = None,
          layers_pattern: str | None = None,
          exclude: paths_lib.Targets = ()) -> method_lib.Method:
-    """LoRA on the 2-D kernels of the modules matched by ``targets``.
+    """LoRA on the contraction weights matched by ``targets``.
 
     Args:
-      targets: module paths (see :mod:`jpeft.core.paths`), or ``"all-linear"`` for every 2-D kernel
-        (combine with ``exclude`` to leave out a task head, as Hugging Face PEFT does).
-      rank: ``r``, at most ``min(in, out)`` of every adapted matrix.
+      targets: module or leaf paths (see :mod:`jpeft.core.paths`), or ``"all-linear"`` for the
+        weight of every dot contraction, any rank (combine with ``exclude`` to leave out a task
+        head, as Hugging Face PEFT does); :func:`report` lists what was adapted and skipped.
+      rank: ``r``, at most ``min(prod(I), prod(O))`` of every adapted weight.
       alpha: scale numerator; ``s = alpha / r`` (or ``alpha / sqrt(r)`` with ``use_rslora``).
-      dropout: dropout rate on the input of ``A`` (factored mode, when a ``delta_rng`` is given).
-      init: ``"kaiming"`` (uniform, bound ``1/sqrt(in)``) or ``"gaussian"`` (std ``1/r``) for ``A``.
-      kernel_names: leaf names of weight matrices.
+      dropout: dropout on the input of ``A`` (factored mode, when a ``delta_rng`` is given).
+      init: ``"kaiming"`` (uniform, bound ``1/sqrt(fan_in)``) or ``"gaussian"`` (std ``1/r``) for
+        ``A``.
       layers_to_transform, layers_pattern, exclude: narrow the selection.
+
+    ``init``, ``merge`` and the factored forward need the model's sites (:func:`jpeft.probe`).
     """
-    if not isinstance(rank, int) or rank < 1:
+    if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
         raise ValueError(f"lora: rank must be a positive integer, got {rank!r}")
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"lora: dropout must be in [0, 1), got {dropout}")
     if init not in ("kaiming", "gaussian"):
         raise ValueError(f"lora: init must be 'kaiming' or 'gaussian', got {init!r}")
     s = scaling(rank, alpha, use_rslora)
-    sel = paths_lib.Selection(
-        targets=None if targets == ALL_LINEAR else targets, leaf_names=tuple(kernel_names),
-        layers_to_transform=layers_to_transform, layers_pattern=layers_pattern,
-        exclude=exclude, ndim=2)
+    sel, all_linear = selection(targets, layers_to_transform=layers_to_transform,
+                                layers_pattern=layers_pattern, exclude=exclude)
 
-    def init_fn(key, params):
-        selected = paths_lib.select(params, sel, what="lora")
+    def init_fn(key, params, sites=None):
+        chosen = select(params, sites, sel, all_linear, "lora").chosen
         flat = paths_lib.flatten(params)
         out = {}
-        for i, path in enumerate(selected):
+        for i, path in enumerate(chosen):
             w = flat[path]
-            d_in, d_out = w.shape
-            if rank > min(d_in, d_out):
-                raise ValueError(
-                    f"lora: rank {rank} is larger than the matrix {paths_lib.path_str(path)} of shape "
-                    f"{tuple(w.shape)} allows (at most min(in, out) = {min(d_in, d_out)})")
-            a = _init_a(jax.random.fold_in(key, i), (d_in, rank), w.dtype, init, rank)
-            out[path] = {"lora_A": a, "lora_B": jnp.zeros((rank, d_out), w.dtype)}
+            layout = sites.layout(path, what="lora")
+            check_rank(rank, w.shape, layout, path, "lora")
+            a_shape, b_shape = contraction.low_rank_shapes(w.shape, layout, rank)
+            fan_in = int(np.prod([w.shape[a] for a in layout.contract]))
+            a = _init_a(jax.random.fold_in(key, i), a_shape, w.dtype, init, rank, fan_in)
+            out[path] = {A_NAME: a, B_NAME: jnp.zeros(b_shape, w.dtype)}
         return paths_lib.unflatten(out)
 
-    def pairs(delta) -> dict:
+    def factors(delta, sites) -> dict:
+        """``{weight path: (Factor A, Factor B)}``."""
         flat = paths_lib.flatten(delta)
-        return {p[:-1]: (flat[p[:-1] + ("lora_A",)], flat[p]) for p in flat if p[-1] == "lora_B"}
+        out = {}
+        for p in flat:
+            if p[-1] == B_NAME:
+                a_axes, b_axes = factor_axes(sites, p[:-1], "lora")
+                out[p[:-1]] = (sites_lib.Factor(flat[p[:-1] + (A_NAME,)], a_axes),
+                               sites_lib.Factor(flat[p], b_axes))
+        return out
 
-    def delta_w(a, b, dtype):
-        return (s * (a.astype(jnp.float32) @ b.astype(jnp.float32))).astype(dtype)
+    def add(params, delta, sites, sign):
+        flat = paths_lib.flatten(params)
+        upd = {p: (sign * s * contraction.outer(a, b, flat[p].shape))
+               for p, (a, b) in factors(delta, sites).items()}
+        return paths_lib.map_selected(lambda _, w, d: (w + d.astype(w.dtype)).astype(w.dtype),
+                                      params, upd)
 
-    def merge(params, delta):
-        return paths_lib.map_selected(lambda _, w, ab: w + delta_w(*ab, w.dtype), params, pairs(delta))
+    merge = lambda params, delta, sites=None: add(params, delta, sites, 1.0)
+    unmerge = lambda params, delta, sites=None: add(params, delta, sites, -1.0)
 
-    def unmerge(params, delta):
-        return paths_lib.map_selected(lambda _, w, ab: w - delta_w(*ab, w.dtype), params, pairs(delta))
+    def edit_fn(call, fs):
+        x = call.x
+        if call.rng is not None and dropout > 0.0:
+            x = apply_dropout(call.rng, x, dropout)
+        return call.y + s * contraction.low_rank(call, x, fs[A_NAME], fs[B_NAME]).astype(call.y.dtype)
 
-    def prepare(params, delta, context):
+    def edits(params, delta, sites, context):
         if context.mode == "materialised":
-            return merge(params, delta), ()
-        edits = {}
-        for path, (a, b) in pairs(delta).items():
-            key = None
-            if context.rng is not None and dropout > 0.0:
-                key = jax.random.fold_in(context.rng, zlib.crc32(paths_lib.path_str(path).encode()))
-
-            def edit(x, y, a=a, b=b, key=key):
-                if key is not None:
-                    x = _dropout(key, x, dropout)
-                return y + (s * ((x @ a.astype(x.dtype)) @ b.astype(x.dtype))).astype(y.dtype)
-            edits[path[:-1]] = edit
-        return params, (intercept.DenseInterceptor(edits, "lora"),)
-
-    def shardings(param_shardings, delta):
-        return sharding_lib.follow_weight_axes(param_shardings, delta, FACTOR_AXES)
+            if dropout > 0.0 and context.rng is not None:
+                raise ValueError(
+                    f"lora: dropout={dropout} cannot be applied in mode='materialised' "
+                    f"(the update is folded into the weight, there is no separate input to drop); "
+                    f"use mode='factored', or dropout=0, or pass delta_rng=None")
+            return sites_lib.Edits(merge(params, delta, sites))
+        return sites_lib.Edits(params, {
+            path: sites_lib.ContractionEdit({A_NAME: a, B_NAME: b}, edit_fn)
+            for path, (a, b) in factors(delta, sites).items()})
 
     config = {"method": "lora", "targets": targets, "rank": rank, "alpha": alpha,
               "use_rslora": use_rslora, "dropout": dropout, "init": init,
-              "kernel_names": list(kernel_names), "layers_to_transform": layers_to_transform,
-              "layers_pattern": layers_pattern, "exclude": exclude, "scaling": s}
+              "layers_to_transform": layers_to_transform, "layers_pattern": layers_pattern,
+              "exclude": exclude, "scaling": s}
     return method_lib.Method(
-        name="lora", init=init_fn, merge=merge, unmerge=unmerge, prepare=prepare,
-        shardings=shardings, labels=method_lib.constant_labels("lora"), config=config)
+        name="lora", init=init_fn, merge=merge, unmerge=unmerge, edits=edits,
+        shardings=lambda ps, d, sites=None: factor_shardings(ps, d, sites, "lora"),
+        labels=method_lib.constant_labels("lora"), config=config)
+
+
+def report(params, sites, targets: paths_lib.Targets | str = ALL_LINEAR, *,
+           layers_to_transform=None, layers_pattern=None, exclude=()) -> sites_lib.SiteSelection:
+    """Which weights ``lora(targets, ...)`` adapts on this model and which it skips, and why."""
+    sel, all_linear = selection(targets, layers_to_transform=layers_to_transform,
+                                layers_pattern=layers_pattern, exclude=exclude)
+    return select(params, sites, sel, all_linear, "lora")

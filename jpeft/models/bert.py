@@ -10,9 +10,8 @@ Leaf names are Flax's: ``kernel`` (``[in, out]``, the transpose of a ``torch.nn.
 ``bias``, ``embedding`` and, for layer norms, ``scale``/``bias``. Converting between the two is the
 job of :mod:`jpeft.models.loading`.
 
-Every linear map is a plain :class:`flax.linen.Dense`, so methods that intercept
-``nn.Dense.__call__`` (LoRA and friends, through :func:`flax.linen.intercept_methods`) see all of
-them, and every Hugging Face block is its own module so it can be intercepted or hooked by class.
+Every linear map is a plain :class:`flax.linen.Dense` (its kernel is the weight of one
+contraction site, :func:`jpeft.probe`), and every Hugging Face block is its own module.
 
 Shapes: ``B`` batch, ``T`` sequence length, ``H`` hidden size, ``N`` heads, ``D = H / N`` head size,
 ``I`` intermediate size, ``L`` number of layers.

@@ -92,16 +92,17 @@ def endless(split: Split, batch_size: int, seed: int, **kwargs) -> Iterator[Batc
         epoch += 1
 
 
-def make_loss(apply_fn: Callable[..., Any], method: method_lib.Method, *,
+def make_loss(apply_fn: Callable[..., Any], method: method_lib.Method, sites: Any = None, *,
               mode: str = "factored", dropout: bool = True,
               penalty: Callable[[Any], Any] | None = None):
     """Weighted cross-entropy of a classifier (plus ``penalty(delta)`` when given); returns
     ``(loss, {"accuracy": ..., "penalty": ...})``.
 
     ``apply_fn(params, input_ids, attention_mask, token_type_ids, deterministic=..., rngs=...)`` is
-    the model's apply; the key drives model dropout and the method's own dropout.
+    the model's apply (``sites`` its contraction sites, :func:`jpeft.probe`); the key drives model
+    dropout and the method's own dropout.
     """
-    f = method_lib.wrap(apply_fn, method, mode=mode)
+    f = method_lib.wrap(apply_fn, method, sites, mode=mode)
 
     def loss(params, delta, batch, key):
         model_key, delta_key = jax.random.split(key)
@@ -120,7 +121,8 @@ def make_loss(apply_fn: Callable[..., Any], method: method_lib.Method, *,
     return loss
 
 
-def make_predict(apply_fn: Callable[..., Any], method: method_lib.Method | None = None):
+def make_predict(apply_fn: Callable[..., Any], method: method_lib.Method | None = None,
+                 sites: Any = None):
     """``predict(params, delta, batch) -> logits`` (jitted, deterministic).
 
     With ``method=None`` the delta argument is ignored and the plain model runs (e.g. on merged
@@ -130,7 +132,7 @@ def make_predict(apply_fn: Callable[..., Any], method: method_lib.Method | None 
         args = (batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
         if method is None:
             return apply_fn(params, *args)
-        return method_lib.wrap(apply_fn, method)(params, delta, *args)
+        return method_lib.wrap(apply_fn, method, sites)(params, delta, *args)
     return jax.jit(predict)
 
 

@@ -49,7 +49,7 @@ def score_columns(task: movies.Task, *, score: str, targets=far_lib.BERT_FFN, wa
         raise ValueError(f"far_demo: score='change' needs warmup_steps >= 1, got {warmup_steps}")
     warm = method_lib.compose(ffn=full_finetune(targets, name="ffn"),
                               head=full_finetune(("classifier",), name="head"))
-    delta = warm.init(jax.random.key(seed), task.variables)
+    delta = warm.init(jax.random.key(seed), task.variables, task.sites)
     log(f"warm-up: {warmup_steps} steps of full fine-tuning of the targeted matrices "
         f"({tree_lib.num_params(delta['ffn']):,} parameters) and the head, lr {lr}")
     result = movies.fine_tune(task, warm, delta, steps=warmup_steps, batch=batch, lr=lr,
@@ -98,7 +98,7 @@ def run_far(task: movies.Task, *, steps: int, batch: int, seed: int = 0, progres
     log(f"scored {len(paths_lib.flatten(scores))} matrices in {score_s:.1f} s")
 
     method = build_method(columns)
-    delta = method.init(jax.random.key(seed), task.variables)
+    delta = method.init(jax.random.key(seed), task.variables, task.sites)
     report = far_lib.far_report(task.variables, columns)
     model_report = tree_lib.param_report(task.variables, delta)
     log(str(report))
@@ -116,7 +116,8 @@ def run_far(task: movies.Task, *, steps: int, batch: int, seed: int = 0, progres
         f"({result.seconds / max(steps, 1):.3f} s/step), scoring {score_s:.1f} s")
 
     rebuild = lambda: build_method(columns)
-    like = jax.eval_shape(rebuild().init, jax.random.key(0), task.variables)
+    like = jax.eval_shape(lambda k, p: rebuild().init(k, p, task.sites), jax.random.key(0),
+                          task.variables)
     ok = movies.check_save_reload_merge(task, method, delta, dev_logits, out, rebuild=rebuild,
                                         like=like, log=log,
                                         metadata={"method": "far", "fraction": fraction,

@@ -94,7 +94,7 @@ def train_intrinsic(task: movies.Task, *, d: int, said: bool = True, steps: int,
     :func:`default_lr`); dev accuracy of the merged model."""
     lr = default_lr(d) if lr is None else lr
     method = build_method(d, said=said, seed=seed)
-    delta = method.init(jax.random.key(seed), task.variables)
+    delta = method.init(jax.random.key(seed), task.variables, task.sites)
     log(f"{method.name}: d = {d} ({'SAID' if said else 'DID'}), "
         f"{tree_lib.param_report(task.variables, delta)}")
     result = movies.fine_tune(task, method, delta, steps=steps, batch=batch, lr=lr,

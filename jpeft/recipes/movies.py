@@ -16,19 +16,22 @@ import optax
 
 from jpeft import checkpoint
 from jpeft.core import method as method_lib
+from jpeft.core.sites import probe
 from jpeft.core import train as train_lib
 from jpeft.core import tree as tree_lib
 from jpeft.recipes import classification as clf
 
 
 class Task(NamedTuple):
-    """The loaded default task. ``variables = {"params": ...}`` of a ``BertForSequenceClassification``."""
+    """The loaded default task. ``variables = {"params": ...}`` of a ``BertForSequenceClassification``;
+    ``sites`` its contraction sites (:func:`jpeft.probe`)."""
     model_dir: Path
     model: Any
     variables: Any
     train: clf.Split
     dev: clf.Split
     buckets: tuple[int, ...]
+    sites: Any
 
 
 def load_task(seq: int = 64, seed: int = 0, dev_limit: int = 0, dev_fraction: float = 0.1) -> Task:
@@ -47,8 +50,13 @@ def load_task(seq: int = 64, seed: int = 0, dev_limit: int = 0, dev_fraction: fl
     if dev_limit:
         dev_x, dev_y = dev_x[:dev_limit], dev_y[:dev_limit]
     buckets = tuple(b for b in (16, 24, 32, 48, 64, 96, 128) if b < seq) + (seq,)
-    return Task(model_dir, loaded.model, {"params": loaded.params},
-                clf.Split(encode(tok, tr_x), tr_y), clf.Split(encode(tok, dev_x), dev_y), buckets)
+    variables = {"params": loaded.params}
+    train = clf.Split(encode(tok, tr_x), tr_y)
+    example = {k: v[:2] for k, v in train.inputs.items()}
+    sites = probe(loaded.model.apply, variables, example["input_ids"], example["attention_mask"],
+                  example["token_type_ids"])
+    return Task(model_dir, loaded.model, variables, train, clf.Split(encode(tok, dev_x), dev_y),
+                buckets, sites)
 
 
 def fresh_variables(task: Task) -> Any:
@@ -75,7 +83,7 @@ def make_optimizer(method: method_lib.Method, steps: int, lr: float,
 def evaluate(task: Task, method: method_lib.Method | None, params: Any, delta: Any
              ) -> tuple[np.ndarray, float]:
     """Dev logits ``[N, 2]`` and accuracy; ``method=None`` runs the plain model on ``params``."""
-    predict = clf.make_predict(task.model.apply, method)
+    predict = clf.make_predict(task.model.apply, method, task.sites)
     logits = clf.logits_of(predict, params, delta, task.dev, buckets=task.buckets)
     return logits, clf.accuracy(logits, task.dev.labels)
 
@@ -86,7 +94,7 @@ def fine_tune(task: Task, method: method_lib.Method, delta: Any, *, steps: int, 
               optimizer: optax.GradientTransformation | None = None) -> clf.TrainResult:
     """Train ``delta`` on the task's training split (``penalty(delta)`` is added to the loss)."""
     optimizer = optimizer or make_optimizer(method, steps, lr, head_lr)
-    loss_fn = clf.make_loss(task.model.apply, method, mode=mode, penalty=penalty)
+    loss_fn = clf.make_loss(task.model.apply, method, task.sites, mode=mode, penalty=penalty)
     return clf.train(task.variables, delta, loss_fn, optimizer, task.train, steps=steps,
                      batch_size=batch, seed=seed, progress=progress, buckets=task.buckets)
 
@@ -102,7 +110,8 @@ def check_save_reload_merge(task: Task, method: method_lib.Method, delta: Any, d
     method's ``init``). Returns whether both checks hold.
     """
     ckpt = checkpoint.save(Path(out).absolute() / "delta", delta,
-                           metadata={"config": method.config, **(metadata or {})}, overwrite=True)
+                           metadata={"config": method.config, "sites": task.sites.to_json(),
+                                     **(metadata or {})}, overwrite=True)
     size = sum(f.stat().st_size for f in ckpt.rglob("*") if f.is_file())
     log(f"saved the delta (only the delta: {size / 1e6:.2f} MB on disk; base weights "
         f"{tree_lib.num_bytes(task.variables) / 1e6:.1f} MB) to {ckpt}")
@@ -110,14 +119,16 @@ def check_save_reload_merge(task: Task, method: method_lib.Method, delta: Any, d
     fresh_vars = fresh_variables(task)
     fresh_method = rebuild()
     if like is None:
-        like = jax.eval_shape(fresh_method.init, jax.random.key(0), fresh_vars)
+        like = jax.eval_shape(lambda k, p: fresh_method.init(k, p, task.sites), jax.random.key(0),
+                              fresh_vars)
     restored = checkpoint.restore(ckpt, like)["delta"]
     reloaded, _ = evaluate(task, fresh_method, fresh_vars, restored)
     same = bool(np.array_equal(reloaded, dev_logits))
     log(f"reloaded base + delta from disk: predictions identical to the trained model: {same} "
         f"(max |logit diff| {np.abs(reloaded - dev_logits).max():.2e})")
 
-    merged_logits, merged_acc = evaluate(task, None, method.merge(task.variables, delta), None)
+    merged = method.merge(task.variables, delta, task.sites)
+    merged_logits, merged_acc = evaluate(task, None, merged, None)
     agree = float(np.mean(np.argmax(merged_logits, -1) == np.argmax(dev_logits, -1)))
     log(f"merged model: {100 * agree:.2f}% of dev predictions equal to the unmerged model "
         f"(max |logit diff| {np.abs(merged_logits - dev_logits).max():.2e}); "

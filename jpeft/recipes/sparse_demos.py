@@ -61,7 +61,8 @@ def stored_method() -> method_lib.Method:
 def _evaluate(task: movies.Task, method: method_lib.Method, delta: Any):
     """Dev logits and accuracy of the merged model (equal to the unmerged forward pass, and the
     fastest form on a CPU)."""
-    return movies.evaluate(task, None, jax.jit(method.merge)(task.variables, delta), None)
+    merged = jax.jit(lambda p, d: method.merge(p, d, task.sites))(task.variables, delta)
+    return movies.evaluate(task, None, merged, None)
 
 
 def _density_line(indices: Any, variables: Any) -> str:
@@ -104,7 +105,7 @@ def run_diff_pruning(task: movies.Task, *, steps: int, batch: int, seed: int, pr
     t0 = time.perf_counter()
     method = method_lib.compose(
         diff_pruning=dp.diff_pruning(exclude=HEAD, structured=structured), head=_head())
-    delta = method.init(jax.random.key(seed), task.variables)
+    delta = method.init(jax.random.key(seed), task.variables, task.sites)
     log(f"diff pruning{' (structured)' if structured else ''}: w and gate logits alpha for every "
         f"entry but the head's; alpha_init {dp.ALPHA_INIT}, stretch (-1.5, 1.5), lambda {lam}")
     log(f"while learning the mask: {tree_lib.param_report(task.variables, delta)}")
@@ -185,7 +186,7 @@ def run_fishmask(task: movies.Task, *, steps: int, batch: int, seed: int, progre
     del fisher
     log(f"mask: {_density_line(indices, task.variables)}")
     method = sparse_method(indices, fishmask=True)
-    delta = method.init(jax.random.key(seed), task.variables)
+    delta = method.init(jax.random.key(seed), task.variables, task.sites)
     log(tree_lib.param_report(task.variables, delta))
     _, before = _evaluate(task, method, delta)
     log(f"dev accuracy before fine-tuning: {100 * before:.2f}%")

@@ -26,8 +26,8 @@ def _batch(config, n=8, t=10):
             "labels": rng.integers(0, 2, n).astype(np.int32)}
 
 
-def _loss(model, method):
-    f = jpeft.wrap(model.apply, method)
+def _loss(model, method, sites):
+    f = jpeft.wrap(model.apply, method, sites)
 
     def loss(params, delta, batch, key):
         logits = f(params, delta, batch["input_ids"], batch["attention_mask"],
@@ -36,13 +36,13 @@ def _loss(model, method):
     return loss
 
 
-def test_lora_delta_shardings_follow_the_weights(tiny_bert, mesh):
+def test_lora_delta_shardings_follow_the_weights(tiny_bert, tiny_sites, mesh):
     _, params = tiny_bert
     variables = {"params": params}
     shard = jpeft.shard_by_rules(variables, mesh, RULES)
     method = jpeft.lora(("query", "value", "output/dense"), rank=4)
-    delta = jax.eval_shape(method.init, jax.random.key(0), variables)
-    ds = jpeft.delta_shardings(method, shard, delta)
+    delta = jax.eval_shape(lambda k, v: method.init(k, v, tiny_sites), jax.random.key(0), variables)
+    ds = jpeft.delta_shardings(method, shard, delta, tiny_sites)
     layer = ds["params"]["bert"]["encoder"]["layer"]["0"]
     q = layer["attention"]["self"]["query"]["kernel"]
     assert q["lora_A"].spec == P(None, None) and q["lora_B"].spec == P(None, "model")
@@ -55,7 +55,7 @@ def test_shard_by_rules_rejects_indivisible(mesh):
         jpeft.shard_by_rules({"w": jnp.zeros((3, 6))}, mesh, [("w", P("model", None))])
 
 
-def test_sharded_step_equals_single_device(tiny_bert, tiny_config, mesh):
+def test_sharded_step_equals_single_device(tiny_bert, tiny_config, tiny_sites, mesh):
     model, params = tiny_bert
     variables = {"params": params}
     method = jpeft.compose(lora=jpeft.lora(("query", "value", "intermediate/dense"), rank=4),
@@ -64,8 +64,8 @@ def test_sharded_step_equals_single_device(tiny_bert, tiny_config, mesh):
     # (Adam's g / sqrt(v) would amplify float reordering noise in near-zero gradient entries).
     opt = optax.sgd(0.5, momentum=0.9)
     batch = _batch(tiny_config)
-    loss = _loss(model, method)
-    delta0 = method.init(jax.random.key(0), variables)
+    loss = _loss(model, method, tiny_sites)
+    delta0 = method.init(jax.random.key(0), variables, tiny_sites)
     keys = [jax.random.key(i) for i in range(3)]
 
     # Single device.
@@ -77,7 +77,7 @@ def test_sharded_step_equals_single_device(tiny_bert, tiny_config, mesh):
 
     # 2 x 4 mesh: weights tensor-parallel on "model", batch data-parallel on "data".
     p_sh = jpeft.shard_by_rules(variables, mesh, RULES)
-    d_sh = jpeft.delta_shardings(method, p_sh, delta0)
+    d_sh = jpeft.delta_shardings(method, p_sh, delta0, tiny_sites)
     o_sh = jpeft.opt_state_shardings(opt, delta0, d_sh, mesh)
     b_sh = {k: NamedSharding(mesh, P("data")) for k in batch}
     sharded_vars = jax.device_put(variables, p_sh)

@@ -122,8 +122,8 @@ def test_merge_is_exact_and_unmerge_restores(variables):
     jax.tree.map(np.testing.assert_array_equal, jax.jit(sparse.gather)(dense_tree, idx), val)
 
 
-def _forward(model, method, mode="factored"):
-    f = jpeft.wrap(model.apply, method, mode=mode)
+def _forward(model, method, mode="factored", sites=None):
+    f = jpeft.wrap(model.apply, method, sites, mode=mode)
     return jax.jit(lambda p, d, b: f(p, d, **b))
 
 
@@ -151,13 +151,15 @@ def test_zero_delta_is_exactly_the_base_model(small):
     zero = method.init(jax.random.key(0), variables)
     # Op by op (no jit), so that the programs differ only by the delta: bit for bit the base.
     base = np.asarray(model.apply(variables, ids))
+    sites = jpeft.probe(model.apply, variables, ids)
     for mode in ("factored", "materialised"):
-        out = jpeft.wrap(model.apply, method, mode=mode)(variables, zero, ids)
+        out = jpeft.wrap(model.apply, method, sites, mode=mode)(variables, zero, ids)
         np.testing.assert_array_equal(np.asarray(out), base)
     jax.tree.map(np.testing.assert_array_equal, method.merge(variables, zero), variables)
 
 
-def test_merge_equals_the_unmerged_forward_in_both_forms(tiny_bert, tiny_batch, variables):
+def test_merge_equals_the_unmerged_forward_in_both_forms(tiny_bert, tiny_batch, tiny_sites,
+                                                        variables):
     model = tiny_bert[0]
     idx = _random_indices(variables, 0.05)
     flat = paths.flatten(idx)
@@ -175,7 +177,7 @@ def test_merge_equals_the_unmerged_forward_in_both_forms(tiny_bert, tiny_batch, 
         paths.get_path(ref, p).reshape(-1)[i] += np.asarray(paths.flatten(val)[p])
     np.testing.assert_array_equal(merged, np.asarray(apply(ref, **tiny_batch)))
     assert not np.allclose(merged, np.asarray(apply(variables, **tiny_batch)), atol=1e-3)
-    fact = _forward(model, method)(variables, val, tiny_batch)
+    fact = _forward(model, method, sites=tiny_sites)(variables, val, tiny_batch)
     mat = _forward(model, method, "materialised")(variables, val, tiny_batch)
     np.testing.assert_allclose(np.asarray(fact), merged, atol=2e-6)
     np.testing.assert_array_equal(np.asarray(mat), merged)
@@ -194,8 +196,9 @@ def test_gradients_reach_only_the_selected_entries_and_skip_dense_kernel_gradien
     dense = jax.jit(jax.grad(lambda p: loss(model.apply(p, ids))))(jax.jit(method.merge)(variables, val))
     want = sparse.gather(dense, idx)
     flops = {}
+    sites = jpeft.probe(model.apply, variables, ids)
     for mode in ("factored", "materialised"):
-        f = jpeft.wrap(model.apply, method, mode=mode)
+        f = jpeft.wrap(model.apply, method, sites, mode=mode)
         g = jax.jit(jax.grad(lambda v, p: loss(f(p, v, ids)))).lower(val, variables).compile()
         cost = g.cost_analysis()
         flops[mode] = (cost[0] if isinstance(cost, (list, tuple)) else cost)["flops"]
@@ -226,8 +229,10 @@ def test_stored_form_round_trips_through_checkpoint(small, tmp_path):
     jax.tree.map(np.testing.assert_array_equal, back.values, val)
     # A restored stored delta runs as is, with the same outputs as the trained values (another
     # program: its indices are arguments, not constants, so equal up to float rounding).
-    out = jax.jit(jpeft.wrap(model.apply, sparse.stored_method()))(variables, got, ids)
-    want = jax.jit(jpeft.wrap(model.apply, sparse.sparse_finetune(back.indices)))(variables, val, ids)
+    sites = jpeft.probe(model.apply, variables, ids)
+    out = jax.jit(jpeft.wrap(model.apply, sparse.stored_method(), sites))(variables, got, ids)
+    want = jax.jit(jpeft.wrap(model.apply, sparse.sparse_finetune(back.indices), sites))(
+        variables, val, ids)
     np.testing.assert_allclose(np.asarray(out), np.asarray(want), atol=1e-6, rtol=0)
     merged = jax.jit(sparse.stored_method().merge)(variables, got)
     jax.tree.map(np.testing.assert_array_equal, merged, jax.jit(sparse.merge)(variables, idx, val))

@@ -6,11 +6,13 @@ import numpy as np
 import optax
 import pytest
 
+import functools
+
 import jpeft
 
 
-def _loss(model, method):
-    f = jpeft.wrap(model.apply, method)
+def _loss(model, method, sites=None):
+    f = jpeft.wrap(model.apply, method, sites)
 
     def loss(params, delta, batch, key):
         logits = f(params, delta, batch["input_ids"], batch["attention_mask"],
@@ -21,18 +23,18 @@ def _loss(model, method):
 
 
 @pytest.fixture
-def lora_head(tiny_bert, tiny_batch):
+def lora_head(tiny_bert, tiny_batch, tiny_sites):
     model, params = tiny_bert
     variables = {"params": params}
     method = jpeft.compose(lora=jpeft.lora(("query", "value"), rank=4, dropout=0.1),
                            head=jpeft.full_finetune(("classifier",)))
-    delta = method.init(jax.random.key(0), variables)
+    delta = method.init(jax.random.key(0), variables, tiny_sites)
     batch = dict(tiny_batch, labels=np.array([0, 1, 1], np.int32))
-    return model, variables, method, delta, batch
+    return model, variables, functools.partial(_loss, sites=tiny_sites), method, delta, batch
 
 
 def test_step_changes_only_the_delta(lora_head):
-    model, variables, method, delta, batch = lora_head
+    model, variables, _loss, method, delta, batch = lora_head
     before_params = jax.tree.map(np.asarray, variables)
     before_delta = jax.tree.map(np.asarray, delta)
     opt = optax.adam(1e-2)
@@ -48,7 +50,7 @@ def test_step_changes_only_the_delta(lora_head):
 
 
 def test_optimizer_state_exists_only_for_the_delta(lora_head):
-    _, variables, _, delta, _ = lora_head
+    _, variables, _, _, delta, _ = lora_head
     state = jpeft.init_opt_state(optax.adam(1e-3), delta)
     # Adam: first and second moments shaped like the delta, plus one int32 step count.
     assert jpeft.num_bytes(state) == 2 * jpeft.num_bytes(delta) + 4
@@ -56,7 +58,7 @@ def test_optimizer_state_exists_only_for_the_delta(lora_head):
 
 
 def test_partition_gives_each_part_its_own_optimizer(lora_head):
-    model, variables, method, delta, batch = lora_head
+    model, variables, _loss, method, delta, batch = lora_head
     opt = jpeft.partition({"lora": optax.sgd(0.0), "head": optax.sgd(1.0)}, method)
     step = jpeft.make_train_step(_loss(model, method), opt, donate=False)
     new, _, _ = step(variables, delta, jpeft.init_opt_state(opt, delta), batch, jax.random.key(0))
@@ -66,7 +68,7 @@ def test_partition_gives_each_part_its_own_optimizer(lora_head):
 
 
 def test_loss_decreases(lora_head):
-    model, variables, method, delta, batch = lora_head
+    model, variables, _loss, method, delta, batch = lora_head
     opt = optax.adam(1e-2)
     step = jpeft.make_train_step(_loss(model, method), opt)
     state = jpeft.init_opt_state(opt, delta)

@@ -53,9 +53,9 @@ def test_compose_rejects_two_parts_training_the_same_leaf(tiny_bert):
     assert jpeft.num_params(delta) == n_bias + variables["params"]["classifier"]["kernel"].size
 
 
-def test_compose_rejects_factors_on_a_trained_weight(tiny_bert):
+def test_compose_rejects_factors_on_a_trained_weight(tiny_bert, tiny_sites):
     _, params = tiny_bert
     bad = jpeft.compose(lora=jpeft.lora(("classifier",), rank=1),
                         head=jpeft.full_finetune(("classifier",)))
     with pytest.raises(ValueError, match="'lora' and 'head' both adapt params/classifier/kernel"):
-        bad.init(jax.random.key(0), {"params": params})
+        bad.init(jax.random.key(0), {"params": params}, tiny_sites)

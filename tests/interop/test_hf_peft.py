@@ -31,7 +31,9 @@ def pair(tiny_batch, monkeypatch):
     init = model.init(jax.random.key(0), tiny_batch["input_ids"])["params"]
     state = {k: v.detach().numpy() for k, v in hf.state_dict().items()}
     params, _ = hf_state_to_flax(state, init, strict=True)
-    return torch, hf, model, {"params": params}
+    variables = {"params": params}
+    sites = jpeft.probe(model.apply, variables, **tiny_batch)
+    return torch, hf, model, variables, sites
 
 
 def _torch_logits(torch, model, batch):
@@ -40,14 +42,14 @@ def _torch_logits(torch, model, batch):
 
 
 def test_export_loads_in_hugging_face_peft(pair, tiny_batch, tmp_path):
-    torch, hf, model, variables = pair
+    torch, hf, model, variables, sites = pair
     import peft
     method = jpeft.compose(lora=jpeft.lora(("query", "value", "intermediate/dense"), rank=4,
                                            alpha=8, use_rslora=True),
                            head=jpeft.full_finetune(("classifier",)))
-    delta = method.init(jax.random.key(1), variables)
+    delta = method.init(jax.random.key(1), variables, sites)
     delta = jax.tree.map(lambda x: x + 0.05 * jax.random.normal(jax.random.key(2), x.shape), delta)
-    ours = jpeft.wrap(model.apply, method)(variables, delta, **tiny_batch)
+    ours = jpeft.wrap(model.apply, method, sites)(variables, delta, **tiny_batch)
 
     out = hf_peft.save_lora(tmp_path / "adapter", variables, method, delta)
     config = json.loads((out / "adapter_config.json").read_text())
@@ -58,7 +60,7 @@ def test_export_loads_in_hugging_face_peft(pair, tiny_batch, tmp_path):
 
 
 def test_import_from_hugging_face_peft(pair, tiny_batch, tmp_path):
-    torch, hf, model, variables = pair
+    torch, hf, model, variables, sites = pair
     import peft
     torch.manual_seed(1)
     peft_model = peft.get_peft_model(hf, peft.LoraConfig(
@@ -72,25 +74,25 @@ def test_import_from_hugging_face_peft(pair, tiny_batch, tmp_path):
     want = _torch_logits(torch, peft_model, tiny_batch)
 
     method, delta = hf_peft.load_lora(tmp_path / "hf", variables)
-    got = jpeft.wrap(model.apply, method)(variables, delta, **tiny_batch)
+    got = jpeft.wrap(model.apply, method, sites)(variables, delta, **tiny_batch)
     np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
-    merged = model.apply(method.merge(variables, delta), **tiny_batch)
+    merged = model.apply(method.merge(variables, delta, sites), **tiny_batch)
     np.testing.assert_allclose(merged, want, atol=1e-4, rtol=1e-4)
     # query, value and the three "dense" of each of 2 layers, plus the pooler's dense.
     assert len(method.config["compose"]["lora"]["targets"]) == 2 * 5 + 1
 
 
 def test_round_trip_and_errors(pair, tiny_batch, tmp_path):
-    _, _, model, variables = pair
+    _, _, model, variables, sites = pair
     method = jpeft.lora(("query",), rank=2)
-    delta = jax.tree.map(lambda x: x + 0.1, method.init(jax.random.key(0), variables))
+    delta = jax.tree.map(lambda x: x + 0.1, method.init(jax.random.key(0), variables, sites))
     hf_peft.save_lora(tmp_path / "a", variables, method, delta)
     with pytest.raises(FileExistsError):
         hf_peft.save_lora(tmp_path / "a", variables, method, delta)
     m2, d2 = hf_peft.load_lora(tmp_path / "a", variables)
     jax.tree.map(np.testing.assert_array_equal, d2, delta)
-    np.testing.assert_array_equal(jpeft.wrap(model.apply, m2)(variables, d2, **tiny_batch),
-                                  jpeft.wrap(model.apply, method)(variables, delta, **tiny_batch))
+    np.testing.assert_array_equal(jpeft.wrap(model.apply, m2, sites)(variables, d2, **tiny_batch),
+                                  jpeft.wrap(model.apply, method, sites)(variables, delta, **tiny_batch))
 
     cfg_path = tmp_path / "a" / "adapter_config.json"
     cfg = json.loads(cfg_path.read_text())

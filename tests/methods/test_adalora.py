@@ -14,12 +14,12 @@ from jpeft.methods import adalora as ada
 
 
 @pytest.fixture
-def setup(tiny_bert, tiny_batch):
+def setup(tiny_bert, tiny_batch, tiny_sites):
     model, params = tiny_bert
     variables = {"params": params}
     method = ada.adalora(("query", "value"), init_r=4, alpha=4)
-    delta = method.init(jax.random.key(0), variables)
-    return model, variables, method, delta, tiny_batch
+    delta = method.init(jax.random.key(0), variables, tiny_sites)
+    return model, variables, method, delta, tiny_batch, tiny_sites
 
 
 def _ref_budget(t, b0, bt, ti, tf, total):
@@ -31,26 +31,26 @@ def _ref_budget(t, b0, bt, ti, tf, total):
 
 
 def test_zero_lambda_is_the_base_model_and_merge_is_exact(setup):
-    model, variables, method, delta, batch = setup
-    f = jpeft.wrap(model.apply, method)
+    model, variables, method, delta, batch, sites = setup
+    f = jpeft.wrap(model.apply, method, sites)
     np.testing.assert_array_equal(f(variables, delta, **batch), model.apply(variables, **batch))
     delta = jax.tree_util.tree_map_with_path(
         lambda kp, x: x + 100.0 if paths.to_path(kp)[-1] == "lora_E" else x, delta)
     out = f(variables, delta, **batch)
     assert not np.allclose(out, model.apply(variables, **batch), atol=1e-4)
-    np.testing.assert_allclose(model.apply(method.merge(variables, delta), **batch), out, atol=1e-5)
+    np.testing.assert_allclose(model.apply(method.merge(variables, delta, sites), **batch), out, atol=1e-5)
     # Independent merge: W0 + (alpha / r) * P diag(lam) Q in float64.
-    merged = paths.flatten(method.merge(variables, delta))
+    merged = paths.flatten(method.merge(variables, delta, sites))
     for kernel, t in ada.triplets(delta).items():
         p, lam, q = (np.asarray(t[n], np.float64) for n in ("lora_A", "lora_E", "lora_B"))
         want = np.asarray(paths.flatten(variables)[kernel], np.float64) + (4 / 4) * (p * lam) @ q
         np.testing.assert_allclose(merged[kernel], want, atol=1e-5)
-    back = method.unmerge(method.merge(variables, delta), delta)
+    back = method.unmerge(method.merge(variables, delta, sites), delta, sites)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), back, variables)
 
 
 def test_counts(setup, tiny_config):
-    _, _, _, delta, _ = setup
+    _, _, _, delta, _, sites = setup
     h, layers = tiny_config.hidden_size, tiny_config.num_hidden_layers
     assert jpeft.num_params(delta) == layers * 2 * (4 * h + 4 + 4 * h)
 
@@ -63,8 +63,8 @@ def test_budget_schedule_matches_the_formula():
     assert int(sched.budget(11)) < 60 and int(sched.budget(79)) >= 40
 
 
-def _run(model, variables, method, delta, batch, steps, **kw):
-    f = jpeft.wrap(model.apply, method)
+def _run(model, variables, method, delta, batch, sites, steps, **kw):
+    f = jpeft.wrap(model.apply, method, sites)
     labels = jnp.array([0, 1, 1])
 
     def loss(d):
@@ -83,9 +83,9 @@ def _run(model, variables, method, delta, batch, steps, **kw):
 
 
 def test_budget_follows_schedule_and_final_rank_equals_target(setup):
-    model, variables, method, delta, batch = setup
+    model, variables, method, delta, batch, sites = setup
     kw = dict(init_r=4, target_r=2, t_init=3, t_final=4, delta_t=2)
-    final, state, history = _run(model, variables, method, delta, batch, 20, **kw)
+    final, state, history = _run(model, variables, method, delta, batch, sites, 20, **kw)
     n = len(ada.triplets(delta))
     for t, b, *_ in history:
         assert b == _ref_budget(t, 4 * n, 2 * n, 3, 4, 20), t
@@ -98,8 +98,8 @@ def test_budget_follows_schedule_and_final_rank_equals_target(setup):
 
 
 def test_masked_triplets_still_get_gradients(setup):
-    model, variables, method, delta, batch = setup
-    final, state, history = _run(model, variables, method, delta, batch, 8,
+    model, variables, method, delta, batch, sites = setup
+    final, state, history = _run(model, variables, method, delta, batch, sites, 8,
                                  init_r=4, target_r=1, t_init=1, t_final=2, delta_t=1)
     # In the decay phase a dropped lam is zero right after the update, but its next gradient is not.
     t, b, d, _, _ = history[3]
@@ -112,8 +112,8 @@ def test_masked_triplets_still_get_gradients(setup):
 
 
 def test_importance_emas_match_numpy(setup):
-    model, variables, method, delta, batch = setup
-    _, _, history = _run(model, variables, method, delta, batch, 5, init_r=4, target_r=2,
+    model, variables, method, delta, batch, sites = setup
+    _, _, history = _run(model, variables, method, delta, batch, sites, 5, init_r=4, target_r=2,
                          t_init=1, t_final=1)
     ipt, unc = {}, {}
     prev = delta
@@ -164,13 +164,13 @@ def test_defaults_match_hugging_face_peft():
 
 
 def test_errors(setup):
-    _, variables, _, delta, _ = setup
+    _, variables, _, delta, _, sites = setup
     with pytest.raises(ValueError, match="target_r 13 is above init_r 12"):
         ada.budget_schedule(2, init_r=12, target_r=13, total_steps=10)
     with pytest.raises(ValueError, match="t_init .* t_final .* total_steps"):
         ada.budget_schedule(2, t_init=6, t_final=5, total_steps=10)
     with pytest.raises(ValueError, match="init_r 40 is larger"):
-        ada.adalora(("query",), init_r=40).init(jax.random.key(0), variables)
+        ada.adalora(("query",), init_r=40).init(jax.random.key(0), variables, sites)
     with pytest.raises(ValueError, match="no AdaLoRA triplets"):
         ada.adalora_optimizer(optax.sgd(1.0), total_steps=10).init({"w": jnp.zeros(3)})
     with pytest.raises(ValueError, match="init_r=12 but"):
@@ -179,10 +179,10 @@ def test_errors(setup):
 
 def test_shardings_follow_the_weight(setup, mesh):
     from jax.sharding import NamedSharding, PartitionSpec as P
-    _, variables, method, delta, _ = setup
+    _, variables, method, delta, _, sites = setup
     shard = jax.tree.map(lambda x: NamedSharding(mesh, P(None, "model") if x.ndim == 2 else P()),
                          variables)
-    ds = jpeft.delta_shardings(method, shard, delta)
+    ds = jpeft.delta_shardings(method, shard, delta, sites)
     q = ds["params"]["bert"]["encoder"]["layer"]["0"]["attention"]["self"]["query"]["kernel"]
     assert (q["lora_A"].spec, q["lora_E"].spec, q["lora_B"].spec) == (P(None, None), P(None), P(None, "model"))
 

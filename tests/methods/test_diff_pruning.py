@@ -80,14 +80,14 @@ def test_zero_delta_is_exactly_the_base_model(small):
     model, variables, ids = small
     method = dp.diff_pruning(structured=True)
     zero = method.init(jax.random.key(0), variables)
-    prepare = jax.jit(lambda p, d, k: method.prepare(p, d, Context(rng=k)))
+    prepare = jax.jit(lambda p, d, k: tuple(method.edits(p, d, None, Context(rng=k))))
     apply = jax.jit(model.apply)
     base = np.asarray(apply(variables, ids))
     # Training (sampled gates) and evaluation (deterministic gates): the forward pass runs with
     # parameters bit for bit equal to the base, so its outputs are the base model's.
     for key in (jax.random.key(1), None):
-        prepared, interceptors = prepare(variables, zero, key)
-        assert interceptors == ()
+        prepared, contractions = prepare(variables, zero, key)
+        assert contractions == {}
         jax.tree.map(np.testing.assert_array_equal, prepared, variables)
         np.testing.assert_array_equal(np.asarray(apply(prepared, ids)), base)
 
@@ -127,7 +127,7 @@ def test_training_samples_gates_and_evaluation_does_not(small):
     _, variables, _ = small
     method = dp.diff_pruning(structured=False)
     delta = _randomise(method.init(jax.random.key(0), variables), w_scale=1.0)
-    prep = jax.jit(lambda d, k: method.prepare(variables, d, Context(rng=k))[0])
+    prep = jax.jit(lambda d, k: method.edits(variables, d, None, Context(rng=k)).params)
     flat_w0, flat_d = paths.flatten(variables), paths.flatten(delta)
     a, a2, b = (paths.flatten(prep(delta, k)) for k in
                 (jax.random.key(1), jax.random.key(1), jax.random.key(2)))
@@ -139,7 +139,7 @@ def test_training_samples_gates_and_evaluation_does_not(small):
     ratios = np.concatenate(ratios)                                 # the sampled gates z
     assert ratios.min() > -1e-5 and ratios.max() < 1 + 1e-5
     assert any(not np.array_equal(a[p], b[p]) for p in a)           # another key, other gates
-    evaluation = paths.flatten(method.prepare(variables, delta, Context())[0])
+    evaluation = paths.flatten(method.edits(variables, delta, None, Context()).params)
     merged = paths.flatten(method.merge(variables, delta))
     for p in evaluation:
         np.testing.assert_array_equal(evaluation[p], merged[p])
@@ -265,7 +265,7 @@ def test_structured_group_gate_closes_a_whole_tensor(small):
     method = dp.diff_pruning(structured=True)
     delta = _randomise(method.init(jax.random.key(0), variables), w_scale=1.0)
     delta["params"]["dense"]["kernel"]["alpha_group"] = jnp.asarray(-60.0)
-    prepare = jax.jit(lambda d, k: method.prepare(variables, d, Context(rng=k))[0])
+    prepare = jax.jit(lambda d, k: method.edits(variables, d, None, Context(rng=k)).params)
     for key in (None, jax.random.key(0)):
         prepared = prepare(delta, key)
         np.testing.assert_array_equal(prepared["params"]["dense"]["kernel"],

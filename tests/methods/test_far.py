@@ -18,20 +18,17 @@ from jpeft.methods.far import (BERT_FFN, far, far_magnitude_scores, far_pack,
 FFN = ("intermediate/dense", "output/dense")
 
 
-def _perturb(delta, key=jax.random.key(7), scale=0.1):
-    leaves, treedef = jax.tree.flatten(delta)
-    keys = jax.random.split(key, len(leaves))
-    return jax.tree.unflatten(treedef, [x + scale * jax.random.normal(k, x.shape, x.dtype)
-                                        for x, k in zip(leaves, keys)])
+from conftest import perturb as _perturb
 
 
 @pytest.fixture
-def setup(tiny_bert, tiny_batch):
+def setup(tiny_bert, tiny_batch, tiny_sites):
     model, params = tiny_bert
     variables = {"params": params}
     columns = far_select(far_magnitude_scores(variables), 0.25)
     method = far(columns)
-    return model, variables, columns, method, method.init(jax.random.key(0), variables), tiny_batch
+    return (model, variables, columns, method, method.init(jax.random.key(0), variables), tiny_batch,
+            tiny_sites)
 
 
 class _TwoDense(nn.Module):
@@ -140,12 +137,12 @@ def test_global_budget_ranks_across_matrices():
 
 
 def test_zero_delta_is_exactly_the_base_model(setup):
-    model, variables, _, method, delta, batch = setup
+    model, variables, _, method, delta, batch, sites = setup
     # Op by op (not jitted: under jit XLA may fuse the frozen matmul differently in the two
     # programs, which moves the last bit), a zero delta adds exactly zero.
     base = model.apply(variables, **batch)
     for mode in ("factored", "materialised"):
-        out = jpeft.wrap(model.apply, method, mode=mode)(variables, delta, **batch)
+        out = jpeft.wrap(model.apply, method, sites, mode=mode)(variables, delta, **batch)
         np.testing.assert_array_equal(np.asarray(out), np.asarray(base))
     merged = jax.jit(method.merge)(variables, delta)
     for a, b in zip(jax.tree.leaves(merged), jax.tree.leaves(variables)):
@@ -158,6 +155,7 @@ def test_factored_forward_matches_plain_numpy():
     variables = model.init(jax.random.key(1), x)
     columns = {"params": {"up": {"kernel": np.array([1, 4, 9])}, "out": {"kernel": np.array([2])}}}
     method = far(columns)
+    sites = jpeft.probe(model.apply, variables, x)
     delta = _perturb(method.init(jax.random.key(2), variables), scale=0.5)
     p, d = paths.flatten(variables), paths.flatten(delta)
     f64 = lambda a: np.asarray(a, np.float64)
@@ -169,19 +167,19 @@ def test_factored_forward_matches_plain_numpy():
         return h @ w + b
     h = f64(jax.nn.gelu(jnp.asarray(dense(f64(x), "up", [1, 4, 9]), jnp.float32)))
     want = dense(h, "out", [2])
-    got, merged = jax.jit(lambda v, d: (jpeft.wrap(model.apply, method)(v, d, x),
+    got, merged = jax.jit(lambda v, d: (jpeft.wrap(model.apply, method, sites)(v, d, x),
                                         model.apply(method.merge(v, d), x)))(variables, delta)
     np.testing.assert_allclose(got, want, atol=1e-5)
     np.testing.assert_allclose(merged, want, atol=1e-5)
 
 
 def test_merge_equals_factored_and_materialised_and_touches_only_kept_entries(setup):
-    model, variables, columns, method, delta, batch = setup
+    model, variables, columns, method, delta, batch, sites = setup
     delta = _perturb(delta)
     @jax.jit
     def run(variables, delta):
-        fact = jpeft.wrap(model.apply, method)(variables, delta, **batch)
-        mat = jpeft.wrap(model.apply, method, mode="materialised")(variables, delta, **batch)
+        fact = jpeft.wrap(model.apply, method, sites)(variables, delta, **batch)
+        mat = jpeft.wrap(model.apply, method, sites, mode="materialised")(variables, delta, **batch)
         merged_params = method.merge(variables, delta)
         return (fact, mat, merged_params, model.apply(merged_params, **batch),
                 model.apply(variables, **batch), method.unmerge(merged_params, delta))
@@ -205,7 +203,7 @@ def test_merge_equals_factored_and_materialised_and_touches_only_kept_entries(se
 
 
 def test_gradients_are_the_kept_columns_of_the_full_gradient(setup):
-    model, variables, columns, method, delta, batch = setup
+    model, variables, columns, method, delta, batch, sites = setup
     delta = _perturb(delta)
     modes = ("factored", "materialised")
 
@@ -213,7 +211,7 @@ def test_gradients_are_the_kept_columns_of_the_full_gradient(setup):
     def grads(variables, delta):
         # Reference: plain jax.grad of the model w.r.t. all its weights at the merged point.
         full = jax.grad(lambda v: jnp.sum(model.apply(v, **batch) ** 2))(method.merge(variables, delta))
-        fs = [jpeft.wrap(model.apply, method, mode=m) for m in modes]
+        fs = [jpeft.wrap(model.apply, method, sites, mode=m) for m in modes]
         return full, [jax.grad(lambda d, f=f: jnp.sum(f(variables, d, **batch) ** 2))(delta) for f in fs]
     full, per_mode = grads(variables, delta)
     full, cols = paths.flatten(full), paths.flatten(columns)
@@ -226,10 +224,10 @@ def test_gradients_are_the_kept_columns_of_the_full_gradient(setup):
 
 
 def test_training_moves_only_the_kept_entries(setup):
-    model, variables, columns, method, delta, batch = setup
+    model, variables, columns, method, delta, batch, sites = setup
     method = jpeft.compose(far=method, head=jpeft.full_finetune(("classifier",)))
     delta = method.init(jax.random.key(0), variables)
-    f = jpeft.wrap(model.apply, method)
+    f = jpeft.wrap(model.apply, method, sites)
     labels = jnp.array([0, 1, 1])
 
     def loss(params, d, b, key):
@@ -246,22 +244,22 @@ def test_training_moves_only_the_kept_entries(setup):
     assert jpeft.num_params(delta["far"]) == far_report(variables, columns).trainable
 
 
-def _grad_flops(model, variables, method, delta, batch, mode):
-    f = jpeft.wrap(model.apply, method, mode=mode)
+def _grad_flops(model, variables, method, delta, batch, mode, sites):
+    f = jpeft.wrap(model.apply, method, sites, mode=mode)
     g = jax.jit(jax.grad(lambda d, p: jnp.sum(f(p, d, **batch) ** 2)))
     cost = g.lower(delta, variables).compile().cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     return cost["flops"]
 
 
-def test_factored_form_never_forms_the_full_weight_gradient(tiny_bert, tiny_batch):
+def test_factored_form_never_forms_the_full_weight_gradient(tiny_bert, tiny_batch, tiny_sites):
     model, params = tiny_bert
     variables = {"params": params}
     columns = far_select(far_magnitude_scores(variables), 0.125)
     method = far(columns)
     delta = method.init(jax.random.key(0), variables)
-    fact = _grad_flops(model, variables, method, delta, tiny_batch, "factored")
-    mat = _grad_flops(model, variables, method, delta, tiny_batch, "materialised")
+    fact = _grad_flops(model, variables, method, delta, tiny_batch, "factored", tiny_sites)
+    mat = _grad_flops(model, variables, method, delta, tiny_batch, "materialised", tiny_sites)
     # Materialised forms, per FFN matrix [in, out], the gradient x^T dy (2 N in out FLOPs for N
     # tokens) and keeps k columns; the factored form forms only x^T dy[:, c] (2 N in k) and pays
     # x @ D forward and dy[:, c] @ D^T backward (2 N in k each).
@@ -295,7 +293,7 @@ def test_delta_shardings_take_the_input_axis_of_the_weight(tiny_bert, mesh):
     # The sharded factored forward equals the unsharded one.
     real = _perturb(method.init(jax.random.key(0), variables))
     x = np.random.default_rng(0).integers(1, 100, (4, 8)).astype(np.int32)
-    f = jax.jit(jpeft.wrap(lambda v, ids: _apply(v, ids), method))
+    f = jax.jit(jpeft.wrap(_apply, method, jpeft.probe(_apply, variables, x)))
     want = f(variables, real, x)
     got = f(jax.device_put(variables, shard), jax.device_put(real, ds), x)
     np.testing.assert_allclose(got, want, atol=1e-5)
@@ -308,7 +306,7 @@ def _apply(variables, ids):
 
 
 def test_stored_form_round_trips_through_the_checkpoint(setup, tmp_path):
-    model, variables, columns, method, delta, batch = setup
+    model, variables, columns, method, delta, batch, sites = setup
     delta = _perturb(delta)
     stored = far_pack(columns, delta)
     layer = stored["params"]["bert"]["encoder"]["layer"]["1"]["output"]["dense"]
@@ -327,8 +325,9 @@ def test_stored_form_round_trips_through_the_checkpoint(setup, tmp_path):
     for a, b in zip(jax.tree.leaves(delta2), jax.tree.leaves(delta)):
         np.testing.assert_array_equal(a, b)
     assert jax.tree.structure(delta2) == jax.tree.structure(delta)
-    out = jax.jit(jpeft.wrap(model.apply, far(cols2)))(variables, delta2, **batch)
-    np.testing.assert_array_equal(out, jax.jit(jpeft.wrap(model.apply, method))(variables, delta, **batch))
+    out = jax.jit(jpeft.wrap(model.apply, far(cols2), sites))(variables, delta2, **batch)
+    np.testing.assert_array_equal(
+        out, jax.jit(jpeft.wrap(model.apply, method, sites))(variables, delta, **batch))
 
 
 # --------------------------------------------------------------------------------------------
@@ -386,7 +385,7 @@ def test_malformed_columns_are_errors(tiny_bert):
 
 
 @pytest.mark.slow
-def test_minilm_on_movie_sentences(minilm, movie_data):
+def test_minilm_on_movie_sentences(minilm, minilm_sites, movie_data):
     from jpeft.models.tokenizer import encode
     variables = {"params": minilm.params}
     texts, _ = movie_data
@@ -400,7 +399,7 @@ def test_minilm_on_movie_sentences(minilm, movie_data):
     assert rep.trainable == jpeft.num_params(delta) == 6 * (307 * 385 + 77 * 1537)
     assert rep.column_density == 6 * (307 + 77) / (6 * (1536 + 384))
     args = (batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
-    f = jax.jit(jpeft.wrap(minilm.model.apply, method))
+    f = jax.jit(jpeft.wrap(minilm.model.apply, method, minilm_sites))
     base = jax.jit(minilm.model.apply)(variables, *args)
     np.testing.assert_allclose(f(variables, delta, *args), base, atol=1e-6, rtol=0)
     delta = _perturb(delta, scale=0.02)

@@ -9,39 +9,43 @@ import numpy as np
 import pytest
 
 import jpeft
+from conftest import perturb as _perturb
 from jpeft.core import paths
 
 
-def _perturb(delta, key=jax.random.key(7), scale=0.1):
-    leaves, treedef = jax.tree.flatten(delta)
-    keys = jax.random.split(key, len(leaves))
-    return jax.tree.unflatten(treedef, [x + scale * jax.random.normal(k, x.shape, x.dtype)
-                                        for x, k in zip(leaves, keys)])
+class Setup:
+    def __init__(self, model, variables, method, delta, batch, sites):
+        self.model, self.variables, self.method, self.delta, self.batch, self.sites = (
+            model, variables, method, delta, batch, sites)
+
+    def __iter__(self):
+        return iter((self.model, self.variables, self.method, self.delta, self.batch))
 
 
 @pytest.fixture
-def setup(tiny_bert, tiny_batch):
+def setup(tiny_bert, tiny_batch, tiny_sites):
     model, params = tiny_bert
     variables = {"params": params}
     method = jpeft.lora(targets=("query", "value"), rank=4, alpha=8)
-    delta = method.init(jax.random.key(1), variables)
-    return model, variables, method, delta, tiny_batch
+    delta = method.init(jax.random.key(1), variables, tiny_sites)
+    return Setup(model, variables, method, delta, tiny_batch, tiny_sites)
 
 
 def test_zero_delta_is_exactly_the_base_model(setup):
     model, variables, method, delta, batch = setup
     base = model.apply(variables, **batch)
     for mode in ("factored", "materialised"):
-        out = jpeft.wrap(model.apply, method, mode=mode)(variables, delta, **batch)
+        out = jpeft.wrap(model.apply, method, setup.sites, mode=mode)(variables, delta, **batch)
         np.testing.assert_array_equal(np.asarray(out), np.asarray(base))
 
 
 def test_merge_equals_factored_and_materialised(setup):
     model, variables, method, delta, batch = setup
+    sites = setup.sites
     delta = _perturb(delta)
-    fact = jpeft.wrap(model.apply, method)(variables, delta, **batch)
-    mat = jpeft.wrap(model.apply, method, mode="materialised")(variables, delta, **batch)
-    merged = model.apply(method.merge(variables, delta), **batch)
+    fact = jpeft.wrap(model.apply, method, sites)(variables, delta, **batch)
+    mat = jpeft.wrap(model.apply, method, sites, mode="materialised")(variables, delta, **batch)
+    merged = model.apply(method.merge(variables, delta, sites), **batch)
     assert not np.allclose(fact, model.apply(variables, **batch), atol=1e-3)
     np.testing.assert_allclose(fact, merged, atol=1e-5, rtol=1e-5)
     np.testing.assert_allclose(mat, merged, atol=1e-6, rtol=1e-6)
@@ -50,7 +54,7 @@ def test_merge_equals_factored_and_materialised(setup):
 def test_unmerge_restores_base_weights(setup):
     _, variables, method, delta, _ = setup
     delta = _perturb(delta)
-    back = method.unmerge(method.merge(variables, delta), delta)
+    back = method.unmerge(method.merge(variables, delta, setup.sites), delta, setup.sites)
     for (p, w0), w in zip(paths.flatten(variables).items(), jax.tree.leaves(back)):
         # |(W0 + D) - D - W0| <= 2 ulp of the largest magnitude involved.
         np.testing.assert_allclose(w, w0, atol=4 * np.finfo(np.float32).eps * (1 + float(jnp.abs(w0).max())))
@@ -59,7 +63,7 @@ def test_unmerge_restores_base_weights(setup):
 def test_merged_weight_is_w0_plus_scaled_product(setup):
     _, variables, method, delta, _ = setup
     delta = _perturb(delta)
-    merged = paths.flatten(method.merge(variables, delta))
+    merged = paths.flatten(method.merge(variables, delta, setup.sites))
     base = paths.flatten(variables)
     flat_d = paths.flatten(delta)
     for p, a in flat_d.items():
@@ -82,13 +86,14 @@ def test_factored_forward_matches_plain_jnp(rslora):
     x = jax.random.normal(jax.random.key(0), (5, 12))
     variables = model.init(jax.random.key(1), x)
     method = jpeft.lora(("proj",), rank=3, alpha=6, use_rslora=rslora)
-    delta = _perturb(method.init(jax.random.key(2), variables))
+    sites = jpeft.probe(model.apply, variables, x)
+    delta = _perturb(method.init(jax.random.key(2), variables, sites))
     a = delta["params"]["proj"]["kernel"]["lora_A"]
     b = delta["params"]["proj"]["kernel"]["lora_B"]
     w, bias = variables["params"]["proj"]["kernel"], variables["params"]["proj"]["bias"]
     s = 6 / math.sqrt(3) if rslora else 6 / 3
     want = x @ w + bias + s * (x @ a) @ b
-    got = jpeft.wrap(model.apply, method)(variables, delta, x)
+    got = jpeft.wrap(model.apply, method, sites)(variables, delta, x)
     np.testing.assert_allclose(got, want, atol=1e-5)
     assert method.config["scaling"] == pytest.approx(s)
 
@@ -98,7 +103,7 @@ def test_gradients_match_between_factored_and_materialised(setup):
     delta = _perturb(delta)
 
     def loss(mode):
-        f = jpeft.wrap(model.apply, method, mode=mode)
+        f = jpeft.wrap(model.apply, method, setup.sites, mode=mode)
         return lambda d: jnp.sum(f(variables, d, **batch) ** 2)
     g1 = jax.grad(loss("factored"))(delta)
     g2 = jax.grad(loss("materialised"))(delta)
@@ -106,21 +111,21 @@ def test_gradients_match_between_factored_and_materialised(setup):
         np.testing.assert_allclose(x, y, atol=1e-4, rtol=1e-4)
 
 
-def _grad_flops(model, variables, method, delta, batch, mode):
-    f = jpeft.wrap(model.apply, method, mode=mode)
+def _grad_flops(model, variables, method, delta, batch, mode, sites):
+    f = jpeft.wrap(model.apply, method, sites, mode=mode)
     g = jax.jit(jax.grad(lambda d, p: jnp.sum(f(p, d, **batch) ** 2)))
     cost = g.lower(delta, variables).compile().cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     return cost["flops"]
 
 
-def test_factored_form_never_forms_the_full_weight_gradient(tiny_bert, tiny_batch):
+def test_factored_form_never_forms_the_full_weight_gradient(tiny_bert, tiny_batch, tiny_sites):
     model, params = tiny_bert
     variables = {"params": params}
     method = jpeft.lora("all-linear", rank=2, alpha=2, exclude=("classifier",))
-    delta = method.init(jax.random.key(0), variables)
-    fact = _grad_flops(model, variables, method, delta, tiny_batch, "factored")
-    mat = _grad_flops(model, variables, method, delta, tiny_batch, "materialised")
+    delta = method.init(jax.random.key(0), variables, tiny_sites)
+    fact = _grad_flops(model, variables, method, delta, tiny_batch, "factored", tiny_sites)
+    mat = _grad_flops(model, variables, method, delta, tiny_batch, "materialised", tiny_sites)
     # Materialised pays, per adapted [in, out] matrix, one [in, out] gradient x^T dy (2*N*in*out
     # FLOPs for N tokens) plus the merge; the factored form pays O(N * r * (in + out)).
     n_tokens = int(np.prod(tiny_batch["input_ids"].shape))
@@ -135,7 +140,7 @@ def test_counts_follow_the_formula(setup, tiny_config):
     h, layers = tiny_config.hidden_size, tiny_config.num_hidden_layers
     assert jpeft.num_params(delta) == layers * 2 * 4 * (h + h)
     method = jpeft.lora("all-linear", rank=2, exclude=("classifier",))
-    d = method.init(jax.random.key(0), variables)
+    d = method.init(jax.random.key(0), variables, setup.sites)
     i = tiny_config.intermediate_size
     per_layer = 4 * 2 * (h + h) + 2 * (h + i) + 2 * (i + h)
     assert jpeft.num_params(d) == layers * per_layer
@@ -144,20 +149,23 @@ def test_counts_follow_the_formula(setup, tiny_config):
 
 def test_layers_to_transform(setup):
     _, variables, _, _, _ = setup
-    d = jpeft.lora(("query",), rank=2, layers_to_transform=[1]).init(jax.random.key(0), variables)
+    d = jpeft.lora(("query",), rank=2, layers_to_transform=[1]).init(jax.random.key(0), variables,
+                                                                     setup.sites)
     selected = [paths.path_str(p) for p in paths.flatten(d) if p[-1] == "lora_A"]
     assert selected == ["params/bert/encoder/layer/1/attention/self/query/kernel/lora_A"]
 
 
 def test_init_distributions():
     variables = {"params": {"proj": {"kernel": jnp.zeros((4096, 64))}}}
-    k = jpeft.lora(("proj",), rank=16).init(jax.random.key(0), variables)["params"]["proj"]["kernel"]
+    sites = jpeft.probe(lambda v, x: x @ v["params"]["proj"]["kernel"], variables, jnp.ones((1, 4096)))
+    k = jpeft.lora(("proj",), rank=16).init(jax.random.key(0), variables, sites)
+    k = k["params"]["proj"]["kernel"]
     a = np.asarray(k["lora_A"])
     bound = 1 / math.sqrt(4096)
     assert np.abs(a).max() <= bound and np.abs(a).max() > 0.99 * bound
     assert np.std(a) == pytest.approx(bound / math.sqrt(3), rel=0.02)
     assert not np.any(np.asarray(k["lora_B"]))
-    g = jpeft.lora(("proj",), rank=16, init="gaussian").init(jax.random.key(0), variables)
+    g = jpeft.lora(("proj",), rank=16, init="gaussian").init(jax.random.key(0), variables, sites)
     assert np.std(np.asarray(g["params"]["proj"]["kernel"]["lora_A"])) == pytest.approx(1 / 16, rel=0.02)
 
 
@@ -165,8 +173,8 @@ def test_dropout_only_with_a_key(setup):
     model, variables, _, delta, batch = setup
     method = jpeft.lora(targets=("query", "value"), rank=4, alpha=8, dropout=0.5)
     delta = _perturb(delta, scale=0.5)
-    f = jpeft.wrap(model.apply, method)
-    no_drop = jpeft.wrap(model.apply, jpeft.lora(("query", "value"), rank=4, alpha=8))
+    f = jpeft.wrap(model.apply, method, setup.sites)
+    no_drop = jpeft.wrap(model.apply, jpeft.lora(("query", "value"), rank=4, alpha=8), setup.sites)
     np.testing.assert_array_equal(f(variables, delta, **batch), no_drop(variables, delta, **batch))
     a = f(variables, delta, **batch, delta_rng=jax.random.key(0))
     b = f(variables, delta, **batch, delta_rng=jax.random.key(1))
@@ -179,8 +187,9 @@ def test_dropout_keeps_the_expected_update():
     x = jnp.ones((20000, 12))
     variables = model.init(jax.random.key(1), x)
     method = jpeft.lora(("proj",), rank=3, alpha=3, dropout=0.3)
-    delta = _perturb(method.init(jax.random.key(2), variables), scale=1.0)
-    f = jpeft.wrap(model.apply, method)
+    sites = jpeft.probe(model.apply, variables, x)
+    delta = _perturb(method.init(jax.random.key(2), variables, sites), scale=1.0)
+    f = jpeft.wrap(model.apply, method, sites)
     base = model.apply(variables, x)
     with_drop = f(variables, delta, x, delta_rng=jax.random.key(3)) - base
     without = f(variables, delta, x) - base
@@ -189,8 +198,9 @@ def test_dropout_keeps_the_expected_update():
 
 def test_errors(setup):
     _, variables, _, _, _ = setup
-    with pytest.raises(ValueError, match="rank 40 is larger than the matrix"):
-        jpeft.lora(("query",), rank=40).init(jax.random.key(0), variables)
+    sites = setup.sites
+    with pytest.raises(ValueError, match="rank 40 is larger than the weight"):
+        jpeft.lora(("query",), rank=40).init(jax.random.key(0), variables, sites)
     with pytest.raises(ValueError, match="positive integer"):
         jpeft.lora(rank=0)
     with pytest.raises(ValueError, match="dropout"):
@@ -198,34 +208,64 @@ def test_errors(setup):
     with pytest.raises(ValueError, match="init"):
         jpeft.lora(init="xavier")
     with pytest.raises(ValueError, match=r"matched none.*attention/self/query"):
-        jpeft.lora(("qeury",)).init(jax.random.key(0), variables)
+        jpeft.lora(("qeury",)).init(jax.random.key(0), variables, sites)
     with pytest.raises(ValueError, match="mode"):
         jpeft.wrap(lambda p: p, jpeft.lora(), mode="fused")
+    with pytest.raises(ValueError, match=r"needs the model's contraction sites.*jpeft.probe"):
+        jpeft.lora(("query",)).init(jax.random.key(0), variables)
+    with pytest.raises(ValueError, match=r"none can be adapted.*LayerNorm/scale: not a contraction "
+                                         r"weight \(used by"):
+        jpeft.lora(("attention/output/LayerNorm",)).init(jax.random.key(0), variables, sites)
 
 
-def test_factored_mode_reports_weights_not_used_by_dense():
-    def apply(variables, x):     # a plain-JAX model: no nn.Dense to intercept
-        return x @ variables["params"]["proj"]["kernel"]
-    variables = {"params": {"proj": {"kernel": jnp.ones((4, 3))}}}
-    method = jpeft.lora(("proj",), rank=2)
-    delta = _perturb(method.init(jax.random.key(0), variables))
-    x = jnp.ones((2, 4))
-    with pytest.raises(ValueError, match="mode='materialised'"):
-        jpeft.wrap(apply, method)(variables, delta, x)
-    out = jpeft.wrap(apply, method, mode="materialised")(variables, delta, x)
-    np.testing.assert_allclose(out, apply(method.merge(variables, delta), x), atol=1e-6)
+def test_dropout_in_materialised_mode_is_an_error(setup):
+    model, variables, _, delta, batch = setup
+    method = jpeft.lora(("query", "value"), rank=4, alpha=8, dropout=0.1)
+    f = jpeft.wrap(model.apply, method, setup.sites, mode="materialised")
+    with pytest.raises(ValueError, match=r"dropout=0.1 cannot be applied in mode='materialised'"):
+        f(variables, delta, **batch, delta_rng=jax.random.key(0))
+    np.testing.assert_array_equal(f(variables, delta, **batch), model.apply(variables, **batch))
+
+
+def test_plain_jax_model_and_weights_used_outside_contractions():
+    """A raw-einsum model is adapted through its data flow; a weight also used by another op
+    (a tied embedding: a gather and a contraction) is refused in the factored form."""
+    def apply(v, ids):
+        emb = v["embed"]                                  # [vocab, d]: lookup and tied output
+        h = emb[ids]
+        h = jnp.einsum("btd,df->btf", h, v["proj"])
+        return jnp.einsum("btd,vd->btv", h, emb)
+    v = {"embed": jax.random.normal(jax.random.key(0), (11, 4)),
+         "proj": jax.random.normal(jax.random.key(1), (4, 4))}
+    ids = jnp.array([[1, 2, 3]])
+    sites = jpeft.probe(apply, v, ids)
+    assert sites.contractions[("proj",)].contract == (0,)
+    assert sites.contractions[("embed",)].contract == (1,)        # contracted over d: [V, d]
+    assert "gather" in sites.contractions[("embed",)].other_uses
+    method = jpeft.lora(("proj", "embed"), rank=2)
+    delta = _perturb(method.init(jax.random.key(0), v, sites))
+    assert delta["embed"]["lora_A"].shape == (4, 2) and delta["embed"]["lora_B"].shape == (2, 11)
+    with pytest.raises(ValueError, match=r"embed \(by gather\).*mode='materialised'"):
+        jpeft.wrap(apply, method, sites)(v, delta, ids)
+    out = jpeft.wrap(apply, method, sites, mode="materialised")(v, delta, ids)
+    np.testing.assert_allclose(out, apply(method.merge(v, delta, sites), ids), atol=1e-5)
+    only_proj = jpeft.lora(("proj",), rank=2)
+    d2 = _perturb(only_proj.init(jax.random.key(0), v, sites))
+    want = apply({**v, "proj": v["proj"] + 4.0 * d2["proj"]["lora_A"] @ d2["proj"]["lora_B"]}, ids)
+    np.testing.assert_allclose(jpeft.wrap(apply, only_proj, sites)(v, d2, ids), want, atol=1e-5)
 
 
 @pytest.mark.slow
-def test_minilm_qv_r8_has_73728_adapter_params(minilm):
+def test_minilm_qv_r8_has_73728_adapter_params(minilm, minilm_sites):
     variables = {"params": minilm.params}
-    delta = jpeft.lora(("query", "value"), rank=8, alpha=8).init(jax.random.key(0), variables)
+    delta = jpeft.lora(("query", "value"), rank=8, alpha=8).init(jax.random.key(0), variables,
+                                                                 minilm_sites)
     assert jpeft.num_params(delta) == 73_728
 
 
 @pytest.mark.torch
 @pytest.mark.parametrize("targets", [("query", "value"), "all-linear"])
-def test_count_matches_hugging_face_peft(minilm, targets):
+def test_count_matches_hugging_face_peft(minilm, minilm_sites, targets):
     pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     peft = pytest.importorskip("peft")
@@ -237,5 +277,5 @@ def test_count_matches_hugging_face_peft(minilm, targets):
     model = peft.get_peft_model(hf, peft.LoraConfig(r=8, lora_alpha=8, target_modules=hf_targets))
     trainable, _ = model.get_nb_trainable_parameters()
     delta = jpeft.lora(targets, rank=8, exclude=("classifier",)).init(
-        jax.random.key(0), {"params": minilm.params})
+        jax.random.key(0), {"params": minilm.params}, minilm_sites)
     assert jpeft.num_params(delta) == trainable

@@ -45,13 +45,13 @@ def test_bucketed_logits_equal_unbucketed(tiny_bert):
     np.testing.assert_allclose(bucketed, full, atol=1e-5)
 
 
-def test_resume_from_step_continues_exactly(tiny_bert):
+def test_resume_from_step_continues_exactly(tiny_bert, tiny_sites):
     model, params = tiny_bert
     variables = {"params": params}
     method = jpeft.compose(lora=jpeft.lora(("query", "value"), rank=2),
                            head=jpeft.full_finetune(("classifier",)))
-    delta = method.init(jax.random.key(0), variables)
-    loss = clf.make_loss(model.apply, method)
+    delta = method.init(jax.random.key(0), variables, tiny_sites)
+    loss = clf.make_loss(model.apply, method, tiny_sites)
     opt = optax.adam(1e-2)
     split = _split()
     kw = dict(batch_size=8, seed=1, progress=False, buckets=(8, 16))

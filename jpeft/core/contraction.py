@@ -1,0 +1,183 @@
+"""Contracting the input of a contraction site with tensors laid out along its weight.
+
+Everything here is written in the weight's own axis numbering, so one implementation serves a
+Dense kernel ``[in, out]``, a DenseGeneral kernel ``[in, heads, head_dim]``, an einsum weight in
+any axis order, a stacked ``[L, in, out]`` kernel under ``scan`` (one slice per iteration) and a
+conv kernel ``[kh, kw, in, out]``.
+
+A low-rank change of a weight ``W`` with layout ``(stack S, contract I, free O)`` is a pair of
+factors ``A: [*S, *I, r]`` and ``B: [*S, r, *O]`` (axes of ``S``, ``I``, ``O`` in the weight's order),
+``dW[s, i, o] = sum_k A[s, i, k] B[s, k, o]``. At a call ``y = op(x, W)`` the factored form adds
+``op(x, dW)`` as ``(x . A) . B``: first ``x`` against ``A`` over ``I`` (batched over ``S``), then the
+rank against ``B``; the ``[*I, *O]`` matrix is never formed, and neither is its gradient.
+"""
+
+from __future__ import annotations
+
+import string
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+
+from jpeft.core import sites as sites_lib
+
+Factor = sites_lib.Factor
+
+
+def low_rank_axes(layout: sites_lib.Contraction) -> tuple[tuple, tuple]:
+    """The weight axes of ``A`` and ``B`` (``None``: the rank axis) for a layout."""
+    s = tuple(layout.stack)
+    return s + tuple(layout.contract) + (None,), s + (None,) + tuple(layout.free)
+
+
+def low_rank_shapes(shape: Sequence[int], layout: sites_lib.Contraction, rank: int
+                    ) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Shapes of ``A: [*S, *I, r]`` and ``B: [*S, r, *O]`` for a weight of ``shape``."""
+    a_axes, b_axes = low_rank_axes(layout)
+    dim = lambda a: rank if a is None else int(shape[a])
+    return tuple(map(dim, a_axes)), tuple(map(dim, b_axes))
+
+
+def _letters(n: int, taken: str = "") -> list[str]:
+    free = [c for c in string.ascii_letters if c not in taken]
+    if n > len(free):
+        raise ValueError(f"contraction: {n} axes are more than einsum can name")
+    return free[:n]
+
+
+def outer(a: Factor, b: Factor, shape: Sequence[int]) -> jax.Array:
+    """``dW = sum_k A[..., k, ...] B[..., k, ...]`` laid out like the weight (``shape``).
+
+    Every weight axis must appear in ``a`` or ``b``; an axis in both is a batch (stack) axis.
+    Computed in float32.
+    """
+    names = _letters(len(shape) + 1)
+    rank = names[-1]
+    spec = lambda f: "".join(rank if ax is None else names[ax] for ax in f.axes)
+    missing = [i for i in range(len(shape)) if i not in a.axes and i not in b.axes]
+    if missing:
+        raise ValueError(f"contraction.outer: weight axes {missing} are in neither factor")
+    return jnp.einsum(f"{spec(a)},{spec(b)}->{''.join(names[:len(shape)])}",
+                      a.value.astype(jnp.float32), b.value.astype(jnp.float32))
+
+
+def _dot_specs(call: sites_lib.ContractionCall):
+    """Einsum letters for a ``dot_general`` call: ``(x_spec, y_spec, letter_of_weight_axis)``."""
+    (lc, rc), (lb, rb) = call.params["dimension_numbers"]
+    wc, wb = (lc, lb) if call.weight_is_lhs else (rc, rb)
+    xc, xb = (rc, rb) if call.weight_is_lhs else (lc, lb)
+    w_axes = call.weight_axes
+    names = iter(_letters(len(w_axes) + call.x.ndim + 2))
+    letter = {a: next(names) for a in w_axes}                    # weight axis -> letter
+    x_spec = [""] * call.x.ndim
+    for xi, wi in zip(xc, wc):
+        x_spec[xi] = letter[w_axes[wi]]
+    for xi, wi in zip(xb, wb):
+        x_spec[xi] = letter[w_axes[wi]]
+    x_free = [i for i in range(call.x.ndim) if not x_spec[i]]
+    for i in x_free:
+        x_spec[i] = next(names)
+    batch = [letter[w_axes[wi]] for wi in wb]
+    w_free = [letter[a] for i, a in enumerate(w_axes) if i not in wc and i not in wb]
+    xf = [x_spec[i] for i in x_free]
+    y_spec = batch + (w_free + xf if call.weight_is_lhs else xf + w_free)
+    rank = next(names)
+    return "".join(x_spec), "".join(y_spec), letter, rank, batch, xf
+
+
+def _factor_spec(f: Factor, letter: dict, rank: str, what: str) -> str:
+    try:
+        return "".join(rank if a is None else letter[a] for a in f.axes)
+    except KeyError:
+        raise ValueError(f"{what}: the factor's weight axes {f.axes} do not fit this contraction "
+                         f"(its weight axes: {sorted(letter)})") from None
+
+
+def _precision(call):
+    return dict(precision=call.params.get("precision"),
+                preferred_element_type=call.params.get("preferred_element_type"))
+
+
+def dot_low_rank(call: sites_lib.ContractionCall, x: jax.Array, a: Factor, b: Factor) -> jax.Array:
+    """``op(x, dW)`` for ``dW = outer(a, b)``, computed as ``(x . A) . B`` (same layout as
+    ``call.y``). ``x`` replaces ``call.x`` (e.g. after dropout)."""
+    x_spec, y_spec, letter, rank, batch, xf = _dot_specs(call)
+    a_spec = _factor_spec(a, letter, rank, "low rank A")
+    b_spec = _factor_spec(b, letter, rank, "low rank B")
+    _check_split(call, a_spec, b_spec, letter, rank)
+    u_spec = "".join(batch + xf) + rank
+    u = jnp.einsum(f"{x_spec},{a_spec}->{u_spec}", x, a.value.astype(x.dtype), **_precision(call))
+    return jnp.einsum(f"{u_spec},{b_spec}->{y_spec}", u, b.value.astype(u.dtype),
+                      **_precision(call))
+
+
+def _check_split(call, a_spec, b_spec, letter, rank):
+    """``A`` must hold exactly the contracted and batch axes of this call, ``B`` exactly the batch
+    and free ones: otherwise the factors were made for another layout."""
+    (lc, rc), (lb, rb) = call.params["dimension_numbers"]
+    wc, wb = (lc, lb) if call.weight_is_lhs else (rc, rb)
+    w = call.weight_axes
+    want_a = {letter[w[i]] for i in (*wc, *wb)} | {rank}
+    want_b = {letter[w[i]] for i in range(len(w)) if i not in wc} | {rank}
+    if set(a_spec) != want_a or set(b_spec) != want_b:
+        inv = {v: k for k, v in letter.items()}
+        show = lambda s: sorted(inv.get(c, "r") for c in s)
+        raise ValueError(
+            f"low rank factors laid out for weight axes A {show(a_spec)}, B {show(b_spec)} but this "
+            f"contraction needs A {show(want_a)}, B {show(want_b)} (contracted {sorted(w[i] for i in wc)},"
+            f" batch {sorted(w[i] for i in wb)}): probe the model again")
+
+
+def dot_with(call: sites_lib.ContractionCall, x: jax.Array, t: Factor) -> jax.Array:
+    """``x`` contracted with ``t`` as the call contracts ``x`` with its weight: ``t``'s weight
+    axes must include the contracted ones; its other axes are kept, after the call's batch and
+    ``x``'s free axes, in ``t``'s order (``None`` axes included)."""
+    x_spec, _, letter, rank, batch, xf = _dot_specs(call)
+    extra = iter(_letters(len(t.axes), x_spec + "".join(letter.values()) + rank))
+    t_spec = "".join(next(extra) if a is None else letter[a] for a in t.axes)
+    (lc, rc), (lb, rb) = call.params["dimension_numbers"]
+    wc = lc if call.weight_is_lhs else rc
+    contracted = {letter[call.weight_axes[i]] for i in wc}
+    kept = [c for c in t_spec if c not in contracted and c not in batch]
+    return jnp.einsum(f"{x_spec},{t_spec}->{''.join(batch + xf + kept)}", x,
+                      t.value.astype(x.dtype), **_precision(call))
+
+
+def conv_low_rank(call: sites_lib.ContractionCall, x: jax.Array, a: Factor, b: Factor
+                  ) -> jax.Array:
+    """``conv(x, dW)`` for ``dW = outer(a, b)`` as Hugging Face PEFT's LoRA on a conv does it:
+    a conv with ``A`` (``r`` output channels, the weight's window) then a 1x1 conv with ``B``
+    (a contraction of the channel axis). ``A``: input-feature and spatial axes + rank; ``B``: rank
+    + the output-feature axis."""
+    p = call.params
+    if p.get("feature_group_count", 1) != 1 or p.get("batch_group_count", 1) != 1:
+        raise ValueError("low rank on a grouped (depthwise) conv is not supported")
+    dn = p["dimension_numbers"]
+    out_dim = dn.rhs_spec[0]
+    w = call.weight_axes
+    pos = {ax: i for i, ax in enumerate(a.axes)}
+    try:
+        order = [pos[None] if j == out_dim else pos[w[j]] for j in range(len(w))]
+    except KeyError:
+        raise ValueError(f"conv low rank: A's weight axes {a.axes} do not fit a conv whose "
+                         f"kernel axes are {w}") from None
+    if len(order) != len(a.axes) or b.axes not in ((None, w[out_dim]),):
+        raise ValueError(f"conv low rank: factors A {a.axes}, B {b.axes} do not fit kernel axes "
+                         f"{w} (output feature axis {w[out_dim]})")
+    kernel = jnp.transpose(a.value.astype(x.dtype), order)
+    keep = {k: v for k, v in p.items() if k not in ("out_sharding",)}
+    t = jax.lax.conv_general_dilated(x, kernel, **keep)
+    feat = dn.out_spec[1]
+    names = _letters(t.ndim + 1)
+    t_spec = "".join(names[:t.ndim])
+    y_spec = t_spec[:feat] + names[-1] + t_spec[feat + 1:]
+    return jnp.einsum(f"{t_spec},{t_spec[feat]}{names[-1]}->{y_spec}", t,
+                      b.value.astype(t.dtype), precision=p.get("precision"))
+
+
+def low_rank(call: sites_lib.ContractionCall, x: jax.Array, a: Factor, b: Factor) -> jax.Array:
+    """:func:`dot_low_rank` or :func:`conv_low_rank` by the call's kind."""
+    if call.kind == "conv":
+        return conv_low_rank(call, x, a, b)
+    return dot_low_rank(call, x, a, b)

@@ -1,0 +1,258 @@
+"""Sites: where a method meets the forward pass, found from the model's own data flow.
+
+A *site* is a place in the forward pass that a method may change. The one kind every parameter
+method needs is the **contraction**: a base weight ``W`` (a leaf of the parameter tree, any rank)
+entering a ``lax.dot_general`` or ``lax.conv_general_dilated``. Dense, DenseGeneral, Einsum and Conv
+layers, ``nnx.Linear``/``nnx.LinearGeneral``, hand-written ``jnp.einsum`` projections and a
+layer-stacked ``[L, ...]`` kernel under ``scan`` all reach one.
+
+:func:`probe` finds every contraction site by running the model *abstractly* (no FLOPs) through
+the data-flow backend (:mod:`jpeft.core.dataflow`): it follows each parameter leaf from the
+function's inputs, through dtype casts, transposes, nested ``jit``, ``checkpoint``/``remat``,
+``scan`` (which slices a stacked weight), ``cond``/``while`` and custom-derivative functions, to
+the contractions it enters. A weight is identified by where its value comes from, never by module
+class, attribute name or object identity, so the same method works on Flax linen, Flax NNX and raw
+JAX code.
+
+The result, :class:`Sites`, maps each weight's path to its :class:`Contraction` layout, in the
+weight's own axis numbering::
+
+    stack     axes indexing independent slices: scanned layer axes [L, ...] and dot batch axes
+    contract  axes summed against the input (a conv's spatial and input-feature axes)
+    free      the output axes
+
+e.g. a linen ``Dense`` kernel ``[in, out]`` is ``stack=(), contract=(0,), free=(1,)``; a
+``DenseGeneral`` query kernel ``[in, heads, head_dim]`` is ``contract=(0,), free=(1, 2)``; an
+attention output kernel ``[heads, head_dim, out]`` is ``contract=(0, 1), free=(2,)``; the same
+under ``nn.scan`` gains a leading ``stack=(0,)``; a conv kernel ``[kh, kw, in, out]`` is
+``contract=(0, 1, 2), free=(3,)``.
+
+A method states what it does at a contraction with a :class:`ContractionEdit`: arrays that live
+along the weight (each axis mapped to a weight axis, so ``scan`` slices them with the weight) and a
+pure function of the :class:`ContractionCall` (what the op sees) and those arrays that returns the
+new output. The backend applies it; the method never imports a model framework.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping, NamedTuple
+
+import jax
+
+from jpeft.core import paths as paths_lib
+
+Path = paths_lib.Path
+Axes = tuple  # tuple[int | None, ...]: the weight axis of each array axis (None: the array's own)
+
+
+class Contraction(NamedTuple):
+    """How one weight meets the forward pass (axes in the weight's own numbering, sorted).
+
+    Attributes:
+      kind: ``"dot"`` (``lax.dot_general``) or ``"conv"`` (``lax.conv_general_dilated``).
+      stack: axes that index independent slices (a ``scan``-stacked layer axis, dot batch axes).
+      contract: axes summed against the input.
+      free: output axes.
+      calls: how many contraction calls use the weight (per forward pass, per scan iteration).
+      other_uses: names of the other primitives that consume the weight directly (e.g.
+        ``"gather"`` for an embedding table that is also the tied output projection).
+    """
+    kind: str
+    stack: tuple[int, ...]
+    contract: tuple[int, ...]
+    free: tuple[int, ...]
+    calls: int = 1
+    other_uses: tuple[str, ...] = ()
+
+    def to_json(self) -> dict:
+        return {"kind": self.kind, "stack": list(self.stack), "contract": list(self.contract),
+                "free": list(self.free), "calls": self.calls, "other_uses": list(self.other_uses)}
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> "Contraction":
+        return cls(d["kind"], tuple(d["stack"]), tuple(d["contract"]), tuple(d["free"]),
+                   int(d.get("calls", 1)), tuple(d.get("other_uses", ())))
+
+
+class Sites(NamedTuple):
+    """Every contraction site of a forward pass (:func:`probe`).
+
+    Attributes:
+      contractions: ``{weight path: Contraction}`` for each parameter leaf that enters a
+        contraction with one consistent layout.
+      conflicts: ``{weight path: description}`` for leaves that enter contractions with different
+        layouts (a method that needs one layout reports it).
+      other_uses: ``{path: (primitive names)}`` for parameter leaves consumed only by other
+        primitives (biases, norms, embedding lookups).
+    """
+    contractions: Mapping[Path, Contraction]
+    conflicts: Mapping[Path, str] = {}
+    other_uses: Mapping[Path, tuple[str, ...]] = {}
+
+    def to_json(self) -> dict:
+        """A JSON-serialisable form (saved with checkpoints; :meth:`from_json` inverts it)."""
+        return {"contractions": {paths_lib.path_str(p): c.to_json()
+                                 for p, c in self.contractions.items()},
+                "conflicts": {paths_lib.path_str(p): s for p, s in self.conflicts.items()},
+                "other_uses": {paths_lib.path_str(p): list(u) for p, u in self.other_uses.items()}}
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> "Sites":
+        split = lambda s: tuple(s.split("/"))
+        return cls({split(p): Contraction.from_json(c) for p, c in d["contractions"].items()},
+                   {split(p): s for p, s in d.get("conflicts", {}).items()},
+                   {split(p): tuple(u) for p, u in d.get("other_uses", {}).items()})
+
+    def layout(self, path: Path, *, what: str) -> Contraction:
+        """The contraction layout of ``path``; a ``ValueError`` that says why there is none."""
+        if path in self.contractions:
+            return self.contractions[path]
+        name = paths_lib.path_str(path)
+        if path in self.conflicts:
+            raise ValueError(f"{what}: {name} enters contractions with different layouts "
+                             f"({self.conflicts[path]}); one set of factors cannot serve both")
+        if path in self.other_uses:
+            raise ValueError(f"{what}: {name} is never the weight of a contraction in the forward "
+                             f"pass (it is used by {', '.join(self.other_uses[path])})")
+        raise ValueError(f"{what}: {name} is not used by the probed forward pass (was the probe "
+                         f"run with inputs that reach it?)")
+
+
+class Factor(NamedTuple):
+    """An array that lives along a weight: ``axes[i]`` is the weight axis that array axis ``i``
+    shares (``None`` for the array's own axes, e.g. a LoRA rank). ``scan`` slices a factor
+    wherever it slices the weight."""
+    value: Any
+    axes: Axes
+
+
+class ContractionCall(NamedTuple):
+    """What an edit sees at one contraction of a weight ``W``.
+
+    Attributes:
+      kind: ``"dot"`` or ``"conv"``.
+      x: the other operand (the activations).
+      y: the op's output with the base weight.
+      weight_axes: for each axis of the weight operand as the op sees it, the axis of the stored
+        weight ``W`` (slices taken by ``scan`` are gone; transposes are undone).
+      weight_is_lhs: whether the weight is the op's first operand.
+      params: the op's own parameters (``dimension_numbers``, ``precision``, ...).
+      index: iteration indices (int32 scalars) of the enclosing ``scan`` loops, outermost first.
+      rng: the key for the edit's own randomness at this call (``None``: deterministic), already
+        folded with the weight's path and ``index``.
+    """
+    kind: str
+    x: Any
+    y: Any
+    weight_axes: tuple[int, ...]
+    weight_is_lhs: bool
+    params: Mapping[str, Any]
+    index: tuple = ()
+    rng: Any = None
+
+
+EditFn = Callable[[ContractionCall, Mapping[str, Factor]], Any]
+
+
+class ContractionEdit(NamedTuple):
+    """A method's change at the contractions of one weight.
+
+    ``factors`` are sliced along with the weight (see :class:`Factor`); ``fn(call, factors)``
+    returns the new output (the shape and dtype of ``call.y``)."""
+    factors: Mapping[str, Factor]
+    fn: EditFn
+
+
+class Edits(NamedTuple):
+    """What a method changes in one forward pass: ``params`` (the parameters the model runs
+    with: the base, or the base with parts of the delta merged in) and ``contractions``
+    (``{weight path: ContractionEdit}``)."""
+    params: Any
+    contractions: Mapping[Path, ContractionEdit] = {}
+
+
+def probe(apply_fn: Callable[..., Any], params: Any, *args, **kwargs) -> Sites:
+    """The contraction sites of ``apply_fn(params, *args, **kwargs)``, found abstractly.
+
+    ``params`` and the array arguments may be concrete arrays or ``jax.ShapeDtypeStruct``; nothing
+    is computed (the function is traced once). Non-array arguments are passed through as they
+    are (``deterministic=True``, a ``train`` flag, ...).
+    """
+    from jpeft.core import dataflow
+    return dataflow.probe(apply_fn, params, args, kwargs)
+
+
+class SiteSelection(NamedTuple):
+    """The weights a method adapts, and those it considered and left out, with the reason."""
+    chosen: list
+    skipped: Mapping[Path, str]
+
+    def report(self) -> str:
+        lines = [f"adapted {len(self.chosen)} weights:"]
+        lines += [f"  {paths_lib.path_str(p)}" for p in self.chosen]
+        if self.skipped:
+            lines.append(f"skipped {len(self.skipped)}:")
+            lines += [f"  {paths_lib.path_str(p)}: {why}" for p, why in self.skipped.items()]
+        return "\n".join(lines)
+
+
+def select(params: Any, sites: Sites | None, sel: paths_lib.Selection, *, what: str,
+           kinds: tuple[str, ...] = ("dot",), all_weights: bool = False) -> SiteSelection:
+    """The contraction weights of ``params`` chosen by ``sel`` (targets match a leaf's module path
+    or its full path).
+
+    ``all_weights=True`` ("all-linear") takes every weight of a ``kinds`` contraction that ``sel``
+    does not exclude; otherwise ``sel.targets`` must name them. Leaves that match but cannot be
+    adapted are reported in ``skipped`` (why: no contraction, a contraction of another kind,
+    conflicting layouts).
+
+    Raises:
+      ValueError: ``sites`` missing; nothing matched (with the closest existing paths); or a
+        target that matches existing leaves none of which can be adapted (saying why).
+    """
+    if sites is None:
+        raise ValueError(f"{what} needs the model's contraction sites: "
+                         f"sites = jpeft.probe(apply_fn, params, *example_inputs), then "
+                         f"{what}.init(key, params, sites)")
+    flat = paths_lib.flatten(params)
+    layers = sel.layers_to_transform
+    if isinstance(layers, int):
+        layers = (layers,)
+
+    def why_not(path) -> str | None:
+        c = sites.contractions.get(path)
+        if c is None:
+            if path in sites.conflicts:
+                return f"enters contractions with different layouts ({sites.conflicts[path]})"
+            uses = sites.other_uses.get(path)
+            return (f"not a contraction weight (used by {', '.join(uses)})" if uses
+                    else "not used by the probed forward pass")
+        if c.kind not in kinds:
+            return f"a {c.kind} contraction ({what} takes {'/'.join(kinds)} here; name it)"
+        return None
+
+    matched, chosen, skipped = [], [], {}
+    for path in flat:
+        if sel.leaf_names is not None and path[-1] not in sel.leaf_names:
+            continue
+        hit = all_weights or any(paths_lib.matches(q, sel.targets) for q in (path[:-1], path))
+        if not hit or (sel.exclude and any(paths_lib.matches(q, sel.exclude)
+                                           for q in (path[:-1], path))):
+            continue
+        if layers is not None and paths_lib.layer_index(path[:-1], sel.layers_pattern) not in layers:
+            continue
+        matched.append(path)
+        reason = why_not(path)
+        if reason is None:
+            chosen.append(path)
+        elif (path in sites.contractions or path in sites.conflicts
+              or (all_weights and len(getattr(flat[path], "shape", ())) >= 2)):
+            skipped[path] = reason
+    if not chosen:
+        if matched:
+            detail = "; ".join(f"{paths_lib.path_str(p)}: {why_not(p)}" for p in matched[:6])
+            raise ValueError(f"{what}: the targets match {len(matched)} existing leaves but none "
+                             f"can be adapted: {detail}")
+        paths_lib.select(params, sel._replace(targets=sel.targets), what=what)   # raises, listing
+        raise ValueError(f"{what}: nothing selected")                            # the closest
+    return SiteSelection(chosen, skipped)
