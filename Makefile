@@ -33,7 +33,9 @@ test: $(VENV)/.test-installed
 	$(BIN)/python -m pytest -q
 
 bench: $(VENV)/.test-installed
+	$(BIN)/python -m pip install -q -e '.[bench]'
 	$(BIN)/python benchmarks/step_cost.py
+	$(BIN)/python benchmarks/decoder_cost.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -16,8 +16,12 @@ METHODS = ("lora", "lora-all-linear", "bitfit", "adalora", "far", "diff-pruning"
            "did", "full")
 
 
-def build_method(name: str, rank: int = 8, alpha: float = 8.0):
-    """The demo's configurations; each trains the classification head alongside the method."""
+def build_method(name: str, rank: int = 8, alpha: float = 8.0, steps: int = 250):
+    """The demo's configurations; each trains the classification head alongside the method.
+
+    AdaLoRA's rank allocator (Hugging Face defaults, with the warm-up and final phases at 10% and
+    20% of the ``steps``, decisions every 5 steps) and orthogonality penalty are part of the
+    method, folded into the train step by ``jpeft.make_train_step(..., method=...)``."""
     import jpeft
     head = jpeft.full_finetune(("classifier",))
     if name == "lora":
@@ -29,7 +33,9 @@ def build_method(name: str, rank: int = 8, alpha: float = 8.0):
         return jpeft.compose(bitfit=jpeft.bitfit(exclude=("classifier",)), head=head)
     if name == "adalora":
         from jpeft.methods.adalora import adalora
-        return jpeft.compose(adalora=adalora(("query", "value"), init_r=12, alpha=alpha), head=head)
+        return jpeft.compose(adalora=adalora(("query", "value"), init_r=12, alpha=alpha,
+                                             total_steps=steps, t_init=steps // 10,
+                                             t_final=steps // 5, delta_t=5), head=head)
     if name == "full":
         return jpeft.full_finetune()
     raise ValueError(f"unknown method {name!r}; choose from {METHODS}")
@@ -37,21 +43,6 @@ def build_method(name: str, rank: int = 8, alpha: float = 8.0):
 
 def default_lr(name: str) -> float:
     return {"full": 5e-5}.get(name, 4e-3 if "lora" in name else 5e-3)
-
-
-def training_extras(name: str, optimizer, steps: int):
-    """Method-specific additions to the training loop: ``(optimizer, penalty)``.
-
-    AdaLoRA wraps the optimizer with its rank allocator (Hugging Face defaults, with the warm-up and
-    final phases at 10% and 20% of the steps, decisions every 5 steps) and adds the
-    orthogonality penalty to the loss.
-    """
-    if name == "adalora":
-        from jpeft.methods import adalora
-        wrapped = adalora.adalora_optimizer(optimizer, total_steps=steps, t_init=steps // 10,
-                                            t_final=steps // 5, delta_t=5)
-        return wrapped, adalora.orthogonality_penalty
-    return optimizer, None
 
 
 def demo(args: argparse.Namespace) -> int:
@@ -97,7 +88,7 @@ def demo(args: argparse.Namespace) -> int:
                                           head_lr=args.head_lr)
         return 0 if ok else 1
 
-    rebuild = lambda: build_method(args.method, args.rank, args.alpha)
+    rebuild = lambda: build_method(args.method, args.rank, args.alpha, args.steps)
     method = rebuild()
     delta = method.init(jax.random.key(args.seed), task.variables, task.sites)
     print(f"method: {args.method}  {json.dumps(method.config, default=str)}")
@@ -106,11 +97,9 @@ def demo(args: argparse.Namespace) -> int:
     _, before = movies.evaluate(task, method, task.variables, delta)
     print(f"dev accuracy before fine-tuning: {100 * before:.2f}%")
     lr = args.lr or default_lr(args.method)
-    optimizer, penalty = training_extras(
-        args.method, movies.make_optimizer(method, args.steps, lr, args.head_lr), args.steps)
     result = movies.fine_tune(task, method, delta, steps=args.steps, batch=args.batch, lr=lr,
-                              seed=args.seed, progress=not args.no_progress,
-                              optimizer=optimizer, penalty=penalty)
+                              head_lr=args.head_lr, seed=args.seed,
+                              progress=not args.no_progress)
     delta = result.delta
     extra = {"method": args.method}
     if args.method == "adalora":

@@ -65,6 +65,11 @@ class Method(NamedTuple):
         abstract.
       labels: ``delta -> tree of str`` for ``optax.partition``.
       config: JSON-serialisable description of the hyper-parameters (saved with checkpoints).
+      penalty: ``delta -> scalar`` the training loss adds (AdaLoRA's orthogonality term), or
+        ``None``. :func:`jpeft.make_train_step` folds it in when given the method.
+      optimizer: ``inner -> optax.GradientTransformation`` wrapping the optimizer with method-side
+        state (AdaLoRA's rank allocator), or ``None``. :func:`jpeft.make_train_step` and
+        :func:`jpeft.init_opt_state` fold it in when given the method.
     """
     name: str
     init: Callable[..., Delta]
@@ -74,6 +79,8 @@ class Method(NamedTuple):
     shardings: Callable[..., Any]
     labels: Callable[[Delta], Any]
     config: dict
+    penalty: Callable[[Delta], Any] | None = None
+    optimizer: Callable[[Any], Any] | None = None
 
 
 def merge_edits(merge: Callable[..., Params]):
@@ -198,8 +205,21 @@ def compose(**methods: Method) -> Method:
     def labels(delta):
         return {n: jax.tree_util.tree_map(lambda _, n=n: n, delta[n]) for n in names}
 
+    penalised = [n for n in names if methods[n].penalty is not None]
+
+    def penalty(delta):
+        return sum(methods[n].penalty(delta[n]) for n in penalised)
+
+    wrappers = [methods[n].optimizer for n in names if methods[n].optimizer is not None]
+
+    def optimizer(inner):
+        for w in wrappers:          # each wrapper acts on its own part of the tree only
+            inner = w(inner)
+        return inner
+
     return Method(
         name="+".join(names), init=init, merge=None if unmergeable else merge,
         unmerge=None if not_invertible or unmergeable else unmerge, edits=edits,
         shardings=shardings, labels=labels,
-        config={"compose": {n: methods[n].config for n in names}})
+        config={"compose": {n: methods[n].config for n in names}},
+        penalty=penalty if penalised else None, optimizer=optimizer if wrappers else None)

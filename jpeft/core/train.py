@@ -34,8 +34,17 @@ def _split_aux(out):
     return out, {}
 
 
+def method_optimizer(method: method_lib.Method | None,
+                     optimizer: optax.GradientTransformation) -> optax.GradientTransformation:
+    """``optimizer`` wrapped with the method's own optimizer-side state (``method.optimizer``,
+    e.g. AdaLoRA's rank allocator); unchanged for methods without one or ``method=None``."""
+    if method is None or method.optimizer is None:
+        return optimizer
+    return method.optimizer(optimizer)
+
+
 def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
-                    donate: bool = True,
+                    method: method_lib.Method | None = None, donate: bool = True,
                     param_shardings: Any = None, delta_shardings: Any = None,
                     opt_state_shardings: Any = None, batch_shardings: Any = None):
     """A jit-compiled train step that differentiates ``loss_fn`` with respect to the delta only.
@@ -44,6 +53,10 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
       loss_fn: ``(params, delta, batch, key) -> loss`` or ``-> (loss, metrics_dict)``; ``params`` are
         the frozen base weights, passed as a jit argument (not baked in as constants).
       optimizer: any optax transformation (``jpeft.partition`` for per-part optimizers).
+      method: fold in the method's training additions: its ``penalty(delta)`` is added to the
+        loss (reported as ``metrics["penalty"]``) and its ``optimizer`` wrapper wraps
+        ``optimizer`` (:func:`method_optimizer`; give the same ``method`` to
+        :func:`init_opt_state`).
       donate: donate the delta and optimizer-state buffers (updated in place on accelerators).
       param_shardings, delta_shardings, opt_state_shardings, batch_shardings: optional explicit
         shardings; when given, the step is compiled with them as ``in_shardings``/``out_shardings``
@@ -53,9 +66,16 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
       ``step(params, delta, opt_state, batch, key) -> (delta, opt_state, metrics)`` where ``metrics``
       has ``"loss"`` and everything the loss function returned.
     """
+    optimizer = method_optimizer(method, optimizer)
+    penalty = None if method is None else method.penalty
+
     def step(params, delta, opt_state, batch, key):
         def objective(d):
-            return _split_aux(loss_fn(params, d, batch, key))
+            loss, aux = _split_aux(loss_fn(params, d, batch, key))
+            if penalty is not None:
+                aux["penalty"] = penalty(d)
+                loss = loss + aux["penalty"]
+            return loss, aux
         (loss, aux), grads = jax.value_and_grad(objective, has_aux=True)(delta)
         updates, opt_state = optimizer.update(grads, opt_state, delta)
         delta = optax.apply_updates(delta, updates)
@@ -76,8 +96,10 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
 
 
 def init_opt_state(optimizer: optax.GradientTransformation, delta: Any,
-                   shardings: Any = None) -> Any:
-    """``optimizer.init(delta)``, placed with ``shardings`` when given."""
+                   shardings: Any = None, *, method: method_lib.Method | None = None) -> Any:
+    """``optimizer.init(delta)`` (wrapped by ``method``'s optimizer-side state, as in
+    :func:`make_train_step`), placed with ``shardings`` when given."""
+    optimizer = method_optimizer(method, optimizer)
     if shardings is None:
         return jax.jit(optimizer.init)(delta)
     return jax.jit(optimizer.init, out_shardings=shardings)(delta)

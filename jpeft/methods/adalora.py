@@ -59,8 +59,18 @@ def adalora(targets: paths_lib.Targets | str = ("query", "value"), init_r: int =
             alpha: float = 8.0, *,
             layers_to_transform: int | Sequence[int] | None = None,
             layers_pattern: str | None = None, exclude: paths_lib.Targets = (),
-            init_std: float = 0.02) -> method_lib.Method:
+            init_std: float = 0.02, target_r: int = 8, total_steps: int | None = None,
+            t_init: int = 0, t_final: int = 0, delta_t: int = 1, beta1: float = 0.85,
+            beta2: float = 0.85, orth_reg_weight: float = 0.5,
+            orth_convention: str = "paper") -> method_lib.Method:
     """AdaLoRA triplets on the contraction weights matched by ``targets`` (any rank).
+
+    The method carries its training additions: ``method.penalty`` is the orthogonality
+    regulariser (:func:`orthogonality_penalty` with ``orth_reg_weight`` and ``orth_convention``;
+    ``orth_reg_weight=0`` drops it) and ``method.optimizer`` wraps any optax optimizer with the rank
+    allocator (:func:`adalora_optimizer` with ``target_r``, ``total_steps``, ``t_init``,
+    ``t_final``, ``delta_t``, ``beta1``, ``beta2``); :func:`jpeft.make_train_step` folds both in
+    when given the method. ``total_steps`` is required for the allocator.
 
     The delta holds ``{"lora_A": P [*S, *I, r], "lora_E": lam [*S, r], "lora_B": Q [*S, r, *O]}``
     at each adapted weight's path, with the weight's stacked, input and output axes as in
@@ -128,14 +138,34 @@ def adalora(targets: paths_lib.Targets | str = ("query", "value"), init_r: int =
         return sites_lib.Edits(params, {p: sites_lib.ContractionEdit(fs, edit_fn)
                                         for p, fs in factors(delta, sites).items()})
 
+    def allocator(inner):
+        if total_steps is None:
+            raise ValueError("adalora: the rank allocator needs total_steps (adalora(..., "
+                             "total_steps=N)), the length of the training run it schedules")
+        return adalora_optimizer(inner, total_steps=total_steps, init_r=init_r,
+                                 target_r=target_r, t_init=t_init, t_final=t_final,
+                                 delta_t=delta_t, beta1=beta1, beta2=beta2)
+
+    if total_steps is not None:        # validate the schedule now, not at the first step
+        budget_schedule(1, init_r=init_r, target_r=target_r, t_init=t_init, t_final=t_final,
+                        delta_t=delta_t, total_steps=total_steps)
+    orthogonality_penalty_args = dict(weight=orth_reg_weight, convention=orth_convention)
+    if orth_convention not in ("paper", "hf"):
+        raise ValueError(f"adalora: orth_convention must be 'paper' or 'hf', got {orth_convention!r}")
     config = {"method": "adalora", "targets": targets, "init_r": init_r, "alpha": alpha,
               "layers_to_transform": layers_to_transform,
               "layers_pattern": layers_pattern, "exclude": exclude, "init_std": init_std,
+              "target_r": target_r, "total_steps": total_steps, "t_init": t_init,
+              "t_final": t_final, "delta_t": delta_t, "beta1": beta1, "beta2": beta2,
+              "orth_reg_weight": orth_reg_weight, "orth_convention": orth_convention,
               "scaling": s}
     return method_lib.Method(
         name="adalora", init=init, merge=merge, unmerge=unmerge, edits=edits,
         shardings=lambda ps, d, sites=None: lora_lib.factor_shardings(ps, d, sites, "adalora"),
-        labels=method_lib.constant_labels("adalora"), config=config)
+        labels=method_lib.constant_labels("adalora"), config=config,
+        penalty=(None if orth_reg_weight == 0 else
+                 lambda d: orthogonality_penalty(d, **orthogonality_penalty_args)),
+        optimizer=allocator)
 
 
 def triplets(delta: Any) -> dict[paths_lib.Path, dict[str, jax.Array]]:

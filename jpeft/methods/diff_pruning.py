@@ -159,7 +159,7 @@ def diff_pruning(targets: paths_lib.Targets = None, *, structured: bool = False,
                  leaf_names: Sequence[str] | None = None,
                  layers_to_transform: int | Sequence[int] | None = None,
                  layers_pattern: str | None = None, exclude: paths_lib.Targets = (),
-                 name: str = "diff_pruning") -> method_lib.Method:
+                 lam: float = LAMBDA, name: str = "diff_pruning") -> method_lib.Method:
     """Diff pruning on every floating leaf of the modules matched by ``targets`` (``None``: all).
 
     Args:
@@ -169,6 +169,9 @@ def diff_pruning(targets: paths_lib.Targets = None, *, structured: bool = False,
       structured: add one group gate per selected tensor (``z = z_entry * z_group``).
       l, r: stretch interval of the hard-concrete gates, ``l < 0 < 1 < r``.
       alpha_init: initial value of every gate logit.
+      lam: weight of the expected-L0 penalty, ``method.penalty = lam * expected_l0``
+        (:func:`l0_penalty`), which :func:`jpeft.make_train_step` adds to the loss when given the
+        method; ``0`` drops it.
 
     The forward pass always materialises ``W + z * w`` (the gates of every entry change at every
     step, so there is no cheaper factored form).
@@ -216,10 +219,11 @@ def diff_pruning(targets: paths_lib.Targets = None, *, structured: bool = False,
     config = {"method": "diff_pruning", "targets": targets, "structured": structured, "l": l,
               "r": r, "alpha_init": alpha_init, "leaf_names": leaf_names,
               "layers_to_transform": layers_to_transform, "layers_pattern": layers_pattern,
-              "exclude": exclude}
+              "exclude": exclude, "lam": lam}
     return method_lib.Method(
         name=name, init=init,
         merge=lambda params, delta, sites=None: add(params, delta, None, 1.0),
         unmerge=lambda params, delta, sites=None: add(params, delta, None, -1.0),
         edits=edits, shardings=shardings, labels=method_lib.constant_labels(name),
-        config=config)
+        config=config,
+        penalty=None if lam == 0 else (lambda delta: l0_penalty(delta, lam, l=l, r=r)))

@@ -93,10 +93,9 @@ def endless(split: Split, batch_size: int, seed: int, **kwargs) -> Iterator[Batc
 
 
 def make_loss(apply_fn: Callable[..., Any], method: method_lib.Method, sites: Any = None, *,
-              mode: str = "factored", dropout: bool = True,
-              penalty: Callable[[Any], Any] | None = None):
-    """Weighted cross-entropy of a classifier (plus ``penalty(delta)`` when given); returns
-    ``(loss, {"accuracy": ..., "penalty": ...})``.
+              mode: str = "factored", dropout: bool = True):
+    """Weighted cross-entropy of a classifier; returns ``(loss, {"accuracy": ...})`` (the method's
+    own penalty is added by :func:`jpeft.make_train_step` given the method).
 
     ``apply_fn(params, input_ids, attention_mask, token_type_ids, deterministic=..., rngs=...)`` is
     the model's apply (``sites`` its contraction sites, :func:`jpeft.probe`); the key drives model
@@ -113,11 +112,7 @@ def make_loss(apply_fn: Callable[..., Any], method: method_lib.Method, sites: An
         w = batch["weight"]
         correct = (jnp.argmax(logits, -1) == batch["labels"]).astype(jnp.float32)
         metrics = {"accuracy": jnp.sum(correct * w) / jnp.sum(w)}
-        total = jnp.sum(nll * w) / jnp.sum(w)
-        if penalty is not None:
-            metrics["penalty"] = penalty(delta)
-            total = total + metrics["penalty"]
-        return total, metrics
+        return jnp.sum(nll * w) / jnp.sum(w), metrics
     return loss
 
 
@@ -169,16 +164,18 @@ class TrainResult(NamedTuple):
 def train(params: Any, delta: Any, loss_fn, optimizer: optax.GradientTransformation,
           split: Split, *, steps: int, batch_size: int, seed: int = 0,
           progress: bool = True, opt_state: Any = None, start_step: int = 0,
-          buckets: tuple[int, ...] | None = None) -> TrainResult:
-    """Run ``steps`` steps of :func:`jpeft.make_train_step` over shuffled batches of ``split``.
+          buckets: tuple[int, ...] | None = None,
+          method: method_lib.Method | None = None) -> TrainResult:
+    """Run ``steps`` steps of :func:`jpeft.make_train_step` over shuffled batches of ``split``
+    (with ``method``'s training additions folded in: its penalty and optimizer wrapper).
 
     With ``buckets``, batches group examples of similar length and are cut to a bucket length
     (see :func:`batches`). The batch order and the per-step keys depend only on ``seed`` and the step number, so a run
     resumed at ``start_step`` from a checkpoint continues exactly.
     """
-    step_fn = train_lib.make_train_step(loss_fn, optimizer)
+    step_fn = train_lib.make_train_step(loss_fn, optimizer, method=method)
     if opt_state is None:
-        opt_state = train_lib.init_opt_state(optimizer, delta)
+        opt_state = train_lib.init_opt_state(optimizer, delta, method=method)
     per_epoch = len(split) // batch_size
     if per_epoch == 0:
         raise ValueError(f"batch_size {batch_size} is larger than the {len(split)} training examples")

@@ -90,13 +90,15 @@ def evaluate(task: Task, method: method_lib.Method | None, params: Any, delta: A
 
 def fine_tune(task: Task, method: method_lib.Method, delta: Any, *, steps: int, batch: int,
               lr: float, head_lr: float | None = None, seed: int = 0, progress: bool = True,
-              penalty: Callable[[Any], Any] | None = None, mode: str = "factored",
+              mode: str = "factored",
               optimizer: optax.GradientTransformation | None = None) -> clf.TrainResult:
-    """Train ``delta`` on the task's training split (``penalty(delta)`` is added to the loss)."""
+    """Train ``delta`` on the task's training split (the method's own penalty and optimizer
+    wrapper, e.g. AdaLoRA's, are folded in)."""
     optimizer = optimizer or make_optimizer(method, steps, lr, head_lr)
-    loss_fn = clf.make_loss(task.model.apply, method, task.sites, mode=mode, penalty=penalty)
+    loss_fn = clf.make_loss(task.model.apply, method, task.sites, mode=mode)
     return clf.train(task.variables, delta, loss_fn, optimizer, task.train, steps=steps,
-                     batch_size=batch, seed=seed, progress=progress, buckets=task.buckets)
+                     batch_size=batch, seed=seed, progress=progress, buckets=task.buckets,
+                     method=method)
 
 
 def check_save_reload_merge(task: Task, method: method_lib.Method, delta: Any, dev_logits: np.ndarray,

@@ -104,7 +104,7 @@ def run_diff_pruning(task: movies.Task, *, steps: int, batch: int, seed: int, pr
     """
     t0 = time.perf_counter()
     method = method_lib.compose(
-        diff_pruning=dp.diff_pruning(exclude=HEAD, structured=structured), head=_head())
+        diff_pruning=dp.diff_pruning(exclude=HEAD, structured=structured, lam=lam), head=_head())
     delta = method.init(jax.random.key(seed), task.variables, task.sites)
     log(f"diff pruning{' (structured)' if structured else ''}: w and gate logits alpha for every "
         f"entry but the head's; alpha_init {dp.ALPHA_INIT}, stretch (-1.5, 1.5), lambda {lam}")
@@ -118,8 +118,7 @@ def run_diff_pruning(task: movies.Task, *, steps: int, batch: int, seed: int, pr
         {"w": optax.adamw(_schedule(lr, steps), weight_decay=0.0), "alpha": optax.adam(alpha_lr),
          "head": optax.adamw(_schedule(head_lr, steps), weight_decay=0.0)}, labels)
     result = movies.fine_tune(task, method, delta, steps=steps, batch=batch, lr=lr, seed=seed,
-                              progress=progress, optimizer=opt,
-                              penalty=lambda d: dp.l0_penalty(d["diff_pruning"], lam))
+                              progress=progress, optimizer=opt)
     delta = result.delta
     _, after = _evaluate(task, method, delta)
     gates = jax.tree.leaves(jax.jit(dp.gates)(delta["diff_pruning"]))

@@ -82,3 +82,36 @@ def test_loss_decreases(lora_head):
 def test_shardings_must_be_given_together():
     with pytest.raises(ValueError, match="together"):
         jpeft.make_train_step(lambda *a: 0.0, optax.sgd(1.0), delta_shardings={})
+
+
+def test_method_training_additions_are_folded_in(tiny_bert, tiny_batch, tiny_sites):
+    """AdaLoRA declares its orthogonality penalty and rank allocator, diff pruning its L0
+    penalty; make_train_step(method=...) adds the penalties to the loss and wraps the optimizer,
+    so callers wire nothing by hand."""
+    from jpeft.methods import adalora as ada
+    from jpeft.methods import diff_pruning as dp
+    model, params = tiny_bert
+    variables = {"params": params}
+    method = jpeft.compose(
+        adalora=jpeft.adalora(("query",), init_r=4, alpha=4, target_r=2, total_steps=6,
+                              t_init=1, t_final=2),
+        dp=jpeft.diff_pruning(("classifier",), lam=1e-3))
+    delta = method.init(jax.random.key(0), variables, tiny_sites)
+    batch = dict(tiny_batch, labels=np.array([0, 1, 1], np.int32))
+    plain = lambda p, d, b, k: optax.softmax_cross_entropy_with_integer_labels(
+        jpeft.wrap(model.apply, method, tiny_sites)(p, d, b["input_ids"], b["attention_mask"],
+                                                    b["token_type_ids"]), b["labels"]).mean()
+    opt = optax.adam(1e-2)
+    step = jpeft.make_train_step(plain, opt, method=method, donate=False)
+    state = jpeft.init_opt_state(opt, delta, method=method)
+    assert isinstance(state, ada.AdaLoRAState)
+    want = (ada.orthogonality_penalty(delta["adalora"], 0.5)
+            + dp.l0_penalty(delta["dp"], 1e-3))
+    d, state, m = step(variables, delta, state, batch, jax.random.key(0))
+    np.testing.assert_allclose(m["penalty"], want, rtol=1e-5)
+    np.testing.assert_allclose(m["loss"], plain(variables, delta, batch, None) + want, rtol=1e-5)
+    for i in range(5):
+        d, state, m = step(variables, d, state, batch, jax.random.key(i + 1))
+    assert sum(ada.rank_pattern(d).values()) == 2 * 2       # the final budget: target_r per matrix
+    with pytest.raises(ValueError, match="needs total_steps"):
+        jpeft.init_opt_state(opt, delta, method=jpeft.adalora(("query",)))
