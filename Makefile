@@ -29,8 +29,9 @@ install-test: $(VENV)/.test-installed
 demo: $(VENV)/.core-installed
 	$(BIN)/python -m jpeft.cli demo
 
+# One pytest worker per core (-n auto): most of the suite's time is single-threaded XLA compiles.
 test: $(VENV)/.test-installed
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n auto
 
 bench: $(VENV)/.test-installed
 	$(BIN)/python -m pip install -q -e '.[bench]'

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import pathlib
+import platform
 import tempfile
 from typing import Any
 
@@ -22,3 +24,63 @@ def write_jsonl(path: pathlib.Path, rows: list[dict[str, Any]]) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def cost(compiled) -> dict[str, float | None]:
+    """flops / transcendentals / bytes accessed of a compiled executable (dict or list of dicts)."""
+    ca = compiled.cost_analysis()
+    if isinstance(ca, (list, tuple)):
+        ca = ca[0] if ca else {}
+    ca = ca or {}
+    get = lambda k: (float(ca[k]) if k in ca and ca[k] is not None else None)
+    return {"flops": get("flops"), "transcendentals": get("transcendentals"),
+            "bytes_accessed": get("bytes accessed")}
+
+
+def memory(compiled) -> dict[str, int | None]:
+    """The byte counts of ``compiled.memory_analysis()`` (``None`` where the backend has none)."""
+    try:
+        ma = compiled.memory_analysis()
+    except Exception:   # noqa: BLE001 - not every backend implements it
+        ma = None
+    fields = ("temp_size_in_bytes", "argument_size_in_bytes", "output_size_in_bytes",
+              "alias_size_in_bytes", "peak_memory_in_bytes")
+    out = {}
+    for f in fields:
+        v = getattr(ma, f, None) if ma is not None else None
+        out[f.replace("_size_in_bytes", "_bytes").replace("_in_bytes", "_bytes")] = (
+            int(v) if v is not None else None)
+    return out
+
+
+def loadavg() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except (AttributeError, OSError):
+        return None
+
+
+def machine(**extra: Any) -> dict[str, Any]:
+    """Versions, devices, CPUs and the load average now (plus ``extra`` fields)."""
+    import jax
+    import optax
+
+    import jpeft
+    dev = jax.devices()[0]
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "jax_version": jax.__version__,
+        "jaxlib_version": getattr(__import__("jaxlib"), "__version__", None),
+        "flax_version": __import__("flax").__version__,
+        "optax_version": optax.__version__,
+        "jpeft_version": jpeft.__version__,
+        **extra,
+        "backend": jax.default_backend(),
+        "device_kind": dev.device_kind,
+        "device_count": jax.device_count(),
+        "cpu_count": os.cpu_count(),
+        "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "loadavg_start": loadavg(),
+    }

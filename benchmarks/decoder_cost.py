@@ -52,12 +52,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import gc
 import json
-import os
 import pathlib
-import platform
 import re
 import statistics
 import sys
@@ -77,7 +74,8 @@ import optax  # noqa: E402
 from flax import nnx  # noqa: E402
 
 import jpeft  # noqa: E402
-from common import write_jsonl  # noqa: E402  (benchmarks/common.py)
+from common import cost as _cost, loadavg as _loadavg, machine as _machine_info  # noqa: E402
+from common import memory as _memory, write_jsonl  # noqa: E402  (benchmarks/common.py)
 from jpeft.core import paths as paths_lib  # noqa: E402
 from jpeft.models.llama import LlamaConfig, LlamaForCausalLM, convert_layers  # noqa: E402
 
@@ -147,29 +145,6 @@ def _configs() -> dict[str, dict[str, Any]]:
 # Helpers (as in step_cost.py)
 
 
-def _cost(compiled) -> dict[str, float | None]:
-    ca = compiled.cost_analysis()
-    if isinstance(ca, (list, tuple)):
-        ca = ca[0] if ca else {}
-    ca = ca or {}
-    get = lambda k: (float(ca[k]) if k in ca and ca[k] is not None else None)
-    return {"flops": get("flops"), "transcendentals": get("transcendentals"),
-            "bytes_accessed": get("bytes accessed")}
-
-
-def _memory(compiled) -> dict[str, int | None]:
-    try:
-        ma = compiled.memory_analysis()
-    except Exception:   # noqa: BLE001 - not every backend implements it
-        ma = None
-    out = {}
-    for f in ("temp_size_in_bytes", "argument_size_in_bytes", "output_size_in_bytes",
-              "alias_size_in_bytes"):
-        v = getattr(ma, f, None) if ma is not None else None
-        out[f.replace("_size_in_bytes", "_bytes")] = int(v) if v is not None else None
-    return out
-
-
 _HLO_OP = re.compile(r"=\s*[^=]*?\s([a-z][a-z0-9\-]*)\(")
 
 
@@ -189,37 +164,13 @@ def _hlo_summary(compiled) -> dict[str, Any]:
     return {"hlo_ops": {k: counts.get(k, 0) for k in keep}, "hlo_lines": text.count("\n")}
 
 
-def _loadavg() -> list[float] | None:
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except (AttributeError, OSError):
-        return None
-
-
 def _machine() -> dict[str, Any]:
-    dev = jax.devices()[0]
     try:
         import qwix
         qwix_version = qwix.__version__
     except Exception as e:   # noqa: BLE001
         qwix_version = f"unavailable: {type(e).__name__}: {e}"
-    return {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "jax_version": jax.__version__,
-        "jaxlib_version": getattr(__import__("jaxlib"), "__version__", None),
-        "flax_version": __import__("flax").__version__,
-        "optax_version": optax.__version__,
-        "jpeft_version": jpeft.__version__,
-        "qwix_version": qwix_version,
-        "backend": jax.default_backend(),
-        "device_kind": dev.device_kind,
-        "device_count": jax.device_count(),
-        "cpu_count": os.cpu_count(),
-        "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "loadavg_start": _loadavg(),
-    }
+    return _machine_info(qwix_version=qwix_version)
 
 
 def _fmt(x: float | None, spec: str) -> str:

@@ -34,11 +34,9 @@ and a table is printed. See ``benchmarks/README.md`` for the meaning of every fi
 from __future__ import annotations
 
 import argparse
-import datetime
 import gc
 import os
 import pathlib
-import platform
 import statistics
 import sys
 import time
@@ -59,7 +57,8 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 import jpeft  # noqa: E402
-from common import write_jsonl  # noqa: E402  (benchmarks/common.py)
+from common import cost as _cost, loadavg as _loadavg, machine as _machine_info  # noqa: E402
+from common import memory as _memory, write_jsonl  # noqa: E402  (benchmarks/common.py)
 from jpeft.data import minilm_dir  # noqa: E402
 from jpeft.methods import adalora as adalora_lib  # noqa: E402
 from jpeft.methods import diff_pruning as diff_pruning_lib  # noqa: E402
@@ -282,32 +281,6 @@ def _build_method(spec: dict, variables) -> jpeft.Method:
 # Helpers
 
 
-def _cost(compiled) -> dict[str, float | None]:
-    """flops / transcendentals / bytes accessed of a compiled executable (dict or list of dicts)."""
-    ca = compiled.cost_analysis()
-    if isinstance(ca, (list, tuple)):
-        ca = ca[0] if ca else {}
-    ca = ca or {}
-    get = lambda k: (float(ca[k]) if k in ca and ca[k] is not None else None)
-    return {"flops": get("flops"), "transcendentals": get("transcendentals"),
-            "bytes_accessed": get("bytes accessed")}
-
-
-def _memory(compiled) -> dict[str, int | None]:
-    try:
-        ma = compiled.memory_analysis()
-    except Exception:   # noqa: BLE001 - not every backend implements it
-        ma = None
-    fields = ("temp_size_in_bytes", "argument_size_in_bytes", "output_size_in_bytes",
-              "alias_size_in_bytes", "peak_memory_in_bytes")
-    out = {}
-    for f in fields:
-        v = getattr(ma, f, None) if ma is not None else None
-        out[f.replace("_size_in_bytes", "_bytes").replace("_in_bytes", "_bytes")] = (
-            int(v) if v is not None else None)
-    return out
-
-
 def _scalar_bytes(tree) -> int:
     return int(sum(np.dtype(x.dtype).itemsize for x in jax.tree_util.tree_leaves(tree)
                    if np.ndim(x) == 0))
@@ -315,35 +288,6 @@ def _scalar_bytes(tree) -> int:
 
 def _median_ms(times: list[float]) -> float:
     return 1e3 * statistics.median(times)
-
-
-def _loadavg() -> list[float] | None:
-    """1, 5 and 15-minute load averages (a load above the core count means contention)."""
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except (AttributeError, OSError):
-        return None
-
-
-def _machine() -> dict[str, Any]:
-    dev = jax.devices()[0]
-    info = {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "jax_version": jax.__version__,
-        "jaxlib_version": getattr(__import__("jaxlib"), "__version__", None),
-        "flax_version": __import__("flax").__version__,
-        "optax_version": optax.__version__,
-        "jpeft_version": jpeft.__version__,
-        "backend": jax.default_backend(),
-        "device_kind": dev.device_kind,
-        "device_count": jax.device_count(),
-        "cpu_count": os.cpu_count(),
-        "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "loadavg_start": _loadavg(),
-    }
-    return info
 
 
 def _fmt_bytes(n: int | None) -> str:
@@ -689,7 +633,7 @@ def main(argv: list[str] | None = None) -> int:
         if bad:
             p.error(f"--only: unknown {bad}; choose from {list(configs) + ['inference']}")
 
-    machine = _machine()
+    machine = _machine_info()
     torch_reason = "--no-torch" if args.no_torch else _torch_available()
     use_torch = torch_reason is None
     if use_torch:

@@ -56,6 +56,7 @@ class _Use(NamedTuple):
     stack: frozenset
     contract: frozenset
     free: frozenset
+    scanned: tuple
 
 
 class _State:
@@ -289,7 +290,7 @@ def _record_and_edit(eqn, invals, intags, state, scope, kind, w_pos, x_pos, cont
     view = intags[w_pos]
     c, b, f = _dim_sets(view, contract, batch)
     state.uses.setdefault(view.path, []).append(
-        _Use(kind, b | frozenset(view.sliced), c, f))
+        _Use(kind, b | frozenset(view.sliced), c, f, tuple(view.sliced)))
     y = _bind(eqn, invals)[0]
     edit = state.edits.get(view.path)
     if edit is None:
@@ -410,16 +411,16 @@ def probe(fn: Callable[..., Any], params: Any, args: tuple, kwargs: dict) -> sit
     jax.eval_shape(run, *dyn_leaves)
     contractions, conflicts = {}, {}
     for path, uses in state.uses.items():
-        layouts = {(u.kind, u.stack, u.contract, u.free) for u in uses}
+        layouts = {(u.kind, u.stack, u.contract, u.free, u.scanned) for u in uses}
         if len(layouts) > 1:
             conflicts[path] = "; ".join(
                 f"{k}: stack {sorted(s)} contract {sorted(c)} free {sorted(f)}"
-                for k, s, c, f in sorted(layouts, key=str))
+                for k, s, c, f, _ in sorted(layouts, key=str))
             continue
-        kind, s, c, f = layouts.pop()
+        kind, s, c, f, scanned = layouts.pop()
         contractions[path] = sites_lib.Contraction(
             kind, tuple(sorted(s)), tuple(sorted(c)), tuple(sorted(f)), len(uses),
-            tuple(sorted(state.other.get(path, ()))))
+            tuple(sorted(state.other.get(path, ()))), scanned)
     other = {p: tuple(sorted(u)) for p, u in state.other.items()
              if p not in contractions and p not in conflicts}
     order = {p: i for i, p in enumerate(paths_lib.flatten(params))}

@@ -37,8 +37,6 @@ from __future__ import annotations
 
 from typing import Any, Callable, Mapping, NamedTuple
 
-import jax
-
 from jpeft.core import paths as paths_lib
 
 Path = paths_lib.Path
@@ -56,6 +54,8 @@ class Contraction(NamedTuple):
       calls: how many contraction calls use the weight (per forward pass, per scan iteration).
       other_uses: names of the other primitives that consume the weight directly (e.g.
         ``"gather"`` for an embedding table that is also the tied output projection).
+      scanned: the stacked axes that ``scan`` loops index (outermost first): layer axes, which
+        ``layers_to_transform`` selects from.
     """
     kind: str
     stack: tuple[int, ...]
@@ -63,15 +63,18 @@ class Contraction(NamedTuple):
     free: tuple[int, ...]
     calls: int = 1
     other_uses: tuple[str, ...] = ()
+    scanned: tuple[int, ...] = ()
 
     def to_json(self) -> dict:
         return {"kind": self.kind, "stack": list(self.stack), "contract": list(self.contract),
-                "free": list(self.free), "calls": self.calls, "other_uses": list(self.other_uses)}
+                "free": list(self.free), "calls": self.calls, "other_uses": list(self.other_uses),
+                "scanned": list(self.scanned)}
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> "Contraction":
         return cls(d["kind"], tuple(d["stack"]), tuple(d["contract"]), tuple(d["free"]),
-                   int(d.get("calls", 1)), tuple(d.get("other_uses", ())))
+                   int(d.get("calls", 1)), tuple(d.get("other_uses", ())),
+                   tuple(d.get("scanned", ())))
 
 
 class Sites(NamedTuple):
@@ -183,9 +186,13 @@ def probe(apply_fn: Callable[..., Any], params: Any, *args, **kwargs) -> Sites:
 
 
 class SiteSelection(NamedTuple):
-    """The weights a method adapts, and those it considered and left out, with the reason."""
+    """The weights a method adapts, and those it considered and left out, with the reason.
+
+    ``layers``: for stacked weights narrowed by ``layers_to_transform``, ``{path: (axis,
+    indices)}``: only those slices along the weight's (first) scanned axis are adapted."""
     chosen: list
     skipped: Mapping[Path, str]
+    layers: Mapping[Path, tuple[int, tuple[int, ...]]] = {}
 
     def report(self) -> str:
         lines = [f"adapted {len(self.chosen)} weights:"]
@@ -231,7 +238,7 @@ def select(params: Any, sites: Sites | None, sel: paths_lib.Selection, *, what: 
             return f"a {c.kind} contraction ({what} takes {'/'.join(kinds)} here; name it)"
         return None
 
-    matched, chosen, skipped = [], [], {}
+    matched, chosen, skipped, sliced = [], [], {}, {}
     for path in flat:
         if sel.leaf_names is not None and path[-1] not in sel.leaf_names:
             continue
@@ -239,12 +246,24 @@ def select(params: Any, sites: Sites | None, sel: paths_lib.Selection, *, what: 
         if not hit or (sel.exclude and any(paths_lib.matches(q, sel.exclude)
                                            for q in (path[:-1], path))):
             continue
-        if layers is not None and paths_lib.layer_index(path[:-1], sel.layers_pattern) not in layers:
+        layout = sites.contractions.get(path)
+        stacked = layout is not None and layout.scanned
+        if layers is not None and not stacked and (
+                paths_lib.layer_index(path[:-1], sel.layers_pattern) not in layers):
             continue
         matched.append(path)
         reason = why_not(path)
         if reason is None:
             chosen.append(path)
+            if layers is not None and stacked:          # index along the stacked layer axis
+                axis = layout.scanned[0]
+                n = flat[path].shape[axis]
+                bad = [i for i in layers if not 0 <= i < n]
+                if bad:
+                    raise ValueError(f"{what}: layers_to_transform {bad} out of range for the "
+                                     f"stacked weight {paths_lib.path_str(path)} with {n} layers "
+                                     f"(axis {axis})")
+                sliced[path] = (axis, tuple(sorted(set(layers))))
         elif (path in sites.contractions or path in sites.conflicts
               or (all_weights and len(getattr(flat[path], "shape", ())) >= 2)):
             skipped[path] = reason
@@ -255,4 +274,4 @@ def select(params: Any, sites: Sites | None, sel: paths_lib.Selection, *, what: 
                              f"can be adapted: {detail}")
         paths_lib.select(params, sel._replace(targets=sel.targets), what=what)   # raises, listing
         raise ValueError(f"{what}: nothing selected")                            # the closest
-    return SiteSelection(chosen, skipped)
+    return SiteSelection(chosen, skipped, sliced)

@@ -85,31 +85,38 @@ def adalora(targets: paths_lib.Targets | str = ("query", "value"), init_r: int =
                                          layers_pattern=layers_pattern, exclude=exclude)
 
     def init(key, params, sites=None):
-        chosen = lora_lib.select(params, sites, sel, all_linear, "adalora").chosen
+        chosen = lora_lib.select(params, sites, sel, all_linear, "adalora")
         flat = paths_lib.flatten(params)
         out = {}
-        for i, path in enumerate(chosen):
+        for i, path in enumerate(chosen.chosen):
             w = flat[path]
             layout = sites.layout(path, what="adalora")
             lora_lib.check_rank(init_r, w.shape, layout, path, "adalora", "init_r")
-            p_shape, q_shape = contraction.low_rank_shapes(w.shape, layout, init_r)
+            p_axes, q_axes = contraction.low_rank_axes(layout)
+            e_axes = tuple(layout.stack) + (None,)
+            lay = chosen.layers.get(path)
+            shape = lambda axes: lora_lib.sliced_shape(
+                tuple(init_r if a is None else w.shape[a] for a in axes), axes, lay)
             kp, kq = jax.random.split(jax.random.fold_in(key, i))
-            out[path] = {P_NAME: init_std * jax.random.normal(kp, p_shape, w.dtype),
-                         E_NAME: jnp.zeros(tuple(w.shape[a] for a in layout.stack) + (init_r,),
-                                           w.dtype),
-                         Q_NAME: init_std * jax.random.normal(kq, q_shape, w.dtype)}
+            out[path] = {P_NAME: init_std * jax.random.normal(kp, shape(p_axes), w.dtype),
+                         E_NAME: jnp.zeros(shape(e_axes), w.dtype),
+                         Q_NAME: init_std * jax.random.normal(kq, shape(q_axes), w.dtype)}
         return paths_lib.unflatten(out)
 
-    def factors(delta, sites) -> dict:
+    def factors(params, delta, sites) -> dict:
         """``{weight path: {P, lam, Q}}`` as :class:`~jpeft.core.sites.Factor` (lam: stacked axes
-        and the rank)."""
+        and the rank; stacked weights narrowed by ``layers_to_transform`` expanded to every
+        layer)."""
+        narrowed = lora_lib.stacked_layers(params, sites, sel, all_linear, "adalora")
         out = {}
         for path, t in triplets(delta).items():
             layout = sites.layout(path, what="adalora")
             p_axes, q_axes = contraction.low_rank_axes(layout)
-            out[path] = {P_NAME: sites_lib.Factor(t[P_NAME], p_axes),
-                         E_NAME: sites_lib.Factor(t[E_NAME], tuple(layout.stack) + (None,)),
-                         Q_NAME: sites_lib.Factor(t[Q_NAME], q_axes)}
+            lay, n = narrowed.get(path, (None, 0))
+            f = lambda v, axes: lora_lib.expand(sites_lib.Factor(v, axes), lay, n)
+            out[path] = {P_NAME: f(t[P_NAME], p_axes),
+                         E_NAME: f(t[E_NAME], tuple(layout.stack) + (None,)),
+                         Q_NAME: f(t[Q_NAME], q_axes)}
         return out
 
     def scaled_p(fs) -> sites_lib.Factor:
@@ -122,7 +129,7 @@ def adalora(targets: paths_lib.Targets | str = ("query", "value"), init_r: int =
     def add(params, delta, sites, sign):
         flat = paths_lib.flatten(params)
         upd = {p: sign * s * contraction.outer(scaled_p(fs), fs[Q_NAME], flat[p].shape)
-               for p, fs in factors(delta, sites).items()}
+               for p, fs in factors(params, delta, sites).items()}
         return paths_lib.map_selected(lambda _, w, d: (w + d.astype(w.dtype)).astype(w.dtype),
                                       params, upd)
 
@@ -136,7 +143,7 @@ def adalora(targets: paths_lib.Targets | str = ("query", "value"), init_r: int =
         if context.mode == "materialised":
             return sites_lib.Edits(merge(params, delta, sites))
         return sites_lib.Edits(params, {p: sites_lib.ContractionEdit(fs, edit_fn)
-                                        for p, fs in factors(delta, sites).items()})
+                                        for p, fs in factors(params, delta, sites).items()})
 
     def allocator(inner):
         if total_steps is None:
@@ -161,7 +168,8 @@ def adalora(targets: paths_lib.Targets | str = ("query", "value"), init_r: int =
               "scaling": s}
     return method_lib.Method(
         name="adalora", init=init, merge=merge, unmerge=unmerge, edits=edits,
-        shardings=lambda ps, d, sites=None: lora_lib.factor_shardings(ps, d, sites, "adalora"),
+        shardings=lambda ps, d, sites=None: lora_lib.factor_shardings(
+            ps, d, sites, "adalora", layers_narrowed=layers_to_transform is not None),
         labels=method_lib.constant_labels("adalora"), config=config,
         penalty=(None if orth_reg_weight == 0 else
                  lambda d: orthogonality_penalty(d, **orthogonality_penalty_args)),

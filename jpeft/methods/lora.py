@@ -89,6 +89,39 @@ def select(params, sites, sel: paths_lib.Selection, all_linear: bool, what: str
     return sites_lib.select(params, sites, sel, what=what, kinds=kinds, all_weights=all_linear)
 
 
+def sliced_shape(shape, axes, layers) -> tuple[int, ...]:
+    """A factor's shape when only ``layers = (weight axis, indices)`` of a stacked weight are
+    adapted: the factor axis that shares that weight axis holds ``len(indices)`` slices."""
+    if layers is None:
+        return tuple(shape)
+    axis, idx = layers
+    return tuple(len(idx) if a == axis else d for d, a in zip(shape, axes))
+
+
+def expand(f: sites_lib.Factor, layers, size: int) -> sites_lib.Factor:
+    """The stored slices of ``f`` (``layers = (weight axis, indices)``) scattered into zeros of the
+    stacked weight's ``size`` along that axis, so ``scan`` slices it like the weight; the gradient
+    reaches only the stored slices."""
+    if layers is None:
+        return f
+    axis, idx = layers
+    pos = f.axes.index(axis)
+    shape = list(f.value.shape)
+    shape[pos] = size
+    index = (slice(None),) * pos + (np.asarray(idx),)
+    return sites_lib.Factor(jnp.zeros(shape, f.value.dtype).at[index].set(f.value), f.axes)
+
+
+def stacked_layers(params, sites, sel, all_linear, what) -> dict:
+    """``{path: ((weight axis, indices), layers in the stack)}`` for the stacked weights that
+    ``layers_to_transform`` narrows (empty without it)."""
+    if sel.layers_to_transform is None:
+        return {}
+    flat = paths_lib.flatten(params)
+    return {p: (lay, int(flat[p].shape[lay[0]]))
+            for p, lay in select(params, sites, sel, all_linear, what).layers.items()}
+
+
 def factor_axes(sites, path, what: str) -> tuple[tuple, tuple]:
     return contraction.low_rank_axes(sites.layout(path, what=what))
 
@@ -105,13 +138,19 @@ def check_rank(rank: int, shape, layout, path, what: str, rank_name: str = "rank
             f"{list(layout.free)})")
 
 
-def factor_shardings(param_shardings, delta, sites, what: str, names=(A_NAME, B_NAME)):
+def factor_shardings(param_shardings, delta, sites, what: str, names=(A_NAME, B_NAME),
+                     layers_narrowed: bool = False):
     """Each factor axis takes the mesh axes of the weight axis it shares (rank replicated); leaves
-    not in ``names`` (e.g. AdaLoRA's ``lam``) keep only the weight's stacked axes."""
+    not in ``names`` (e.g. AdaLoRA's ``lam``) keep only the weight's stacked axes. With
+    ``layers_narrowed`` (``layers_to_transform`` on stacked weights) the scanned axes, which then
+    hold only some layers, are replicated."""
     def axes_of(path, name):
         layout = sites.layout(path, what=what)
-        return dict(zip(names, contraction.low_rank_axes(layout))).get(
+        axes = dict(zip(names, contraction.low_rank_axes(layout))).get(
             name, tuple(layout.stack) + (None,))
+        if layers_narrowed:
+            axes = tuple(None if a in layout.scanned else a for a in axes)
+        return axes
     return sharding_lib.follow_weight_axes(param_shardings, delta, axes_of)
 
 
@@ -146,34 +185,40 @@ def lora(targets: paths_lib.Targets | str = ("query", "value"), rank: int = 8, a
                                 layers_pattern=layers_pattern, exclude=exclude)
 
     def init_fn(key, params, sites=None):
-        chosen = select(params, sites, sel, all_linear, "lora").chosen
+        chosen = select(params, sites, sel, all_linear, "lora")
         flat = paths_lib.flatten(params)
         out = {}
-        for i, path in enumerate(chosen):
+        for i, path in enumerate(chosen.chosen):
             w = flat[path]
             layout = sites.layout(path, what="lora")
             check_rank(rank, w.shape, layout, path, "lora")
             a_shape, b_shape = contraction.low_rank_shapes(w.shape, layout, rank)
+            a_axes, b_axes = contraction.low_rank_axes(layout)
+            a_shape = sliced_shape(a_shape, a_axes, chosen.layers.get(path))
+            b_shape = sliced_shape(b_shape, b_axes, chosen.layers.get(path))
             fan_in = int(np.prod([w.shape[a] for a in layout.contract]))
             a = _init_a(jax.random.fold_in(key, i), a_shape, w.dtype, init, rank, fan_in)
             out[path] = {A_NAME: a, B_NAME: jnp.zeros(b_shape, w.dtype)}
         return paths_lib.unflatten(out)
 
-    def factors(delta, sites) -> dict:
-        """``{weight path: (Factor A, Factor B)}``."""
+    def factors(params, delta, sites) -> dict:
+        """``{weight path: (Factor A, Factor B)}`` (stacked weights narrowed by
+        ``layers_to_transform``: expanded to every layer, zeros elsewhere)."""
         flat = paths_lib.flatten(delta)
+        narrowed = stacked_layers(params, sites, sel, all_linear, "lora")
         out = {}
         for p in flat:
             if p[-1] == B_NAME:
                 a_axes, b_axes = factor_axes(sites, p[:-1], "lora")
-                out[p[:-1]] = (sites_lib.Factor(flat[p[:-1] + (A_NAME,)], a_axes),
-                               sites_lib.Factor(flat[p], b_axes))
+                lay, n = narrowed.get(p[:-1], (None, 0))
+                out[p[:-1]] = (expand(sites_lib.Factor(flat[p[:-1] + (A_NAME,)], a_axes), lay, n),
+                               expand(sites_lib.Factor(flat[p], b_axes), lay, n))
         return out
 
     def add(params, delta, sites, sign):
         flat = paths_lib.flatten(params)
         upd = {p: (sign * s * contraction.outer(a, b, flat[p].shape))
-               for p, (a, b) in factors(delta, sites).items()}
+               for p, (a, b) in factors(params, delta, sites).items()}
         return paths_lib.map_selected(lambda _, w, d: (w + d.astype(w.dtype)).astype(w.dtype),
                                       params, upd)
 
@@ -196,7 +241,7 @@ def lora(targets: paths_lib.Targets | str = ("query", "value"), rank: int = 8, a
             return sites_lib.Edits(merge(params, delta, sites))
         return sites_lib.Edits(params, {
             path: sites_lib.ContractionEdit({A_NAME: a, B_NAME: b}, edit_fn)
-            for path, (a, b) in factors(delta, sites).items()})
+            for path, (a, b) in factors(params, delta, sites).items()})
 
     config = {"method": "lora", "targets": targets, "rank": rank, "alpha": alpha,
               "use_rslora": use_rslora, "dropout": dropout, "init": init,
@@ -204,7 +249,8 @@ def lora(targets: paths_lib.Targets | str = ("query", "value"), rank: int = 8, a
               "exclude": exclude, "scaling": s}
     return method_lib.Method(
         name="lora", init=init_fn, merge=merge, unmerge=unmerge, edits=edits,
-        shardings=lambda ps, d, sites=None: factor_shardings(ps, d, sites, "lora"),
+        shardings=lambda ps, d, sites=None: factor_shardings(
+            ps, d, sites, "lora", layers_narrowed=layers_to_transform is not None),
         labels=method_lib.constant_labels("lora"), config=config)
 
 

@@ -1,6 +1,5 @@
 """Contraction sites found by data flow, and the data-flow backend that edits them."""
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np

@@ -279,3 +279,28 @@ def test_count_matches_hugging_face_peft(minilm, minilm_sites, targets):
     delta = jpeft.lora(targets, rank=8, exclude=("classifier",)).init(
         jax.random.key(0), {"params": minilm.params}, minilm_sites)
     assert jpeft.num_params(delta) == trainable
+
+
+def test_layers_to_transform_indexes_stacked_layers():
+    """On kernels stacked [L, in, out] by nn.scan, layers_to_transform picks slices along L: the
+    factors hold only those slices, and only they change in the merged weight."""
+    import zoo
+    s = zoo.build("linen_scan_remat")                        # three layers, kernels [3, ., .]
+    sites = jpeft.probe(s.apply, s.params, *s.args)
+    method = jpeft.lora(("up", "down"), rank=2, layers_to_transform=[1])
+    delta = _perturb(method.init(jax.random.key(0), s.params, sites))
+    up = delta["params"]["layers"]["up"]["kernel"]
+    assert up["lora_A"].shape == (1, 16, 2) and up["lora_B"].shape == (1, 2, 32)
+    merged = method.merge(s.params, delta, sites)
+    w0 = np.asarray(s.params["params"]["layers"]["up"]["kernel"])
+    w = np.asarray(merged["params"]["layers"]["up"]["kernel"])
+    np.testing.assert_array_equal(w[[0, 2]], w0[[0, 2]])
+    np.testing.assert_allclose(w[1], w0[1] + (8 / 2) * np.asarray(up["lora_A"][0] @ up["lora_B"][0]),
+                               atol=1e-5)
+    f = jax.jit(jpeft.wrap(s.apply, method, sites))
+    np.testing.assert_allclose(f(s.params, delta, *s.args), s.apply(merged, *s.args), atol=1e-5)
+    grads = jax.grad(lambda d: jnp.sum(f(s.params, d, *s.args) ** 2))(delta)
+    assert jax.tree.structure(grads) == jax.tree.structure(delta)
+    with pytest.raises(ValueError, match=r"layers_to_transform \[5\] out of range for the stacked "
+                                         r"weight params/layers/up/kernel with 3 layers"):
+        jpeft.lora(("up",), layers_to_transform=[5]).init(jax.random.key(0), s.params, sites)
