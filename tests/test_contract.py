@@ -9,8 +9,6 @@ train step needs fewer FLOPs than the materialised one (no full weight gradient)
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -96,10 +94,6 @@ def _grad_flops(loss, params, delta) -> float:
     return (cost[0] if isinstance(cost, (list, tuple)) else cost)["flops"]
 
 
-#: XLA's backend optimisation off for the suite's programs: half the compile time, same math.
-FAST_COMPILE = {"xla_backend_optimization_level": 0}
-
-
 def _perturbed(delta, key, scale=0.05):
     leaves, treedef = jax.tree.flatten(delta)
     keys = jax.random.split(key, len(leaves))
@@ -120,7 +114,7 @@ def test_contract(style_name, method_name, tmp_path):
     step = jpeft.make_train_step(loss, opt, donate=False)
 
     # One compiled program for every check (this suite runs ~45 combinations on 2 cores).
-    @functools.partial(jax.jit, compiler_options=FAST_COMPILE)
+    @jax.jit
     def checks(p, key):
         d0 = method.init(key, p, sites)
         d = _perturbed(d0, jax.random.fold_in(key, 1))
