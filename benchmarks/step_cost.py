@@ -61,6 +61,7 @@ from common import cost as _cost, loadavg as _loadavg, machine as _machine_info 
 from common import memory as _memory, write_jsonl  # noqa: E402  (benchmarks/common.py)
 from jpeft.data import minilm_dir  # noqa: E402
 from jpeft.methods import adalora as adalora_lib  # noqa: E402
+from jpeft.methods import far as far_lib  # noqa: E402
 from jpeft.methods import diff_pruning as diff_pruning_lib  # noqa: E402
 from jpeft.methods import fishmask as fishmask_lib  # noqa: E402
 from jpeft.models import load_hf_bert  # noqa: E402
@@ -106,19 +107,19 @@ def _adalora_schedule(run_steps: int) -> dict[str, int]:
 
 def _adalora_optimizer(run_steps: int) -> optax.GradientTransformation:
     sched = _adalora_schedule(run_steps)
-    return jpeft.adalora_optimizer(
+    return adalora_lib.adalora_optimizer(
         optax.adamw(LR, weight_decay=WEIGHT_DECAY), total_steps=sched["total_steps"],
         init_r=ADALORA["init_r"], target_r=ADALORA["target_r"], t_init=sched["t_init"],
         t_final=sched["t_final"], delta_t=sched["delta_t"])
 
 
 def _far_method(variables) -> jpeft.Method:
-    columns = jpeft.far_select(jpeft.far_magnitude_scores(variables), FAR_FRACTION)
+    columns = far_lib.far_select(far_lib.far_magnitude_scores(variables), FAR_FRACTION)
     return jpeft.compose(far=jpeft.far(columns), head=_head())
 
 
 def _fisher_indices(variables) -> tuple[Any, dict[str, Any]]:
-    """The 0.5% FishMask: global top-k of the empirical Fisher (``jpeft.fisher_information``) over
+    """The 0.5% FishMask: global top-k of the empirical Fisher (``fishmask.fisher_information``) over
     the first :data:`FISHER_EXAMPLES` examples of the benchmark batch (random token ids and labels),
     over every parameter but the classifier. Computed once (cached) for both FishMask rows."""
     if "fishmask" not in _CACHE:
@@ -129,17 +130,17 @@ def _fisher_indices(variables) -> tuple[Any, dict[str, Any]]:
         logprob = fishmask_lib.label_log_likelihood(lambda p, ex: model.apply(
             p, ex["input_ids"][None], ex["attention_mask"][None])[0])
         t0 = time.perf_counter()
-        fisher = jpeft.fisher_information(logprob, variables, examples, chunk_size=8)
+        fisher = fishmask_lib.fisher_information(logprob, variables, examples, chunk_size=8)
         jax.block_until_ready(fisher)
         fisher_s = time.perf_counter() - t0
         scores = {"params": {k: v for k, v in fisher["params"].items() if k != "classifier"}}
-        indices = jpeft.top_k_indices(scores, density=SPARSE_DENSITY)
+        indices = jpeft.sparse.top_k_indices(scores, density=SPARSE_DENSITY)
         del fisher, scores
         flat_p = paths_lib.flatten(variables)
         in_kernels = sum(int(np.size(i)) for p, i in paths_lib.flatten(indices).items()
                          if p[-1] == "kernel" and np.ndim(flat_p[p]) == 2)
         entries = jpeft.sparse.num_entries(indices)
-        info = {"mask_scores": f"empirical Fisher (jpeft.fisher_information, chunks of 8) over the "
+        info = {"mask_scores": f"empirical Fisher (fishmask.fisher_information, chunks of 8) over the "
                                f"first {n} examples of the benchmark batch (random ids and labels)",
                 "mask_fisher_s": fisher_s, "mask_entries": entries,
                 "mask_tensors": len(jax.tree_util.tree_leaves(indices)),
@@ -153,7 +154,7 @@ def _fisher_indices(variables) -> tuple[Any, dict[str, Any]]:
 
 def _fishmask_method(variables) -> jpeft.Method:
     indices, _ = _fisher_indices(variables)
-    return jpeft.compose(sparse=jpeft.sparse_finetune(indices), head=_head())
+    return jpeft.compose(sparse=jpeft.sparse.sparse_finetune(indices), head=_head())
 
 
 def _adalora_expected_opt(delta) -> tuple[int, str]:
@@ -186,8 +187,8 @@ def _configs() -> dict[str, dict[str, Any]]:
                 f"delta, + classifier head trained: compose(far=far(columns), head=...)")
     fish_desc = (f"sparse fine-tuning of a fixed FishMask: the top {SPARSE_DENSITY:.1%} of every "
                  f"parameter but the classifier's by empirical Fisher over the first "
-                 f"{FISHER_EXAMPLES} examples of the benchmark batch (jpeft.top_k_indices), "
-                 f"trained with jpeft.sparse_finetune(indices), + classifier head trained")
+                 f"{FISHER_EXAMPLES} examples of the benchmark batch (jpeft.sparse.top_k_indices), "
+                 f"trained with jpeft.sparse.sparse_finetune(indices), + classifier head trained")
     return {
         "full": dict(
             method=lambda: jpeft.full_finetune(), mode="factored", torch="full",
@@ -253,8 +254,8 @@ def _configs() -> dict[str, dict[str, Any]]:
                 adalora=jpeft.adalora(("query", "value"), init_r=ADALORA["init_r"],
                                       alpha=ADALORA["alpha"]), head=_head()),
             mode="factored", torch="adalora", optimizer=_adalora_optimizer,
-            penalty=lambda delta: jpeft.orthogonality_penalty(delta),
-            penalty_name="jpeft.orthogonality_penalty(delta) (weight 0.5)",
+            penalty=lambda delta: adalora_lib.orthogonality_penalty(delta),
+            penalty_name="adalora.orthogonality_penalty(delta) (weight 0.5)",
             expected_opt_state=_adalora_expected_opt,
             description=f"AdaLoRA on query,value, init_r={ADALORA['init_r']} target_r="
                         f"{ADALORA['target_r']} alpha={ADALORA['alpha']} (factored), + classifier "
@@ -358,7 +359,7 @@ def _jax_prepare(name: str, spec: dict, model, variables, batch, run_steps: int
         "compile_s": compile_s,
     }
     if spec.get("optimizer") is not None:
-        row["optimizer"] = ("jpeft.adalora_optimizer(optax.adamw(1e-4, weight_decay=1e-4), "
+        row["optimizer"] = ("adalora_lib.adalora_optimizer(optax.adamw(1e-4, weight_decay=1e-4), "
                             f"{_adalora_schedule(run_steps)})")
     if spec.get("info") is not None:
         row.update(spec["info"](variables))
