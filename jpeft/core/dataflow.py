@@ -195,12 +195,9 @@ def _custom_vjp(eqn, invals, intags, state, scope):
 
 def _remat(eqn, invals, intags, state, scope):
     jaxpr = eqn.params["jaxpr"]
-    out_tags: list = []
 
     def body(*xs):
-        outs, tags = _eval(jaxpr, (), xs, intags, state, scope)
-        out_tags[:] = tags
-        return outs
+        return _eval(jaxpr, (), xs, intags, state, scope)[0]
     outs = jax.checkpoint(body, prevent_cse=eqn.params["prevent_cse"],
                           policy=eqn.params["policy"])(*invals)
     return list(outs), [None] * len(outs)
