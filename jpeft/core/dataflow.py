@@ -156,10 +156,15 @@ def _eval(jaxpr, consts, args, tags, state: _State, scope: _Scope):
 # Rules for equations that a parameter view reaches
 
 
-def _other_use(eqn, invals, intags, state, scope):
-    for t in intags:
+def _mark_other(state: _State, tags, what: str) -> None:
+    """Record ``what`` as a non-contraction use of every tagged view in ``tags``."""
+    for t in tags:
         if t is not None:
-            state.other.setdefault(t.path, set()).add(eqn.primitive.name)
+            state.other.setdefault(t.path, set()).add(what)
+
+
+def _other_use(eqn, invals, intags, state, scope):
+    _mark_other(state, intags, eqn.primitive.name)
     return _bind(eqn, invals), [None] * len(eqn.outvars)
 
 
@@ -205,8 +210,7 @@ def _remat(eqn, invals, intags, state, scope):
 
 def _cond(eqn, invals, intags, state, scope):
     index, ops = invals[0], invals[1:]
-    if intags[0] is not None:
-        state.other.setdefault(intags[0].path, set()).add("cond")
+    _mark_other(state, intags[:1], "cond (index)")
     branches = [
         (lambda *xs, br=br: _eval(br.jaxpr, br.consts, xs, intags[1:], state, scope)[0])
         for br in eqn.params["branches"]]
@@ -219,9 +223,7 @@ def _while(eqn, invals, intags, state, scope):
     cn, bn = p["cond_nconsts"], p["body_nconsts"]
     cconsts, bconsts, init = invals[:cn], invals[cn:cn + bn], invals[cn + bn:]
     ctags, btags, itags = intags[:cn], intags[cn:cn + bn], intags[cn + bn:]
-    for t in itags:
-        if t is not None:
-            state.other.setdefault(t.path, set()).add("while (carry)")
+    _mark_other(state, itags, "while (carry)")
     none = [None] * len(init)
     cond_fn = lambda c: _eval(p["cond_jaxpr"].jaxpr, p["cond_jaxpr"].consts,
                               [*cconsts, *c], [*ctags, *none], state, scope)[0][0]
@@ -236,9 +238,7 @@ def _scan(eqn, invals, intags, state, scope):
     nc, nk = p["num_consts"], p["num_carry"]
     consts, init, xs = invals[:nc], invals[nc:nc + nk], invals[nc + nk:]
     ctags, itags, xtags = intags[:nc], intags[nc:nc + nk], intags[nc + nk:]
-    for t in itags:
-        if t is not None:
-            state.other.setdefault(t.path, set()).add("scan (carry)")
+    _mark_other(state, itags, "scan (carry)")
     # Scanned views lose their leading axis; the factors of their edits follow.
     body_xtags, extra, extra_keys = [], [], []
     sliced_by_path: dict[Path, int] = {}
