@@ -20,14 +20,14 @@ Shapes: ``B`` batch, ``T`` sequence length, ``H`` hidden size, ``N`` heads, ``D 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import os
 from typing import Any, Callable, NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from jpeft.models.hf_config import HFConfig
 
 Array = jax.Array
 Dtype = Any
@@ -64,7 +64,7 @@ def get_activation(name: str) -> Callable[[Array], Array]:
 
 
 @dataclasses.dataclass(frozen=True)
-class BertConfig:
+class BertConfig(HFConfig):
     """Hyper-parameters of a BERT encoder, named as in a Hugging Face ``config.json``.
 
     ``num_labels``, ``pooling`` and ``classifier_dropout`` configure the heads:
@@ -116,15 +116,7 @@ class BertConfig:
         d = dict(d)
         if "num_labels" not in d and isinstance(d.get("id2label"), dict):
             d["num_labels"] = len(d["id2label"])
-        d.update(overrides)
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
-
-    @classmethod
-    def from_json_file(cls, path: str | os.PathLike, **overrides: Any) -> "BertConfig":
-        """Config from a Hugging Face ``config.json`` file (see :meth:`from_dict`)."""
-        with open(path, encoding="utf-8") as f:
-            return cls.from_dict(json.load(f), **overrides)
+        return cls._build(d, overrides)
 
     @classmethod
     def tiny(cls, **overrides: Any) -> "BertConfig":

@@ -44,6 +44,7 @@ import numpy as np
 from flax import nnx
 
 from jpeft.models.bert import get_activation
+from jpeft.models.hf_config import HFConfig
 
 Array = jax.Array
 Dtype = Any
@@ -65,7 +66,7 @@ def _rope_type(rope: Mapping[str, Any] | None) -> str:
 
 
 @dataclasses.dataclass(frozen=True)
-class LlamaConfig:
+class LlamaConfig(HFConfig):
     """Hyper-parameters of a LLaMA decoder, named as in a Hugging Face ``config.json``.
 
     ``num_key_value_heads=None`` means ``num_attention_heads`` (multi-head attention) and
@@ -134,15 +135,7 @@ class LlamaConfig:
                 d["rope_theta"] = rope["rope_theta"]
             if _rope_type(rope) != "default":
                 d["rope_scaling"] = dict(rope)
-        d.update(overrides)
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
-
-    @classmethod
-    def from_json_file(cls, path: str | os.PathLike, **overrides: Any) -> "LlamaConfig":
-        """Config from a Hugging Face ``config.json`` file (see :meth:`from_dict`)."""
-        with open(path, encoding="utf-8") as f:
-            return cls.from_dict(json.load(f), **overrides)
+        return cls._build(d, overrides)
 
     @classmethod
     def tiny(cls, **overrides: Any) -> "LlamaConfig":
