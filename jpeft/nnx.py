@@ -12,7 +12,9 @@ leading ``[L, ...]`` axis for layers stacked with ``nnx.vmap``/``nnx.scan``) and
     logits = jpeft.wrap(apply, method, sites)(params, delta, tokens)
 
 Other state (``nnx.BatchStat``, RNG counters, caches) is kept as it was when split; ``apply``
-does not mutate it. For a method other than ``__call__`` pass ``method="generate"`` (any name of a
+does not mutate it. Inside ``apply`` every sub-module's call marks its first input and its output
+as sites ``(module path, "in"/"out")`` (:mod:`jpeft.core.marks`), so methods that act on
+sublayers (adapters) reach any NNX model; the marks are identities and cost nothing. For a method other than ``__call__`` pass ``method="generate"`` (any name of a
 method of the module), or a callable ``(module, *args, **kwargs) -> out``.
 """
 
@@ -22,6 +24,8 @@ from typing import Any, Callable
 
 import jax
 from flax import nnx
+
+from jpeft.core import marks
 
 
 def split(module: nnx.Module, *, filter: Any = nnx.Param,
@@ -45,6 +49,7 @@ def split(module: nnx.Module, *, filter: Any = nnx.Param,
         st = jax.tree_util.tree_map(lambda x: x, state)
         nnx.replace_by_pure_dict(st, p)
         m = nnx.merge(graphdef, st, rest)
+        marks.mark_nnx_modules(m)         # sublayer sites: module inputs and outputs (a copy)
         if callable(method):
             return method(m, *args, **kwargs)
         return getattr(m, method)(*args, **kwargs)

@@ -35,6 +35,7 @@ import jax.extend.core as jcore
 import jax.numpy as jnp
 import numpy as np
 
+from jpeft.core import marks as marks_lib
 from jpeft.core import paths as paths_lib
 from jpeft.core import sites as sites_lib
 
@@ -63,20 +64,59 @@ class _State:
     """Per-call bookkeeping shared by every nesting level."""
 
     def __init__(self, edits: Mapping[Path, sites_lib.ContractionEdit] | None, record: bool,
-                 rng: Any):
+                 rng: Any, marks: Mapping[tuple, sites_lib.MarkEdit] | None = None):
         self.edits = dict(edits or {})
+        self.mark_edits = dict(marks or {})
         self.record = record
         self.rng = rng
         self.uses: dict[Path, list[_Use]] = {}
         self.other: dict[Path, set[str]] = {}
         self.reached: set[Path] = set()
+        self.marks: dict[tuple, list] = {}           # key -> [(shape, dtype, scan lengths)]
+        self.reached_marks: set[tuple] = set()
+        self._names: dict[int, frozenset] = {}
+
+    def names_in(self, jaxpr) -> frozenset:
+        """``checkpoint_name`` names inside ``jaxpr`` (nested ones included), as mark keys."""
+        jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
+        if id(jaxpr) not in self._names:
+            found = set()
+            for eqn in jaxpr.eqns:
+                if eqn.primitive.name == "name":
+                    found.add(marks_lib.parse(eqn.params["name"]))
+                for sub in _subjaxprs(eqn):
+                    found |= self.names_in(sub)
+            self._names[id(jaxpr)] = frozenset(found)
+        return self._names[id(jaxpr)]
+
+    def enters(self, eqn) -> bool:
+        """Whether a higher-order equation no parameter view reaches must still be entered: it
+        holds marks to record or to edit."""
+        if eqn.primitive.name not in _HIGHER or not (self.record or self.mark_edits):
+            return False
+        names = frozenset().union(*(self.names_in(j) for j in _subjaxprs(eqn)))
+        return bool(names) and (self.record or any(k in self.mark_edits for k in names))
+
+
+def _subjaxprs(eqn):
+    for v in eqn.params.values():
+        for x in (v if isinstance(v, (tuple, list)) else (v,)):
+            if isinstance(x, (jcore.ClosedJaxpr, jcore.Jaxpr)):
+                yield x
 
 
 class _Scope(NamedTuple):
-    """Per-nesting-level context: the current (sliced) factors of each edit and the iteration
-    indices of the enclosing scans."""
+    """Per-nesting-level context: the current (sliced) factors of each edit and arrays of each
+    mark edit, the iteration indices and lengths of the enclosing scans, and the marks seen so far
+    that this level can read (a fresh copy in every traced body, so no value leaks out)."""
     factors: Mapping[Path, Mapping[str, sites_lib.Factor]]
     index: tuple
+    arrays: Mapping[tuple, Mapping[str, Any]] = {}
+    lengths: tuple = ()
+    seen: dict | None = None
+
+    def body(self, **changes) -> "_Scope":
+        return self._replace(seen=dict(self.seen or {}), **changes)
 
 
 _LAYOUT_PRIMS = {"convert_element_type", "copy", "copy_p", "sharding_constraint",
@@ -106,7 +146,8 @@ def _trace(fn, params, args, kwargs):
         p, a, k = jax.tree_util.tree_unflatten(treedef, full)
         return fn(p, *a, **k)
 
-    closed, out_shape = jax.make_jaxpr(flat_fn, return_shape=True)(*dyn)
+    with marks_lib.framework_marks():
+        closed, out_shape = jax.make_jaxpr(flat_fn, return_shape=True)(*dyn)
     out_tree = jax.tree_util.tree_structure(out_shape)
     return closed, out_tree, dyn, len(p_leaves), param_paths
 
@@ -136,7 +177,9 @@ def _eval(jaxpr, consts, args, tags, state: _State, scope: _Scope):
     for eqn in jaxpr.eqns:
         invals = [_read(env, v) for v in eqn.invars]
         intags = [None if isinstance(v, jcore.Literal) else tagenv.get(v) for v in eqn.invars]
-        if any(t is not None for t in intags):
+        if eqn.primitive.name == "name":
+            outvals, outtags = _mark(eqn, invals, intags, state, scope)
+        elif any(t is not None for t in intags) or state.enters(eqn):
             rule = _RULES.get(eqn.primitive.name, _other_use)
             outvals, outtags = rule(eqn, invals, intags, state, scope)
         else:
@@ -202,7 +245,7 @@ def _remat(eqn, invals, intags, state, scope):
     jaxpr = eqn.params["jaxpr"]
 
     def body(*xs):
-        return _eval(jaxpr, (), xs, intags, state, scope)[0]
+        return _eval(jaxpr, (), xs, intags, state, scope.body())[0]
     outs = jax.checkpoint(body, prevent_cse=eqn.params["prevent_cse"],
                           policy=eqn.params["policy"])(*invals)
     return list(outs), [None] * len(outs)
@@ -212,7 +255,7 @@ def _cond(eqn, invals, intags, state, scope):
     index, ops = invals[0], invals[1:]
     _mark_other(state, intags[:1], "cond (index)")
     branches = [
-        (lambda *xs, br=br: _eval(br.jaxpr, br.consts, xs, intags[1:], state, scope)[0])
+        (lambda *xs, br=br: _eval(br.jaxpr, br.consts, xs, intags[1:], state, scope.body())[0])
         for br in eqn.params["branches"]]
     outs = jax.lax.switch(index, branches, *ops)
     return list(outs), [None] * len(outs)
@@ -226,9 +269,9 @@ def _while(eqn, invals, intags, state, scope):
     _mark_other(state, itags, "while (carry)")
     none = [None] * len(init)
     cond_fn = lambda c: _eval(p["cond_jaxpr"].jaxpr, p["cond_jaxpr"].consts,
-                              [*cconsts, *c], [*ctags, *none], state, scope)[0][0]
+                              [*cconsts, *c], [*ctags, *none], state, scope.body())[0][0]
     body_fn = lambda c: tuple(_eval(p["body_jaxpr"].jaxpr, p["body_jaxpr"].consts,
-                                    [*bconsts, *c], [*btags, *none], state, scope)[0])
+                                    [*bconsts, *c], [*btags, *none], state, scope.body())[0])
     outs = jax.lax.while_loop(cond_fn, body_fn, tuple(init))
     return list(outs), [None] * len(outs)
 
@@ -257,22 +300,67 @@ def _scan(eqn, invals, intags, state, scope):
                 extra_keys.append((path, name, pos))
     counter = jnp.arange(p["length"], dtype=jnp.int32)
     body_jaxpr = p["jaxpr"]
+    # Arrays of the mark edits inside the body: one slice of their leading axis per iteration.
+    mark_keys = [k for k in state.names_in(body_jaxpr) if k in scope.arrays]
+    mark_arrays = {k: dict(scope.arrays[k]) for k in mark_keys}
+    for k, arrays in mark_arrays.items():
+        for kp, a in jax.tree_util.tree_leaves_with_path(arrays):
+            if np.ndim(a) < 1 or np.shape(a)[0] != p["length"]:
+                raise ValueError(
+                    f"mark {marks_lib.key_str(k)} is inside a scan of length {p['length']}: its "
+                    f"edit's array {jax.tree_util.keystr(kp)} needs a leading axis of that "
+                    f"length, got shape {np.shape(a)}")
 
     def body(carry, x):
-        x_orig, x_extra, i = x
+        x_orig, x_extra, x_marks, i = x
         factors = {path: dict(fs) for path, fs in scope.factors.items()}
         for (path, name, pos), val in zip(extra_keys, x_extra):
             f = factors[path][name]
             factors[path][name] = sites_lib.Factor(val, f.axes[:pos] + f.axes[pos + 1:])
-        inner = _Scope(factors, scope.index + (i,))
+        inner = scope.body(factors=factors, index=scope.index + (i,),
+                           arrays={**scope.arrays, **x_marks},
+                           lengths=scope.lengths + (p["length"],))
         outs, _ = _eval(body_jaxpr.jaxpr, body_jaxpr.consts, [*consts, *carry, *x_orig],
                         [*ctags, *([None] * nk), *body_xtags], state, inner)
         return outs[:nk], outs[nk:]
 
-    carry, ys = jax.lax.scan(body, list(init), (list(xs), extra, counter), length=p["length"],
+    carry, ys = jax.lax.scan(body, list(init), (list(xs), extra, mark_arrays, counter),
+                             length=p["length"],
                              reverse=p["reverse"], unroll=p["unroll"])
     outs = list(carry) + list(ys)
     return outs, [None] * len(outs)
+
+
+def _fold(rng, name: str, index: tuple):
+    """``rng`` folded with a site's name and the enclosing scan indices (``None`` stays ``None``)."""
+    if rng is None:
+        return None
+    rng = jax.random.fold_in(rng, zlib.crc32(name.encode()))
+    for i in index:
+        rng = jax.random.fold_in(rng, i)
+    return rng
+
+
+def _mark(eqn, invals, intags, state, scope):
+    """A ``checkpoint_name``: record the mark, apply its edit, make it visible to later marks."""
+    key = marks_lib.parse(eqn.params["name"])
+    out = _bind(eqn, invals)[0]
+    if state.record:
+        state.marks.setdefault(key, []).append(
+            (tuple(np.shape(out)), str(out.dtype), scope.lengths))
+    edit = state.mark_edits.get(key)
+    if edit is not None:
+        state.reached_marks.add(key)
+        call = sites_lib.MarkCall(out, key[0], key[1], dict(scope.seen or {}), scope.index,
+                                  _fold(state.rng, marks_lib.key_str(key), scope.index))
+        new = edit.fn(call, scope.arrays.get(key, edit.arrays))
+        if np.shape(new) != np.shape(out):
+            raise ValueError(f"edit of mark {marks_lib.key_str(key)} returned shape "
+                             f"{np.shape(new)} for a value of shape {np.shape(out)}")
+        out = new.astype(out.dtype)
+    if scope.seen is not None:
+        scope.seen[key] = out
+    return [out], list(intags)
 
 
 def _dim_sets(view: View, contract, batch):
@@ -293,11 +381,7 @@ def _record_and_edit(eqn, invals, intags, state, scope, kind, w_pos, x_pos, cont
     if edit is None:
         return [y], [None]
     state.reached.add(view.path)
-    rng = state.rng
-    if rng is not None:
-        rng = jax.random.fold_in(rng, zlib.crc32(paths_lib.path_str(view.path).encode()))
-        for i in scope.index:
-            rng = jax.random.fold_in(rng, i)
+    rng = _fold(state.rng, paths_lib.path_str(view.path), scope.index)
     call = sites_lib.ContractionCall(kind, invals[x_pos], y, view.axes, w_pos == 0,
                                      dict(eqn.params), scope.index, rng)
     out = edit.fn(call, scope.factors[view.path])
@@ -326,6 +410,9 @@ def _conv(eqn, invals, intags, state, scope):
     return _record_and_edit(eqn, invals, intags, state, scope, "conv", 1, 0, contract, ())
 
 
+_HIGHER = {"jit", "pjit", "closed_call", "core_call", "remat2", "checkpoint", "custom_jvp_call",
+           "custom_vjp_call", "custom_vjp_call_jaxpr", "cond", "while", "scan"}
+
 _RULES: dict[str, Callable] = {
     "transpose": _transpose,
     "jit": _jit, "pjit": _jit, "closed_call": _jit, "core_call": _jit,
@@ -347,23 +434,32 @@ def _run(fn, params, args, kwargs, state: _State):
     tags = [View(p, tuple(range(np.ndim(x)))) for p, x in zip(param_paths, dyn[:n_params])]
     tags += [None] * (len(dyn) - n_params)
     factors = {p: dict(e.factors) for p, e in state.edits.items()}
-    outs, _ = _eval(closed.jaxpr, closed.consts, dyn, tags, state, _Scope(factors, ()))
+    arrays = {k: dict(e.arrays) for k, e in state.mark_edits.items()}
+    outs, _ = _eval(closed.jaxpr, closed.consts, dyn, tags, state,
+                    _Scope(factors, (), arrays, (), {}))
     return jax.tree_util.tree_unflatten(out_tree, outs)
 
 
 def call(fn: Callable[..., Any], params: Any, args: tuple, kwargs: dict, *,
-         edits: Mapping[Path, sites_lib.ContractionEdit], rng: Any = None,
+         edits: Mapping[Path, sites_lib.ContractionEdit],
+         marks: Mapping[tuple, sites_lib.MarkEdit] | None = None, rng: Any = None,
          what: str = "wrap") -> Any:
     """``fn(params, *args, **kwargs)`` with ``edits`` applied at the contractions of their
-    weights.
+    weights and ``marks`` at the marked activations.
 
     Raises:
       ValueError: an edited weight that the forward pass never contracts, or one that it also
         uses outside contractions (the edit would then change only part of its uses: the
-        materialised form is the exact one there).
+        materialised form is the exact one there); an edited mark the pass never meets.
     """
-    state = _State(edits, record=False, rng=rng)
+    state = _State(edits, record=False, rng=rng, marks=marks)
     out = _run(fn, params, args, kwargs, state)
+    missed_marks = [k for k in state.mark_edits if k not in state.reached_marks]
+    if missed_marks:
+        raise ValueError(
+            f"{what}: {len(missed_marks)} edited marks are never met in this forward pass: "
+            f"{[marks_lib.key_str(k) for k in missed_marks[:5]]} (jpeft.probe(...).marks lists "
+            f"the marks a forward pass has)")
     missed = [p for p in state.edits if p not in state.reached]
     if missed:
         raise ValueError(
@@ -420,6 +516,11 @@ def probe(fn: Callable[..., Any], params: Any, args: tuple, kwargs: dict) -> sit
             tuple(sorted(state.other.get(path, ()))), scanned)
     other = {p: tuple(sorted(u)) for p, u in state.other.items()
              if p not in contractions and p not in conflicts}
+    marks = {}
+    for key, calls in state.marks.items():
+        shapes = {c[0] for c in calls}
+        marks[key] = sites_lib.Mark(key[0], key[1], shapes.pop() if len(shapes) == 1 else None,
+                                    calls[0][1], calls[0][2], len(calls))
     order = {p: i for i, p in enumerate(paths_lib.flatten(params))}
     sort = lambda d: dict(sorted(d.items(), key=lambda kv: order.get(kv[0], len(order))))
-    return sites_lib.Sites(sort(contractions), sort(conflicts), sort(other))
+    return sites_lib.Sites(sort(contractions), sort(conflicts), sort(other), marks)

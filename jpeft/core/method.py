@@ -103,6 +103,14 @@ def require_merge(method: Method, what: str = "merge") -> Callable[..., Params]:
     return method.merge
 
 
+def _no_materialised(name: str, marks: Any) -> None:
+    from jpeft.core import marks as marks_lib
+    raise ValueError(
+        f"mode='materialised': method {name!r} changes activations (marks "
+        f"{[marks_lib.key_str(k) for k in list(marks)[:4]]}), which no weight can hold; "
+        f"use mode='factored'")
+
+
 def wrap(apply_fn: Callable[..., Any], method: Method, sites: Sites = None, *,
          mode: str = "factored") -> Callable[..., Any]:
     """An apply function that takes the delta: ``f(params, delta, *args, delta_rng=None, **kwargs)``.
@@ -121,10 +129,12 @@ def wrap(apply_fn: Callable[..., Any], method: Method, sites: Sites = None, *,
 
     def wrapped(params, delta, *args, delta_rng=None, **kwargs):
         edits = method.edits(params, delta, sites, Context(mode, delta_rng))
-        if not edits.contractions:
+        if edits.marks and mode == "materialised":
+            _no_materialised(method.name, edits.marks)
+        if not edits.contractions and not edits.marks:
             return apply_fn(edits.params, *args, **kwargs)
         return dataflow.call(apply_fn, edits.params, args, kwargs, edits=edits.contractions,
-                             rng=delta_rng, what=method.name)
+                             marks=edits.marks, rng=delta_rng, what=method.name)
 
     return wrapped
 
@@ -153,6 +163,17 @@ def _check_disjoint(params: Any, parts: dict) -> None:
                     f"compose: parts {owner[path]!r} and {name!r} both adapt "
                     f"{paths_lib.path_str(path)}; narrow one of them (e.g. exclude=...)")
             owner[path] = name
+
+
+def _chain(first: sites_lib.MarkEdit, then: sites_lib.MarkEdit) -> sites_lib.MarkEdit:
+    """Two parts' edits of one mark applied in order (the second sees the first's output): e.g. a
+    prefix and an adapter at the same attention, or a gate over a sublayer's adapted output."""
+    names = ("first", "then")
+
+    def fn(call, arrays):
+        v = first.fn(call, arrays["first"])
+        return then.fn(call._replace(value=v), arrays["then"])
+    return sites_lib.MarkEdit(dict(zip(names, (first.arrays, then.arrays))), fn)
 
 
 def compose(**methods: Method) -> Method:
@@ -188,6 +209,7 @@ def compose(**methods: Method) -> Method:
 
     def edits(params, delta, sites, context):
         contractions: dict = {}
+        marks: dict = {}
         for i, n in enumerate(names):
             rng = None if context.rng is None else jax.random.fold_in(context.rng, i)
             e = methods[n].edits(params, delta[n], sites, context._replace(rng=rng))
@@ -197,7 +219,11 @@ def compose(**methods: Method) -> Method:
                     raise ValueError(f"compose: two parts edit the contractions of "
                                      f"{paths_lib.path_str(path)}")
                 contractions[path] = edit
-        return sites_lib.Edits(params, contractions)
+            if e.marks and context.mode == "materialised":
+                _no_materialised(n, e.marks)
+            for key, edit in e.marks.items():
+                marks[key] = _chain(marks[key], edit) if key in marks else edit
+        return sites_lib.Edits(params, contractions, marks)
 
     def shardings(param_shardings, delta, sites=None):
         return {n: methods[n].shardings(param_shardings, delta[n], sites) for n in names}

@@ -77,8 +77,43 @@ class Contraction(NamedTuple):
                    tuple(d.get("scanned", ())))
 
 
+class Mark(NamedTuple):
+    """A marked activation of the forward pass (:mod:`jpeft.core.marks`).
+
+    Attributes:
+      scope: the module path the mark belongs to.
+      kind: what the value is (:data:`jpeft.core.marks.KINDS`).
+      shape: the value's shape at one call (per ``scan`` iteration); ``None`` when calls differ.
+      dtype: its dtype name.
+      scanned: lengths of the enclosing ``scan`` loops, outermost first: a method keeps one set of
+        arrays per iteration, stacked along leading axes of these lengths.
+      calls: how many times the forward pass (one scan iteration) reaches the mark.
+    """
+    scope: Path
+    kind: str
+    shape: tuple | None
+    dtype: str
+    scanned: tuple[int, ...] = ()
+    calls: int = 1
+
+    @property
+    def key(self) -> tuple:
+        return (self.scope, self.kind)
+
+    def to_json(self) -> dict:
+        return {"scope": list(self.scope), "kind": self.kind,
+                "shape": None if self.shape is None else list(self.shape), "dtype": self.dtype,
+                "scanned": list(self.scanned), "calls": self.calls}
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> "Mark":
+        return cls(tuple(d["scope"]), d["kind"],
+                   None if d.get("shape") is None else tuple(d["shape"]), d["dtype"],
+                   tuple(d.get("scanned", ())), int(d.get("calls", 1)))
+
+
 class Sites(NamedTuple):
-    """Every contraction site of a forward pass (:func:`probe`).
+    """Every site of a forward pass (:func:`probe`): contractions and marks.
 
     Attributes:
       contractions: ``{weight path: Contraction}`` for each parameter leaf that enters a
@@ -87,24 +122,29 @@ class Sites(NamedTuple):
         layouts (a method that needs one layout reports it).
       other_uses: ``{path: (primitive names)}`` for parameter leaves consumed only by other
         primitives (biases, norms, embedding lookups).
+      marks: ``{(scope, kind): Mark}``, the marked activations in the order the forward pass
+        meets them.
     """
     contractions: Mapping[Path, Contraction]
     conflicts: Mapping[Path, str] = {}
     other_uses: Mapping[Path, tuple[str, ...]] = {}
+    marks: Mapping[tuple, Mark] = {}
 
     def to_json(self) -> dict:
         """A JSON-serialisable form (saved with checkpoints; :meth:`from_json` inverts it)."""
         return {"contractions": {paths_lib.path_str(p): c.to_json()
                                  for p, c in self.contractions.items()},
                 "conflicts": {paths_lib.path_str(p): s for p, s in self.conflicts.items()},
-                "other_uses": {paths_lib.path_str(p): list(u) for p, u in self.other_uses.items()}}
+                "other_uses": {paths_lib.path_str(p): list(u) for p, u in self.other_uses.items()},
+                "marks": [m.to_json() for m in self.marks.values()]}
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> "Sites":
         split = lambda s: tuple(s.split("/"))
         return cls({split(p): Contraction.from_json(c) for p, c in d["contractions"].items()},
                    {split(p): s for p, s in d.get("conflicts", {}).items()},
-                   {split(p): tuple(u) for p, u in d.get("other_uses", {}).items()})
+                   {split(p): tuple(u) for p, u in d.get("other_uses", {}).items()},
+                   {m.key: m for m in map(Mark.from_json, d.get("marks", []))})
 
     def layout(self, path: Path, *, what: str) -> Contraction:
         """The contraction layout of ``path``; a ``ValueError`` that says why there is none."""
@@ -166,12 +206,42 @@ class ContractionEdit(NamedTuple):
     fn: EditFn
 
 
+class MarkCall(NamedTuple):
+    """What an edit sees at one mark.
+
+    Attributes:
+      value: the marked value (after any earlier edit of the same mark by a composed part).
+      scope, kind: the mark's key.
+      seen: ``{(scope, kind): value}`` of the marks the pass has met before this one and can see
+        here (the enclosing levels and this one, as edited), e.g. a sublayer's ``"in"`` at its
+        ``"out"``.
+      index: iteration indices (int32 scalars) of the enclosing ``scan`` loops, outermost first.
+      rng: the key for the edit's own randomness (``None``: deterministic), folded with the mark's
+        key and ``index``.
+    """
+    value: Any
+    scope: Path
+    kind: str
+    seen: Mapping[tuple, Any]
+    index: tuple = ()
+    rng: Any = None
+
+
+class MarkEdit(NamedTuple):
+    """A method's change at one mark: ``fn(call, arrays) -> new value`` (the shape and dtype of
+    ``call.value``). Each of ``arrays`` carries one leading axis per enclosing ``scan``
+    (:attr:`Mark.scanned`), which the backend slices so each iteration sees its own."""
+    arrays: Mapping[str, Any]
+    fn: Callable[[MarkCall, Mapping[str, Any]], Any]
+
+
 class Edits(NamedTuple):
     """What a method changes in one forward pass: ``params`` (the parameters the model runs
-    with: the base, or the base with parts of the delta merged in) and ``contractions``
-    (``{weight path: ContractionEdit}``)."""
+    with: the base, or the base with parts of the delta merged in), ``contractions``
+    (``{weight path: ContractionEdit}``) and ``marks`` (``{(scope, kind): MarkEdit}``)."""
     params: Any
     contractions: Mapping[Path, ContractionEdit] = {}
+    marks: Mapping[tuple, MarkEdit] = {}
 
 
 def probe(apply_fn: Callable[..., Any], params: Any, *args, **kwargs) -> Sites:
@@ -275,3 +345,32 @@ def select(params: Any, sites: Sites | None, sel: paths_lib.Selection, *, what: 
         paths_lib.select(params, sel._replace(targets=sel.targets), what=what)   # raises, listing
         raise ValueError(f"{what}: nothing selected")                            # the closest
     return SiteSelection(chosen, skipped, sliced)
+
+
+def select_marks(sites: Sites | None, targets: paths_lib.Targets, kinds: str | tuple[str, ...],
+                 *, what: str, exclude: paths_lib.Targets = ()) -> list[Mark]:
+    """The marks of ``sites`` of one of ``kinds`` whose scope ``targets`` matches (module-path
+    targets, as for weights: a regex string or a list of path suffixes; ``None``: every scope),
+    in the order the forward pass meets them.
+
+    Raises:
+      ValueError: ``sites`` missing, or nothing matched (listing the scopes that have marks of
+        those kinds, or the kinds the model has when it has none of them).
+    """
+    if sites is None:
+        raise ValueError(f"{what} needs the model's sites: sites = jpeft.probe(apply_fn, params, "
+                         f"*example_inputs), then {what}.init(key, params, sites)")
+    kinds = (kinds,) if isinstance(kinds, str) else tuple(kinds)
+    of_kind = [m for m in sites.marks.values() if m.kind in kinds]
+    found = [m for m in of_kind if paths_lib.matches(m.scope, targets)
+             and not (exclude and paths_lib.matches(m.scope, exclude))]
+    if found:
+        return found
+    if of_kind:
+        scopes = sorted({paths_lib.path_str(m.scope) or "<top>" for m in of_kind})
+        raise ValueError(f"{what}: no {'/'.join(kinds)} site matches {targets!r}; the model has "
+                         f"them at {len(scopes)} scopes, e.g. {scopes[:8]}")
+    present = sorted({m.kind for m in sites.marks.values()})
+    raise ValueError(f"{what}: the model has no {'/'.join(kinds)} sites (hook points); its marked "
+                     f"sites are of kinds {present}. Mark them with jpeft.core.marks.mark(x, "
+                     f"module, kind) in the model, or target module inputs/outputs ('in'/'out')")

@@ -27,6 +27,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jpeft.core.marks import mark
 from jpeft.models.hf_config import HFConfig
 
 Array = jax.Array
@@ -199,6 +200,9 @@ class BertSelfAttention(_BertModule):
     ``q, k, v = x W_q + b_q, x W_k + b_k, x W_v + b_v`` split into ``N`` heads ``[B, T, N, D]``;
     ``P = softmax(q k^T / sqrt(D) + bias)`` over keys (computed in float32), dropout on ``P``;
     output ``P v`` merged back to ``[B, T, H]``. ``bias`` is :func:`attention_bias` of the mask.
+    Hook points (:mod:`jpeft.core.marks`, scoped by this module's path): ``query``, ``keys``,
+    ``values`` ``[B, T, N, D]``, ``mask`` (the bias ``[B, 1, 1, T]``), ``scores`` (``[B, N, T, T]``,
+    float32, masked, before the softmax), ``context`` (``P v``, ``[B, T, N, D]``).
     """
 
     @nn.compact
@@ -206,14 +210,16 @@ class BertSelfAttention(_BertModule):
         c = self.config
         b, t, _ = hidden.shape
         split = lambda y: y.reshape(b, t, c.num_attention_heads, c.head_dim)
-        q = split(self._dense(c.hidden_size, "query")(hidden))
-        k = split(self._dense(c.hidden_size, "key")(hidden))
-        v = split(self._dense(c.hidden_size, "value")(hidden))
+        q = mark(split(self._dense(c.hidden_size, "query")(hidden)), self, "query")
+        k = mark(split(self._dense(c.hidden_size, "key")(hidden)), self, "keys")
+        v = mark(split(self._dense(c.hidden_size, "value")(hidden)), self, "values")
+        bias = mark(attention_bias(attention_mask, jnp.float32), self, "mask")
         scores = jnp.einsum("bqnd,bknd->bnqk", q, k) / math.sqrt(c.head_dim)
-        scores = scores.astype(jnp.float32) + attention_bias(attention_mask, jnp.float32)
+        scores = mark(scores.astype(jnp.float32) + bias, self, "scores")
         probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
         probs = nn.Dropout(c.attention_probs_dropout_prob)(probs, deterministic=deterministic)
-        return jnp.einsum("bnqk,bknd->bqnd", probs, v).reshape(b, t, c.hidden_size)
+        ctx = mark(jnp.einsum("bnqk,bknd->bqnd", probs, v), self, "context")
+        return ctx.reshape(b, t, c.hidden_size)
 
 
 class BertSelfOutput(_BertModule):
@@ -238,12 +244,13 @@ class BertAttention(_BertModule):
 
 
 class BertIntermediate(_BertModule):
-    """``act(x W + b)``: ``[B, T, H] -> [B, T, I]``."""
+    """``act(x W + b)``: ``[B, T, H] -> [B, T, I]`` (hook point ``hidden``)."""
 
     @nn.compact
     def __call__(self, hidden: Array) -> Array:
         c = self.config
-        return get_activation(c.hidden_act)(self._dense(c.intermediate_size, "dense")(hidden))
+        h = get_activation(c.hidden_act)(self._dense(c.intermediate_size, "dense")(hidden))
+        return mark(h, self, "hidden")
 
 
 class BertOutput(_BertModule):
@@ -307,7 +314,8 @@ class BertModel(_BertModule):
 
     Inputs are ``[B, T]`` integer arrays; ``attention_mask`` (1 = real token, 0 = padding) and
     ``token_type_ids`` default to all ones and all zeros. ``T <= max_position_embeddings``.
-    Dropout draws from the ``'dropout'`` rng stream when ``deterministic=False``.
+    Dropout draws from the ``'dropout'`` rng stream when ``deterministic=False``. Hook point
+    ``embeddings``: what the encoder receives, ``[B, T, H]``.
     """
 
     @nn.compact
@@ -321,6 +329,7 @@ class BertModel(_BertModule):
             token_type_ids = jnp.zeros(input_ids.shape, jnp.int32)
         x = BertEmbeddings(**self._sub(), name="embeddings")(input_ids, token_type_ids,
                                                              deterministic=deterministic)
+        x = mark(x, self, "embeddings")
         h, layer_outputs = BertEncoder(**self._sub(), name="encoder")(x, attention_mask,
                                                                       deterministic=deterministic)
         if c.pooling == "cls":

@@ -43,6 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jpeft.core.marks import mark
 from jpeft.models.bert import get_activation
 from jpeft.models.hf_config import HFConfig
 
@@ -216,20 +217,23 @@ def causal_mask(query_slots: Array, key_mask: Array) -> Array:
     return causal[None, :, :] & key_mask.astype(bool)[:, None, :]
 
 
-def grouped_attention(q: Array, k: Array, v: Array, allowed: Array) -> Array:
+def grouped_attention(q: Array, k: Array, v: Array, allowed: Array, where: Any = None) -> Array:
     """Grouped-query scaled dot-product attention: ``q [B, T, N, D], k, v [B, S, K, D],
     allowed [B, T, S] -> [B, T, N, D]``.
 
     Query head ``h`` uses key/value head ``h // G`` (Hugging Face's ``repeat_kv``, done here by
     viewing ``q`` as ``[B, T, K, G, D]`` instead of copying ``k`` and ``v``).
     ``P = softmax(q k^T / sqrt(D))`` over the allowed keys (scores and softmax in float32; a
-    query with no allowed key gets uniform weights), output ``P v``.
+    query with no allowed key gets uniform weights), output ``P v``. With ``where`` (a module or
+    scope), the masked scores are marked as the hook point ``scores`` ``[B, N, T, S]``.
     """
     b, t, n, d = q.shape
-    kv_heads = k.shape[2]
+    kv_heads, s = k.shape[2], k.shape[1]
     q = q.reshape(b, t, kv_heads, n // kv_heads, d)
     scores = jnp.einsum("btkgd,bskd->bkgts", q, k).astype(jnp.float32) * (d ** -0.5)
     scores = jnp.where(allowed[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
+    if where is not None:           # hook point: [B, N, T, S] (query head h = k G + g)
+        scores = mark(scores.reshape(b, n, t, s), where, "scores").reshape(scores.shape)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     return jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, n, d)
 
@@ -347,6 +351,9 @@ class LlamaAttention(_LlamaModule):
     :func:`apply_rope`; with a cache, ``k, v`` are written at slots ``index .. index + T - 1`` of
     the layer's ``[B, S, K, D]`` cache and attention runs over all ``S`` slots;
     ``out = grouped_attention(q, k, v, allowed) W_o``: ``[B, T, H] -> [B, T, H]``.
+    Hook points (:mod:`jpeft.core.marks`): ``query`` ``[B, T, N, D]``, ``keys``, ``values``
+    ``[B, T, K, D]`` (rotated, before the cache), ``mask`` (``allowed``, bool ``[B, T, S]``),
+    ``scores`` (``[B, N, T, S]``, float32, masked), ``context`` (``[B, T, N, D]``).
     """
 
     def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs, **kw: Any):
@@ -365,17 +372,20 @@ class LlamaAttention(_LlamaModule):
         k = self.k_proj(hidden).reshape(b, t, c.num_key_value_heads, c.head_dim)
         v = self.v_proj(hidden).reshape(b, t, c.num_key_value_heads, c.head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k, v = mark(q, self, "query"), mark(k, self, "keys"), mark(v, self, "values")
+        allowed = mark(allowed, self, "mask")
         if kv is not None:
             start = (0, index, 0, 0)
             kv = LayerKV(jax.lax.dynamic_update_slice(kv.keys, k.astype(kv.keys.dtype), start),
                          jax.lax.dynamic_update_slice(kv.values, v.astype(kv.values.dtype), start))
             k, v = kv.keys.astype(q.dtype), kv.values.astype(q.dtype)
-        out = grouped_attention(q, k, v, allowed)
+        out = mark(grouped_attention(q, k, v, allowed, self), self, "context")
         return self.o_proj(out.reshape(b, t, c.num_attention_heads * c.head_dim)), kv
 
 
 class LlamaMLP(_LlamaModule):
-    """SwiGLU feed-forward: ``down(act(gate(x)) * up(x))``, ``[B, T, H] -> [B, T, H]``."""
+    """SwiGLU feed-forward: ``down(act(gate(x)) * up(x))``, ``[B, T, H] -> [B, T, H]`` (hook
+    point ``hidden``: ``act(gate(x)) * up(x)``, ``[B, T, F]``)."""
 
     def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs, **kw: Any):
         super().__init__(config, **kw)
@@ -386,7 +396,8 @@ class LlamaMLP(_LlamaModule):
 
     def __call__(self, hidden: Array) -> Array:
         act = get_activation(self.config.hidden_act)
-        return self.down_proj(act(self.gate_proj(hidden)) * self.up_proj(hidden))
+        return self.down_proj(mark(act(self.gate_proj(hidden)) * self.up_proj(hidden), self,
+                                   "hidden"))
 
 
 class LlamaDecoderLayer(_LlamaModule):
@@ -456,7 +467,7 @@ class LlamaModel(_LlamaModule):
         cos, sin = rope_cos_sin(positions, c.head_dim, c.rope_theta)
         allowed = causal_mask(index + jnp.arange(t), key_mask)
 
-        hidden = self.embed_tokens(input_ids)
+        hidden = mark(self.embed_tokens(input_ids), self, "embeddings")
         kv = None if cache is None else LayerKV(cache.keys, cache.values)
         if c.scan_layers:
             hidden, kv = self._scan_layers(hidden, cos, sin, allowed, kv, index)
