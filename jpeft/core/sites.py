@@ -374,3 +374,15 @@ def select_marks(sites: Sites | None, targets: paths_lib.Targets, kinds: str | t
     raise ValueError(f"{what}: the model has no {'/'.join(kinds)} sites (hook points); its marked "
                      f"sites are of kinds {present}. Mark them with jpeft.core.marks.mark(x, "
                      f"module, kind) in the model, or target module inputs/outputs ('in'/'out')")
+
+
+def module_mark(sites: Sites, weight_path: Path, kind: str) -> tuple | None:
+    """The ``(scope, kind)`` mark of the module that holds ``weight_path``, or ``None``.
+
+    The module's scope is the weight's path without its leaf name, and without a leading
+    collection name for Flax linen (``params/bert/.../dense/kernel`` -> ``bert/.../dense``)."""
+    module = tuple(weight_path[:-1])
+    for scope in (module, module[1:]):
+        if (scope, kind) in sites.marks:
+            return (scope, kind)
+    return None
