@@ -300,8 +300,11 @@ def _scan(eqn, invals, intags, state, scope):
                 extra_keys.append((path, name, pos))
     counter = jnp.arange(p["length"], dtype=jnp.int32)
     body_jaxpr = p["jaxpr"]
-    # Arrays of the mark edits inside the body: one slice of their leading axis per iteration.
-    mark_keys = [k for k in state.names_in(body_jaxpr) if k in scope.arrays]
+    # A scan over stacked weights is a layer scan: the arrays of the mark edits inside its body
+    # get one slice of their leading axis per iteration. Other scans (a decoding loop) pass
+    # them whole.
+    layer_scan = bool(sliced_by_path)
+    mark_keys = [k for k in state.names_in(body_jaxpr) if k in scope.arrays] if layer_scan else []
     mark_arrays = {k: dict(scope.arrays[k]) for k in mark_keys}
     for k, arrays in mark_arrays.items():
         for kp, a in jax.tree_util.tree_leaves_with_path(arrays):
@@ -319,7 +322,7 @@ def _scan(eqn, invals, intags, state, scope):
             factors[path][name] = sites_lib.Factor(val, f.axes[:pos] + f.axes[pos + 1:])
         inner = scope.body(factors=factors, index=scope.index + (i,),
                            arrays={**scope.arrays, **x_marks},
-                           lengths=scope.lengths + (p["length"],))
+                           lengths=scope.lengths + ((p["length"],) if layer_scan else ()))
         outs, _ = _eval(body_jaxpr.jaxpr, body_jaxpr.consts, [*consts, *carry, *x_orig],
                         [*ctags, *([None] * nk), *body_xtags], state, inner)
         return outs[:nk], outs[nk:]

@@ -85,8 +85,9 @@ class Mark(NamedTuple):
       kind: what the value is (:data:`jpeft.core.marks.KINDS`).
       shape: the value's shape at one call (per ``scan`` iteration); ``None`` when calls differ.
       dtype: its dtype name.
-      scanned: lengths of the enclosing ``scan`` loops, outermost first: a method keeps one set of
-        arrays per iteration, stacked along leading axes of these lengths.
+      scanned: lengths of the enclosing layer scans (``scan`` loops over stacked weights),
+        outermost first: a method keeps one set of arrays per layer, stacked along leading axes of
+        these lengths. Other loops (a decoding loop) do not count: their iterations share arrays.
       calls: how many times the forward pass (one scan iteration) reaches the mark.
     """
     scope: Path
