@@ -18,7 +18,9 @@ import jax
 import numpy as np
 import pytest
 
+import jpeft
 from jpeft.models.bert import BertConfig, BertForSequenceClassification
+from jpeft.models.loading import hf_state_to_flax
 
 
 class MiniLM(NamedTuple):
@@ -121,3 +123,56 @@ def mesh():
     if jax.device_count() < 8:
         pytest.skip("needs 8 devices: XLA_FLAGS=--xla_force_host_platform_device_count=8")
     return Mesh(np.array(jax.devices()[:8]).reshape(2, 4), ("data", "model"))
+
+
+# ------------------------------------------------------------------ PyTorch / Hugging Face pairs
+
+
+def torch_transformers(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    return torch, transformers
+
+
+def hf_llama(torch, transformers, seed=0, **overrides):
+    """A tiny ``transformers.LlamaForCausalLM`` with random O(1)-scale weights (norms and biases
+    included), no bos/eos, pad id 0, eager attention."""
+    kw = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+              rms_norm_eps=1e-6, rope_theta=10000.0, pad_token_id=0, bos_token_id=None,
+              eos_token_id=None)
+    kw.update(overrides)
+    hf_config = transformers.LlamaConfig(**kw)
+    hf_config._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    hf = transformers.LlamaForCausalLM(hf_config).eval()
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if name.endswith("norm.weight"):
+                p.uniform_(0.5, 1.5)
+            else:
+                p.normal_(0.0, 0.15)
+    return hf
+
+
+@pytest.fixture
+def hf_bert_pair(tiny_batch, monkeypatch):
+    """A random tiny HF BertForSequenceClassification and the same weights in jpeft's model."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("peft")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    hf_config = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2,
+                                        num_attention_heads=4, intermediate_size=64,
+                                        max_position_embeddings=64, num_labels=2)
+    torch.manual_seed(0)
+    hf = transformers.BertForSequenceClassification(hf_config).eval()
+    config = BertConfig.from_dict(hf_config.to_dict(), pooling="cls")
+    model = BertForSequenceClassification(config)
+    init = model.init(jax.random.key(0), tiny_batch["input_ids"])["params"]
+    state = {k: v.detach().numpy() for k, v in hf.state_dict().items()}
+    params, _ = hf_state_to_flax(state, init, strict=True)
+    variables = {"params": params}
+    sites = jpeft.probe(model.apply, variables, **tiny_batch)
+    return torch, hf, model, variables, sites

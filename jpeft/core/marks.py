@@ -48,6 +48,7 @@ KINDS = {
     "in": "a module's (sublayer's) first input, [..., features]",
     "out": "a module's (sublayer's) output, [..., features]",
     "embeddings": "the input embeddings the encoder or decoder stack receives, [B, T, D]",
+    "positions": "the tokens' position ids (int), [1, T] or [B, T]",
     "query": "attention queries after projection and head split, [B, T, H, Dh]",
     "keys": "attention keys after projection and head split (and rotary), [B, S, Hkv, Dh]",
     "values": "attention values after projection and head split, [B, S, Hkv, Dh]",

@@ -131,6 +131,8 @@ def wrap(apply_fn: Callable[..., Any], method: Method, sites: Sites = None, *,
         edits = method.edits(params, delta, sites, Context(mode, delta_rng))
         if edits.marks and mode == "materialised":
             _no_materialised(method.name, edits.marks)
+        if edits.inputs is not None:
+            args, kwargs = edits.inputs(args, kwargs)
         if not edits.contractions and not edits.marks:
             return apply_fn(edits.params, *args, **kwargs)
         return dataflow.call(apply_fn, edits.params, args, kwargs, edits=edits.contractions,
@@ -210,6 +212,7 @@ def compose(**methods: Method) -> Method:
     def edits(params, delta, sites, context):
         contractions: dict = {}
         marks: dict = {}
+        inputs = None
         for i, n in enumerate(names):
             rng = None if context.rng is None else jax.random.fold_in(context.rng, i)
             e = methods[n].edits(params, delta[n], sites, context._replace(rng=rng))
@@ -223,7 +226,12 @@ def compose(**methods: Method) -> Method:
                 _no_materialised(n, e.marks)
             for key, edit in e.marks.items():
                 marks[key] = _chain(marks[key], edit) if key in marks else edit
-        return sites_lib.Edits(params, contractions, marks)
+            if e.inputs is not None:
+                if inputs is not None:
+                    raise ValueError(f"compose: two parts change the model's inputs (the second "
+                                     f"is {n!r})")
+                inputs = e.inputs
+        return sites_lib.Edits(params, contractions, marks, inputs)
 
     def shardings(param_shardings, delta, sites=None):
         return {n: methods[n].shardings(param_shardings, delta[n], sites) for n in names}

@@ -239,10 +239,13 @@ class MarkEdit(NamedTuple):
 class Edits(NamedTuple):
     """What a method changes in one forward pass: ``params`` (the parameters the model runs
     with: the base, or the base with parts of the delta merged in), ``contractions``
-    (``{weight path: ContractionEdit}``) and ``marks`` (``{(scope, kind): MarkEdit}``)."""
+    (``{weight path: ContractionEdit}``), ``marks`` (``{(scope, kind): MarkEdit}``) and
+    ``inputs``: ``(args, kwargs) -> (args, kwargs)`` applied to the model's inputs first (prompt
+    tuning lengthens the sequence), or ``None``."""
     params: Any
     contractions: Mapping[Path, ContractionEdit] = {}
     marks: Mapping[tuple, MarkEdit] = {}
+    inputs: Callable[[tuple, dict], tuple[tuple, dict]] | None = None
 
 
 def probe(apply_fn: Callable[..., Any], params: Any, *args, **kwargs) -> Sites:

@@ -13,7 +13,10 @@ exactly as (He et al., 2022, eq. 5)::
 
     out_t = lam * ctx + (1 - lam) * softmax(p) P_v,   lam = sigmoid(logsumexp(s) - logsumexp(p))
 
-(``lam`` is the share of the attention mass on the model's own keys). So the prefix works wherever
+(``lam`` is the share of the attention mass on the model's own keys). The prefix sits ahead of
+the tokens, so the tokens' positions start at ``l`` (``shift_positions``; the ``positions`` hook
+point), as in the paper's and Hugging Face PEFT's implementation, where the prefix fills the first
+``l`` slots of the key/value cache. So the prefix works wherever
 the model marks ``query``, ``scores`` and ``context`` (:mod:`jpeft.core.marks`; jpeft's BERT and
 LLaMA do), the KV cache needs no room for it, and generation with a cache equals generation
 without. Grouped-query attention: query head ``n`` reads prefix head ``n // (N / K)``. A model's
@@ -122,7 +125,8 @@ def _uniform(key, shape, fan_in, dtype):
 
 
 def prefix_tuning(num_virtual_tokens: int = 20, targets: paths_lib.Targets = None, *,
-                  reparametrize: bool = False, hidden_size: int = 512,
+                  reparametrize: bool = False, shift_positions: bool = True,
+                  hidden_size: int = 512,
                   token_dim: int | None = None, exclude: paths_lib.Targets = (),
                   scale: float | None = None, dtype: Any = jnp.float32,
                   name: str = "prefix") -> method_lib.Method:
@@ -132,6 +136,9 @@ def prefix_tuning(num_virtual_tokens: int = 20, targets: paths_lib.Targets = Non
     Args:
       reparametrize: train through the embedding + tanh MLP (see the module docstring; fold it
         away with :func:`fold`).
+      shift_positions: the real tokens take positions ``l, l + 1, ...`` (the model's
+        ``positions`` hook point plus ``l``), as in Li & Liang's and Hugging Face PEFT's prefix,
+        which sits in the key/value cache ahead of the tokens; ``False`` keeps ``0, 1, ...``.
       hidden_size: the MLP's bottleneck (512, the paper's and PEFT's default).
       token_dim: the embedding width ``d`` (default: ``N * D`` of the first attention).
       scale: the attention's score scale (default ``1/sqrt(D)``, as jpeft's models).
@@ -176,12 +183,20 @@ def prefix_tuning(num_virtual_tokens: int = 20, targets: paths_lib.Targets = Non
         s = call.seen[(call.scope, "scores")]
         return prefix_attention(q, s, call.value, arrays["keys"], arrays["values"], scale)
 
+    def shift(call, arrays):
+        return call.value + l
+
     def edits(params, delta, sites, context):
         atts = found(sites)
         pre = prefixes(delta, atts, l, reparametrize)
-        return sites_lib.Edits(params, {}, {
-            (a.scope, "context"): sites_lib.MarkEdit(
-                {"keys": pre[a.scope][0], "values": pre[a.scope][1]}, edit) for a in atts})
+        marks = {(a.scope, "context"): sites_lib.MarkEdit(
+            {"keys": pre[a.scope][0], "values": pre[a.scope][1]}, edit) for a in atts}
+        if shift_positions:
+            for m in sites_lib.select_marks(sites, None, "positions", what=f"{name} "
+                                            f"(shift_positions=True; pass False for a model "
+                                            f"without position ids)"):
+                marks[m.key] = sites_lib.MarkEdit({}, shift)
+        return sites_lib.Edits(params, {}, marks)
 
     def shardings(param_shardings, delta, sites=None):
         mesh = next((s.mesh for s in jax.tree_util.tree_leaves(param_shardings)
@@ -191,7 +206,8 @@ def prefix_tuning(num_virtual_tokens: int = 20, targets: paths_lib.Targets = Non
 
     config = {"method": "prefix", "num_virtual_tokens": l,
               "targets": list(targets) if isinstance(targets, tuple) else targets,
-              "reparametrize": reparametrize, "hidden_size": hidden_size, "token_dim": token_dim,
+              "reparametrize": reparametrize, "shift_positions": shift_positions,
+              "hidden_size": hidden_size, "token_dim": token_dim,
               "exclude": list(exclude) if isinstance(exclude, tuple) else exclude,
               "scale": scale, "dtype": jnp.dtype(dtype).name, "name": name}
     return method_lib.Method(

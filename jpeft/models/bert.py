@@ -181,14 +181,16 @@ class _BertModule(nn.Module):
 
 
 class BertEmbeddings(_BertModule):
-    """``LayerNorm(E_word[ids] + E_pos[0..T-1] + E_type[type_ids])`` then dropout: ``[B, T] -> [B, T, H]``."""
+    """``LayerNorm(E_word[ids] + E_pos[0..T-1] + E_type[type_ids])`` then dropout: ``[B, T] -> [B, T, H]``
+    (hook point ``positions``: the position ids ``[1, T]``)."""
 
     @nn.compact
     def __call__(self, input_ids: Array, token_type_ids: Array, *, deterministic: bool = True) -> Array:
         c = self.config
         t = input_ids.shape[-1]
+        positions = mark(jnp.arange(t)[None, :], self, "positions")
         x = (self._embed(c.vocab_size, "word_embeddings")(input_ids)
-             + self._embed(c.max_position_embeddings, "position_embeddings")(jnp.arange(t)[None, :])
+             + self._embed(c.max_position_embeddings, "position_embeddings")(positions)
              + self._embed(c.type_vocab_size, "token_type_embeddings")(token_type_ids))
         x = self._layer_norm()(x)
         return nn.Dropout(c.hidden_dropout_prob)(x, deterministic=deterministic)

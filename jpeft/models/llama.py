@@ -464,7 +464,8 @@ class LlamaModel(_LlamaModule):
             key_mask = jax.lax.dynamic_update_slice(cache.mask, mask, (0, index))
         if positions is None:
             positions = positions_from_mask(mask, start)
-        cos, sin = rope_cos_sin(positions, c.head_dim, c.rope_theta)
+        # hook point: the positions the rotary embedding sees (the cache counts the unmarked ones)
+        cos, sin = rope_cos_sin(mark(positions, self, "positions"), c.head_dim, c.rope_theta)
         allowed = causal_mask(index + jnp.arange(t), key_mask)
 
         hidden = mark(self.embed_tokens(input_ids), self, "embeddings")

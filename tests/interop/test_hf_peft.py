@@ -8,32 +8,8 @@ import pytest
 
 import jpeft
 from jpeft.interop import hf_peft
-from jpeft.models.bert import BertConfig, BertForSequenceClassification
-from jpeft.models.loading import hf_state_to_flax
 
 pytestmark = pytest.mark.torch
-
-
-@pytest.fixture
-def pair(tiny_batch, monkeypatch):
-    """A random tiny HF BertForSequenceClassification and the same weights in jpeft's model."""
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
-    pytest.importorskip("peft")
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    hf_config = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2,
-                                        num_attention_heads=4, intermediate_size=64,
-                                        max_position_embeddings=64, num_labels=2)
-    torch.manual_seed(0)
-    hf = transformers.BertForSequenceClassification(hf_config).eval()
-    config = BertConfig.from_dict(hf_config.to_dict(), pooling="cls")
-    model = BertForSequenceClassification(config)
-    init = model.init(jax.random.key(0), tiny_batch["input_ids"])["params"]
-    state = {k: v.detach().numpy() for k, v in hf.state_dict().items()}
-    params, _ = hf_state_to_flax(state, init, strict=True)
-    variables = {"params": params}
-    sites = jpeft.probe(model.apply, variables, **tiny_batch)
-    return torch, hf, model, variables, sites
 
 
 def _torch_logits(torch, model, batch):
@@ -41,8 +17,8 @@ def _torch_logits(torch, model, batch):
         return model(**{k: torch.from_numpy(v.astype(np.int64)) for k, v in batch.items()}).logits.numpy()
 
 
-def test_export_loads_in_hugging_face_peft(pair, tiny_batch, tmp_path):
-    torch, hf, model, variables, sites = pair
+def test_export_loads_in_hugging_face_peft(hf_bert_pair, tiny_batch, tmp_path):
+    torch, hf, model, variables, sites = hf_bert_pair
     import peft
     method = jpeft.compose(lora=jpeft.lora(("query", "value", "intermediate/dense"), rank=4,
                                            alpha=8, use_rslora=True),
@@ -59,8 +35,8 @@ def test_export_loads_in_hugging_face_peft(pair, tiny_batch, tmp_path):
     assert not np.allclose(ours, model.apply(variables, **tiny_batch), atol=1e-3)
 
 
-def test_import_from_hugging_face_peft(pair, tiny_batch, tmp_path):
-    torch, hf, model, variables, sites = pair
+def test_import_from_hugging_face_peft(hf_bert_pair, tiny_batch, tmp_path):
+    torch, hf, model, variables, sites = hf_bert_pair
     import peft
     torch.manual_seed(1)
     peft_model = peft.get_peft_model(hf, peft.LoraConfig(
@@ -82,8 +58,8 @@ def test_import_from_hugging_face_peft(pair, tiny_batch, tmp_path):
     assert len(method.config["compose"]["lora"]["targets"]) == 2 * 5 + 1
 
 
-def test_round_trip_and_errors(pair, tiny_batch, tmp_path):
-    _, _, model, variables, sites = pair
+def test_round_trip_and_errors(hf_bert_pair, tiny_batch, tmp_path):
+    _, _, model, variables, sites = hf_bert_pair
     method = jpeft.lora(("query",), rank=2)
     delta = jax.tree.map(lambda x: x + 0.1, method.init(jax.random.key(0), variables, sites))
     hf_peft.save_lora(tmp_path / "a", variables, method, delta)

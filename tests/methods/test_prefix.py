@@ -55,6 +55,8 @@ def test_prefix_equals_attention_over_concatenated_keys_and_values(bert):
 
     def icpt(next_fun, a, kw, context):
         path = context.module.path
+        if context.method_name == "__call__" and path[-1:] == ("position_embeddings",):
+            return next_fun(a[0] + 3, **kw)          # the tokens sit after the 3 prefix slots
         if context.method_name == "__call__" and path in pre:
             p = variables["params"]
             for name in path:
@@ -141,12 +143,22 @@ def test_reparametrisation_folds_to_the_same_outputs_and_counts(bert):
         jpeft.wrap(model.apply, served, sites, mode="materialised")(variables, folded, *args)
 
 
-def test_models_without_hook_points_get_a_clear_error():
+def test_models_without_hook_points_get_a_clear_error(bert):
     import zoo
     s = zoo.build("linen_mha")
     sites = jpeft.probe(s.apply, s.params, *s.args)
     with pytest.raises(ValueError, match=r"no context sites.*kinds \['in', 'out'\]"):
         prefix_lib.prefix_tuning(2).init(jax.random.key(0), s.params, sites)
+    # a model with attention hook points but no position ids: say how to go on
+    model, variables, args, bert_sites = bert
+    no_pos = bert_sites._replace(marks={k: m for k, m in bert_sites.marks.items()
+                                        if m.kind != "positions"})
+    method = prefix_lib.prefix_tuning(2)
+    delta = method.init(jax.random.key(0), variables, no_pos)
+    with pytest.raises(ValueError, match=r"shift_positions=True; pass False"):
+        jpeft.wrap(model.apply, method, no_pos)(variables, delta, *args)
+    unshifted = prefix_lib.prefix_tuning(2, shift_positions=False)
+    assert jpeft.wrap(model.apply, unshifted, no_pos)(variables, delta, *args).shape == (2, 2)
 
 
 @pytest.mark.torch

@@ -5,6 +5,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+
+from conftest import hf_llama, torch_transformers
 from flax import nnx
 from safetensors.numpy import save_file
 
@@ -386,34 +388,6 @@ def test_generation_stops_at_eos(gqa_models):
 # --------------------------------------------------------------------------- PyTorch cross-checks
 
 
-def _torch_transformers(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
-    return torch, transformers
-
-
-def _hf_llama(torch, transformers, seed=0, **overrides):
-    """A tiny ``transformers.LlamaForCausalLM`` with random O(1)-scale weights (norms and biases
-    included), no bos/eos, pad id 0, eager attention."""
-    kw = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-              rms_norm_eps=1e-6, rope_theta=10000.0, pad_token_id=0, bos_token_id=None,
-              eos_token_id=None)
-    kw.update(overrides)
-    hf_config = transformers.LlamaConfig(**kw)
-    hf_config._attn_implementation = "eager"
-    torch.manual_seed(seed)
-    hf = transformers.LlamaForCausalLM(hf_config).eval()
-    with torch.no_grad():
-        for name, p in hf.named_parameters():
-            if name.endswith("norm.weight"):
-                p.uniform_(0.5, 1.5)
-            else:
-                p.normal_(0.0, 0.15)
-    return hf
-
-
 HF_CASES = {
     "untied-gqa": (dict(), False),
     "tied-gqa-scan": (dict(tie_word_embeddings=True), True),
@@ -426,9 +400,9 @@ HF_CASES = {
 @pytest.mark.torch
 @pytest.mark.parametrize("case", list(HF_CASES))
 def test_logits_match_transformers(case, monkeypatch):
-    torch, transformers = _torch_transformers(monkeypatch)
+    torch, transformers = torch_transformers(monkeypatch)
     overrides, scanned = HF_CASES[case]
-    hf = _hf_llama(torch, transformers, **overrides)
+    hf = hf_llama(torch, transformers, **overrides)
     config = LlamaConfig.from_dict(hf.config.to_dict(), scan_layers=scanned)
     assert config.tie_word_embeddings == overrides.get("tie_word_embeddings", False)
     model = load_hf_llama({k: v.numpy() for k, v in hf.state_dict().items()}, config)
@@ -449,8 +423,8 @@ def test_logits_match_transformers(case, monkeypatch):
 
 @pytest.mark.torch
 def test_greedy_generate_matches_transformers(monkeypatch):
-    torch, transformers = _torch_transformers(monkeypatch)
-    hf = _hf_llama(torch, transformers)
+    torch, transformers = torch_transformers(monkeypatch)
+    hf = hf_llama(torch, transformers)
     config = LlamaConfig.from_dict(hf.config.to_dict())
     model = load_hf_llama({k: v.numpy() for k, v in hf.state_dict().items()}, config)
     ids, mask = _batch(left=True)
