@@ -69,10 +69,13 @@ def _build(name: str, s: zoo.Style, sites) -> tuple[jpeft.Method, bool]:
     if name == "diff_pruning":
         return jpeft.diff_pruning(), False
     if name == "far":
-        if s.ffn is None:
-            pytest.skip(f"{s.name} has no 2-D feed-forward matrices (FAR selects their columns)")
-        cols = far_lib.far_select(far_lib.far_magnitude_scores(s.params, s.ffn), 0.25)
-        return jpeft.far(cols), True
+        # The style's feed-forward weights where it names them, else every contraction weight
+        # but the output head: 3-D DenseGeneral, middle-axis einsum, scan-stacked and conv
+        # kernels, each by its own layout (columns = output features, per stack slice).
+        targets = s.ffn or [paths.path_str(p[:-1]) for p in sites.contractions
+                            if p[-2] not in ("head", "lm_head", "classifier")]
+        scores = far_lib.far_magnitude_scores(s.params, targets, sites=sites)
+        return jpeft.far(far_lib.far_select(scores, 0.25)), True
     if name == "fishmask":
         idx = _fisher_indices(s)
         # Cheaper only where every masked contraction weight has the matrix layout the sparse

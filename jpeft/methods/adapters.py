@@ -349,3 +349,27 @@ def count(d_in: int, m: int, d_out: int, *, ln_before: bool = False,
     """Trainable parameters of one adapter: ``d_in m + m + m d_out + d_out`` (+ ``2 d_in``, + 1)."""
     return d_in * m + m + m * d_out + d_out + (2 * d_in if ln_before else 0) + int(learned_scale)
 
+
+
+def mam(*, prefix_length: int = 30, bottleneck_size: int = 512, scaling: float = 4.0,
+        preset: str = "paper", **prefix_kw) -> method_lib.Method:
+    """MAM adapter (He et al., 2022): prefix tuning on every attention plus a scaled parallel
+    adapter on the FFN, composed as ``{"prefix": ..., "adapter": ...}``.
+
+    ``preset="paper"``: prefix ``l = 30`` (direct) and a parallel FFN adapter with bottleneck 512,
+    ``s = 4``, ReLU (the authors' repository: ``attn_bn = 30``, ``ffn_bn = 512``).
+    ``preset="adapterhub"``: AdapterHub's ``MAMConfig``: the prefix trained through the
+    reparametrisation MLP with bottleneck 800, and the parallel adapter with reduction factor 2
+    (``bottleneck_size`` ignored), ``s = 4``, ReLU.
+    """
+    from jpeft.methods import prefix as prefix_lib
+    if preset == "paper":
+        pre = prefix_lib.prefix_tuning(prefix_length, **prefix_kw)
+        ffn = scaled_parallel(bottleneck_size=bottleneck_size, scaling=scaling)
+    elif preset == "adapterhub":
+        pre = prefix_lib.prefix_tuning(prefix_length, reparametrize=True, hidden_size=800,
+                                       **prefix_kw)
+        ffn = scaled_parallel(reduction_factor=2, scaling=scaling)
+    else:
+        raise ValueError(f"mam: preset must be 'paper' or 'adapterhub', got {preset!r}")
+    return method_lib.compose(prefix=pre, adapter=ffn)

@@ -284,3 +284,170 @@ def test_values_are_replicated_on_the_mesh_of_their_weight(small, mesh):
     stored_like = sparse.stored_like(idx, variables)
     for s in jax.tree.leaves(sparse.stored_method().shardings(shards, stored_like)):
         assert isinstance(s, NamedSharding) and s.spec == P()
+
+
+# ------------------------------------------------------------------------------------------------
+# The factored form on every dot layout: plain-JAX models, references built by hand in numpy
+
+
+def _layouts_apply(p, x):
+    """One weight per layout (x: [b, t, 6]): DenseGeneral-like ``q [6, 2, 3]`` (free (1, 2)),
+    attention-output ``o [2, 3, 5]`` (contract (0, 1)), an einsum weight contracted over its
+    middle axis ``mid [2, 5, 4]``, a dot-batched ``batched [2, 4, 3]`` (stack (0,)), the dot's
+    first operand ``lhs [6, 4]``, and ``perm [3, 2, 6]`` whose free axes the dot holds reversed."""
+    q = jnp.einsum("btd,dnh->btnh", x, p["q"]["kernel"]) + p["q"]["bias"]
+    o = jnp.einsum("btnh,nhd->btd", jnp.tanh(q), p["o"]["kernel"])
+    e = jnp.einsum("btd,sdh->sbth", o, p["mid"]["kernel"])
+    z = jnp.einsum("sbth,shf->sbtf", jnp.tanh(e), p["batched"]["kernel"])
+    lhs = jax.lax.dot_general(p["lhs"]["kernel"], x, (((0,), (2,)), ((), ())))
+    perm = jax.lax.dot_general(x, jnp.transpose(p["perm"]["kernel"], (2, 1, 0)),
+                               (((2,), (0,)), ((), ())))
+    return z, lhs, perm
+
+
+def _scan_apply(p, x):
+    """Three layers ``[L=3, 6, 6]`` (bias ``[3, 6]``) under ``lax.scan``, then a head."""
+    def body(h, w):
+        return jnp.tanh(h @ w["kernel"] + w["bias"]), None
+    h, _ = jax.lax.scan(body, x, p["layers"])
+    return h @ p["head"]["kernel"]
+
+
+def _tree_close(got, want, atol=2e-5):
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b),
+                                                         atol=atol, rtol=1e-5), got, want)
+
+
+@pytest.fixture(scope="module")
+def layout_models():
+    rng = np.random.default_rng(3)
+    n = lambda *s: rng.standard_normal(s).astype(np.float32)
+    lp = {"q": {"kernel": n(6, 2, 3), "bias": n(2, 3)}, "o": {"kernel": n(2, 3, 5)},
+          "mid": {"kernel": n(2, 5, 4)}, "batched": {"kernel": n(2, 4, 3)},
+          "lhs": {"kernel": n(6, 4)}, "perm": {"kernel": n(3, 2, 6)}}
+    sp = {"layers": {"kernel": n(3, 6, 6), "bias": n(3, 6)}, "head": {"kernel": n(6, 2)}}
+    x = n(2, 3, 6)
+    # Stacked kernel: 5 entries in layer 0, none in layer 1, 2 in layer 2 (uneven, one empty).
+    stacked_idx = np.sort(np.concatenate([rng.choice(36, 5, replace=False),
+                                          72 + rng.choice(36, 2, replace=False)])).astype(np.int32)
+    lidx = {p: np.sort(rng.choice(np.size(w), max(2, np.size(w) // 4), replace=False))
+            .astype(np.int32) for p, w in paths.flatten(lp).items()}
+    return {"layouts": (_layouts_apply, lp, (x,), jpeft.probe(_layouts_apply, lp, x),
+                        paths.unflatten(lidx)),
+            "stacked": (_scan_apply, sp, (x,), jpeft.probe(_scan_apply, sp, x),
+                        {"layers": {"kernel": stacked_idx, "bias": np.array([1, 8], np.int32)},
+                         "head": {"kernel": np.array([0, 5, 11], np.int32)}})}
+
+
+def _numpy_merged(params, indices, values):
+    """``W.ravel()[idx] += v`` per leaf, in numpy (float32)."""
+    out = jax.tree.map(lambda a: np.array(a, np.float32), params)
+    flat_v = paths.flatten(values)
+    for p, i in paths.flatten(indices).items():
+        paths.get_path(out, p).reshape(-1)[i] += np.asarray(flat_v[p])
+    return out
+
+
+@pytest.mark.parametrize("model", ["layouts", "stacked"])
+def test_factored_edit_on_every_dot_layout_equals_the_numpy_merge(model, layout_models):
+    apply, params, args, sites, idx = layout_models[model]
+    method = sparse.sparse_finetune(idx)
+    val = _random_values(idx, scale=0.5)
+    # Every contraction weight gets a factored edit (biases are merged); under the scan the stacked
+    # kernel's entries are grouped per layer.
+    edits = []
+    jax.eval_shape(lambda p, v: edits.append(method.edits(p, v, sites, jpeft.Context("factored"))
+                                             .contractions), params, val)
+    weights = {p for p in paths.flatten(idx) if p in sites.contractions}
+    assert set(edits[0]) == weights and weights
+    if model == "stacked":
+        fs = edits[0][("layers", "kernel")].factors
+        assert fs["idx"].value.shape == (3, 5) and fs["idx"].axes == (0, None)
+        np.testing.assert_array_equal(fs["valid"].value.sum(1), [5, 0, 2])
+    want = jax.jit(apply)(_numpy_merged(params, idx, val), *args)
+    fact = jax.jit(jpeft.wrap(apply, method, sites))(params, val, *args)
+    mat = jax.jit(jpeft.wrap(apply, method, sites, mode="materialised"))(params, val, *args)
+    merged = jax.jit(lambda p, v: apply(method.merge(p, v), *args))(params, val)
+    for got in (fact, mat, merged):
+        _tree_close(got, want)
+    base = jax.jit(apply)(params, *args)
+    assert not all(np.allclose(a, b, atol=1e-3) for a, b in zip(jax.tree.leaves(fact),
+                                                                 jax.tree.leaves(base)))
+    # A zero delta is the base model, bit for bit.
+    zero = method.init(jax.random.key(0), params, sites)
+    out = jax.jit(jpeft.wrap(apply, method, sites))(params, zero, *args)
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), out, base)
+
+
+def _dot_output_shapes(jaxpr) -> list:
+    """Output shapes of every ``dot_general`` in a jaxpr, sub-jaxprs (scan bodies) included."""
+    out = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            out.append(tuple(eqn.outvars[0].aval.shape))
+        for v in eqn.params.values():
+            for sub in (v if isinstance(v, (list, tuple)) else [v]):
+                if hasattr(sub, "jaxpr") and hasattr(sub.jaxpr, "eqns"):
+                    out += _dot_output_shapes(sub.jaxpr)
+                elif hasattr(sub, "eqns"):
+                    out += _dot_output_shapes(sub)
+    return out
+
+
+@pytest.mark.parametrize("model", ["layouts", "stacked"])
+def test_every_dot_layout_gradients_reach_only_the_entries(model, layout_models):
+    apply, params, args, sites, idx = layout_models[model]
+    method = sparse.sparse_finetune(idx)
+    val = _random_values(idx, scale=0.3)
+    loss = lambda out: sum(jnp.sum(jnp.sin(o)) for o in jax.tree.leaves(out))
+    dense = jax.jit(jax.grad(lambda p: loss(apply(p, *args))))(_numpy_merged(params, idx, val))
+    want = {p: np.asarray(paths.get_path(dense, p)).reshape(-1)[i]
+            for p, i in paths.flatten(idx).items()}
+    dots = {}
+    for mode in ("factored", "materialised"):
+        f = jpeft.wrap(apply, method, sites, mode=mode)
+        g = jax.grad(lambda v, p: loss(f(p, v, *args)))
+        dots[mode] = set(_dot_output_shapes(jax.make_jaxpr(g)(val, params).jaxpr))
+        got = jax.jit(g)(val, params)
+        assert jax.tree.structure(got) == jax.tree.structure(val)
+        for p, w in want.items():
+            np.testing.assert_allclose(paths.flatten(got)[p], w, atol=1e-4, rtol=1e-4)
+    # The factored step runs only dots that the materialised one also runs; the latter adds the
+    # weight gradients x^T dy (on the stacked model: each layer's [6, 6] and the head's [2, 6]).
+    assert dots["factored"] < dots["materialised"], dots
+    if model == "stacked":
+        assert {(6, 6), (2, 6)} <= dots["materialised"] - dots["factored"], dots
+
+
+def test_stored_method_on_a_stacked_weight_masks_other_layers(layout_models):
+    """A restored stored delta under jit has traced indices: every scan iteration then masks the
+    entries of other layers (the 'layer' factor) instead of grouping them on the host."""
+    apply, params, args, sites, idx = layout_models["stacked"]
+    val = _random_values(idx, scale=0.5)
+    stored = jax.tree.map(jnp.asarray, sparse.to_stored(idx, val))
+    edits = jax.jit(lambda s: sparse.stored_method().edits(
+        params, s, sites, jpeft.Context("factored")).contractions[("layers", "kernel")].factors
+        ["layer"].value)(stored)
+    np.testing.assert_array_equal(edits, [0, 1, 2])
+    got = jax.jit(jpeft.wrap(apply, sparse.stored_method(), sites))(params, stored, *args)
+    _tree_close(got, apply(_numpy_merged(params, idx, val), *args))
+
+
+def test_conv_kernels_and_weights_with_other_uses_stay_merged():
+    def apply(p, x):
+        h = jax.lax.conv_general_dilated(x, p["conv"]["kernel"], (1, 1), "SAME",
+                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        return h @ p["tied"]["kernel"] + jnp.sum(p["tied"]["kernel"])
+    rng = np.random.default_rng(0)
+    params = {"conv": {"kernel": rng.standard_normal((3, 3, 2, 4)).astype(np.float32)},
+              "tied": {"kernel": rng.standard_normal((4, 3)).astype(np.float32)}}
+    x = rng.standard_normal((1, 5, 5, 2)).astype(np.float32)
+    sites = jpeft.probe(apply, params, x)
+    assert not sparse.has_factored_form(sites.contractions[("tied", "kernel")])
+    idx = {"conv": {"kernel": np.array([0, 7, 40], np.int32)},
+           "tied": {"kernel": np.array([2, 5], np.int32)}}
+    val = _random_values(idx, scale=0.5)
+    method = sparse.sparse_finetune(idx)
+    assert not method.edits(params, val, sites, jpeft.Context("factored")).contractions
+    _tree_close(jpeft.wrap(apply, method, sites)(params, val, x),
+                apply(_numpy_merged(params, idx, val), x), atol=1e-4)

@@ -206,3 +206,25 @@ def test_config_rebuilds_and_errors_name_the_problem(bert):
         adapters.multihead_parallel(bottleneck_size=6).init(jax.random.key(0), s.params, sites)
     with pytest.raises(ValueError, match="merged"):
         jpeft.core.method.require_merge(method)
+
+
+@pytest.mark.parametrize("preset", ["paper", "adapterhub"])
+def test_mam_is_prefix_plus_scaled_parallel_ffn_adapter(bert, preset):
+    from jpeft.methods import prefix as prefix_lib
+    s, sites = bert
+    method = adapters.mam(prefix_length=4, bottleneck_size=8, preset=preset)
+    delta = method.init(jax.random.key(0), s.params, sites)
+    parts = method.config["compose"]
+    assert parts["prefix"]["num_virtual_tokens"] == 4
+    assert parts["prefix"]["reparametrize"] == (preset == "adapterhub")
+    assert parts["adapter"]["scaling"] == 4.0
+    assert parts["adapter"]["placements"] == [adapters.FFN_PARALLEL.to_json()]
+    # the adapter part starts at zero: MAM starts as prefix tuning alone
+    pre = prefix_lib.from_config(parts["prefix"])
+    got = jpeft.wrap(s.apply, method, sites)(s.params, delta, *s.args)
+    want = jpeft.wrap(s.apply, pre, sites)(s.params, delta["prefix"], *s.args)
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+    m = 8 if preset == "paper" else 32 // 2
+    assert jpeft.num_params(delta["adapter"]) == 2 * adapters.count(32, m, 32)
+    with pytest.raises(ValueError, match="preset"):
+        adapters.mam(preset="other")

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from jax.sharding import PartitionSpec as P
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 import jpeft
 from jpeft.core import paths
@@ -406,3 +406,350 @@ def test_minilm_on_movie_sentences(minilm, minilm_sites, movie_data):
     np.testing.assert_allclose(f(variables, delta, *args),
                                jax.jit(minilm.model.apply)(method.merge(variables, delta), *args),
                                atol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------
+# Any contraction layout: plain-JAX models, references built by hand in numpy
+
+
+def _layouts_apply(p, x):
+    """One weight per layout (x: [b, t, 6]): a DenseGeneral-like ``q [6, 2, 3]`` (free (1, 2)),
+    an attention-output ``o [2, 3, 5]`` (contract (0, 1)), an einsum weight contracted over its
+    middle axis ``mid [2, 5, 4]``, a dot-batched ``batched [2, 4, 3]`` (stack (0,)), a weight that
+    is the dot's first operand ``lhs [6, 4]`` and one whose free axes the dot holds in reverse
+    order ``perm [3, 2, 6]``."""
+    q = jnp.einsum("btd,dnh->btnh", x, p["q"]["kernel"]) + p["q"]["bias"]
+    o = jnp.einsum("btnh,nhd->btd", jnp.tanh(q), p["o"]["kernel"]) + p["o"]["bias"]
+    e = jnp.einsum("btd,sdh->sbth", o, p["mid"]["kernel"])
+    z = (jnp.einsum("sbth,shf->sbtf", jnp.tanh(e), p["batched"]["kernel"])
+         + p["batched"]["bias"][:, None, None, :])
+    lhs = jax.lax.dot_general(p["lhs"]["kernel"], x, (((0,), (2,)), ((), ())))
+    perm = jax.lax.dot_general(x, jnp.transpose(p["perm"]["kernel"], (2, 1, 0)),
+                               (((2,), (0,)), ((), ())))
+    return z, lhs, perm
+
+
+def _scan_apply(p, x):
+    """Three layers stacked ``[L=3, 6, 6]`` (bias ``[3, 6]``) under ``lax.scan``, then a head."""
+    def body(h, w):
+        return jnp.tanh(h @ w["kernel"] + w["bias"]), None
+    h, _ = jax.lax.scan(body, x, p["layers"])
+    return h @ p["head"]["kernel"]
+
+
+def _normal(seed, *shapes):
+    rng = np.random.default_rng(seed)
+    return [rng.standard_normal(s).astype(np.float32) for s in shapes]
+
+
+@pytest.fixture(scope="module")
+def layouts():
+    q, qb, o, ob, mid, bt, btb, lhs, perm, x = _normal(0, (6, 2, 3), (2, 3), (2, 3, 5), (5,),
+                                                       (2, 5, 4), (2, 4, 3), (2, 3), (6, 4),
+                                                       (3, 2, 6), (2, 3, 6))
+    params = {"q": {"kernel": q, "bias": qb}, "o": {"kernel": o, "bias": ob},
+              "mid": {"kernel": mid}, "batched": {"kernel": bt, "bias": btb},
+              "lhs": {"kernel": lhs}, "perm": {"kernel": perm}}
+    # Columns: q 6 = 2 * 3 (flat over heads, head_dim), o 5, mid 8 = 2 * 4, batched 3 per slice,
+    # lhs 4, perm 6 = 3 * 2.
+    columns = {"q": {"kernel": np.array([1, 4, 5])}, "o": {"kernel": np.array([0, 3])},
+               "mid": {"kernel": np.array([2, 5, 7])},
+               "batched": {"kernel": np.array([[0, 2], [1, 2]])},
+               "lhs": {"kernel": np.array([3])}, "perm": {"kernel": np.array([0, 1, 4])}}
+    return _layouts_apply, params, (x,), jpeft.probe(_layouts_apply, params, x), columns
+
+
+@pytest.fixture(scope="module")
+def stacked():
+    w, b, head, x = _normal(1, (3, 6, 6), (3, 6), (6, 2), (2, 3, 6))
+    params = {"layers": {"kernel": w, "bias": b}, "head": {"kernel": head}}
+    columns = {"layers": {"kernel": np.array([[0, 4], [1, 2], [3, 5]])}}   # its own per layer
+    return _scan_apply, params, (x,), jpeft.probe(_scan_apply, params, x), columns
+
+
+def _slices(w, layout):
+    """``(stack index, index tuple of the weight without its free axes set)`` per stack slice."""
+    stack = sorted(layout.stack)
+    for s in np.ndindex(*[w.shape[a] for a in stack]):
+        idx = [slice(None)] * w.ndim
+        for a, v in zip(stack, s):
+            idx[a] = v
+        yield s, idx
+
+
+def _column_index(idx, w, layout, col):
+    """``idx`` with the free axes set to the (row-major) column ``col``."""
+    free = sorted(layout.free)
+    out = list(idx)
+    for a, v in zip(free, np.unravel_index(col, [w.shape[a] for a in free])):
+        out[a] = v
+    return tuple(out)
+
+
+def _numpy_edited(params, sites, columns, delta):
+    """The base tree with ``W[s, I, col c[s, j]] += D[s, I, j]`` and ``b[s, col] += d[s, j]``, by
+    loops over slices and kept columns (plain numpy)."""
+    out = jax.tree.map(lambda a: np.array(a, np.float32), params)
+    flat_d = paths.flatten(delta)
+    for path, c in paths.flatten(columns).items():
+        w, layout = paths.get_path(out, path), sites.contractions[path]
+        bias_path = path[:-1] + ("bias",)
+        b = paths.get_path(out, bias_path) if bias_path in flat_d else None
+        d_w = np.asarray(flat_d[path])
+        for s, idx in _slices(w, layout):
+            for j, col in enumerate(c[s]):
+                w[_column_index(idx, w, layout, col)] += d_w[s + (Ellipsis, j)]
+                if b is not None:
+                    o = np.unravel_index(col, [w.shape[a] for a in sorted(layout.free)])
+                    b[s + o] += np.asarray(flat_d[bias_path])[s + (j,)]
+    return out
+
+
+def _edited_paths(method, params, delta, sites) -> set:
+    """The weights that get a factored contraction edit (traced abstractly: no eager ops)."""
+    got = set()
+    jax.eval_shape(lambda p, d: got.update(
+        method.edits(p, d, sites, jpeft.Context("factored")).contractions), params, delta)
+    return got
+
+
+def _far_outputs(apply, params, args, sites, method, delta):
+    fact = jpeft.wrap(apply, method, sites)
+    mat = jpeft.wrap(apply, method, sites, mode="materialised")
+    return jax.jit(lambda p, d: (fact(p, d, *args), mat(p, d, *args),
+                                 apply(method.merge(p, d, sites), *args)))(params, delta)
+
+
+@pytest.mark.parametrize("model", ["layouts", "stacked"])
+def test_any_layout_factored_materialised_merged_equal_the_numpy_edit(model, request):
+    apply, params, args, sites, columns = request.getfixturevalue(model)
+    method = far(columns)
+    delta = _perturb(method.init(jax.random.key(0), params, sites), scale=0.5)
+    flat_d, flat_c = paths.flatten(delta), paths.flatten(columns)
+    # Shapes: D [*S, *I, k] and d [*S, k] where a bias [*S, *O] exists.
+    for p, c in flat_c.items():
+        lay, w = sites.contractions[p], paths.get_path(params, p)
+        want = tuple(w.shape[a] for a in sorted(lay.stack) + sorted(lay.contract)) + (c.shape[-1],)
+        assert flat_d[p].shape == want, paths.path_str(p)
+    if model == "stacked":
+        assert flat_d[("layers", "bias")].shape == (3, 2)                 # [L, k]
+    else:
+        assert flat_d[("q", "bias")].shape == (3,)                        # bias [2, 3] -> [k]
+        assert flat_d[("batched", "bias")].shape == (2, 2)                # bias [2, 3] -> [S, k]
+        assert ("mid", "bias") not in flat_d
+    # Every kernel gets a factored edit (none is merged).
+    assert _edited_paths(method, params, delta, sites) == set(flat_c)
+    run = jax.jit(apply)
+    want = run(_numpy_edited(params, sites, columns, delta), *args)
+    fact, mat, merged = _far_outputs(apply, params, args, sites, method, delta)
+    for got in (fact, mat, merged):
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-5, rtol=1e-5), got, want)
+    # Every output moved, and the unmerge restores the base weights.
+    for a, b in zip(jax.tree.leaves(fact), jax.tree.leaves(run(params, *args))):
+        assert not np.allclose(a, b, atol=1e-3)
+    back = jax.jit(lambda p, d: method.unmerge(method.merge(p, d, sites), d, sites))(params, delta)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), back, params)
+
+
+@pytest.mark.parametrize("model", ["layouts", "stacked"])
+def test_any_layout_zero_delta_is_the_base_and_gradients_are_the_kept_columns(model, request):
+    apply, params, args, sites, columns = request.getfixturevalue(model)
+    method = far(columns)
+    zero = method.init(jax.random.key(0), params, sites)
+    modes = ("factored", "materialised")
+
+    @jax.jit
+    def zero_outputs(p, d):
+        return (apply(p, *args), [jpeft.wrap(apply, method, sites, mode=m)(p, d, *args)
+                                  for m in modes], method.merge(p, d, sites))
+    base, outs, merged = zero_outputs(params, zero)
+    for out in outs:
+        jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
+                     out, base)
+    jax.tree.map(np.testing.assert_array_equal, merged, params)
+
+    delta = _perturb(zero, scale=0.3)
+    loss = lambda out: sum(jnp.sum(jnp.sin(o)) for o in jax.tree.leaves(out))
+
+    @jax.jit
+    def grads(p, d, edited):        # reference: the plain gradient at the hand-edited weights
+        full = jax.grad(lambda q: loss(apply(q, *args)))(edited)
+        return full, [jax.grad(lambda dd, m=m: loss(jpeft.wrap(apply, method, sites, mode=m)(
+            p, dd, *args)))(d) for m in modes]
+    full, per_mode = grads(params, delta, _numpy_edited(params, sites, columns, delta))
+    full = {p: np.asarray(v) for p, v in paths.flatten(full).items()}
+    for g in per_mode:
+        assert jax.tree.structure(g) == jax.tree.structure(delta)      # the delta, nothing else
+        g = paths.flatten(g)
+        for p, c in paths.flatten(columns).items():
+            lay, gw = sites.contractions[p], full[p]
+            want_w = np.zeros(g[p].shape, np.float32)
+            bias_path = p[:-1] + ("bias",)
+            want_b = np.zeros(g[bias_path].shape, np.float32) if bias_path in g else None
+            for s, idx in _slices(gw, lay):
+                for j, col in enumerate(c[s]):
+                    want_w[s + (Ellipsis, j)] = gw[_column_index(idx, gw, lay, col)]
+                    if want_b is not None:
+                        o = np.unravel_index(col, [gw.shape[a] for a in sorted(lay.free)])
+                        want_b[s + (j,)] = full[bias_path][s + o]
+            np.testing.assert_allclose(g[p], want_w, atol=1e-4, rtol=1e-4)
+            if want_b is not None:
+                np.testing.assert_allclose(g[bias_path], want_b, atol=1e-4, rtol=1e-4)
+
+
+def test_any_layout_scores_selection_and_report(layouts, stacked):
+    for apply, params, args, sites, _ in (layouts, stacked):
+        targets = [paths.path_str(p[:-1]) for p in sites.contractions if p[0] != "head"]
+        scores = paths.flatten(far_magnitude_scores(params, targets, sites=sites))
+        warm = _perturb(params, scale=0.2)
+        change = paths.flatten(far_scores(params, warm, targets, sites=sites, normalize=True))
+        flat, flat_w = paths.flatten(params), paths.flatten(warm)
+        assert set(scores) == {p for p in sites.contractions if p[0] != "head"}
+        for p, s in scores.items():
+            lay, w = sites.contractions[p], flat[p]
+            dw = np.asarray(flat_w[p], np.float64) - w
+            bias = flat.get(p[:-1] + ("bias",))
+            n_out = int(np.prod([w.shape[a] for a in lay.free]))
+            want = np.zeros(tuple(w.shape[a] for a in sorted(lay.stack)) + (n_out,))
+            want_change = np.zeros_like(want)
+            entries = int(np.prod([w.shape[a] for a in lay.contract])) + (bias is not None)
+            for st, idx in _slices(w, lay):
+                for col in range(n_out):
+                    ix = _column_index(idx, w, lay, col)
+                    want[st + (col,)] = np.abs(w[ix]).sum()
+                    want_change[st + (col,)] = np.abs(dw[ix]).sum()
+                    if bias is not None:
+                        o = np.unravel_index(col, [w.shape[a] for a in sorted(lay.free)])
+                        db = np.asarray(flat_w[p[:-1] + ("bias",)], np.float64) - bias
+                        want[st + (col,)] += abs(bias[st + o])
+                        want_change[st + (col,)] += abs(db[st + o])
+            np.testing.assert_allclose(s, want, rtol=1e-5)
+            np.testing.assert_allclose(change[p], want_change / entries, rtol=1e-5)
+        # Per slice: k = round(0.5 * n) of each row, its top scores, sorted.
+        cols = paths.flatten(far_select(paths.unflatten(scores), 0.5))
+        for p, c in cols.items():
+            s = np.asarray(scores[p])
+            assert c.shape == s.shape[:-1] + (kept_count(0.5, s.shape[-1]),)
+            for row, srow in zip(c.reshape(-1, c.shape[-1]), s.reshape(-1, s.shape[-1])):
+                assert np.all(np.diff(row) > 0)
+                assert srow[row].min() >= np.delete(srow, row).max()
+        delta = far(paths.unflatten(cols)).init(jax.random.key(0), params, sites)
+        rep = far_report(params, paths.unflatten(cols), sites=sites)
+        assert rep.trainable == jpeft.num_params(delta)
+        assert rep.matrices == sum(int(np.prod(np.shape(c)[:-1])) for c in cols.values())
+    # The stacked kernel keeps its own columns in each of its 3 layers.
+    _, params, _, sites, _ = stacked
+    rep = far_report(params, stacked[4], sites=sites)
+    assert (rep.matrices, rep.columns_kept, rep.columns_total) == (3, 6, 18)
+    assert rep.trainable == 3 * 2 * (6 + 1)
+
+
+def test_stacked_shardings_and_stored_form(stacked, layouts, mesh, tmp_path):
+    apply, params, args, sites, columns = stacked
+    method = far(columns)
+    specs = {("layers", "kernel"): P("data", "model", None), ("layers", "bias"): P("data", None)}
+    shard = paths.unflatten({p: NamedSharding(mesh, specs.get(p, P()))
+                             for p in paths.flatten(params)})
+    delta = jax.eval_shape(lambda k: method.init(k, params, sites), jax.random.key(0))
+    ds = jpeft.delta_shardings(method, shard, delta, sites)
+    assert ds["layers"]["kernel"].spec == P("data", "model", None)      # D [L, in, k]
+    assert ds["layers"]["bias"].spec == P("data", None)                 # d [L, k]
+    _, lp, _, lsites, lcols = layouts
+    lm = far(lcols)
+    lspecs = {("o", "kernel"): P("model", None, None), ("mid", "kernel"): P("data", "model", None),
+              ("batched", "kernel"): P("data", None, "model"), ("batched", "bias"): P("data")}
+    lshard = paths.unflatten({p: NamedSharding(mesh, lspecs.get(p, P()))
+                              for p in paths.flatten(lp)})
+    lds = jpeft.delta_shardings(lm, lshard, jax.eval_shape(
+        lambda k: lm.init(k, lp, lsites), jax.random.key(0)), lsites)
+    assert lds["o"]["kernel"].spec == P("model", None, None)            # D [2, 3, k]
+    assert lds["mid"]["kernel"].spec == P("model", None)                # D [5, k]: axis 1
+    assert lds["batched"]["kernel"].spec == P("data", None, None)       # D [2, 4, k]
+    assert lds["batched"]["bias"].spec == P("data", None)
+    # Stored form: indices [3, k], kernel_cols [3, 6, k], bias_cols [3, k]; checkpoint round trip.
+    real = _perturb(method.init(jax.random.key(0), params, sites))
+    stored = far_pack(columns, real)
+    assert stored["layers"]["indices"].shape == (3, 2)
+    assert stored["layers"]["kernel_cols"].shape == (3, 6, 2)
+    assert stored["layers"]["bias_cols"].shape == (3, 2)
+    like = far_stored_like(params, columns, sites=sites)
+    jpeft.checkpoint.save(tmp_path / "far", stored)
+    from_disk = jpeft.checkpoint.stored_like(tmp_path / "far")
+    assert jax.tree.map(lambda s: (s.shape, s.dtype), from_disk) == \
+        jax.tree.map(lambda s: (s.shape, s.dtype), like)
+    cols2, delta2 = far_unpack(jpeft.checkpoint.restore(tmp_path / "far", like)["delta"])
+    np.testing.assert_array_equal(cols2["layers"]["kernel"], columns["layers"]["kernel"])
+    jax.tree.map(np.testing.assert_array_equal, delta2, real)
+    np.testing.assert_array_equal(jpeft.wrap(apply, far(cols2), sites)(params, delta2, *args),
+                                  jpeft.wrap(apply, method, sites)(params, real, *args))
+
+
+def _dot_output_shapes(jaxpr) -> list:
+    """Output shapes of every ``dot_general`` in a jaxpr, sub-jaxprs (scan bodies) included."""
+    out = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            out.append(tuple(eqn.outvars[0].aval.shape))
+        for v in eqn.params.values():
+            for sub in (v if isinstance(v, (list, tuple)) else [v]):
+                if hasattr(sub, "jaxpr") and hasattr(sub.jaxpr, "eqns"):
+                    out += _dot_output_shapes(sub.jaxpr)
+                elif hasattr(sub, "eqns"):
+                    out += _dot_output_shapes(sub)
+    return out
+
+
+def test_stacked_factored_step_never_forms_the_full_weight_gradient(stacked):
+    apply, params, args, sites, _ = stacked
+    method = far({"layers": {"kernel": np.array([[0], [4], [2]])}})       # k = 1 of 6 per layer
+    delta = method.init(jax.random.key(0), params, sites)
+    flops, dots = {}, {}
+    for mode in ("factored", "materialised"):
+        f = jpeft.wrap(apply, method, sites, mode=mode)
+        g = jax.grad(lambda d, p: jnp.sum(f(p, d, *args) ** 2))
+        cost = jax.jit(g).lower(delta, params).cost_analysis()
+        flops[mode] = (cost[0] if isinstance(cost, (list, tuple)) else cost)["flops"]
+        dots[mode] = _dot_output_shapes(jax.make_jaxpr(g)(delta, params).jaxpr)
+    # The materialised step forms each layer's [6, 6] gradient x^T dy; the factored one only its
+    # kept column ([6, 1]), under the scan that slices D and the columns per layer.
+    assert (6, 6) in dots["materialised"] and (6, 6) not in dots["factored"], dots
+    assert {(6, 1), (1, 6)} & set(dots["factored"])            # dD, in either orientation
+    assert flops["factored"] < flops["materialised"], flops
+
+
+def test_any_layout_errors(layouts, stacked):
+    apply, params, args, sites, columns = layouts
+    with pytest.raises(ValueError, match=r"column 6 is out of range for q/kernel with 6 columns"):
+        far({"q": {"kernel": np.array([0, 6])}}).init(jax.random.key(0), params, sites)
+    with pytest.raises(ValueError, match=r"column 8 is out of range for mid/kernel with 8 columns"):
+        far({"mid": {"kernel": np.array([8])}}).init(jax.random.key(0), params, sites)
+    with pytest.raises(ValueError, match=r"q/kernel has shape \(6, 2, 3\), not a matrix .*sites"):
+        far({"q": {"kernel": np.array([0])}}).init(jax.random.key(0), params)
+    with pytest.raises(ValueError, match=r"q/kernel has shape \(6, 2, 3\), not a matrix"):
+        far_report(params, {"q": {"kernel": np.array([0])}})
+    with pytest.raises(ValueError, match="sorted and distinct"):
+        far({"batched": {"kernel": np.array([[0, 2], [2, 1]])}})
+    with pytest.raises(ValueError, match="global.*stacked"):
+        far_select({"batched": {"kernel": np.ones((2, 3))}}, 0.5, budget="global")
+    _, sp, _, ssites, _ = stacked
+    with pytest.raises(ValueError, match=r"have shape \(2,\).*stack axes \[0\] of sizes \[3\]"):
+        far({"layers": {"kernel": np.array([0, 1])}}).init(jax.random.key(0), sp, ssites)
+    with pytest.raises(ValueError, match="layers_to_transform .* stacked"):
+        far_magnitude_scores(sp, ["layers"], sites=ssites, layers_to_transform=0)
+    bad = jax.tree.map(lambda a: a, sp)
+    bad["layers"] = {**sp["layers"], "bias": np.zeros((6,), np.float32)}
+    with pytest.raises(ValueError, match=r"bias layers/bias has shape \(6,\).*\[\*S, \*O\] = \(3, 6\)"):
+        far({"layers": {"kernel": np.array([[0]] * 3)}}).init(jax.random.key(0), bad, ssites)
+
+    # A weight also used outside contractions has no factored form; the materialised one works.
+    def tied(p, x):
+        return jnp.einsum("btd,dnh->btnh", x, p["q"]["kernel"]) + jnp.sum(p["q"]["kernel"])
+    tp = {"q": {"kernel": params["q"]["kernel"]}}
+    tsites = jpeft.probe(tied, tp, *args)
+    method = far({"q": {"kernel": np.array([1, 2])}})
+    delta = _perturb(method.init(jax.random.key(0), tp, tsites))
+    with pytest.raises(ValueError, match=r"q/kernel is also used outside contractions .*reduce_sum.*materialised"):
+        jpeft.wrap(tied, method, tsites)(tp, delta, *args)
+    np.testing.assert_allclose(jpeft.wrap(tied, method, tsites, mode="materialised")(tp, delta, *args),
+                               tied(_numpy_edited(tp, tsites, {"q": {"kernel": np.array([1, 2])}},
+                                                  delta), *args), atol=1e-4)

@@ -147,3 +147,52 @@ def test_training_changes_only_the_masked_entries(mlp):
         changed_any |= bool(changed.any())
     assert changed_any
     np.testing.assert_allclose(model.apply(merged, data["x"]), f(variables, delta, data["x"]), atol=1e-6)
+
+
+def test_a_scan_stacked_classifier_trains_its_masked_entries_factored():
+    """FishMask on a ``[L, in, out]`` kernel under ``lax.scan``: the factored edit (entries grouped
+    per layer, sliced with the weight) equals the numpy-merged weights, and training moves only the
+    masked entries."""
+    def apply(p, x):
+        def body(h, w):
+            return jnp.tanh(h @ w), None
+        h, _ = jax.lax.scan(body, x, p["layers"]["kernel"])
+        return h @ p["classifier"]["kernel"]
+    rng = np.random.default_rng(0)
+    params = {"layers": {"kernel": rng.standard_normal((3, 4, 4)).astype(np.float32) / 2},
+              "classifier": {"kernel": rng.standard_normal((4, 3)).astype(np.float32)}}
+    data = {"x": rng.standard_normal((9, 4)).astype(np.float32),
+            "labels": rng.integers(0, 3, 9).astype(np.int32)}
+    logprob = fm.label_log_likelihood(lambda p, ex: apply(p, ex["x"][None])[0])
+    fisher = fm.fisher_information(logprob, params, data, chunk_size=4)
+    idx = fm.fishmask_indices(fisher, density=0.25, exclude=("classifier",))
+    flat_idx = idx["layers"]["kernel"]
+    assert flat_idx.size == 12
+    sites = jpeft.probe(apply, params, data["x"])
+    assert sites.contractions[("layers", "kernel")].scanned == (0,)
+    method = fm.fishmask(idx)
+    f = jpeft.wrap(apply, method, sites)
+    delta = jax.tree.map(lambda v: v + 0.3, method.init(jax.random.key(0), params, sites))
+    assert ("layers", "kernel") in method.edits(params, delta, sites,
+                                                 jpeft.Context("factored")).contractions
+    ref = jax.tree.map(np.array, params)
+    ref["layers"]["kernel"].reshape(-1)[flat_idx] += 0.3
+    np.testing.assert_allclose(f(params, delta, data["x"]), apply(ref, data["x"]), atol=1e-5)
+
+    def loss(p, d, batch, key):
+        logits = f(p, d, batch["x"])
+        return optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"]).mean()
+    opt = optax.adam(0.1)
+    step = jpeft.make_train_step(loss, opt, donate=False)
+    delta = method.init(jax.random.key(0), params, sites)
+    state = jpeft.init_opt_state(opt, delta)
+    losses = []
+    for i in range(3):
+        delta, state, m = step(params, delta, state, data, jax.random.key(i))
+        losses.append(float(m["loss"]))
+    assert losses[-1] < losses[0]
+    changed = (np.asarray(method.merge(params, delta)["layers"]["kernel"])
+               != params["layers"]["kernel"]).ravel()
+    mask = np.zeros(changed.size, bool)
+    mask[flat_idx] = True
+    assert changed.any() and not (changed & ~mask).any()
