@@ -64,8 +64,10 @@ class _State:
     """Per-call bookkeeping shared by every nesting level."""
 
     def __init__(self, edits: Mapping[Path, sites_lib.ContractionEdit] | None, record: bool,
-                 rng: Any, marks: Mapping[tuple, sites_lib.MarkEdit] | None = None):
+                 rng: Any, marks: Mapping[tuple, sites_lib.MarkEdit] | None = None,
+                 taps: frozenset = frozenset()):
         self.edits = dict(edits or {})
+        self.taps = frozenset(taps)
         self.mark_edits = dict(marks or {})
         self.record = record
         self.rng = rng
@@ -74,6 +76,7 @@ class _State:
         self.reached: set[Path] = set()
         self.marks: dict[tuple, list] = {}           # key -> [(shape, dtype, scan lengths)]
         self.reached_marks: set[tuple] = set()
+        self.tapped: dict = {}
         self._names: dict[int, frozenset] = {}
 
     def names_in(self, jaxpr) -> frozenset:
@@ -92,10 +95,17 @@ class _State:
     def enters(self, eqn) -> bool:
         """Whether a higher-order equation no parameter view reaches must still be entered: it
         holds marks to record or to edit."""
-        if eqn.primitive.name not in _HIGHER or not (self.record or self.mark_edits):
+        if eqn.primitive.name not in _HIGHER or not (self.record or self.mark_edits or self.taps):
             return False
         names = frozenset().union(*(self.names_in(j) for j in _subjaxprs(eqn)))
-        return bool(names) and (self.record or any(k in self.mark_edits for k in names))
+        return bool(names) and (self.record or any(k in self.mark_edits or k in self.taps
+                                                   for k in names))
+
+    def no_taps_in(self, eqn, what: str) -> None:
+        inside = [k for j in _subjaxprs(eqn) for k in self.names_in(j) if k in self.taps]
+        if inside:
+            raise ValueError(f"observe: mark {marks_lib.key_str(inside[0])} is inside a {what}; "
+                             f"its values cannot be returned from there")
 
 
 def _subjaxprs(eqn):
@@ -114,9 +124,10 @@ class _Scope(NamedTuple):
     arrays: Mapping[tuple, Mapping[str, Any]] = {}
     lengths: tuple = ()
     seen: dict | None = None
+    taps: dict | None = None
 
     def body(self, **changes) -> "_Scope":
-        return self._replace(seen=dict(self.seen or {}), **changes)
+        return self._replace(seen=dict(self.seen or {}), taps={}, **changes)
 
 
 _LAYOUT_PRIMS = {"convert_element_type", "copy", "copy_p", "sharding_constraint",
@@ -245,15 +256,19 @@ def _remat(eqn, invals, intags, state, scope):
     jaxpr = eqn.params["jaxpr"]
 
     def body(*xs):
-        return _eval(jaxpr, (), xs, intags, state, scope.body())[0]
-    outs = jax.checkpoint(body, prevent_cse=eqn.params["prevent_cse"],
-                          policy=eqn.params["policy"])(*invals)
+        inner = scope.body()
+        return _eval(jaxpr, (), xs, intags, state, inner)[0], inner.taps
+    outs, taps = jax.checkpoint(body, prevent_cse=eqn.params["prevent_cse"],
+                                policy=eqn.params["policy"])(*invals)
+    if scope.taps is not None:
+        scope.taps.update(taps)
     return list(outs), [None] * len(outs)
 
 
 def _cond(eqn, invals, intags, state, scope):
     index, ops = invals[0], invals[1:]
     _mark_other(state, intags[:1], "cond (index)")
+    state.no_taps_in(eqn, "cond")
     branches = [
         (lambda *xs, br=br: _eval(br.jaxpr, br.consts, xs, intags[1:], state, scope.body())[0])
         for br in eqn.params["branches"]]
@@ -267,6 +282,7 @@ def _while(eqn, invals, intags, state, scope):
     cconsts, bconsts, init = invals[:cn], invals[cn:cn + bn], invals[cn + bn:]
     ctags, btags, itags = intags[:cn], intags[cn:cn + bn], intags[cn + bn:]
     _mark_other(state, itags, "while (carry)")
+    state.no_taps_in(eqn, "while loop")
     none = [None] * len(init)
     cond_fn = lambda c: _eval(p["cond_jaxpr"].jaxpr, p["cond_jaxpr"].consts,
                               [*cconsts, *c], [*ctags, *none], state, scope.body())[0][0]
@@ -325,11 +341,13 @@ def _scan(eqn, invals, intags, state, scope):
                            lengths=scope.lengths + ((p["length"],) if layer_scan else ()))
         outs, _ = _eval(body_jaxpr.jaxpr, body_jaxpr.consts, [*consts, *carry, *x_orig],
                         [*ctags, *([None] * nk), *body_xtags], state, inner)
-        return outs[:nk], outs[nk:]
+        return outs[:nk], (outs[nk:], inner.taps)
 
-    carry, ys = jax.lax.scan(body, list(init), (list(xs), extra, mark_arrays, counter),
-                             length=p["length"],
-                             reverse=p["reverse"], unroll=p["unroll"])
+    carry, (ys, taps) = jax.lax.scan(body, list(init), (list(xs), extra, mark_arrays, counter),
+                                     length=p["length"],
+                                     reverse=p["reverse"], unroll=p["unroll"])
+    if scope.taps is not None:
+        scope.taps.update(taps)               # one leading axis per iteration
     outs = list(carry) + list(ys)
     return outs, [None] * len(outs)
 
@@ -348,6 +366,8 @@ def _mark(eqn, invals, intags, state, scope):
     """A ``checkpoint_name``: record the mark, apply its edit, make it visible to later marks."""
     key = marks_lib.parse(eqn.params["name"])
     out = _bind(eqn, invals)[0]
+    if key in state.taps and scope.taps is not None:
+        scope.taps[key] = out                 # the value as it arrives, before this mark's edit
     if state.record:
         state.marks.setdefault(key, []).append(
             (tuple(np.shape(out)), str(out.dtype), scope.lengths))
@@ -438,25 +458,35 @@ def _run(fn, params, args, kwargs, state: _State):
     tags += [None] * (len(dyn) - n_params)
     factors = {p: dict(e.factors) for p, e in state.edits.items()}
     arrays = {k: dict(e.arrays) for k, e in state.mark_edits.items()}
-    outs, _ = _eval(closed.jaxpr, closed.consts, dyn, tags, state,
-                    _Scope(factors, (), arrays, (), {}))
+    top = _Scope(factors, (), arrays, (), {}, {})
+    outs, _ = _eval(closed.jaxpr, closed.consts, dyn, tags, state, top)
+    state.tapped = top.taps
     return jax.tree_util.tree_unflatten(out_tree, outs)
 
 
 def call(fn: Callable[..., Any], params: Any, args: tuple, kwargs: dict, *,
          edits: Mapping[Path, sites_lib.ContractionEdit],
          marks: Mapping[tuple, sites_lib.MarkEdit] | None = None, rng: Any = None,
-         what: str = "wrap") -> Any:
+         what: str = "wrap", taps: Any = None) -> Any:
     """``fn(params, *args, **kwargs)`` with ``edits`` applied at the contractions of their
-    weights and ``marks`` at the marked activations.
+    weights and ``marks`` at the marked activations. With ``taps`` (mark keys), returns
+    ``(output, {key: value})``: each tapped mark's value as it arrives there (edits upstream
+    applied, its own not yet), stacked along a leading axis per enclosing ``scan`` (e.g. ``[L, ...]`` for a layer
+    stack); a mark inside ``cond``/``while`` cannot be tapped.
 
     Raises:
       ValueError: an edited weight that the forward pass never contracts, or one that it also
         uses outside contractions (the edit would then change only part of its uses: the
         materialised form is the exact one there); an edited mark the pass never meets.
     """
-    state = _State(edits, record=False, rng=rng, marks=marks)
+    state = _State(edits, record=False, rng=rng, marks=marks, taps=frozenset(taps or ()))
     out = _run(fn, params, args, kwargs, state)
+    if taps:
+        missing = [k for k in taps if k not in state.tapped]
+        if missing:
+            raise ValueError(f"observe: marks {[marks_lib.key_str(k) for k in missing[:5]]} are "
+                             f"never met in this forward pass")
+        out = (out, {k: state.tapped[k] for k in taps})
     missed_marks = [k for k in state.mark_edits if k not in state.reached_marks]
     if missed_marks:
         raise ValueError(

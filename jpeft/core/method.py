@@ -141,6 +141,27 @@ def wrap(apply_fn: Callable[..., Any], method: Method, sites: Sites = None, *,
     return wrapped
 
 
+def observe(apply_fn: Callable[..., Any], method: Method | None, sites: Sites,
+            keys: Any) -> Callable[..., Any]:
+    """Like :func:`wrap`, returning ``(output, {mark key: value})`` for the marks ``keys``
+    (``(scope, kind)`` pairs, :mod:`jpeft.core.marks`): the values arriving there in the forward
+    pass (the method's edits upstream applied, the mark's own not yet), stacked along a leading axis per enclosing ``scan`` (a layer
+    stack gives ``[L, ...]``). ``method=None`` observes the base model; the function takes
+    ``(params, delta, *args)`` either way (``delta`` ignored without a method)."""
+    keys = tuple(keys)
+
+    def observed(params, delta, *args, delta_rng=None, **kwargs):
+        if method is None:
+            edits = sites_lib.Edits(params)
+        else:
+            edits = method.edits(params, delta, sites, Context("factored", delta_rng))
+        if edits.inputs is not None:
+            args, kwargs = edits.inputs(args, kwargs)
+        return dataflow.call(apply_fn, edits.params, args, kwargs, edits=edits.contractions,
+                             marks=edits.marks, rng=delta_rng, what="observe", taps=keys)
+    return observed
+
+
 def _covered(params_paths: set, delta: Any) -> set:
     """Base leaves a delta adapts: for each delta leaf, the longest prefix of its path that is a
     base leaf path (``.../kernel/lora_A`` and ``.../kernel/w`` cover ``.../kernel``)."""

@@ -50,6 +50,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
+from jpeft.core import gates as gates_lib
 from jpeft.core import marks as marks_lib
 from jpeft.core import method as method_lib
 from jpeft.core import paths as paths_lib
@@ -182,6 +183,7 @@ def _layer_norm(x, scale, bias, eps=1e-5):
 def bottleneck(placements: Sequence[Placement] = (FFN_SEQUENTIAL,), *,
                reduction_factor: int = 16, bottleneck_size: int | None = None,
                activation: str = "relu", scaling: float | str = 1.0, ln_before: bool = False,
+               gate: bool = False,
                layers_to_transform: int | Sequence[int] | None = None,
                layers_pattern: str | None = None, dtype: Any = None,
                name: str = "adapter") -> method_lib.Method:
@@ -196,6 +198,9 @@ def bottleneck(placements: Sequence[Placement] = (FFN_SEQUENTIAL,), *,
       activation: ``"relu"``, ``"gelu"``, ``"silu"`` (= ``"swish"``) or ``"tanh"``.
       scaling: ``s``, a number or ``"learned"`` (a trainable scalar per adapter, 1 at init).
       ln_before: a trained LayerNorm on the adapter input.
+      gate: UniPELT's gated adapter: the adapter's output times ``G = mean_tokens sigmoid(x W_g +
+        b_g)`` per example, from the adapter's input ``x`` (AdapterHub's gating; ``gate [*L, d_in,
+        1] ~ N(0, 0.02^2)``, ``gate_bias [*L, 1] = 0``).
       layers_to_transform, layers_pattern: only adapters of these layers (unrolled models; by
         the layer index in the scope path).
       dtype: dtype of the adapter arrays (default: the marked value's).
@@ -254,6 +259,10 @@ def bottleneck(placements: Sequence[Placement] = (FFN_SEQUENTIAL,), *,
                 arrays["ln_bias"] = jnp.zeros(lead + (site.d_in,), dt)
             if scaling == "learned":
                 arrays["scale"] = jnp.ones(lead, dt)
+            if gate:
+                arrays["gate"] = gates_lib.STD * jax.random.normal(jax.random.fold_in(k, 1),
+                                                              lead + (site.d_in, 1), dt)
+                arrays["gate_bias"] = jnp.zeros(lead + (1,), dt)
             out[site.out[0] + (site.out[1],)] = arrays
         return paths_lib.unflatten({p + (n,): a for p, arrs in out.items()
                                     for n, a in arrs.items()})
@@ -270,6 +279,9 @@ def bottleneck(placements: Sequence[Placement] = (FFN_SEQUENTIAL,), *,
             else:
                 y = act(x @ a["down"] + a["down_bias"]) @ a["up"] + a["up_bias"]
             s = a["scale"] if scaling == "learned" else scaling
+            if gate:
+                g = gates_lib.example_gates(x, a["gate"], a["gate_bias"])[:, 0]          # [B]
+                y = y * g.reshape((-1,) + (1,) * (y.ndim - 1)).astype(y.dtype)
             return call.value + (s * y).astype(call.value.dtype)
         return fn
 
@@ -297,7 +309,7 @@ def bottleneck(placements: Sequence[Placement] = (FFN_SEQUENTIAL,), *,
 
     config = {"method": "bottleneck", "placements": [p.to_json() for p in placements],
               "reduction_factor": reduction_factor, "bottleneck_size": bottleneck_size,
-              "activation": activation, "scaling": scaling, "ln_before": ln_before,
+              "activation": activation, "scaling": scaling, "ln_before": ln_before, "gate": gate,
               "layers_to_transform": layers_to_transform, "layers_pattern": layers_pattern,
               "dtype": None if dtype is None else np.dtype(dtype).name, "name": name}
     return method_lib.Method(

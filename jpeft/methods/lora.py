@@ -43,6 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jpeft.core import contraction
+from jpeft.core import gates as gates_lib
 from jpeft.core import method as method_lib
 from jpeft.core import paths as paths_lib
 from jpeft.core import sharding as sharding_lib
@@ -50,6 +51,8 @@ from jpeft.core import sites as sites_lib
 
 ALL_LINEAR = "all-linear"
 A_NAME, B_NAME = "lora_A", "lora_B"
+#: UniPELT's gate on LoRA: ``W_g`` laid out as ``A`` with rank 1, and its bias ``[*S, 1]``.
+GATE_NAME, GATE_BIAS_NAME = "lora_gate", "lora_gate_bias"
 
 
 def scaling(rank: int, alpha: float, use_rslora: bool = False) -> float:
@@ -62,6 +65,30 @@ def _init_a(key, shape, dtype, init: str, rank: int, fan_in: int):
         bound = 1.0 / math.sqrt(fan_in)
         return jax.random.uniform(key, shape, dtype, -bound, bound)
     return jax.random.normal(key, shape, dtype) / rank     # PEFT init_lora_weights="gaussian"
+
+
+def example_gate(call: sites_lib.ContractionCall, w: sites_lib.Factor, b: sites_lib.Factor
+                 ) -> jax.Array:
+    """UniPELT's gate for one contraction call: ``G = mean_tokens sigmoid(x W_g + b_g)``, one value
+    per example (the first of the input's free axes; the mean runs over its other free axes, e.g.
+    the sequence), shaped to broadcast against ``call.y``. Values lie in ``[0, 1]``."""
+    z = contraction.dot_with(call, call.x, w)                 # [*batch, *x_free, 1]
+    z = jax.nn.sigmoid(z.astype(jnp.float32) + b.value.astype(jnp.float32))
+    n_batch = z.ndim - 1 - (call.x.ndim - _n_contracted(call))
+    n_xfree = z.ndim - 1 - n_batch
+    g = z.mean(axis=tuple(range(n_batch + 1, n_batch + n_xfree)))[..., 0]    # [*batch, B]
+    n_out = call.y.ndim - n_batch - n_xfree
+    if call.weight_is_lhs:          # y: [*batch, *O, *x_free]
+        shape = g.shape[:n_batch] + (1,) * n_out + g.shape[n_batch:] + (1,) * (n_xfree - 1)
+    else:                           # y: [*batch, *x_free, *O]
+        shape = g.shape + (1,) * (n_xfree - 1 + n_out)
+    return g.reshape(shape)
+
+
+def _n_contracted(call: sites_lib.ContractionCall) -> int:
+    (lc, rc), (lb, rb) = call.params["dimension_numbers"]
+    xc, xb = (rc, rb) if call.weight_is_lhs else (lc, lb)
+    return len(xc) + len(xb)
 
 
 def apply_dropout(key, x, rate: float):
@@ -139,14 +166,15 @@ def check_rank(rank: int, shape, layout, path, what: str, rank_name: str = "rank
 
 
 def factor_shardings(param_shardings, delta, sites, what: str, names=(A_NAME, B_NAME),
-                     layers_narrowed: bool = False):
+                     layers_narrowed: bool = False, a_like=(GATE_NAME,)):
     """Each factor axis takes the mesh axes of the weight axis it shares (rank replicated); leaves
     not in ``names`` (e.g. AdaLoRA's ``lam``) keep only the weight's stacked axes. With
     ``layers_narrowed`` (``layers_to_transform`` on stacked weights) the scanned axes, which then
     hold only some layers, are replicated."""
     def axes_of(path, name):
         layout = sites.layout(path, what=what)
-        axes = dict(zip(names, contraction.low_rank_axes(layout))).get(
+        a_axes, b_axes = contraction.low_rank_axes(layout)
+        axes = {names[0]: a_axes, names[1]: b_axes, **{n: a_axes for n in a_like}}.get(
             name, tuple(layout.stack) + (None,))
         if layers_narrowed:
             axes = tuple(None if a in layout.scanned else a for a in axes)
@@ -156,6 +184,7 @@ def factor_shardings(param_shardings, delta, sites, what: str, names=(A_NAME, B_
 
 def lora(targets: paths_lib.Targets | str = ("query", "value"), rank: int = 8, alpha: float = 8.0,
          *, use_rslora: bool = False, dropout: float = 0.0, init: str = "kaiming",
+         gate: bool = False,
          layers_to_transform: int | Sequence[int] | None = None,
          layers_pattern: str | None = None,
          exclude: paths_lib.Targets = ()) -> method_lib.Method:
@@ -170,6 +199,10 @@ def lora(targets: paths_lib.Targets | str = ("query", "value"), rank: int = 8, a
       dropout: dropout on the input of ``A`` (factored mode, when a ``delta_rng`` is given).
       init: ``"kaiming"`` (uniform, bound ``1/sqrt(fan_in)``) or ``"gaussian"`` (std ``1/r``) for
         ``A``.
+      gate: UniPELT's gated LoRA: ``y = x W + G * s (x A) B`` with ``G = mean_tokens sigmoid(x
+        W_g + b_g)`` per example (:func:`example_gate`; ``W_g`` laid out as ``A`` with rank 1,
+        ``lora_gate`` and ``lora_gate_bias`` in the delta, ``W_g ~ N(0, 0.02^2)``, ``b_g = 0``).
+        A gated LoRA cannot be merged.
       layers_to_transform, layers_pattern, exclude: narrow the selection.
 
     ``init``, ``merge`` and the factored forward need the model's sites (:func:`jpeft.probe`).
@@ -199,11 +232,19 @@ def lora(targets: paths_lib.Targets | str = ("query", "value"), rank: int = 8, a
             fan_in = int(np.prod([w.shape[a] for a in layout.contract]))
             a = _init_a(jax.random.fold_in(key, i), a_shape, w.dtype, init, rank, fan_in)
             out[path] = {A_NAME: a, B_NAME: jnp.zeros(b_shape, w.dtype)}
+            if gate:
+                g_shape = a_shape[:-1] + (1,)
+                out[path][GATE_NAME] = gates_lib.STD * jax.random.normal(
+                    jax.random.fold_in(key, 1_000_000 + i), g_shape, w.dtype)
+                out[path][GATE_BIAS_NAME] = jnp.zeros(
+                    tuple(a_shape[j] for j, ax in enumerate(a_axes) if ax in layout.stack)
+                    + (1,), w.dtype)
         return paths_lib.unflatten(out)
 
     def factors(params, delta, sites) -> dict:
         """``{weight path: (Factor A, Factor B)}`` (stacked weights narrowed by
-        ``layers_to_transform``: expanded to every layer, zeros elsewhere)."""
+        ``layers_to_transform``: expanded to every layer, zeros elsewhere); gated:
+        ``(A, B, gate, gate bias)``."""
         flat = paths_lib.flatten(delta)
         narrowed = stacked_layers(params, sites, sel, all_linear, "lora")
         out = {}
@@ -213,12 +254,19 @@ def lora(targets: paths_lib.Targets | str = ("query", "value"), rank: int = 8, a
                 lay, n = narrowed.get(p[:-1], (None, 0))
                 out[p[:-1]] = (expand(sites_lib.Factor(flat[p[:-1] + (A_NAME,)], a_axes), lay, n),
                                expand(sites_lib.Factor(flat[p], b_axes), lay, n))
+                if gate:
+                    stack = tuple(a for a in a_axes if a is not None
+                                  and a in sites.layout(p[:-1], what="lora").stack)
+                    out[p[:-1]] += (
+                        expand(sites_lib.Factor(flat[p[:-1] + (GATE_NAME,)], a_axes), lay, n),
+                        expand(sites_lib.Factor(flat[p[:-1] + (GATE_BIAS_NAME,)], stack + (None,)),
+                               lay, n))
         return out
 
     def add(params, delta, sites, sign):
         flat = paths_lib.flatten(params)
-        upd = {p: (sign * s * contraction.outer(a, b, flat[p].shape))
-               for p, (a, b) in factors(params, delta, sites).items()}
+        upd = {p: (sign * s * contraction.outer(f[0], f[1], flat[p].shape))
+               for p, f in factors(params, delta, sites).items()}
         return paths_lib.map_selected(lambda _, w, d: (w + d.astype(w.dtype)).astype(w.dtype),
                                       params, upd)
 
@@ -229,26 +277,34 @@ def lora(targets: paths_lib.Targets | str = ("query", "value"), rank: int = 8, a
         x = call.x
         if call.rng is not None and dropout > 0.0:
             x = apply_dropout(call.rng, x, dropout)
-        return call.y + s * contraction.low_rank(call, x, fs[A_NAME], fs[B_NAME]).astype(call.y.dtype)
+        u = s * contraction.low_rank(call, x, fs[A_NAME], fs[B_NAME])
+        if gate:
+            u = u * example_gate(call, fs[GATE_NAME], fs[GATE_BIAS_NAME]).astype(u.dtype)
+        return call.y + u.astype(call.y.dtype)
 
     def edits(params, delta, sites, context):
         if context.mode == "materialised":
+            if gate:
+                raise ValueError("lora: a gated LoRA (gate=True) cannot be materialised: the gate "
+                                 "depends on each example's input; use mode='factored'")
             if dropout > 0.0 and context.rng is not None:
                 raise ValueError(
                     f"lora: dropout={dropout} cannot be applied in mode='materialised' "
                     f"(the update is folded into the weight, there is no separate input to drop); "
                     f"use mode='factored', or dropout=0, or pass delta_rng=None")
             return sites_lib.Edits(merge(params, delta, sites))
+        names = (A_NAME, B_NAME, GATE_NAME, GATE_BIAS_NAME)
         return sites_lib.Edits(params, {
-            path: sites_lib.ContractionEdit({A_NAME: a, B_NAME: b}, edit_fn)
-            for path, (a, b) in factors(params, delta, sites).items()})
+            path: sites_lib.ContractionEdit(dict(zip(names, f)), edit_fn)
+            for path, f in factors(params, delta, sites).items()})
 
     config = {"method": "lora", "targets": targets, "rank": rank, "alpha": alpha,
               "use_rslora": use_rslora, "dropout": dropout, "init": init,
               "layers_to_transform": layers_to_transform, "layers_pattern": layers_pattern,
-              "exclude": exclude, "scaling": s}
+              "exclude": exclude, "scaling": s, "gate": gate}
     return method_lib.Method(
-        name="lora", init=init_fn, merge=merge, unmerge=unmerge, edits=edits,
+        name="lora", init=init_fn, merge=None if gate else merge,
+        unmerge=None if gate else unmerge, edits=edits,
         shardings=lambda ps, d, sites=None: factor_shardings(
             ps, d, sites, "lora", layers_narrowed=layers_to_transform is not None),
         labels=method_lib.constant_labels("lora"), config=config)

@@ -48,12 +48,14 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec
 
+from jpeft.core import gates as gates_lib
 from jpeft.core import method as method_lib
 from jpeft.core import paths as paths_lib
 from jpeft.core import sites as sites_lib
 
 #: Hook points an attention needs for prefix tuning.
 NEEDS = ("query", "keys", "scores", "context")
+GATE_NAME, GATE_BIAS_NAME = "prefix_gate", "prefix_gate_bias"
 
 
 class Attention(NamedTuple):
@@ -100,18 +102,20 @@ def prefix_attention(q: jax.Array, scores: jax.Array, ctx: jax.Array, pk: jax.Ar
 
     Args:
       q: queries ``[B, T, N, D]``; scores: the model's masked scores ``[B, N, T, S]``; ctx: the
-        model's output ``softmax(scores) v``: ``[B, T, N, D]``; pk, pv: prefix ``[l, K, D]``;
+        model's output ``softmax(scores) v``: ``[B, T, N, D]``; pk, pv: prefix ``[l, K, D]``, or
+        ``[B, l, K, D]`` per example (gated);
       scale: the scores' scale ``c`` (default ``1/sqrt(D)``).
 
     Returns ``lam * ctx + (1 - lam) * softmax(c q pk^T) pv`` (module docstring), ``[B, T, N, D]``.
     """
     b, t, n, d = q.shape
-    k = pk.shape[1]
+    pk, pv = (x if x.ndim == 4 else x[None] for x in (pk, pv))               # [B or 1, l, K, D]
+    k = pk.shape[2]
     c = d ** -0.5 if scale is None else scale
     qg = q.astype(jnp.float32).reshape(b, t, k, n // k, d)
-    p = jnp.einsum("btkgd,lkd->btkgl", qg, pk.astype(jnp.float32)) * c      # [B, T, K, G, l]
+    p = jnp.einsum("btkgd,blkd->btkgl", qg, pk.astype(jnp.float32)) * c     # [B, T, K, G, l]
     lse_p = jax.nn.logsumexp(p, axis=-1)                                       # [B, T, K, G]
-    cp = jnp.einsum("btkgl,lkd->btkgd", jax.nn.softmax(p, axis=-1), pv.astype(jnp.float32))
+    cp = jnp.einsum("btkgl,blkd->btkgd", jax.nn.softmax(p, axis=-1), pv.astype(jnp.float32))
     lse_s = jax.nn.logsumexp(scores.astype(jnp.float32), axis=-1)             # [B, N, T]
     lse_s = jnp.transpose(lse_s, (0, 2, 1)).reshape(b, t, k, n // k)
     lam = jax.nn.sigmoid(lse_s - lse_p)[..., None]
@@ -126,7 +130,7 @@ def _uniform(key, shape, fan_in, dtype):
 
 def prefix_tuning(num_virtual_tokens: int = 20, targets: paths_lib.Targets = None, *,
                   reparametrize: bool = False, shift_positions: bool = True,
-                  hidden_size: int = 512,
+                  gate: bool = False, hidden_size: int = 512,
                   token_dim: int | None = None, exclude: paths_lib.Targets = (),
                   scale: float | None = None, dtype: Any = jnp.float32,
                   name: str = "prefix") -> method_lib.Method:
@@ -139,6 +143,10 @@ def prefix_tuning(num_virtual_tokens: int = 20, targets: paths_lib.Targets = Non
       shift_positions: the real tokens take positions ``l, l + 1, ...`` (the model's
         ``positions`` hook point plus ``l``), as in Li & Liang's and Hugging Face PEFT's prefix,
         which sits in the key/value cache ahead of the tokens; ``False`` keeps ``0, 1, ...``.
+      gate: UniPELT's gated prefix: per example ``(g_k, g_v) = mean_tokens sigmoid(x W_g + b_g)``
+        from the attention's input ``x`` (its ``"in"`` mark) scale ``P_k`` and ``P_v``
+        (``prefix_gate [*L, d, 2] ~ N(0, 0.02^2)``, ``prefix_gate_bias [*L, 2] = 0`` at each
+        attention's scope, as AdapterHub's gated prefix).
       hidden_size: the MLP's bottleneck (512, the paper's and PEFT's default).
       token_dim: the embedding width ``d`` (default: ``N * D`` of the first attention).
       scale: the attention's score scale (default ``1/sqrt(D)``, as jpeft's models).
@@ -158,30 +166,51 @@ def prefix_tuning(num_virtual_tokens: int = 20, targets: paths_lib.Targets = Non
                              f"different key/value shapes {sorted(shapes)}")
         return atts
 
+    def gates(key, atts, sites) -> dict:
+        if not gate:
+            return {}
+        out = {}
+        for a, k in zip(atts, jax.random.split(jax.random.fold_in(key, 7), len(atts))):
+            d_in = sites.marks[(a.scope, "in")].shape[-1]
+            out[a.scope + (GATE_NAME,)] = gates_lib.STD * jax.random.normal(
+                k, a.scanned + (d_in, 2), dtype)
+            out[a.scope + (GATE_BIAS_NAME,)] = jnp.zeros(a.scanned + (2,), dtype)
+        return out
+
     def init(key, params, sites=None):
         del params
         atts = found(sites)
+        extra = gates(key, atts, sites)
         if not reparametrize:
             keys = jax.random.split(key, len(atts))
-            return paths_lib.unflatten({
+            return paths_lib.unflatten({**{
                 a.scope + (leaf,): jax.random.normal(kk, a.scanned + (l, a.kv_heads, a.head_dim),
                                                      dtype)
                 for a, k in zip(atts, keys)
-                for leaf, kk in zip(("prefix_keys", "prefix_values"), jax.random.split(k))})
+                for leaf, kk in zip(("prefix_keys", "prefix_values"), jax.random.split(k))},
+                **extra})
         a0 = atts[0]
         d = token_dim or a0.heads * a0.head_dim
         n_out = sum(a.layers for a in atts) * 2 * a0.kv_heads * a0.head_dim
         k1, k2, k3, k4, k5 = jax.random.split(key, 5)
-        return {"embedding": jax.random.normal(k1, (l, d), dtype),
-                "mlp": {"w1": _uniform(k2, (d, hidden_size), d, dtype),
-                        "b1": _uniform(k3, (hidden_size,), d, dtype),
-                        "w2": _uniform(k4, (hidden_size, n_out), hidden_size, dtype),
-                        "b2": _uniform(k5, (n_out,), hidden_size, dtype)}}
+        out = {"embedding": jax.random.normal(k1, (l, d), dtype),
+               "mlp": {"w1": _uniform(k2, (d, hidden_size), d, dtype),
+                       "b1": _uniform(k3, (hidden_size,), d, dtype),
+                       "w2": _uniform(k4, (hidden_size, n_out), hidden_size, dtype),
+                       "b2": _uniform(k5, (n_out,), hidden_size, dtype)}}
+        if extra:
+            out["gates"] = paths_lib.unflatten(extra)
+        return out
 
     def edit(call, arrays):
         q = call.seen[(call.scope, "query")]
         s = call.seen[(call.scope, "scores")]
-        return prefix_attention(q, s, call.value, arrays["keys"], arrays["values"], scale)
+        pk, pv = arrays["keys"], arrays["values"]
+        if gate:
+            g = gates_lib.example_gates(call.seen[(call.scope, "in")], arrays["gate"], arrays["gate_bias"])
+            pk = pk[None] * g[:, 0, None, None, None].astype(pk.dtype)
+            pv = pv[None] * g[:, 1, None, None, None].astype(pv.dtype)
+        return prefix_attention(q, s, call.value, pk, pv, scale)
 
     def shift(call, arrays):
         return call.value + l
@@ -189,8 +218,12 @@ def prefix_tuning(num_virtual_tokens: int = 20, targets: paths_lib.Targets = Non
     def edits(params, delta, sites, context):
         atts = found(sites)
         pre = prefixes(delta, atts, l, reparametrize)
+        flat = paths_lib.flatten(delta["gates"] if reparametrize and gate else delta)
+        gated = lambda a: ({"gate": flat[a.scope + (GATE_NAME,)],
+                            "gate_bias": flat[a.scope + (GATE_BIAS_NAME,)]} if gate else {})
         marks = {(a.scope, "context"): sites_lib.MarkEdit(
-            {"keys": pre[a.scope][0], "values": pre[a.scope][1]}, edit) for a in atts}
+            {"keys": pre[a.scope][0], "values": pre[a.scope][1], **gated(a)}, edit)
+            for a in atts}
         if shift_positions:
             for m in sites_lib.select_marks(sites, None, "positions", what=f"{name} "
                                             f"(shift_positions=True; pass False for a model "
@@ -206,7 +239,7 @@ def prefix_tuning(num_virtual_tokens: int = 20, targets: paths_lib.Targets = Non
 
     config = {"method": "prefix", "num_virtual_tokens": l,
               "targets": list(targets) if isinstance(targets, tuple) else targets,
-              "reparametrize": reparametrize, "shift_positions": shift_positions,
+              "reparametrize": reparametrize, "shift_positions": shift_positions, "gate": gate,
               "hidden_size": hidden_size, "token_dim": token_dim,
               "exclude": list(exclude) if isinstance(exclude, tuple) else exclude,
               "scale": scale, "dtype": jnp.dtype(dtype).name, "name": name}
@@ -259,6 +292,7 @@ def fold(method: method_lib.Method, delta: Any, sites: sites_lib.Sites) -> Any:
     t = lambda v: tuple(v) if isinstance(v, list) else v
     atts = attentions(sites, t(c["targets"]), exclude=t(c["exclude"]), what=c["name"])
     pre = prefixes(delta, atts, c["num_virtual_tokens"], True)
-    return paths_lib.unflatten({
+    gates = paths_lib.flatten(delta.get("gates", {}))         # a gated prefix keeps its gates
+    return paths_lib.unflatten({**{
         a.scope + (leaf,): v for a in atts
-        for leaf, v in zip(("prefix_keys", "prefix_values"), pre[a.scope])})
+        for leaf, v in zip(("prefix_keys", "prefix_values"), pre[a.scope])}, **gates})
