@@ -20,6 +20,8 @@ import zoo
 from jpeft import checkpoint
 from jpeft.core import paths
 from jpeft.core import sparse as sparse_lib
+from jpeft import methods
+from jpeft.methods import adapters, ia3, prefix, prompt, unipelt
 from jpeft.methods import far as far_lib
 from jpeft.methods import fishmask as fishmask_lib
 
@@ -160,3 +162,87 @@ def test_contract(style_name, method_name, tmp_path):
         m_loss = lambda p, dd, *_: jnp.mean((mat(p, dd, *s.args) - target) ** 2)
         f_flops, m_flops = _grad_flops(loss, s.params, delta), _grad_flops(m_loss, s.params, delta)
         assert f_flops < m_flops, (f_flops, m_flops)
+
+
+# --------------------------------------------------------------------------------------------
+# Additive and hybrid methods (they change activations at marks): both reference models, the
+# linen BERT and the NNX decoder with its layers stacked by nnx.scan.
+
+ADDITIVE = {
+    # name: (factory, starts at the base model exactly, mergeable)
+    "houlsby": (lambda: adapters.houlsby(reduction_factor=4), True, False),
+    "parallel": (lambda: adapters.parallel(bottleneck_size=4, scaling="learned"),
+                 True, False),
+    "multihead": (lambda: adapters.multihead_parallel(bottleneck_size=8), True,
+                  False),
+    "ia3": (lambda: ia3.ia3(), True, True),
+    "prefix": (lambda: prefix.prefix_tuning(3, reparametrize=True, hidden_size=8),
+               False, False),
+    "prompt": (lambda: prompt.prompt_tuning(3), False, False),
+    "unipelt": (lambda: unipelt.unipelt(prefix_length=2, prefix_hidden_size=8,
+                                                      reduction_factor=4), False, False),
+}
+ADDITIVE_STYLES = ("linen_bert", "nnx_decoder_scan")
+
+
+@pytest.mark.parametrize("style_name,method_name",
+                         [(st, m) for st in ADDITIVE_STYLES for m in ADDITIVE])
+def test_additive_contract(style_name, method_name, tmp_path):
+    """Zero-initialised adapters (and IA3's ones) reproduce the base; a jitted train step lowers
+    the loss and changes only the delta; mergeable methods merge exactly, the others refuse the
+    materialised form; the saved config rebuilds the method and the checkpoint round trip is
+    exact."""
+    s, sites = _style(style_name)
+    factory, exact_start, mergeable = ADDITIVE[method_name]
+    method = factory()
+    fact = jpeft.wrap(s.apply, method, sites)
+    base_shape = jax.eval_shape(lambda p: s.apply(p, *s.args), s.params).shape
+    target = np.random.default_rng(2).standard_normal(base_shape).astype(np.float32)
+
+    def trim(out):               # prompt tuning lengthens the sequence: score the real tokens
+        return out[:, out.shape[1] - base_shape[1]:] if out.shape != base_shape else out
+    loss = lambda p, d, *_: jnp.mean((trim(fact(p, d, *s.args)) - target) ** 2)
+    opt = optax.adam(1e-2)
+    step = jpeft.make_train_step(loss, opt, donate=False, method=method)
+
+    @jax.jit
+    def checks(p, key):
+        d0 = method.init(key, p, sites)
+        d = _perturbed(d0, jax.random.fold_in(key, 1))
+        outs = (s.apply(p, *s.args), fact(p, d0, *s.args), fact(p, d, *s.args))
+        merged = (s.apply(method.merge(p, d, sites), *s.args),) if mergeable else ()
+
+        def train(carry, i):
+            dd, st = carry
+            dd, st, m = step(p, dd, st, None, jax.random.key(i))
+            return (dd, st), m["loss"]
+        (trained, _), losses = jax.lax.scan(
+            train, (d0, jpeft.init_opt_state(opt, d0, method=method)), jnp.arange(4))
+        return outs, merged, losses, d0, trained
+    outs, merged, losses, delta0, trained = checks(s.params, jax.random.key(1))
+    base, zero, out = (np.asarray(o) for o in outs)
+    scale = float(np.abs(base).max()) + 1.0
+    if exact_start:
+        np.testing.assert_allclose(zero, base, atol=1e-6 * scale, rtol=0)
+    assert not np.allclose(trim(out), base, atol=1e-5 * scale)
+    if mergeable:
+        np.testing.assert_allclose(np.asarray(merged[0]), out, atol=2e-5 * scale, rtol=1e-4)
+    else:
+        assert method.merge is None
+        with pytest.raises(ValueError, match="materialised"):
+            jpeft.wrap(s.apply, method, sites, mode="materialised")(s.params, delta0, *s.args)
+    assert float(losses[-1]) < float(losses[0]), losses
+    assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(trained),
+                                                         jax.tree.leaves(delta0)))
+
+    # The saved config rebuilds the method; the checkpoint restores the delta bit for bit.
+    checkpoint.save(tmp_path / "ck", trained, metadata={"config": method.config,
+                                                        "sites": sites.to_json()})
+    rebuilt = methods.from_config(method.config)
+    assert rebuilt.config == method.config
+    like = jax.eval_shape(lambda k, p: rebuilt.init(k, p, sites), jax.random.key(0), s.params)
+    got = checkpoint.restore(tmp_path / "ck", like)
+    restored = jpeft.wrap(s.apply, rebuilt, jpeft.Sites.from_json(got["metadata"]["sites"]))(
+        s.params, got["delta"], *s.args)
+    np.testing.assert_array_equal(np.asarray(restored),
+                                  np.asarray(fact(s.params, trained, *s.args)))

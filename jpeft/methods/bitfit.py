@@ -40,5 +40,6 @@ def bitfit(targets: paths_lib.Targets = None, *,
                               layers_to_transform=layers_to_transform,
                               layers_pattern=layers_pattern, exclude=exclude)
     config = {"method": "bitfit", "targets": targets, "bias_names": list(bias_names),
-              "layers_to_transform": layers_to_transform, "exclude": exclude}
+              "layers_to_transform": layers_to_transform, "layers_pattern": layers_pattern,
+              "exclude": exclude}
     return additive.additive_method("bitfit", sel, config)

@@ -219,7 +219,7 @@ def diff_pruning(targets: paths_lib.Targets = None, *, structured: bool = False,
     config = {"method": "diff_pruning", "targets": targets, "structured": structured, "l": l,
               "r": r, "alpha_init": alpha_init, "leaf_names": leaf_names,
               "layers_to_transform": layers_to_transform, "layers_pattern": layers_pattern,
-              "exclude": exclude, "lam": lam}
+              "exclude": exclude, "lam": lam, "name": name}
     return method_lib.Method(
         name=name, init=init,
         merge=lambda params, delta, sites=None: add(params, delta, None, 1.0),

@@ -28,5 +28,6 @@ def full_finetune(targets: paths_lib.Targets = None, *,
                               layers_to_transform=layers_to_transform,
                               layers_pattern=layers_pattern, exclude=exclude)
     config = {"method": "full", "targets": targets, "leaf_names": leaf_names,
-              "layers_to_transform": layers_to_transform, "exclude": exclude}
+              "layers_to_transform": layers_to_transform, "layers_pattern": layers_pattern,
+              "exclude": exclude, "name": name}
     return additive.additive_method(name, sel, config)
