@@ -183,7 +183,7 @@ def _layer_norm(x, scale, bias, eps=1e-5):
 def bottleneck(placements: Sequence[Placement] = (FFN_SEQUENTIAL,), *,
                reduction_factor: int = 16, bottleneck_size: int | None = None,
                activation: str = "relu", scaling: float | str = 1.0, ln_before: bool = False,
-               gate: bool = False,
+               gate: bool = False, phm_dim: int | None = None, phm_rank: int = 1,
                layers_to_transform: int | Sequence[int] | None = None,
                layers_pattern: str | None = None, dtype: Any = None,
                name: str = "adapter") -> method_lib.Method:
@@ -198,6 +198,8 @@ def bottleneck(placements: Sequence[Placement] = (FFN_SEQUENTIAL,), *,
       activation: ``"relu"``, ``"gelu"``, ``"silu"`` (= ``"swish"``) or ``"tanh"``.
       scaling: ``s``, a number or ``"learned"`` (a trainable scalar per adapter, 1 at init).
       ln_before: a trained LayerNorm on the adapter input.
+      phm_dim: Compacter's parametrisation (:func:`phm_weight`) with ``n = phm_dim`` shared rule
+        matrices and rank-``phm_rank`` factors (``None``: plain dense projections).
       gate: UniPELT's gated adapter: the adapter's output times ``G = mean_tokens sigmoid(x W_g +
         b_g)`` per example, from the adapter's input ``x`` (AdapterHub's gating; ``gate [*L, d_in,
         1] ~ N(0, 0.02^2)``, ``gate_bias [*L, 1] = 0``).
@@ -210,6 +212,9 @@ def bottleneck(placements: Sequence[Placement] = (FFN_SEQUENTIAL,), *,
       ValueError: (here) a bad hyper-parameter; (at ``init``) placements that match no mark,
         ``m`` < 1, or a multi-head bottleneck not divisible by the number of heads.
     """
+    if phm_dim is not None and (not isinstance(phm_dim, int) or phm_dim < 1 or phm_rank < 1):
+        raise ValueError(f"{name}: phm_dim and phm_rank must be positive ints, got {phm_dim!r}, "
+                         f"{phm_rank!r}")
     if activation not in ACTIVATIONS:
         raise ValueError(f"{name}: activation must be one of {sorted(ACTIVATIONS)}, got "
                          f"{activation!r}")
@@ -249,11 +254,14 @@ def bottleneck(placements: Sequence[Placement] = (FFN_SEQUENTIAL,), *,
             dt = dtype or sites.marks[site.out].dtype
             m, lead = width(site), tuple(site.scanned)
             heads = (site.heads,) if site.heads else ()
-            arrays = {
-                "down": INIT_STD * jax.random.normal(k, lead + heads + (site.d_in, m), dt),
-                "down_bias": jnp.zeros(lead + heads + (m,), dt),
-                "up": jnp.zeros(lead + heads + (m, site.d_out), dt),
-                "up_bias": jnp.zeros(lead + heads + (site.d_out,), dt)}
+            if phm_dim is None:
+                arrays = {
+                    "down": INIT_STD * jax.random.normal(k, lead + heads + (site.d_in, m), dt),
+                    "up": jnp.zeros(lead + heads + (m, site.d_out), dt)}
+            else:
+                arrays = _phm_init(k, lead, site, m, phm_dim, phm_rank, dt, name)
+            arrays.update(down_bias=jnp.zeros(lead + heads + (m,), dt),
+                          up_bias=jnp.zeros(lead + heads + (site.d_out,), dt))
             if ln_before:
                 arrays["ln_scale"] = jnp.ones(lead + (site.d_in,), dt)
                 arrays["ln_bias"] = jnp.zeros(lead + (site.d_in,), dt)
@@ -264,11 +272,19 @@ def bottleneck(placements: Sequence[Placement] = (FFN_SEQUENTIAL,), *,
                                                               lead + (site.d_in, 1), dt)
                 arrays["gate_bias"] = jnp.zeros(lead + (1,), dt)
             out[site.out[0] + (site.out[1],)] = arrays
-        return paths_lib.unflatten({p + (n,): a for p, arrs in out.items()
+        tree = paths_lib.unflatten({p + (n,): a for p, arrs in out.items()
                                     for n, a in arrs.items()})
+        if phm_dim is not None:        # the rule matrices A_i, shared by every PHM projection
+            dt = dtype or sites.marks[found[0].out].dtype
+            tree[PHM_RULE] = jax.random.normal(jax.random.fold_in(key, 2),
+                                               (phm_dim, phm_dim, phm_dim), dt) / phm_dim
+        return tree
 
     def edit_fn(site: Site):
         def fn(call, a):
+            if phm_dim is not None:
+                a = dict(a, down=phm_weight(a["rule"], a["down_s"], a["down_t"]),
+                         up=phm_weight(a["rule"], a["up_s"], a["up_t"]))
             x = call.value if site.inp is None else call.seen[site.inp]
             if ln_before:
                 x = _layer_norm(x, a["ln_scale"], a["ln_bias"])
@@ -297,6 +313,9 @@ def bottleneck(placements: Sequence[Placement] = (FFN_SEQUENTIAL,), *,
                 raise ValueError(f"{name}: the delta has no adapter for "
                                  f"{marks_lib.key_str(site.out)} (was it initialised for this "
                                  f"model?)")
+            if phm_dim is not None:   # shared rule, one copy per stacked layer for the scan
+                rule = delta[PHM_RULE]
+                arrays = dict(arrays, rule=jnp.broadcast_to(rule, tuple(site.scanned) + rule.shape))
             out[site.out] = sites_lib.MarkEdit(arrays, edit_fn(site))
         return sites_lib.Edits(params, {}, out)
 
@@ -310,11 +329,56 @@ def bottleneck(placements: Sequence[Placement] = (FFN_SEQUENTIAL,), *,
     config = {"method": "bottleneck", "placements": [p.to_json() for p in placements],
               "reduction_factor": reduction_factor, "bottleneck_size": bottleneck_size,
               "activation": activation, "scaling": scaling, "ln_before": ln_before, "gate": gate,
+              "phm_dim": phm_dim, "phm_rank": phm_rank,
               "layers_to_transform": layers_to_transform, "layers_pattern": layers_pattern,
               "dtype": None if dtype is None else np.dtype(dtype).name, "name": name}
     return method_lib.Method(
         name=name, init=init, merge=None, unmerge=None, edits=edits, shardings=shardings,
         labels=method_lib.constant_labels(name), config=config)
+
+
+PHM_RULE = "phm_rule"
+
+
+def phm_weight(rule: jax.Array, s: jax.Array, t: jax.Array) -> jax.Array:
+    """A parametrised hypercomplex multiplication (PHM) weight (Compacter):
+    ``W = sum_i A_i kron (s_i t_i)``: ``rule A [n, n, n]``, ``s [n, p, r]``, ``t [n, r, q]`` ->
+    ``W [n p, n q]``, ``W[a p' + i', b q' + j'] = sum_i A_i[a, b] (s_i t_i)[i', j']``."""
+    n, p, q = rule.shape[0], s.shape[-2], t.shape[-1]
+    w = jnp.einsum("iab,ipr,irq->apbq", rule, s, t)
+    return w.reshape(n * p, n * q)
+
+
+def _phm_init(key, lead, site: "Site", m: int, n: int, r: int, dt, name: str) -> dict:
+    """Compacter's factors for one adapter: ``s`` Glorot-uniform, the up projection's ``t`` zero
+    (so the adapter starts as the identity)."""
+    if site.heads:
+        raise ValueError(f"{name}: the PHM parametrisation is for whole-vector adapters, not the "
+                         f"multi-head one")
+    for what, d in (("input", site.d_in), ("bottleneck", m), ("output", site.d_out)):
+        if d % n:
+            raise ValueError(f"{name}: the {what} width {d} at {marks_lib.key_str(site.out)} is "
+                             f"not divisible by phm_dim {n}")
+    glorot = jax.nn.initializers.glorot_uniform(in_axis=-2, out_axis=-1,
+                                                batch_axis=tuple(range(len(lead) + 1)))
+    k1, k2, k3 = jax.random.split(key, 3)
+    return {"down_s": glorot(k1, lead + (n, site.d_in // n, r), dt),
+            "down_t": glorot(k2, lead + (n, r, m // n), dt),
+            "up_s": glorot(k3, lead + (n, m // n, r), dt),
+            "up_t": jnp.zeros(lead + (n, r, site.d_out // n), dt)}
+
+
+def compacter(*, plus_plus: bool = True, reduction_factor: int = 32, phm_dim: int = 4,
+              phm_rank: int = 1, activation: str = "gelu", **kw) -> method_lib.Method:
+    """Compacter (Karimi Mahabadi et al., 2021): bottleneck adapters whose projections are PHM
+    layers ``sum_i A_i kron (s_i t_i^T)`` (:func:`phm_weight`), the ``A_i`` shared by every
+    adapter. ``plus_plus`` (Compacter++): one adapter after the FFN; otherwise Houlsby's two.
+    Defaults: AdapterHub's (reduction factor 32, ``n = 4``, rank 1, GELU). Trainable count:
+    ``n^3`` plus, per adapter, ``r (d_in + m) + r (m + d_out) + m + d_out`` (``n (p r + r q)`` per
+    projection)."""
+    placements = (FFN_SEQUENTIAL,) if plus_plus else (ATTENTION_SEQUENTIAL, FFN_SEQUENTIAL)
+    return bottleneck(placements, reduction_factor=reduction_factor, activation=activation,
+                      phm_dim=phm_dim, phm_rank=phm_rank, **kw)
 
 
 def from_config(config: dict) -> method_lib.Method:

@@ -228,3 +228,46 @@ def test_mam_is_prefix_plus_scaled_parallel_ffn_adapter(bert, preset):
     assert jpeft.num_params(delta["adapter"]) == 2 * adapters.count(32, m, 32)
     with pytest.raises(ValueError, match="preset"):
         adapters.mam(preset="other")
+
+
+def test_phm_weight_is_a_sum_of_kronecker_products():
+    rng = np.random.default_rng(0)
+    rule, s_, t_ = (rng.standard_normal(sh).astype(np.float32)
+                    for sh in ((4, 4, 4), (4, 3, 2), (4, 2, 5)))
+    want = sum(np.kron(rule[i], s_[i] @ t_[i]) for i in range(4))
+    np.testing.assert_allclose(adapters.phm_weight(rule, s_, t_), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("plus_plus", [True, False])
+def test_compacter_is_an_adapter_with_phm_weights_and_shared_rules(bert, plus_plus):
+    """Compacter's forward equals the dense bottleneck adapter whose W_down and W_up are the PHM
+    weights built by hand; the rule A is one array for every adapter; counts follow the formula;
+    zero start."""
+    s, sites = bert
+    method = adapters.compacter(plus_plus=plus_plus, reduction_factor=4)
+    delta = method.init(jax.random.key(0), s.params, sites)
+    np.testing.assert_array_equal(jax.jit(jpeft.wrap(s.apply, method, sites))(
+        s.params, delta, *s.args), jax.jit(s.apply)(s.params, *s.args))
+    n_sites = 2 if plus_plus else 4
+    per = (32 + 8) + (8 + 32) + 8 + 32            # r (d + m) + r (m + d) + m + d, n = 4, r = 1
+    assert jpeft.num_params(delta) == 4 ** 3 + n_sites * per
+    delta = perturb(delta, scale=0.3)
+    got = jpeft.wrap(s.apply, method, sites)(s.params, delta, *s.args)
+    rule = np.asarray(delta[adapters.PHM_RULE])
+    dense_delta = {}
+    for path, a in _groups({k: v for k, v in delta.items() if k != adapters.PHM_RULE}).items():
+        kron = lambda s_, t_: sum(np.kron(rule[i], np.asarray(s_[i]) @ np.asarray(t_[i]))
+                                  for i in range(4))
+        dense_delta[path] = {"down": kron(a["down_s"], a["down_t"]),
+                             "up": kron(a["up_s"], a["up_t"]),
+                             "down_bias": a["down_bias"], "up_bias": a["up_bias"]}
+    from jpeft.core import paths as paths_lib
+    flat = {tuple(p.split("/")) + (n,): v for p, arrs in dense_delta.items()
+            for n, v in arrs.items()}
+    dense = adapters.bottleneck(
+        (adapters.FFN_SEQUENTIAL,) if plus_plus else (adapters.ATTENTION_SEQUENTIAL,
+                                                      adapters.FFN_SEQUENTIAL),
+        reduction_factor=4, activation="gelu")
+    want = jpeft.wrap(s.apply, dense, sites)(s.params, paths_lib.unflatten(flat), *s.args)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    assert adapters.from_config(method.config).config == method.config
