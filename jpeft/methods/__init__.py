@@ -22,7 +22,7 @@ _DATA = {
 
 def _factories() -> dict[str, Callable[[dict], method_lib.Method]]:
     from jpeft.methods import adalora, adapters, bitfit, diff_pruning, full, ia3, intrinsic, lora
-    from jpeft.methods import prefix, prompt
+    from jpeft.methods import prefix, prompt, sparse_adapter
 
     def keywords(fn, drop=("method", "scaling")):
         return lambda c: fn(**{k: v for k, v in c.items() if k not in drop})
@@ -33,6 +33,7 @@ def _factories() -> dict[str, Callable[[dict], method_lib.Method]]:
         "did": intrinsic.from_config, "said": intrinsic.from_config,
         "bottleneck": adapters.from_config, "ia3": ia3.from_config,
         "prefix": prefix.from_config, "prompt": prompt.from_config,
+        "sparse_adapter": sparse_adapter.from_config,
     }
 
 
