@@ -14,6 +14,9 @@ prepend: ``{position or keyword: fill value}`` with the default for jpeft's mode
 Face signatures (``input_ids, attention_mask, token_type_ids``). An argument absent from a call
 is left out (a model that defaults its mask to ones then gets ones for the prompt too).
 
+With a KV cache (``jpeft.models.llama.generate`` wrapped), the prompt goes in with the prefill;
+a later call of at most ``l`` tokens is a decoding step and keeps the model's own embeddings.
+
 Initialisation: ``N(0, 1)`` (PEFT's ``RANDOM``), or from text (PEFT's ``TEXT``): the word
 embeddings of ``init_token_ids`` (repeated to ``l``). Trainable count: ``l * d``. Prompt tuning
 changes activations: it cannot be merged.
@@ -111,6 +114,8 @@ def prompt_tuning(num_virtual_tokens: int = 20, embeddings: paths_lib.Targets = 
 
         def fn(call, arrays):
             v = call.value                                          # [B, l + T, d]
+            if v.shape[1] <= l:         # a decoding step after the prompt is in the KV cache
+                return v
             p = jnp.broadcast_to(arrays["prompt"].astype(v.dtype), (v.shape[0], l, v.shape[-1]))
             return jnp.concatenate([p, v[:, l:]], axis=1)
         return sites_lib.Edits(params, {}, {m.key: sites_lib.MarkEdit(

@@ -70,3 +70,26 @@ def test_errors_name_the_problem(bert):
         both = jpeft.compose(a=method, b=prompt_lib.prompt_tuning(2, name="b"))
         d = both.init(jax.random.key(0), s.params, sites)
         jpeft.wrap(s.apply, both, sites)(s.params, d, *s.args)
+
+
+def test_cached_generation_with_a_prompt_equals_uncached_decoding():
+    """The prompt goes in with the prefill; decoding steps (one token each) keep the model's own
+    embeddings; the result equals re-running the whole lengthened sequence at every step."""
+    from jpeft.models.llama import generate
+    model = LlamaForCausalLM(LlamaConfig.tiny(vocab_size=64, hidden_size=32, intermediate_size=48,
+                                              num_attention_heads=4, num_key_value_heads=2),
+                             rngs=nnx.Rngs(0))
+    apply, params = jpeft.nnx.split(model)
+    ids = np.random.default_rng(3).integers(1, 64, (2, 4)).astype(np.int32)
+    sites = jpeft.probe(apply, params, ids)
+    method = prompt_lib.prompt_tuning(3)
+    delta = jax.tree.map(lambda x: 2.0 * x, method.init(jax.random.key(4), params, sites))
+    gen, _ = jpeft.nnx.split(model, method=lambda m, x: generate(m, x, max_new_tokens=4))
+    cached = np.asarray(jax.jit(jpeft.wrap(gen, method, sites))(params, delta, ids))
+    assert cached.shape == (2, 3 + 4 + 4)
+    f = jax.jit(jpeft.wrap(apply, method, sites))
+    seq = ids
+    for _ in range(4):
+        nxt = jnp.argmax(f(params, delta, seq)[:, -1], axis=-1).astype(jnp.int32)
+        seq = jnp.concatenate([seq, nxt[:, None]], axis=1)
+    np.testing.assert_array_equal(cached[:, 3:], seq)
