@@ -54,7 +54,8 @@ import jpeft  # noqa: E402
 from common import write_jsonl  # noqa: E402  (benchmarks/common.py)
 from jpeft.core import method as method_lib  # noqa: E402
 from jpeft.methods.full import full_finetune  # noqa: E402
-from jpeft.recipes import intrinsic_demo, movies  # noqa: E402
+from jpeft import presets  # noqa: E402
+from jpeft.recipes import movies  # noqa: E402
 
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "intrinsic_sweep.jsonl"
 
@@ -76,7 +77,7 @@ def _run(task: movies.Task, name: str, method: method_lib.Method, *, d: int | No
     t0 = time.perf_counter()
     result = movies.fine_tune(task, method, delta, steps=steps, batch=batch, lr=lr,
                               head_lr=head_lr, seed=seed, progress=False)
-    _, acc = intrinsic_demo.merged_accuracy(task, method, result.delta)
+    _, acc = movies.merged_accuracy(task, method, result.delta)
     row = {"kind": "run", "config": name, "d": d, "method_config": method.config,
            "trainable_params": jpeft.num_params(delta), "lr": lr, "head_lr": head_lr,
            "steps": steps, "batch": batch, "dev_accuracy": acc,
@@ -135,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--steps and every d must be >= 1")
 
     t0 = time.perf_counter()
-    task = intrinsic_demo.single_shape(
+    task = movies.single_shape(
         movies.load_task(seq=args.seq, seed=args.seed, dev_limit=args.dev_limit))
     kind = "did" if args.did else "said"
     setup = {"model": "all-MiniLM-L6-v2 (embedded), mean pooling, 2 labels",
@@ -164,7 +165,8 @@ def main(argv: list[str] | None = None) -> int:
         record(_run(task, "full", jpeft.full_finetune(), d=None, lr=args.full_lr, head_lr=None,
                     **common))
     for d in ds:
-        method = intrinsic_demo.build_method(d, said=not args.did, seed=args.seed)
+        method = presets.main_stage(kind, {"d": d, "seed": args.seed}).method(
+            {"head": ("classifier",)})
         record(_run(task, f"{kind}_d{d}", method, d=d, lr=args.lr_scale / math.sqrt(d),
                     head_lr=args.head_lr, **common))
 

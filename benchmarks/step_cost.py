@@ -14,10 +14,14 @@ records, in one run:
   Hugging Face PEFT has the method: full, BitFit, LoRA, AdaLoRA; FAR, FishMask and diff pruning
   have no PEFT counterpart).
 
-Configurations: full fine-tuning, BitFit, LoRA (q,v and all-linear, factored and materialised), FAR
+Configurations are method presets (``jpeft.presets``: each row is a preset, its options and a
+forward mode; the stages before a preset's main training stage, such as FAR's column selection or
+FishMask's Fisher pass, run first on the benchmark batch, and one step of the main stage's method
+is timed): full fine-tuning, BitFit, LoRA (q,v and all-linear, factored and materialised), FAR
 (20% of the FFN columns), a 0.5% FishMask sparse mask (factored and materialised), diff pruning
-(hard-concrete gates + expected-L0 penalty) and AdaLoRA (rank allocator wrapped around AdamW +
-orthogonality penalty), each with the classifier head trained in full alongside.
+(hard-concrete gates + expected-L0 penalty), AdaLoRA (rank allocator wrapped around AdamW +
+orthogonality penalty), SAID and DID (d = 1000), each with the classifier head trained in full
+alongside; a preset registered without a row here gets one with its default options.
 
 It also compiles the inference forward pass three ways (base model, LoRA merged into the weights,
 LoRA factored/unmerged) to show that merging costs nothing at inference.
@@ -41,7 +45,7 @@ import statistics
 import sys
 import time
 import warnings
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -57,12 +61,11 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 import jpeft  # noqa: E402
+from jpeft import presets  # noqa: E402
 from common import cost as _cost, loadavg as _loadavg, machine as _machine_info  # noqa: E402
 from common import memory as _memory, write_jsonl  # noqa: E402  (benchmarks/common.py)
 from jpeft.data import minilm_dir  # noqa: E402
 from jpeft.methods import adalora as adalora_lib  # noqa: E402
-from jpeft.methods import far as far_lib  # noqa: E402
-from jpeft.methods import diff_pruning as diff_pruning_lib  # noqa: E402
 from jpeft.methods import fishmask as fishmask_lib  # noqa: E402
 from jpeft.models import load_hf_bert  # noqa: E402
 
@@ -80,18 +83,73 @@ SPARSE_DENSITY = 0.005                # FishMask: kept share of every entry but 
 FISHER_EXAMPLES = 16                  # the first 16 examples of the benchmark batch
 ADALORA = dict(init_r=12, target_r=8, alpha=8)
 
-# Filled in by main() once the model and batch exist: what method_from_params builders need beyond
-# the base parameters (the Fisher needs the model and examples), and their cached results.
-_CONTEXT: dict[str, Any] = {}
-_CACHE: dict[str, Any] = {}
+_CACHE: dict[Any, Any] = {}          # stage states before the timed stage, per (preset, options)
 
 
 # --------------------------------------------------------------------------------------------
-# Configurations
+# Configurations: method presets (jpeft.presets) on the benchmark batch
 
 
-def _head() -> jpeft.Method:
-    return jpeft.full_finetune(("classifier",), name="head")
+class FitResult(NamedTuple):
+    delta: Any
+    seconds: float
+
+
+class BatchEnv(NamedTuple):
+    """The benchmark batch as the environment of a preset's stages (:class:`jpeft.presets.Env`):
+    stages before the timed one train on this one batch; examples are its first rows."""
+    model: Any
+    params: Any
+    sites: Any
+    batch: dict[str, Any]
+    head: tuple[str, ...] = ("classifier",)
+    log: Callable[[str], None] = lambda m: print(f"  {m}", flush=True)
+
+    def fit(self, method, delta, *, steps, optimizer, mode, seed) -> FitResult:
+        """``steps`` steps on the benchmark batch (cross-entropy, no dropout)."""
+        f = jpeft.wrap(self.model.apply, method, self.sites, mode=mode)
+
+        def loss(params, delta, batch, key):
+            logits = f(params, delta, batch["input_ids"], batch["attention_mask"], delta_rng=key)
+            return optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"]).mean()
+        step = jpeft.make_train_step(loss, optimizer, method=method)
+        state = jpeft.init_opt_state(optimizer, delta, method=method)
+        key = jax.random.key(seed)
+        t0 = time.perf_counter()
+        for i in range(steps):
+            delta, state, _ = step(self.params, delta, state, self.batch,
+                                   jax.random.fold_in(key, i))
+        jax.block_until_ready(delta)
+        return FitResult(delta, time.perf_counter() - t0)
+
+    def examples(self, n: int, seed: int) -> dict[str, Any]:
+        """The first ``n`` rows of the batch (already random ids and labels; ``seed`` unused)."""
+        del seed
+        return {k: v[:min(n, v.shape[0])] for k, v in self.batch.items()}
+
+    def log_likelihood(self, params, example):
+        logits = lambda p, ex: self.model.apply(p, ex["input_ids"][None],
+                                                ex["attention_mask"][None])[0]
+        return fishmask_lib.label_log_likelihood(logits)(params, example)
+
+
+class Row(NamedTuple):
+    """One configuration: a method ``preset`` with ``options`` (or ``run_steps -> options``) and a
+    forward ``mode``, and what only the benchmark needs: the ``torch`` counterpart, a
+    ``description``, ``delta_rng`` (pass the step key to the wrapped apply: sampled gates), the
+    name of the method's penalty, ``expected_opt_state(delta) -> (bytes excl. scalars, rule)``
+    (default: Adam, 2x the trainable bytes), ``info(state, env)`` (extra row fields) and the
+    ``optimizer_name(run_steps)`` of a method that wraps the optimizer."""
+    preset: str
+    options: Any = {}
+    mode: str = "factored"
+    torch: str | None = None
+    description: str | None = None
+    delta_rng: bool = False
+    penalty_name: str | None = None
+    expected_opt_state: Callable[[Any], tuple[int, str]] | None = None
+    info: Callable[[dict, BatchEnv], dict[str, Any]] | None = None
+    optimizer_name: Callable[[int], str] | None = None
 
 
 def _adalora_schedule(run_steps: int) -> dict[str, int]:
@@ -105,56 +163,32 @@ def _adalora_schedule(run_steps: int) -> dict[str, int]:
     return {"total_steps": total, "t_init": 0, "t_final": total // 5, "delta_t": 1}
 
 
-def _adalora_optimizer(run_steps: int) -> optax.GradientTransformation:
+def _adalora_options(run_steps: int) -> dict[str, Any]:
+    """The ``adalora`` preset's options for :func:`_adalora_schedule` (its ``steps`` is the
+    allocator's ``total_steps``)."""
     sched = _adalora_schedule(run_steps)
-    return adalora_lib.adalora_optimizer(
-        optax.adamw(LR, weight_decay=WEIGHT_DECAY), total_steps=sched["total_steps"],
-        init_r=ADALORA["init_r"], target_r=ADALORA["target_r"], t_init=sched["t_init"],
-        t_final=sched["t_final"], delta_t=sched["delta_t"])
+    return {"init_r": ADALORA["init_r"], "target_r": ADALORA["target_r"],
+            "alpha": float(ADALORA["alpha"]), "steps": sched["total_steps"],
+            "t_init": sched["t_init"], "t_final": sched["t_final"], "delta_t": sched["delta_t"]}
 
 
-def _far_method(variables) -> jpeft.Method:
-    columns = far_lib.far_select(far_lib.far_magnitude_scores(variables), FAR_FRACTION)
-    return jpeft.compose(far=jpeft.far(columns), head=_head())
-
-
-def _fisher_indices(variables) -> tuple[Any, dict[str, Any]]:
-    """The 0.5% FishMask: global top-k of the empirical Fisher (``fishmask.fisher_information``) over
-    the first :data:`FISHER_EXAMPLES` examples of the benchmark batch (random token ids and labels),
-    over every parameter but the classifier. Computed once (cached) for both FishMask rows."""
-    if "fishmask" not in _CACHE:
-        from jpeft.core import paths as paths_lib
-        model, batch_np = _CONTEXT["model"], _CONTEXT["batch_np"]
-        n = min(FISHER_EXAMPLES, batch_np["labels"].shape[0])
-        examples = {k: v[:n] for k, v in batch_np.items()}
-        logprob = fishmask_lib.label_log_likelihood(lambda p, ex: model.apply(
-            p, ex["input_ids"][None], ex["attention_mask"][None])[0])
-        t0 = time.perf_counter()
-        fisher = fishmask_lib.fisher_information(logprob, variables, examples, chunk_size=8)
-        jax.block_until_ready(fisher)
-        fisher_s = time.perf_counter() - t0
-        scores = {"params": {k: v for k, v in fisher["params"].items() if k != "classifier"}}
-        indices = jpeft.sparse.top_k_indices(scores, density=SPARSE_DENSITY)
-        del fisher, scores
-        flat_p = paths_lib.flatten(variables)
-        in_kernels = sum(int(np.size(i)) for p, i in paths_lib.flatten(indices).items()
-                         if p[-1] == "kernel" and np.ndim(flat_p[p]) == 2)
-        entries = jpeft.sparse.num_entries(indices)
-        info = {"mask_scores": f"empirical Fisher (fishmask.fisher_information, chunks of 8) over the "
-                               f"first {n} examples of the benchmark batch (random ids and labels)",
-                "mask_fisher_s": fisher_s, "mask_entries": entries,
-                "mask_tensors": len(jax.tree_util.tree_leaves(indices)),
-                "mask_entries_in_dense_kernels": in_kernels,
-                "mask_density_of_selected": entries / (jpeft.num_params(variables)
-                                                       - jpeft.num_params(
-                                                           variables["params"]["classifier"]))}
-        _CACHE["fishmask"] = (indices, info)
-    return _CACHE["fishmask"]
-
-
-def _fishmask_method(variables) -> jpeft.Method:
-    indices, _ = _fisher_indices(variables)
-    return jpeft.compose(sparse=jpeft.sparse.sparse_finetune(indices), head=_head())
+def _fisher_info(state: dict, env: BatchEnv) -> dict[str, Any]:
+    """The FishMask rows' mask: how it was scored and what it keeps."""
+    from jpeft.core import paths as paths_lib
+    indices, variables = state["indices"], env.params
+    n = min(FISHER_EXAMPLES, env.batch["labels"].shape[0])
+    flat_p = paths_lib.flatten(variables)
+    in_kernels = sum(int(np.size(i)) for p, i in paths_lib.flatten(indices).items()
+                     if p[-1] == "kernel" and np.ndim(flat_p[p]) == 2)
+    entries = jpeft.sparse.num_entries(indices)
+    return {"mask_scores": f"empirical Fisher (fishmask.fisher_information, chunks of 8) over the "
+                           f"first {n} examples of the benchmark batch (random ids and labels)",
+            "mask_fisher_s": state["seconds"]["fisher"], "mask_entries": entries,
+            "mask_tensors": len(jax.tree_util.tree_leaves(indices)),
+            "mask_entries_in_dense_kernels": in_kernels,
+            "mask_density_of_selected": entries / (jpeft.num_params(variables)
+                                                   - jpeft.num_params(
+                                                       variables["params"]["classifier"]))}
 
 
 def _adalora_expected_opt(delta) -> tuple[int, str]:
@@ -173,109 +207,119 @@ def _diff_pruning_expected_opt(delta) -> tuple[int, str]:
             "~4x the model)")
 
 
-def _configs() -> dict[str, dict[str, Any]]:
-    """name -> how to build the jpeft method (``method()``, or ``method_from_params(variables)``
-    when it needs the base weights), its forward mode, the torch equivalent, and optionally: the
-    optimizer (``optimizer(run_steps)``, default AdamW), a ``penalty(delta)`` added to the loss,
-    ``delta_rng`` (pass the step key to the wrapped apply: sampled gates), ``info(variables)`` (extra
-    row fields) and ``expected_opt_state(delta) -> (bytes excl. scalars, rule)`` (default: Adam,
-    2x the trainable bytes)."""
-    lora_qv = lambda: jpeft.lora(("query", "value"), rank=RANK, alpha=ALPHA)
-    far_desc = (f"FAR: the {FAR_FRACTION:.0%} highest-magnitude output columns (far_magnitude_scores,"
-                f" no warm-up; far_select per matrix) of every FFN matrix (intermediate and output "
-                f"dense, 6 layers), their kernel columns and bias entries trained as an additive "
-                f"delta, + classifier head trained: compose(far=far(columns), head=...)")
-    fish_desc = (f"sparse fine-tuning of a fixed FishMask: the top {SPARSE_DENSITY:.1%} of every "
-                 f"parameter but the classifier's by empirical Fisher over the first "
-                 f"{FISHER_EXAMPLES} examples of the benchmark batch (jpeft.sparse.top_k_indices), "
-                 f"trained with jpeft.sparse.sparse_finetune(indices), + classifier head trained")
-    return {
-        "full": dict(
-            method=lambda: jpeft.full_finetune(), mode="factored", torch="full",
+def _configs() -> dict[str, Row]:
+    """Row name -> :class:`Row`: the rows below, then one row (default options, factored) for
+    every registered preset that has none, named after it."""
+    far_desc = (f"FAR: the {FAR_FRACTION:.0%} highest-magnitude output columns (preset far with "
+                f"score='magnitude': no warm-up stage; far_select per matrix) of every FFN matrix "
+                f"(intermediate and output dense, 6 layers), their kernel columns and bias entries "
+                f"trained as an additive delta, + classifier head trained: "
+                f"compose(far=far(columns), head=...)")
+    fish_desc = (f"sparse fine-tuning of a fixed FishMask (preset fishmask): the top "
+                 f"{SPARSE_DENSITY:.1%} of every parameter but the classifier's by empirical "
+                 f"Fisher over the first {FISHER_EXAMPLES} examples of the benchmark batch, "
+                 f"trained with fishmask(indices) (a sparse_finetune), + classifier head trained")
+    lora = {"rank": RANK, "alpha": float(ALPHA)}
+    rows = {
+        "full": Row(
+            "full", torch="full",
             description="full fine-tuning of every parameter (jpeft.full_finetune(): a zero-init "
                         "additive delta over all params)"),
-        "bitfit": dict(
-            method=lambda: jpeft.compose(bitfit=jpeft.bitfit(exclude=("classifier",)), head=_head()),
-            mode="factored", torch="bitfit",
+        "bitfit": Row(
+            "bitfit", torch="bitfit",
             description="BitFit on every bias (LayerNorm biases included) + classifier head "
                         "trained: compose(bitfit=bitfit(exclude=('classifier',)), "
                         "head=full_finetune(('classifier',)))"),
-        "lora_qv": dict(
-            method=lambda: jpeft.compose(lora=lora_qv(), head=_head()), mode="factored",
-            torch="lora_qv",
+        "lora_qv": Row(
+            "lora", lora, torch="lora_qv",
             description=f"LoRA on query,value r={RANK} alpha={ALPHA} (factored) + classifier head "
                         "trained: compose(lora=..., head=full_finetune(('classifier',)))"),
-        "lora_all_linear": dict(
-            method=lambda: jpeft.compose(
-                lora=jpeft.lora("all-linear", rank=RANK, alpha=ALPHA, exclude=("classifier",)),
-                head=_head()),
-            mode="factored", torch="lora_all_linear",
+        "lora_all_linear": Row(
+            "lora-all-linear", lora, torch="lora_all_linear",
             description=f"LoRA on every 2-D kernel except the classifier, r={RANK} alpha={ALPHA} "
                         "(factored) + classifier head trained separately"),
-        "lora_qv_materialised": dict(
-            method=lambda: jpeft.compose(lora=lora_qv(), head=_head()), mode="materialised",
-            torch=None,
+        "lora_qv_materialised": Row(
+            "lora", lora, "materialised",
             description="as lora_qv but wrap(mode='materialised'): apply(W0 + s*A@B), so dW0 "
                         "[in, out] is formed in the backward pass (no torch counterpart)"),
-        "far": dict(
-            method_from_params=_far_method, mode="factored", torch=None,
+        "far": Row(
+            "far", {"score": "magnitude", "fraction": FAR_FRACTION},
             description=far_desc + "; factored: y[..., c] += x @ D + d, no [in, out] gradient "
                                    "(no HF PEFT counterpart)"),
-        "far_materialised": dict(
-            method_from_params=_far_method, mode="materialised", torch=None,
+        "far_materialised": Row(
+            "far", {"score": "magnitude", "fraction": FAR_FRACTION}, "materialised",
             description="as far but wrap(mode='materialised'): apply(W0 + scatter_c(D)), the full "
                         "[in, out] gradient formed and its columns kept (no HF PEFT counterpart)"),
-        "fishmask_0.5pct": dict(
-            method_from_params=_fishmask_method, mode="factored", torch=None,
-            info=lambda v: _fisher_indices(v)[1],
+        "fishmask_0.5pct": Row(
+            "fishmask", {"density": SPARSE_DENSITY, "fisher_examples": FISHER_EXAMPLES},
+            info=_fisher_info,
             description=fish_desc + "; factored: y += scatter_cols(x[..., rows] * v) for Dense "
                                     "kernels, other leaves merged (no HF PEFT counterpart)"),
-        "fishmask_0.5pct_materialised": dict(
-            method_from_params=_fishmask_method, mode="materialised", torch=None,
-            info=lambda v: _fisher_indices(v)[1],
+        "fishmask_0.5pct_materialised": Row(
+            "fishmask", {"density": SPARSE_DENSITY, "fisher_examples": FISHER_EXAMPLES},
+            "materialised", info=_fisher_info,
             description="as fishmask_0.5pct but wrap(mode='materialised'): apply(W + scatter(idx, "
                         "v)), the full gradient of every masked tensor formed, then gathered (no "
                         "HF PEFT counterpart)"),
-        "diff_pruning": dict(
-            method=lambda: jpeft.compose(
-                diff_pruning=jpeft.diff_pruning(exclude=("classifier",)), head=_head()),
-            mode="factored", torch=None, delta_rng=True,
-            penalty=lambda delta: diff_pruning_lib.l0_penalty(delta["diff_pruning"]),
+        "diff_pruning": Row(
+            "diff-pruning", delta_rng=True,
             penalty_name="diff_pruning.l0_penalty(delta['diff_pruning']) (lambda 1.25e-7)",
             expected_opt_state=_diff_pruning_expected_opt,
-            description="diff pruning on every parameter but the classifier: W + z*w with "
-                        "hard-concrete gates z sampled at every step (delta_rng = the step key, "
-                        "fixed in this benchmark: the same sample each step, same cost; always "
-                        "materialised, whatever the mode), loss + expected-L0 penalty "
-                        "(l0_penalty, lambda 1.25e-7), + classifier head trained; the delta holds "
-                        "w and the gate logits alpha, ~2x the model (no HF PEFT counterpart)"),
-        "adalora": dict(
-            method=lambda: jpeft.compose(
-                adalora=jpeft.adalora(("query", "value"), init_r=ADALORA["init_r"],
-                                      alpha=ADALORA["alpha"]), head=_head()),
-            mode="factored", torch="adalora", optimizer=_adalora_optimizer,
-            penalty=lambda delta: adalora_lib.orthogonality_penalty(delta),
+            description="diff pruning on every parameter but the classifier (the preset's gated "
+                        "training stage): W + z*w with hard-concrete gates z sampled at every "
+                        "step (delta_rng = the step key, fixed in this benchmark: the same sample "
+                        "each step, same cost; always materialised, whatever the mode), loss + "
+                        "expected-L0 penalty (l0_penalty, lambda 1.25e-7), + classifier head "
+                        "trained; the delta holds w and the gate logits alpha, ~2x the model (no "
+                        "HF PEFT counterpart)"),
+        "adalora": Row(
+            "adalora", _adalora_options, torch="adalora",
             penalty_name="adalora.orthogonality_penalty(delta) (weight 0.5)",
             expected_opt_state=_adalora_expected_opt,
+            optimizer_name=lambda run_steps: (
+                "adalora_lib.adalora_optimizer(optax.adamw(1e-4, weight_decay=1e-4), "
+                f"{_adalora_schedule(run_steps)}) (the method's optimizer wrapper)"),
             description=f"AdaLoRA on query,value, init_r={ADALORA['init_r']} target_r="
                         f"{ADALORA['target_r']} alpha={ADALORA['alpha']} (factored), + classifier "
                         "head trained; optimizer adalora_optimizer(adamw(1e-4), t_init=0, "
                         "delta_t=1: every timed step in the budget-decay phase), loss + "
                         "orthogonality_penalty(delta)"),
-        "said_d1000": dict(
-            method=lambda: jpeft.compose(said=jpeft.said(1000, exclude=("classifier",)),
-                                         head=_head()),
-            mode="factored", torch=None,
-            description="Intrinsic SAID, d=1000 (993 projected coordinates + 7 scalars: 6 layers and one "
-                        "group for tensors without a layer index) over every tensor but the classifier, Fastfood projection "
-                        "regenerated from the seed inside the step, + classifier head trained"),
+        "said_d1000": Row(
+            "said", {"d": 1000},
+            description="Intrinsic SAID, d=1000 (993 projected coordinates + 7 scalars: 6 layers "
+                        "and one group for tensors without a layer index) over every tensor but "
+                        "the classifier, Fastfood projection regenerated from the seed inside the "
+                        "step, + classifier head trained"),
+        "did_d1000": Row(
+            "did", {"d": 1000},
+            description="Intrinsic DID, d=1000 over every tensor but the classifier, Fastfood "
+                        "projection regenerated from the seed inside the step, + classifier head "
+                        "trained"),
     }
+    covered = {r.preset for r in rows.values()}
+    for name in presets.names():
+        if name not in covered:
+            rows[name.replace("-", "_")] = Row(
+                name, description=f"preset {name} with its default options: "
+                                  f"{presets.get(name).summary}")
+    return rows
 
 
-def _build_method(spec: dict, variables) -> jpeft.Method:
-    if spec.get("method_from_params") is not None:
-        return spec["method_from_params"](variables)
-    return spec["method"]()
+def _prepared(row: Row, env: BatchEnv, run_steps: int) -> tuple[dict, dict, presets.Fit]:
+    """``(options, state, main stage)``: the stages before the preset's main one run on the
+    benchmark batch (once per preset and options: FishMask's Fisher pass serves both its rows)."""
+    options = row.options(run_steps) if callable(row.options) else row.options
+    preset = presets.get(row.preset)
+    options = presets.resolve(preset, options)
+    key = (preset.name, repr(sorted(options.items())))
+    if key not in _CACHE:
+        state = presets.initial_state(env)
+        for stage in preset.stages(options):
+            if stage.name == preset.main:
+                break
+            state = presets.run_stage(stage, state, env)
+        _CACHE[key] = state
+    return options, _CACHE[key], presets.main_stage(preset, options)
 
 
 # --------------------------------------------------------------------------------------------
@@ -303,49 +347,50 @@ def _fmt(x: float | None, spec: str) -> str:
 # JAX side
 
 
-def _jax_prepare(name: str, spec: dict, model, variables, batch, run_steps: int
+def _jax_prepare(name: str, spec: Row, env: BatchEnv, run_steps: int
                  ) -> tuple[dict[str, Any], Callable[[], float]]:
-    """Compile the jpeft train step of one configuration: ``(row, run_step)``. ``run_steps``: how
-    many updates the benchmark will run (AdaLoRA's schedule is sized from it)."""
-    method = _build_method(spec, variables)
-    sites = jpeft.probe(model.apply, variables, batch["input_ids"], batch["attention_mask"])
-    f = jpeft.wrap(model.apply, method, sites, mode=spec["mode"])
-    penalty = spec.get("penalty")
-    use_rng = bool(spec.get("delta_rng"))
+    """Compile the jpeft train step of one configuration (the preset's main stage, its method's
+    penalty and optimizer wrapper folded in): ``(row, run_step)``. ``run_steps``: how many updates
+    the benchmark will run (AdaLoRA's schedule is sized from it)."""
+    model, variables, sites, batch = env.model, env.params, env.sites, env.batch
+    options, state, stage = _prepared(spec, env, run_steps)
+    method = stage.method(state)
+    f = jpeft.wrap(model.apply, method, sites, mode=spec.mode)
+    use_rng = spec.delta_rng
 
     def loss_fn(params, delta, batch, key):
         # No dropout (deterministic forward); the key only drives the method's own randomness
-        # (diff pruning's gate samples) where the configuration asks for it.
+        # (diff pruning's gate samples) where the configuration asks for it. The method's penalty
+        # is added by the train step.
         kw = {"delta_rng": key} if use_rng else {}
         logits = f(params, delta, batch["input_ids"], batch["attention_mask"], **kw)
-        ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"]).mean()
-        if penalty is None:
-            return ce
-        pen = penalty(delta)
-        return ce + pen, {"ce": ce, "penalty": pen}
+        return optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"]).mean()
 
-    opt = (spec["optimizer"](run_steps) if spec.get("optimizer") is not None
-           else optax.adamw(LR, weight_decay=WEIGHT_DECAY))
-    delta = method.init(jax.random.key(1), variables, sites)
-    opt_state = jpeft.init_opt_state(opt, delta)
-    step = jpeft.make_train_step(loss_fn, opt, donate=True)
+    opt = optax.adamw(LR, weight_decay=WEIGHT_DECAY)
+    delta = presets.start_delta(stage, state, method, env)
+    opt_state = jpeft.init_opt_state(opt, delta, method=method)
+    step = jpeft.make_train_step(loss_fn, opt, method=method, donate=True)
     key = jax.random.key(2)
 
     trainable = jpeft.num_params(delta)
     trainable_bytes = jpeft.num_bytes(delta)
     opt_bytes = jpeft.num_bytes(opt_state)
     opt_scalar = _scalar_bytes(opt_state)
-    if spec.get("expected_opt_state") is not None:
-        expected_opt, expected_rule = spec["expected_opt_state"](delta)
+    if spec.expected_opt_state is not None:
+        expected_opt, expected_rule = spec.expected_opt_state(delta)
     else:
         expected_opt, expected_rule = 2 * trainable_bytes, "Adam: 2x trainable bytes"
+    penalty = None
+    if method.penalty is not None:
+        penalty = spec.penalty_name or "method.penalty, added to the loss by the train step"
 
     t0 = time.perf_counter()
     compiled = step.lower(variables, delta, opt_state, batch, key).compile()
     compile_s = time.perf_counter() - t0
     row: dict[str, Any] = {
-        "kind": "train", "config": name, "description": spec["description"],
-        "mode": spec["mode"], "method_config": method.config,
+        "kind": "train", "config": name, "description": spec.description,
+        "preset": spec.preset, "preset_options": options, "preset_stage": stage.name,
+        "mode": spec.mode, "method_config": method.config,
         "trainable_params": trainable, "base_params": jpeft.num_params(variables),
         "trainable_percent": 100.0 * trainable / jpeft.num_params(variables),
         "trainable_bytes": trainable_bytes,
@@ -354,15 +399,14 @@ def _jax_prepare(name: str, spec: dict, model, variables, batch, run_steps: int
         "opt_state_ratio_excl_scalars": (opt_bytes - opt_scalar) / trainable_bytes,
         "opt_state_ratio_to_base": opt_bytes / jpeft.num_bytes(variables),
         "opt_state_expected_bytes": expected_opt, "opt_state_expected_rule": expected_rule,
-        "penalty": None if penalty is None else spec.get("penalty_name", "added to the loss"),
+        "penalty": penalty,
         "delta_rng": use_rng,
         "compile_s": compile_s,
     }
-    if spec.get("optimizer") is not None:
-        row["optimizer"] = ("adalora_lib.adalora_optimizer(optax.adamw(1e-4, weight_decay=1e-4), "
-                            f"{_adalora_schedule(run_steps)})")
-    if spec.get("info") is not None:
-        row.update(spec["info"](variables))
+    if spec.optimizer_name is not None:
+        row["optimizer"] = spec.optimizer_name(run_steps)
+    if spec.info is not None:
+        row.update(spec.info(state, env))
     row.update(_cost(compiled))
     row.update(_memory(compiled))
 
@@ -379,12 +423,13 @@ def _jax_prepare(name: str, spec: dict, model, variables, batch, run_steps: int
     return row, run_step
 
 
-def _inference_rows(name: str, spec: dict, model, variables, batch) -> list[dict[str, Any]]:
+def _inference_rows(name: str, spec: Row, env: BatchEnv, run_steps: int) -> list[dict[str, Any]]:
     """FLOPs of the forward pass: base, LoRA merged into the weights, LoRA factored (unmerged)."""
-    method = _build_method(spec, variables)
+    model, variables, sites, batch = env.model, env.params, env.sites, env.batch
+    _, state, stage = _prepared(spec, env, run_steps)
+    method = stage.method(state)
     args = (batch["input_ids"], batch["attention_mask"])
-    sites = jpeft.probe(model.apply, variables, *args)
-    delta = method.init(jax.random.key(1), variables, sites)
+    delta = presets.start_delta(stage, state, method, env)
     merge = lambda p, d: method.merge(p, d, sites)
 
     base_c = jax.jit(model.apply).lower(variables, *args).compile()
@@ -658,7 +703,8 @@ def main(argv: list[str] | None = None) -> int:
         "labels": rng.integers(0, NUM_LABELS, (args.batch,), dtype=np.int32),
     }
     batch = {k: jnp.asarray(v) for k, v in batch_np.items()}
-    _CONTEXT.update(model=model, batch_np=batch_np)
+    sites = jpeft.probe(model.apply, variables, batch["input_ids"], batch["attention_mask"])
+    env = BatchEnv(model, variables, sites, batch)
     _CACHE.clear()
     run_steps = args.warmup + args.steps
     setup = {"model": "all-MiniLM-L6-v2 (embedded)", "model_dir": str(model_dir),
@@ -681,19 +727,18 @@ def main(argv: list[str] | None = None) -> int:
     full_flops = None
     if train_names and "full" not in train_names:
         print("[full] compile only, for the FLOPs ratio", flush=True)
-        full_flops = _jax_prepare("full", configs["full"], model, variables, batch,
-                                  run_steps)[0]["flops"]
+        full_flops = _jax_prepare("full", configs["full"], env, run_steps)[0]["flops"]
         gc.collect()
     for name in train_names:
         spec = configs[name]
         print(f"[{name}] jax: compile", flush=True)
-        row, jax_step = _jax_prepare(name, spec, model, variables, batch, run_steps)
+        row, jax_step = _jax_prepare(name, spec, env, run_steps)
         runners = {"jax": jax_step}
         finish = None
-        row["torch_config"] = spec["torch"] if use_torch else None
-        if use_torch and spec["torch"] is not None:
+        row["torch_config"] = spec.torch if use_torch else None
+        if use_torch and spec.torch is not None:
             print(f"[{name}] torch: load", flush=True)
-            runners["torch"], finish = _torch_prepare(spec["torch"], model_dir, batch_np,
+            runners["torch"], finish = _torch_prepare(spec.torch, model_dir, batch_np,
                                                       run_steps)
         print(f"[{name}] {' + '.join(runners)}: {args.warmup} warm-up + {args.steps} timed steps"
               + (" each, alternating" if len(runners) > 1 else ""), flush=True)
@@ -714,7 +759,7 @@ def main(argv: list[str] | None = None) -> int:
     if "inference" in selected:
         for name in ("lora_qv", "lora_all_linear"):
             print(f"[inference] {name}: base / merged / factored forward", flush=True)
-            inference += _inference_rows(name, configs[name], model, variables, batch)
+            inference += _inference_rows(name, configs[name], env, run_steps)
 
     checks = _checks(train, inference)
     rows = []

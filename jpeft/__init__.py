@@ -7,9 +7,13 @@ its aliases apart from its building blocks.
 """
 
 from jpeft import checkpoint
+from jpeft import methods
 from jpeft import nnx
+from jpeft import presets
+from jpeft.core import marks
 from jpeft.core import sparse
-from jpeft.core.method import Context, Method, compose, wrap
+from jpeft.core.marks import mark
+from jpeft.core.method import Context, Method, compose, observe, wrap
 from jpeft.core.paths import Selection, select
 from jpeft.core.sharding import (delta_shardings, opt_state_shardings, shard_by_rules,
                                  shardings_of)
@@ -18,25 +22,40 @@ from jpeft.core.sparse import sparse_finetune
 from jpeft.core.train import init_opt_state, make_train_step, method_optimizer, partition
 from jpeft.core.tree import ParamReport, combine, num_bytes, num_params, param_report, split
 from jpeft.methods.adalora import adalora
+from jpeft.methods.adapters import bottleneck as bottleneck_adapter
+from jpeft.methods.adapters import compacter, houlsby, pfeiffer
+from jpeft.methods.adapters import mam as mam_adapter
+from jpeft.methods.adapters import multihead_parallel as multihead_parallel_adapter
+from jpeft.methods.adapters import parallel as parallel_adapter
+from jpeft.methods.adapters import scaled_parallel as scaled_parallel_adapter
 from jpeft.methods.bitfit import bitfit
 from jpeft.methods.diff_pruning import diff_pruning
 from jpeft.methods.far import far
 from jpeft.methods.fishmask import fishmask
 from jpeft.methods.full import full_finetune
+from jpeft.methods.ia3 import ia3
 from jpeft.methods.intrinsic import did, said
 from jpeft.methods.lora import lora
+from jpeft.methods.prefix import prefix_tuning
+from jpeft.methods.prompt import prompt_tuning
+from jpeft.methods.sparse_adapter import sparse_adapter
+from jpeft.methods.unipelt import unipelt
 
 __version__ = "0.1.0"
 
 __all__ = [
     # methods
-    "adalora", "bitfit", "did", "diff_pruning", "far", "fishmask", "full_finetune", "lora", "said",
-    "sparse_finetune",
+    "adalora", "bitfit", "bottleneck_adapter", "compacter", "did", "diff_pruning", "far",
+    "fishmask", "full_finetune", "houlsby", "ia3", "lora", "mam_adapter",
+    "multihead_parallel_adapter", "parallel_adapter", "pfeiffer", "prefix_tuning",
+    "prompt_tuning", "said", "scaled_parallel_adapter", "sparse_adapter", "sparse_finetune",
+    "unipelt",
     # core verbs
-    "combine", "compose", "delta_shardings", "init_opt_state", "make_train_step",
-    "method_optimizer", "num_bytes", "num_params", "opt_state_shardings", "param_report",
-    "partition", "probe", "select", "shard_by_rules", "shardings_of", "split", "wrap",
+    "combine", "compose", "delta_shardings", "init_opt_state", "make_train_step", "mark",
+    "method_optimizer", "num_bytes", "num_params", "observe", "opt_state_shardings",
+    "param_report", "partition", "probe", "select", "shard_by_rules", "shardings_of", "split",
+    "wrap",
     # types and namespaces
-    "Context", "Contraction", "Method", "ParamReport", "Selection", "Sites", "checkpoint", "nnx",
-    "sparse",
+    "Context", "Contraction", "Method", "ParamReport", "Selection", "Sites", "checkpoint",
+    "marks", "methods", "nnx", "presets", "sparse",
 ]

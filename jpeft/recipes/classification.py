@@ -1,12 +1,14 @@
 """Fine-tune a sequence classifier with any jpeft method: the main job behind ``make demo``.
 
-The pieces are plain functions so that each method's own entry point (``jpeft demo --method ...``)
-and the tests reuse them: encode the data once, build the loss, train for a number of steps with a
-progress bar, evaluate, predict.
+The pieces are plain functions so that the preset recipe (:mod:`jpeft.recipes.finetune`, behind
+``jpeft demo --method ...``) and the tests reuse them: encode the data once, build the loss, train
+for a number of steps with a progress bar, evaluate, predict. :class:`ClassifierEnv` bundles them
+into the environment the method presets run in (:class:`jpeft.presets.Env`).
 """
 
 from __future__ import annotations
 
+import functools
 import time
 from typing import Any, Callable, Iterator, NamedTuple
 
@@ -17,6 +19,7 @@ import optax
 
 from jpeft.core import method as method_lib
 from jpeft.core import train as train_lib
+from jpeft.methods import fishmask as fishmask_lib
 
 Batch = dict[str, np.ndarray]
 
@@ -123,11 +126,23 @@ def make_predict(apply_fn: Callable[..., Any], method: method_lib.Method | None 
     With ``method=None`` the delta argument is ignored and the plain model runs (e.g. on merged
     parameters).
     """
+    if method is None:
+        return _plain_predict(apply_fn)
+
     def predict(params, delta, batch):
         args = (batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
-        if method is None:
-            return apply_fn(params, *args)
         return method_lib.wrap(apply_fn, method, sites)(params, delta, *args)
+    return jax.jit(predict)
+
+
+@functools.lru_cache(maxsize=16)
+def _plain_predict(apply_fn: Callable[..., Any]):
+    """The jitted plain model, one per apply function (compiled once per shape, e.g. for the base
+    model and then for merged parameters)."""
+    def predict(params, delta, batch):
+        del delta
+        return apply_fn(params, batch["input_ids"], batch["attention_mask"],
+                        batch["token_type_ids"])
     return jax.jit(predict)
 
 
@@ -201,3 +216,76 @@ def train(params: Any, delta: Any, loss_fn, optimizer: optax.GradientTransformat
     if bar is not None:
         bar.close()
     return TrainResult(delta, opt_state, losses, seconds)
+
+
+class ClassifierEnv(NamedTuple):
+    """A sequence classifier and its data as the environment of a method preset
+    (:class:`jpeft.presets.Env`, plus what :func:`jpeft.recipes.finetune.run` needs to evaluate and
+    reload).
+
+    ``apply_fn(params, input_ids, attention_mask, token_type_ids, deterministic=..., rngs=...)`` is
+    the model's apply, ``params`` its base tree and ``sites`` its contraction sites; ``train`` and
+    ``dev`` are encoded splits. Training runs ``batch`` examples per step, cut to ``buckets``
+    (``None``: the full length); evaluation runs ``eval_batch`` examples per call. ``head`` names
+    the head modules trained alongside every method. ``reload() -> params`` reads the base weights
+    again from their source (default: a host copy of ``params``).
+    """
+    apply_fn: Callable[..., Any]
+    params: Any
+    sites: Any
+    train: Split
+    dev: Split
+    batch: int = 32
+    buckets: tuple[int, ...] | None = None
+    head: tuple[str, ...] = ("classifier",)
+    progress: bool = False
+    log: Callable[[str], None] = print
+    reload: Callable[[], Any] | None = None
+    eval_batch: int = 128
+
+    def fit(self, method: method_lib.Method, delta: Any, *, steps: int,
+            optimizer: optax.GradientTransformation, mode: str = "factored",
+            seed: int = 0) -> TrainResult:
+        """:func:`train` on the training split with :func:`make_loss` (dropout on)."""
+        loss_fn = make_loss(self.apply_fn, method, self.sites, mode=mode)
+        return train(self.params, delta, loss_fn, optimizer, self.train, steps=steps,
+                     batch_size=self.batch, seed=seed, progress=self.progress,
+                     buckets=self.buckets, method=method)
+
+    def examples(self, n: int, seed: int) -> Batch:
+        """The first ``n`` training examples of a seeded permutation (a fixed data order), cut to
+        the smallest bucket that holds the longest of them, with their ``"labels"``."""
+        if n < 1:
+            raise ValueError(f"examples: n must be at least 1, got {n}")
+        order = np.random.default_rng(seed).permutation(len(self.train))[:n]
+        mask = self.train.inputs["attention_mask"][order]
+        width = bucket_length(mask.sum(1), self.buckets) if self.buckets else mask.shape[1]
+        out = {k: v[order, :width] for k, v in self.train.inputs.items()}
+        out["labels"] = self.train.labels[order]
+        return out
+
+    def log_likelihood(self, params: Any, example: Batch) -> jax.Array:
+        """``log p(label | example)`` of one example (no batch axis), deterministic."""
+        logits = lambda p, ex: self.apply_fn(p, ex["input_ids"][None], ex["attention_mask"][None],
+                                             ex["token_type_ids"][None])[0]
+        return fishmask_lib.label_log_likelihood(logits)(params, example)
+
+    def evaluate(self, method: method_lib.Method | None, params: Any, delta: Any
+                 ) -> tuple[np.ndarray, float]:
+        """Dev logits ``[N, C]`` and accuracy; ``method=None`` runs the plain model on
+        ``params``."""
+        predict = make_predict(self.apply_fn, method, self.sites)
+        logits = logits_of(predict, params, delta, self.dev, batch_size=self.eval_batch,
+                           buckets=self.buckets)
+        return logits, accuracy(logits, self.dev.labels)
+
+    def base_params(self) -> Any:
+        """The base weights read again (nothing shared with ``params``)."""
+        if self.reload is not None:
+            return self.reload()
+        return jax.tree.map(lambda x: np.array(x, copy=True), self.params)
+
+    def one_shape(self) -> "ClassifierEnv":
+        """This environment with one padded length (the longest bucket) instead of length buckets:
+        every batch shape compiles the train step again, one shape compiles it once."""
+        return self._replace(buckets=(max(self.buckets),)) if self.buckets else self

@@ -1,8 +1,9 @@
 """The embedded default task: all-MiniLM-L6-v2 + a classification head on movie-review sentiment.
 
-Shared by ``jpeft demo`` for every method: load the model and data once (:func:`load_task`), build
-the optimizer, fine-tune, evaluate, and check that a saved delta reloads to identical predictions
-and that merging changes nothing (:func:`check_save_reload_merge`).
+Shared by ``jpeft demo`` for every method preset: load the model and data once (:func:`load_task`)
+and hand them to the preset recipe as its environment (:func:`env`, run by
+:func:`jpeft.recipes.finetune.run`); :func:`fine_tune` and :func:`evaluate` serve scripts that train
+a method directly (``benchmarks/intrinsic_sweep.py``).
 """
 
 from __future__ import annotations
@@ -14,11 +15,9 @@ import jax
 import numpy as np
 import optax
 
-from jpeft import checkpoint
+from jpeft import presets
 from jpeft.core import method as method_lib
 from jpeft.core.sites import probe
-from jpeft.core import train as train_lib
-from jpeft.core import tree as tree_lib
 from jpeft.recipes import classification as clf
 
 
@@ -65,19 +64,36 @@ def fresh_variables(task: Task) -> Any:
     return {"params": load_hf_bert(task.model_dir, num_labels=2, pooling="mean").params}
 
 
-def make_optimizer(method: method_lib.Method, steps: int, lr: float,
-                   head_lr: float | None = None) -> optax.GradientTransformation:
-    """AdamW with 10% linear warm-up and cosine decay; the ``head`` part of a composed method gets
-    ``head_lr``."""
-    def adamw(peak):
-        warmup = max(1, steps // 10)
-        return optax.adamw(optax.warmup_cosine_decay_schedule(0.0, peak, warmup, steps),
-                           weight_decay=0.0)
-    parts = method.config.get("compose", {})
-    if not parts:
-        return adamw(lr)
-    return train_lib.partition(
-        {n: adamw(head_lr if (n == "head" and head_lr) else lr) for n in parts}, method)
+#: The optimizer every preset trains with unless it declares its own (kept here under its old name).
+make_optimizer = presets.default_optimizer
+
+
+def env(task: Task, *, batch: int = 32, progress: bool = True,
+        log: Callable[[str], None] = print) -> clf.ClassifierEnv:
+    """``task`` as the environment of a method preset (:class:`jpeft.presets.Env`): the head is
+    ``("classifier",)``, batches of ``batch`` cut to the task's length buckets, and the reload
+    check reads the base weights again from the model files (:func:`fresh_variables`)."""
+    return clf.ClassifierEnv(task.model.apply, task.variables, task.sites, task.train, task.dev,
+                             batch=batch, buckets=task.buckets, head=("classifier",),
+                             progress=progress, log=log, reload=lambda: fresh_variables(task))
+
+
+def single_shape(task: Task) -> Task:
+    """``task`` with one padded length (its longest bucket) instead of length buckets.
+
+    Every new batch shape recompiles the train step; a single shape compiles once. Short sentences
+    then pay for the padding, which costs less than recompiling where the step is expensive to
+    compile (SAID/DID's projections, about 10 s each time on a CPU).
+    """
+    return task._replace(buckets=(max(task.buckets),))
+
+
+def merged_accuracy(task: Task, method: method_lib.Method, delta: Any
+                    ) -> tuple[np.ndarray, float]:
+    """Dev logits and accuracy of ``apply(merge(params, delta))`` with the merge done once (jitted):
+    the fastest form where the factored one projects or gathers at every batch."""
+    merged = jax.jit(lambda p, d: method.merge(p, d, task.sites))(task.variables, delta)
+    return evaluate(task, None, merged, None)
 
 
 def evaluate(task: Task, method: method_lib.Method | None, params: Any, delta: Any
@@ -94,46 +110,8 @@ def fine_tune(task: Task, method: method_lib.Method, delta: Any, *, steps: int, 
               optimizer: optax.GradientTransformation | None = None) -> clf.TrainResult:
     """Train ``delta`` on the task's training split (the method's own penalty and optimizer
     wrapper, e.g. AdaLoRA's, are folded in)."""
-    optimizer = optimizer or make_optimizer(method, steps, lr, head_lr)
+    optimizer = optimizer or presets.default_optimizer(method, steps, lr, head_lr)
     loss_fn = clf.make_loss(task.model.apply, method, task.sites, mode=mode)
     return clf.train(task.variables, delta, loss_fn, optimizer, task.train, steps=steps,
                      batch_size=batch, seed=seed, progress=progress, buckets=task.buckets,
                      method=method)
-
-
-def check_save_reload_merge(task: Task, method: method_lib.Method, delta: Any, dev_logits: np.ndarray,
-                            out: str | Path, *, rebuild: Callable[[], method_lib.Method],
-                            metadata: dict | None = None, like: Any = None,
-                            log: Callable[[str], None] = print) -> bool:
-    """Save ``delta``; reload base weights and delta from disk into a freshly built method and
-    compare the dev predictions bit for bit; compare the merged model's predictions.
-
-    ``like`` is the abstract delta to restore into (default: ``eval_shape`` of the rebuilt
-    method's ``init``). Returns whether both checks hold.
-    """
-    ckpt = checkpoint.save(Path(out).absolute() / "delta", delta,
-                           metadata={"config": method.config, "sites": task.sites.to_json(),
-                                     **(metadata or {})}, overwrite=True)
-    size = sum(f.stat().st_size for f in ckpt.rglob("*") if f.is_file())
-    log(f"saved the delta (only the delta: {size / 1e6:.2f} MB on disk; base weights "
-        f"{tree_lib.num_bytes(task.variables) / 1e6:.1f} MB) to {ckpt}")
-
-    fresh_vars = fresh_variables(task)
-    fresh_method = rebuild()
-    if like is None:
-        like = jax.eval_shape(lambda k, p: fresh_method.init(k, p, task.sites), jax.random.key(0),
-                              fresh_vars)
-    restored = checkpoint.restore(ckpt, like)["delta"]
-    reloaded, _ = evaluate(task, fresh_method, fresh_vars, restored)
-    same = bool(np.array_equal(reloaded, dev_logits))
-    log(f"reloaded base + delta from disk: predictions identical to the trained model: {same} "
-        f"(max |logit diff| {np.abs(reloaded - dev_logits).max():.2e})")
-
-    merged = method.merge(task.variables, delta, task.sites)
-    merged_logits, merged_acc = evaluate(task, None, merged, None)
-    agree = float(np.mean(np.argmax(merged_logits, -1) == np.argmax(dev_logits, -1)))
-    log(f"merged model: {100 * agree:.2f}% of dev predictions equal to the unmerged model "
-        f"(max |logit diff| {np.abs(merged_logits - dev_logits).max():.2e}); "
-        f"merged accuracy {100 * merged_acc:.2f}%")
-    return same and agree == 1.0
-

@@ -75,12 +75,38 @@ def test_batch_larger_than_data_is_an_error(tiny_bert):
 
 @pytest.mark.slow
 def test_demo_runs_end_to_end(minilm, movie_data, tmp_path, capsys):
-    from jpeft import cli
+    from jpeft import checkpoint, cli
     rc = cli.main(["demo", "--steps", "3", "--batch", "8", "--dev-limit", "48", "--no-progress",
                    "--out", str(tmp_path)])
     out = capsys.readouterr().out
     assert rc == 0, out
+    assert "preset lora:" in out
     assert "trainable params: 74,498" in out
     assert "predictions identical to the trained model: True" in out
     assert "100.00% of dev predictions equal" in out
-    assert (tmp_path / "delta").is_dir()
+    meta = checkpoint.metadata(tmp_path / "delta")["metadata"]
+    assert meta["preset"] == "lora" and meta["options"]["steps"] == 3
+
+
+def test_cli_maps_flags_to_preset_options():
+    from jpeft import cli, presets
+    parse = lambda *argv: cli.build_parser().parse_args(["demo", *argv])
+    options = cli.preset_options(parse("--method", "far", "--far-score", "magnitude", "--seed", "3",
+                                       "--set", "budget=global", "--set", "fraction=0.1"))
+    assert options == {**presets.get("far").defaults, "score": "magnitude", "budget": "global",
+                       "fraction": 0.1, "seed": 3}
+    assert cli.preset_options(parse("--method", "diff-pruning", "--structured"))["structured"]
+    with pytest.raises(ValueError, match="--rank does not apply to --method far; its options: "):
+        cli.preset_options(parse("--method", "far", "--rank", "4"))
+    with pytest.raises(ValueError, match="--set takes KEY=VALUE"):
+        cli.preset_options(parse("--set", "rank"))
+    with pytest.raises(ValueError, match="'score' must be one of"):
+        cli.preset_options(parse("--method", "far", "--set", "score=random"))
+
+
+def test_cli_rejects_an_option_the_preset_lacks(capsys):
+    from jpeft import cli
+    with pytest.raises(SystemExit) as e:
+        cli.main(["demo", "--method", "bitfit", "--set", "rank=4"])
+    assert e.value.code == 2
+    assert "preset 'bitfit' has no option 'rank'; its options: " in capsys.readouterr().err

@@ -1,0 +1,162 @@
+"""The one fine-tuning recipe: any method preset (:mod:`jpeft.presets`) on any task, end to end.
+
+:func:`run` reports dev accuracy before fine-tuning, runs the preset's stages (dev accuracy after
+those that ask for it), then checks what a user relies on:
+
+1. *reload*: the result is saved (:func:`jpeft.presets.save`: only the delta, or the preset's stored
+   form such as FAR's indices + kept columns or a sparse delta's indices + values, with the preset,
+   its options and the method config as metadata); the base weights are read again from their
+   source, the method is rebuilt from the checkpoint alone (:func:`jpeft.presets.load`), and
+
+   * the restored tree equals the saved one, leaf for leaf (indices included);
+   * the rebuilt method has the trained method's config, and its ``init`` has the restored delta's
+     layout;
+   * its dev predictions are identical, bit for bit, to the trained model's;
+
+2. *merge*: the merged model (``method.merge``) predicts the same class for every dev example as the
+   unmerged one.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Callable, Mapping, NamedTuple, Protocol
+
+import jax
+import numpy as np
+
+from jpeft import presets
+from jpeft.core import method as method_lib
+from jpeft.core import paths as paths_lib
+from jpeft.core import tree as tree_lib
+
+
+class Task(presets.Env, Protocol):
+    """A preset's environment plus evaluation and reloading
+    (:class:`jpeft.recipes.classification.ClassifierEnv` implements it)."""
+
+    def evaluate(self, method: method_lib.Method | None, params: Any, delta: Any
+                 ) -> tuple[np.ndarray, float]:
+        """Dev outputs ``[N, C]`` and accuracy; ``method=None`` runs the plain model on
+        ``params``."""
+
+    def base_params(self) -> Any:
+        """The base weights read again from their source (nothing shared with ``params``)."""
+
+    def one_shape(self) -> "Task":
+        """This task with batches of one padded length (:attr:`jpeft.presets.Preset.one_shape`)."""
+
+
+class Outcome(NamedTuple):
+    """What :func:`run` did: ``ok`` when every check held (``checks``: name -> held); the final
+    ``state`` of the stages (``state["ran"]``: the stages run); the ``checkpoint`` written; dev
+    accuracy ``before`` and ``after``."""
+    ok: bool
+    checks: dict[str, bool]
+    state: dict
+    checkpoint: Path
+    before: float
+    after: float
+
+
+def _merged(task: Task, method: method_lib.Method, delta: Any) -> tuple[np.ndarray, float]:
+    """Dev outputs of ``apply(merge(params, delta))``, the merge jitted and done once."""
+    merged = jax.jit(lambda p, d: method.merge(p, d, task.sites))(task.params, delta)
+    return task.evaluate(None, merged, None)
+
+
+def _same_trees(a: Any, b: Any) -> bool:
+    fa, fb = paths_lib.flatten(a), paths_lib.flatten(b)
+    return fa.keys() == fb.keys() and all(
+        np.asarray(fa[p]).dtype == np.asarray(fb[p]).dtype
+        and np.array_equal(np.asarray(fa[p]), np.asarray(fb[p])) for p in fa)
+
+
+def _layout(tree: Any) -> dict:
+    return {p: (tuple(np.shape(x)), np.dtype(x.dtype)) for p, x in paths_lib.flatten(tree).items()}
+
+
+def _normalised(config: Any) -> Any:
+    return json.loads(json.dumps(config, default=str))
+
+
+def check_reload(task: Task, trained: method_lib.Method, dev_logits: np.ndarray, saved: Any,
+                 ckpt: Path, log: Callable[[str], None]) -> dict[str, bool]:
+    """The reload checks of the module docstring (``saved``: the tree written to ``ckpt``)."""
+    loaded = presets.load(ckpt)
+    base = task.base_params()
+    restored_same = _same_trees(loaded.stored, saved)
+    same_config = _normalised(loaded.method.config) == _normalised(trained.config)
+    fits = _layout(jax.eval_shape(lambda k, p: loaded.method.init(k, p, task.sites),
+                                  jax.random.key(0), base)) == _layout(loaded.delta)
+    log(f"rebuilt {loaded.preset.name!r} from the checkpoint alone: stored tree identical "
+        f"{restored_same}, same method config {same_config}, delta fits the rebuilt method {fits}")
+    reloaded, _ = task.evaluate(loaded.method, base, loaded.delta)
+    same = bool(np.array_equal(reloaded, dev_logits))
+    log(f"reloaded base + delta from disk: predictions identical to the trained model: {same} "
+        f"(max |logit diff| {np.abs(reloaded - dev_logits).max():.2e})")
+    return {"restored": restored_same, "config": same_config, "layout": fits, "reload": same}
+
+
+def check_merge(task: Task, method: method_lib.Method, delta: Any, dev_logits: np.ndarray,
+                log: Callable[[str], None]) -> dict[str, bool]:
+    """The merge check of the module docstring (skipped for a method that cannot merge)."""
+    if method.merge is None:
+        log(f"merge check skipped: {method.name} cannot be merged into the base weights")
+        return {}
+    merged_logits, merged_acc = _merged(task, method, delta)
+    agree = float(np.mean(np.argmax(merged_logits, -1) == np.argmax(dev_logits, -1)))
+    log(f"merged model: {100 * agree:.2f}% of dev predictions equal to the unmerged model "
+        f"(max |logit diff| {np.abs(merged_logits - dev_logits).max():.2e}); "
+        f"merged accuracy {100 * merged_acc:.2f}%")
+    return {"merge": agree == 1.0}
+
+
+def run(preset: presets.Preset | str, task: Task, options: Mapping[str, Any] | None = None, *,
+        out: str | Path) -> Outcome:
+    """Fine-tune with ``preset`` (``options`` over its defaults) on ``task``; save the result under
+    ``out/delta`` and run the checks of the module docstring.
+
+    Raises:
+      ValueError: an unknown preset or option (before anything runs).
+    """
+    preset = presets.get(preset)
+    options = presets.resolve(preset, options)
+    stages = preset.stages(options)
+    if preset.one_shape:
+        task = task.one_shape()
+    log = task.log
+    log(f"preset {preset.name}: {preset.summary}; stages {', '.join(s.name for s in stages)}")
+    log(f"options: {json.dumps(options)}")
+
+    _, before = task.evaluate(None, task.params, None)
+    log(f"dev accuracy before fine-tuning: {100 * before:.2f}%")
+
+    def after(stage: presets.Stage, state: dict) -> None:
+        if stage.name == stages[-1].name or not stage.evaluate:
+            return
+        merged = preset.merged_eval and state["method"].merge is not None
+        evaluate = _merged if merged else (lambda t, m, d: t.evaluate(m, t.params, d))
+        _, acc = evaluate(task, state["method"], state["delta"])
+        log(f"[{stage.name}] dev accuracy{' (merged)' if merged else ''}: {100 * acc:.2f}%")
+
+    state = presets.run_stages(preset, task, options, after=after)
+    method, delta = state["method"], state["delta"]
+    log(f"method config: {json.dumps(method.config, default=str)}")
+    dev_logits, acc = task.evaluate(method, task.params, delta)
+    trained = sum(s.steps for s in stages if isinstance(s, presets.Fit))
+    log(f"dev accuracy after fine-tuning ({', '.join(state['ran'])}; {trained} steps): "
+        f"{100 * acc:.2f}% (before: {100 * before:.2f}%); stages took "
+        + ", ".join(f"{n} {t:.1f} s" for n, t in state["seconds"].items()))
+
+    ckpt = presets.save(Path(out).absolute() / "delta", preset, options, state, task.sites)
+    size = sum(f.stat().st_size for f in ckpt.rglob("*") if f.is_file())
+    log(f"saved the delta (only the delta: {size / 1e6:.2f} MB on disk; base weights "
+        f"{tree_lib.num_bytes(task.params) / 1e6:.1f} MB) to {ckpt}")
+    checks = check_reload(task, method, dev_logits, preset.storage.pack(state), ckpt, log)
+    checks.update(check_merge(task, method, delta, dev_logits, log))
+    ok = all(checks.values())
+    if not ok:
+        log(f"FAILED checks: {', '.join(k for k, v in checks.items() if not v)}")
+    return Outcome(ok, checks, state, ckpt, before, acc)

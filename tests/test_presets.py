@@ -1,0 +1,139 @@
+"""Every registered method preset, end to end through the one recipe on the tiny BERT.
+
+Each preset runs every stage it declares with tiny step counts; the recipe's checks must hold
+(the saved result restores leaf for leaf, the method rebuilt from the checkpoint alone predicts
+bit for bit the same, the merged model agrees), and the saved metadata rebuilds the method.
+"""
+
+import dataclasses
+import json
+
+import jax
+import numpy as np
+import pytest
+
+import jpeft
+from jpeft import checkpoint, presets
+from jpeft.models.bert import BertForSequenceClassification
+from jpeft.recipes import classification as clf
+from jpeft.recipes import finetune
+
+#: Tiny options per preset: 2 training steps, the stages before them as short as they go.
+TINY = {
+    "lora": {"rank": 2},
+    "lora-all-linear": {"rank": 2},
+    "bitfit": {},
+    "adalora": {"init_r": 4, "target_r": 2},
+    "far": {"warmup_steps": 1, "fraction": 0.25},
+    "diff-pruning": {"refine_steps": 1, "density": 0.05},
+    "fishmask": {"fisher_examples": 3, "chunk_size": 2, "density": 0.05},
+    "said": {"d": 40},
+    "did": {"d": 40},
+    "full": {},
+    "houlsby": {"reduction_factor": 8},
+    "pfeiffer": {"reduction_factor": 8},
+    "parallel": {"reduction_factor": 8},
+    "scaled-parallel": {"reduction_factor": 8},
+    "compacter": {"reduction_factor": 8},
+    "sparse-adapter": {"reduction_factor": 4, "sparsity": 0.5},
+    "ia3": {},
+    "prefix": {"length": 2, "hidden_size": 8},
+    "prompt": {"length": 2},
+    "mam": {"prefix_length": 2, "bottleneck_size": 4},
+    "unipelt": {"prefix_length": 2, "reduction_factor": 8},
+}
+
+
+def _split(n, t=8, seed=0):
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(2, t + 1, n)
+    mask = (np.arange(t)[None] < lengths[:, None]).astype(np.int32)
+    inputs = {"input_ids": rng.integers(1, 100, (n, t)).astype(np.int32) * mask,
+              "attention_mask": mask, "token_type_ids": np.zeros((n, t), np.int32)}
+    return clf.Split(inputs, rng.integers(0, 2, n).astype(np.int32))
+
+
+@pytest.fixture(scope="module")
+def env(tiny_config):
+    """The tiny BERT classifier cut to one layer and without dropout (the file is compile-bound:
+    about half the ops of ``tiny_bert``, and no random bits in the train steps), on 8 random
+    training and 6 dev sentences, batches of 4."""
+    config = dataclasses.replace(tiny_config, num_hidden_layers=1, hidden_dropout_prob=0.0,
+                                 attention_probs_dropout_prob=0.0)
+    model = BertForSequenceClassification(config)
+    variables = {"params": model.init(jax.random.key(0), np.ones((1, 4), np.int32))["params"]}
+    ids = np.ones((2, 5), np.int32)
+    sites = jpeft.probe(model.apply, variables, ids, ids, np.zeros_like(ids))
+    return clf.ClassifierEnv(model.apply, variables, sites, _split(8), _split(6, seed=1), batch=4,
+                             buckets=None, log=lambda _: None, eval_batch=8)
+
+
+def test_every_preset_has_tiny_options():
+    assert set(TINY) == set(presets.names())
+
+
+@pytest.mark.parametrize("name", presets.names())
+def test_preset_runs_end_to_end(env, name, tmp_path):
+    preset = presets.get(name)
+    options = {"steps": 2, **TINY[name]}
+    out = finetune.run(name, env, options, out=tmp_path)
+    assert out.ok, out.checks
+    merges = {"merge"} if out.state["method"].merge is not None else set()
+    assert set(out.checks) == {"restored", "config", "layout", "reload"} | merges
+    declared = tuple(s.name for s in preset.stages(presets.resolve(preset, options)))
+    assert out.state["ran"] == declared
+    assert preset.main in declared
+
+    # The saved metadata alone rebuilds the trained method.
+    meta = checkpoint.metadata(out.checkpoint)["metadata"]
+    assert meta["preset"] == name and meta["options"] == presets.resolve(name, options)
+    loaded = presets.load(out.checkpoint)
+    as_json = lambda config: json.loads(json.dumps(config, default=str))
+    assert as_json(loaded.method.config) == meta["config"] == as_json(out.state["method"].config)
+    # Training moved the zero-initialised head (or, for full fine-tuning, the whole delta).
+    delta = out.state["delta"]
+    assert any(np.any(np.asarray(x) != 0) for x in jax.tree.leaves(delta.get("head", delta)))
+
+
+def test_recipe_reports_changed_predictions(env, tmp_path):
+    """The reload check fails when the base weights read back differ from those trained on."""
+    moved = lambda: jax.tree.map(lambda x: np.asarray(x) + np.float32(0.01), env.params)
+    out = finetune.run("bitfit", env._replace(reload=moved), {"steps": 2}, out=tmp_path)
+    assert not out.ok
+    assert out.checks == {"restored": True, "config": True, "layout": True, "reload": False,
+                          "merge": True}
+
+
+def test_stages_follow_the_options():
+    far = presets.get("far").stages(presets.resolve("far", {"score": "magnitude"}))
+    assert [s.name for s in far] == ["select", "train"]          # no warm-up by magnitude
+    dp = presets.get("diff-pruning").stages(presets.resolve("diff-pruning", {"refine_steps": 0}))
+    assert [(s.name, getattr(s, "steps", None)) for s in dp] == [
+        ("train", 250), ("project", None), ("refine", 0)]
+    said = presets.main_stage("said", {"d": 100})
+    assert said.lr == presets.LR_SCALE / 10                      # 0.03 / sqrt(d)
+    adalora = presets.main_stage("adalora", {"steps": 100}).method({"head": ("classifier",)})
+    assert {k: adalora.config["compose"]["adalora"][k] for k in
+            ("total_steps", "t_init", "t_final", "delta_t")} == {
+        "total_steps": 100, "t_init": 10, "t_final": 20, "delta_t": 5}
+
+
+def test_unknown_preset_and_option_are_clear_errors():
+    with pytest.raises(ValueError, match="unknown preset 'lora2'; choose from lora, "):
+        presets.get("lora2")
+    with pytest.raises(ValueError, match="no option 'rnk'; its options: steps, lr, head_lr, seed, rank, alpha"):
+        presets.resolve("lora", {"rnk": 4})
+    with pytest.raises(ValueError, match="option 'rank' takes an integer, got 2.5"):
+        presets.resolve("lora", {"rank": 2.5})
+    with pytest.raises(ValueError, match="'score' must be one of"):
+        presets.get("far").stages(presets.resolve("far", {"score": "random"}))
+    assert presets.resolve("lora", {"alpha": 4})["alpha"] == 4.0
+    assert presets.resolve("diff-pruning", {"structured": "true"})["structured"] is True
+    with pytest.raises(ValueError, match="'lora' is already registered"):
+        presets.register(presets.get("lora"))
+
+
+def test_load_needs_a_preset_checkpoint(tmp_path):
+    checkpoint.save(tmp_path / "plain", {"w": np.zeros(3, np.float32)})
+    with pytest.raises(ValueError, match="not a preset checkpoint"):
+        presets.load(tmp_path / "plain")
