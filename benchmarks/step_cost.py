@@ -423,39 +423,60 @@ def _jax_prepare(name: str, spec: Row, env: BatchEnv, run_steps: int
     return row, run_step
 
 
-def _inference_rows(name: str, spec: Row, env: BatchEnv, run_steps: int) -> list[dict[str, Any]]:
-    """FLOPs of the forward pass: base, LoRA merged into the weights, LoRA factored (unmerged)."""
+#: Configurations whose inference forward is measured: LoRA (mergeable: base, merged, factored)
+#: and the additive and hybrid methods (factored only, except IA3, which merges).
+INFERENCE = ("lora_qv", "lora_all_linear", "ia3", "houlsby", "pfeiffer", "scaled-parallel",
+             "compacter", "prefix", "prompt", "mam", "unipelt")
+
+
+def _inference_rows(name: str, spec: Row, env: BatchEnv, run_steps: int, steps: int,
+                    warmup: int) -> list[dict[str, Any]]:
+    """The forward pass of the trained-shape delta: XLA FLOPs of base, merged (where the method
+    merges) and factored forms, and their median times, the forms timed in alternation with the
+    base (time ratios are only meaningful within one run)."""
     model, variables, sites, batch = env.model, env.params, env.sites, env.batch
     _, state, stage = _prepared(spec, env, run_steps)
     method = stage.method(state)
     args = (batch["input_ids"], batch["attention_mask"])
     delta = presets.start_delta(stage, state, method, env)
-    merge = lambda p, d: method.merge(p, d, sites)
 
-    base_c = jax.jit(model.apply).lower(variables, *args).compile()
-    merged = jax.jit(merge)(variables, delta)
-    same_tree = (jax.tree_util.tree_structure(merged) == jax.tree_util.tree_structure(variables)
-                 and all(a.shape == b.shape and a.dtype == b.dtype for a, b in zip(
-                     jax.tree_util.tree_leaves(merged), jax.tree_util.tree_leaves(variables))))
-    merged_c = jax.jit(model.apply).lower(merged, *args).compile()
-    merge_c = jax.jit(merge).lower(variables, delta).compile()
-    wrapped = jpeft.wrap(model.apply, method, sites, mode="factored")
-    factored_c = jax.jit(wrapped).lower(variables, delta, *args).compile()
+    base_fn = jax.jit(model.apply)
+    base_c = base_fn.lower(variables, *args).compile()
+    wrapped = jax.jit(jpeft.wrap(model.apply, method, sites, mode="factored"))
+    factored_c = wrapped.lower(variables, delta, *args).compile()
+    forms = [("base", base_c, "model.apply(params, batch)", lambda: base_fn(variables, *args)),
+             ("factored", factored_c, "jpeft.wrap(model.apply, method)(params, delta, batch)",
+              lambda: wrapped(variables, delta, *args))]
+    same_tree = None
+    if method.merge is not None:
+        merge = lambda p, d: method.merge(p, d, sites)
+        merged = jax.jit(merge)(variables, delta)
+        same_tree = (jax.tree_util.tree_structure(merged) == jax.tree_util.tree_structure(variables)
+                     and all(a.shape == b.shape and a.dtype == b.dtype for a, b in zip(
+                         jax.tree_util.tree_leaves(merged), jax.tree_util.tree_leaves(variables))))
+        forms.append(("merged", base_fn.lower(merged, *args).compile(),
+                      "model.apply(method.merge(params, delta), batch), merge done once "
+                      "beforehand", lambda: base_fn(merged, *args)))
+        forms.append(("merge_once", jax.jit(merge).lower(variables, delta).compile(),
+                      "method.merge(params, delta) alone (one-time cost)", None))
+    runners = {form: (lambda f=fn: float(np.asarray(jax.block_until_ready(f())).ravel()[0]))
+               for form, _, _, fn in forms if fn is not None}
+    timed = _timed(steps, warmup, runners)
 
     base = _cost(base_c)["flops"]
     rows = []
-    for form, c, note in (
-            ("base", base_c, "model.apply(params, batch)"),
-            ("merged", merged_c, "model.apply(method.merge(params, delta), batch), merge done once "
-                                 "beforehand"),
-            ("factored", factored_c, "jpeft.wrap(model.apply, method)(params, delta, batch)"),
-            ("merge_once", merge_c, "method.merge(params, delta) alone (one-time cost)")):
+    for form, c, note, fn in forms:
         cost = _cost(c)
+        ms = timed.get(f"{form}_step_ms") if fn is not None else None
         rows.append({
             "kind": "inference", "config": name, "form": form, "description": note,
+            "merges": method.merge is not None,
             "flops": cost["flops"], "transcendentals": cost["transcendentals"],
             "bytes_accessed": cost["bytes_accessed"],
             "ratio_to_base": (cost["flops"] / base if cost["flops"] is not None and base else None),
+            "forward_ms": ms,
+            "time_ratio_to_base": (ms / timed["base_step_ms"] if ms is not None else None),
+            "loadavg_after": timed["loadavg_after"],
             "merged_tree_matches_base": same_tree if form == "merged" else None,
             **_memory(c)})
     return rows
@@ -608,13 +629,15 @@ def _print_train_table(rows: list[dict[str, Any]]) -> None:
 
 
 def _print_inference_table(rows: list[dict[str, Any]]) -> None:
-    head = f"{'config':<21} {'forward':<11} {'GFLOP':>9} {'x base':>8}"
+    head = (f"{'config':<21} {'forward':<11} {'GFLOP':>9} {'x base':>8} {'ms':>8} "
+            f"{'time x base':>11}")
     print(head)
     print("-" * len(head))
     for r in rows:
         gf = None if r.get("flops") is None else r["flops"] / 1e9
         print(f"{r['config']:<21} {r['form']:<11} {_fmt(gf, '9.4f'):>9} "
-              f"{_fmt(r.get('ratio_to_base'), '8.4f'):>8}")
+              f"{_fmt(r.get('ratio_to_base'), '8.4f'):>8} {_fmt(r.get('forward_ms'), '8.2f'):>8} "
+              f"{_fmt(r.get('time_ratio_to_base'), '11.3f'):>11}")
 
 
 def _checks(train: dict[str, dict], inference: list[dict]) -> list[dict[str, Any]]:
@@ -757,9 +780,10 @@ def main(argv: list[str] | None = None) -> int:
 
     inference: list[dict[str, Any]] = []
     if "inference" in selected:
-        for name in ("lora_qv", "lora_all_linear"):
-            print(f"[inference] {name}: base / merged / factored forward", flush=True)
-            inference += _inference_rows(name, configs[name], env, run_steps)
+        for name in INFERENCE:
+            print(f"[inference] {name}: base / factored (/ merged) forward", flush=True)
+            inference += _inference_rows(name, configs[name], env, run_steps, args.steps,
+                                         args.warmup)
 
     checks = _checks(train, inference)
     rows = []

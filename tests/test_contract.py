@@ -29,10 +29,18 @@ from jpeft.methods import fishmask as fishmask_lib
 #: style. Methods that only transform parameters (the same code path in both forward forms, no
 #: sites): the styles that stress the parameter tree most (stacked, N-D, NNX), to keep the suite
 #: within its time budget on a 2-core machine.
-SITE_METHODS = ("lora", "adalora", "far", "fishmask")
+SITE_METHODS = ("lora", "far")
 PARAM_METHODS = ("full", "bitfit", "diff_pruning", "did", "said")
 PARAM_STYLES = ("linen_einsum", "linen_scan_remat", "nnx_decoder_scan")
+#: AdaLoRA's factors are laid out by LoRA's code (its own part is the triplet's ``lam``), and the
+#: sparse factored form's layouts are covered by these styles (2-D, 3-D DenseGeneral, middle-axis
+#: einsum, scan-stacked, conv merged): each on the styles that stress its own code, within the
+#: suite's time budget on a 2-core machine.
+ADALORA_STYLES = ("linen_mha", "linen_scan_remat", "nnx_decoder_scan")
+FISHMASK_STYLES = ("linen_bert", "linen_mha", "linen_einsum", "linen_scan_remat", "linen_conv")
 CASES = ([(st, m) for st in zoo.NAMES for m in SITE_METHODS]
+         + [(st, "adalora") for st in ADALORA_STYLES]
+         + [(st, "fishmask") for st in FISHMASK_STYLES]
          + [(st, m) for st in PARAM_STYLES for m in PARAM_METHODS])
 
 
@@ -182,11 +190,15 @@ ADDITIVE = {
     "unipelt": (lambda: unipelt.unipelt(prefix_length=2, prefix_hidden_size=8,
                                                       reduction_factor=4), False, False),
 }
-ADDITIVE_STYLES = ("linen_bert", "nnx_decoder_scan")
 
 
-@pytest.mark.parametrize("style_name,method_name",
-                         [(st, m) for st in ADDITIVE_STYLES for m in ADDITIVE])
+#: Every additive method on the linen BERT; on the stacked decoder the ones whose code paths differ
+#: there (per-layer adapter arrays sliced by the scan, IA3's stacked merge, prefix with GQA).
+ADDITIVE_CASES = ([("linen_bert", m) for m in ADDITIVE]
+                  + [("nnx_decoder_scan", m) for m in ("houlsby", "ia3", "prefix")])
+
+
+@pytest.mark.parametrize("style_name,method_name", ADDITIVE_CASES)
 def test_additive_contract(style_name, method_name, tmp_path):
     """Zero-initialised adapters (and IA3's ones) reproduce the base; a jitted train step lowers
     the loss and changes only the delta; mergeable methods merge exactly, the others refuse the

@@ -80,7 +80,8 @@ def test_zero_delta_is_exactly_the_base_model(small):
     model, variables, ids = small
     method = dp.diff_pruning(structured=True)
     zero = method.init(jax.random.key(0), variables)
-    prepare = jax.jit(lambda p, d, k: tuple(method.edits(p, d, None, Context(rng=k))))
+    prepare = jax.jit(lambda p, d, k: (lambda e: (e.params, e.contractions))(
+        method.edits(p, d, None, Context(rng=k))))
     apply = jax.jit(model.apply)
     base = np.asarray(apply(variables, ids))
     # Training (sampled gates) and evaluation (deterministic gates): the forward pass runs with
