@@ -29,9 +29,15 @@ from jpeft.methods import fishmask as fishmask_lib
 #: style. Methods that only transform parameters (the same code path in both forward forms, no
 #: sites): the styles that stress the parameter tree most (stacked, N-D, NNX), to keep the suite
 #: within its time budget on a 2-core machine.
-SITE_METHODS = ("lora", "far")
-PARAM_METHODS = ("full", "bitfit", "diff_pruning", "did", "said")
+SITE_METHODS = ("lora",)
+PARAM_METHODS = ("full", "bitfit", "diff_pruning")
 PARAM_STYLES = ("linen_einsum", "linen_scan_remat", "nnx_decoder_scan")
+#: DID/SAID project every tensor (one code path for any tree): the two linen styles.
+INTRINSIC_STYLES = ("linen_einsum", "linen_scan_remat")
+#: FAR on every distinct layout: 2-D, 3-D DenseGeneral, middle-axis einsum, conv, scan-stacked
+#: (linen and NNX); the NNX MHA and unrolled decoder repeat layouts covered here.
+FAR_STYLES = ("linen_bert", "linen_mha", "linen_einsum", "linen_scan_remat", "linen_conv",
+              "nnx_decoder_scan")
 #: AdaLoRA's factors are laid out by LoRA's code (its own part is the triplet's ``lam``), and the
 #: sparse factored form's layouts are covered by these styles (2-D, 3-D DenseGeneral, middle-axis
 #: einsum, scan-stacked, conv merged): each on the styles that stress its own code, within the
@@ -39,9 +45,11 @@ PARAM_STYLES = ("linen_einsum", "linen_scan_remat", "nnx_decoder_scan")
 ADALORA_STYLES = ("linen_mha", "linen_scan_remat", "nnx_decoder_scan")
 FISHMASK_STYLES = ("linen_bert", "linen_mha", "linen_einsum", "linen_scan_remat", "linen_conv")
 CASES = ([(st, m) for st in zoo.NAMES for m in SITE_METHODS]
+         + [(st, "far") for st in FAR_STYLES]
          + [(st, "adalora") for st in ADALORA_STYLES]
          + [(st, "fishmask") for st in FISHMASK_STYLES]
-         + [(st, m) for st in PARAM_STYLES for m in PARAM_METHODS])
+         + [(st, m) for st in PARAM_STYLES for m in PARAM_METHODS]
+         + [(st, m) for st in INTRINSIC_STYLES for m in ("did", "said")])
 
 
 _STYLES: dict = {}

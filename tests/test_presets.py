@@ -72,7 +72,37 @@ def test_every_preset_has_tiny_options():
     assert set(TINY) == set(presets.names())
 
 
-@pytest.mark.parametrize("name", presets.names())
+#: Presets run end to end: every kind of stage list and storage (single fit, warm-up + compute,
+#: compute + fit, fit + compute + fit, fit + fold, masks in the config, rebuilt from the saved
+#: config, AdaLoRA's metadata, one-shape SAID, full fine-tuning without a head). The others are
+#: single-fit presets with the config storage: :func:`test_every_preset_builds_and_rebuilds`
+#: checks their declaration, and the contract suite their methods.
+END_TO_END = ("lora", "adalora", "far", "diff-pruning", "fishmask", "said", "full", "houlsby",
+              "prefix", "sparse-adapter", "unipelt")
+
+
+def test_every_preset_builds_and_rebuilds(env):
+    """Every registered preset: its stages for the tiny options, the final method built from a
+    state, its init on the model, and the method rebuilt from its saved config alone (no
+    training, no compile)."""
+    from jpeft.methods import from_config
+    for name in presets.names():
+        preset = presets.get(name)
+        options = presets.resolve(preset, {"steps": 2, **TINY[name]})
+        stages = preset.stages(options)
+        assert isinstance(stages[-1], presets.Fit) and preset.main in [s.name for s in stages]
+        if any(isinstance(s, presets.Compute) for s in stages) or name in ("full",):
+            continue            # needs data from earlier stages: run end to end
+        method = stages[-1].method({"head": env.head})
+        shapes = jax.eval_shape(lambda k: method.init(k, env.params, env.sites),
+                                jax.random.key(0))
+        assert jax.tree.leaves(shapes), name
+        as_json = json.loads(json.dumps(method.config, default=str))
+        if preset.storage is presets.CONFIG_STORAGE:
+            assert json.loads(json.dumps(from_config(as_json).config, default=str)) == as_json
+
+
+@pytest.mark.parametrize("name", END_TO_END)
 def test_preset_runs_end_to_end(env, name, tmp_path):
     preset = presets.get(name)
     options = {"steps": 2, **TINY[name]}

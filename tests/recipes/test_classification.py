@@ -76,8 +76,8 @@ def test_batch_larger_than_data_is_an_error(tiny_bert):
 @pytest.mark.slow
 def test_demo_runs_end_to_end(minilm, movie_data, tmp_path, capsys):
     from jpeft import checkpoint, cli
-    rc = cli.main(["demo", "--steps", "3", "--batch", "8", "--dev-limit", "48", "--no-progress",
-                   "--out", str(tmp_path)])
+    rc = cli.main(["demo", "--steps", "3", "--batch", "8", "--seq", "16", "--dev-limit", "48",
+                   "--no-progress", "--out", str(tmp_path)])
     out = capsys.readouterr().out
     assert rc == 0, out
     assert "preset lora:" in out
