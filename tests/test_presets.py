@@ -77,8 +77,8 @@ def test_every_preset_has_tiny_options():
 #: config, AdaLoRA's metadata, one-shape SAID, full fine-tuning without a head). The others are
 #: single-fit presets with the config storage: :func:`test_every_preset_builds_and_rebuilds`
 #: checks their declaration, and the contract suite their methods.
-END_TO_END = ("lora", "adalora", "far", "diff-pruning", "fishmask", "said", "full", "houlsby",
-              "prefix", "sparse-adapter", "unipelt")
+END_TO_END = ("lora", "adalora", "far", "diff-pruning", "fishmask", "said", "full", "prefix",
+              "sparse-adapter")
 
 
 def test_every_preset_builds_and_rebuilds(env):
