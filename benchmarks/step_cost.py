@@ -425,7 +425,7 @@ def _jax_prepare(name: str, spec: Row, env: BatchEnv, run_steps: int
 
 #: Configurations whose inference forward is measured: LoRA (mergeable: base, merged, factored)
 #: and the additive and hybrid methods (factored only, except IA3, which merges).
-INFERENCE = ("lora_qv", "lora_all_linear", "ia3", "houlsby", "pfeiffer", "scaled-parallel",
+INFERENCE = ("lora_qv", "lora_all_linear", "ia3", "houlsby", "pfeiffer", "scaled_parallel",
              "compacter", "prefix", "prompt", "mam", "unipelt")
 
 
