@@ -96,3 +96,14 @@ def follow_weight_axes(param_shardings: Any, delta: Any,
         return NamedSharding(base.mesh, PartitionSpec(
             *(None if a is None else spec[a] for a in axes)))
     return jax.tree_util.tree_map_with_path(one, delta)
+
+
+def replicated(param_shardings: Any, delta: Any, sites: Any = None) -> Any:
+    """Every leaf of ``delta`` replicated on the mesh of the base tree's first ``NamedSharding``
+    (``None`` leaves without one): for small deltas that do not live along a weight (adapters,
+    prefixes, prompts)."""
+    del sites
+    mesh = next((s.mesh for s in jax.tree_util.tree_leaves(param_shardings)
+                 if isinstance(s, NamedSharding)), None)
+    return jax.tree_util.tree_map(
+        lambda _: None if mesh is None else NamedSharding(mesh, PartitionSpec()), delta)

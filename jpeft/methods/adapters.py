@@ -48,12 +48,12 @@ from typing import Any, NamedTuple, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec
 
 from jpeft.core import gates as gates_lib
 from jpeft.core import marks as marks_lib
 from jpeft.core import method as method_lib
 from jpeft.core import paths as paths_lib
+from jpeft.core import sharding as sharding_lib
 from jpeft.core import sites as sites_lib
 
 #: Attention output projection (Hugging Face naming: BERT ``attention/output/dense``, LLaMA
@@ -319,12 +319,6 @@ def bottleneck(placements: Sequence[Placement] = (FFN_SEQUENTIAL,), *,
             out[site.out] = sites_lib.MarkEdit(arrays, edit_fn(site))
         return sites_lib.Edits(params, {}, out)
 
-    def shardings(param_shardings, delta, sites=None):
-        mesh = next((s.mesh for s in jax.tree_util.tree_leaves(param_shardings)
-                     if isinstance(s, NamedSharding)), None)
-        if mesh is None:
-            return jax.tree_util.tree_map(lambda _: None, delta)
-        return jax.tree_util.tree_map(lambda _: NamedSharding(mesh, PartitionSpec()), delta)
 
     config = {"method": "bottleneck", "placements": [p.to_json() for p in placements],
               "reduction_factor": reduction_factor, "bottleneck_size": bottleneck_size,
@@ -333,7 +327,8 @@ def bottleneck(placements: Sequence[Placement] = (FFN_SEQUENTIAL,), *,
               "layers_to_transform": layers_to_transform, "layers_pattern": layers_pattern,
               "dtype": None if dtype is None else np.dtype(dtype).name, "name": name}
     return method_lib.Method(
-        name=name, init=init, merge=None, unmerge=None, edits=edits, shardings=shardings,
+        name=name, init=init, merge=None, unmerge=None, edits=edits,
+        shardings=sharding_lib.replicated,
         labels=method_lib.constant_labels(name), config=config)
 
 

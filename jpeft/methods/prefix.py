@@ -46,11 +46,11 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import NamedSharding, PartitionSpec
 
 from jpeft.core import gates as gates_lib
 from jpeft.core import method as method_lib
 from jpeft.core import paths as paths_lib
+from jpeft.core import sharding as sharding_lib
 from jpeft.core import sites as sites_lib
 
 #: Hook points an attention needs for prefix tuning.
@@ -231,11 +231,6 @@ def prefix_tuning(num_virtual_tokens: int = 20, targets: paths_lib.Targets = Non
                 marks[m.key] = sites_lib.MarkEdit({}, shift)
         return sites_lib.Edits(params, {}, marks)
 
-    def shardings(param_shardings, delta, sites=None):
-        mesh = next((s.mesh for s in jax.tree_util.tree_leaves(param_shardings)
-                     if isinstance(s, NamedSharding)), None)
-        return jax.tree_util.tree_map(
-            lambda _: None if mesh is None else NamedSharding(mesh, PartitionSpec()), delta)
 
     config = {"method": "prefix", "num_virtual_tokens": l,
               "targets": list(targets) if isinstance(targets, tuple) else targets,
@@ -244,7 +239,8 @@ def prefix_tuning(num_virtual_tokens: int = 20, targets: paths_lib.Targets = Non
               "exclude": list(exclude) if isinstance(exclude, tuple) else exclude,
               "scale": scale, "dtype": jnp.dtype(dtype).name, "name": name}
     return method_lib.Method(
-        name=name, init=init, merge=None, unmerge=None, edits=edits, shardings=shardings,
+        name=name, init=init, merge=None, unmerge=None, edits=edits,
+        shardings=sharding_lib.replicated,
         labels=method_lib.constant_labels(name), config=config)
 
 

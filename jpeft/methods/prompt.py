@@ -29,10 +29,10 @@ from typing import Any, Mapping, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec
 
 from jpeft.core import method as method_lib
 from jpeft.core import paths as paths_lib
+from jpeft.core import sharding as sharding_lib
 from jpeft.core import sites as sites_lib
 
 #: The word-embedding module (Hugging Face naming: BERT ``word_embeddings``, LLaMA
@@ -121,11 +121,6 @@ def prompt_tuning(num_virtual_tokens: int = 20, embeddings: paths_lib.Targets = 
         return sites_lib.Edits(params, {}, {m.key: sites_lib.MarkEdit(
             {"prompt": delta["prompt"]}, fn)}, change_inputs)
 
-    def shardings(param_shardings, delta, sites=None):
-        mesh = next((s.mesh for s in jax.tree_util.tree_leaves(param_shardings)
-                     if isinstance(s, NamedSharding)), None)
-        return jax.tree_util.tree_map(
-            lambda _: None if mesh is None else NamedSharding(mesh, PartitionSpec()), delta)
 
     config = {"method": "prompt", "num_virtual_tokens": l,
               "embeddings": list(embeddings) if isinstance(embeddings, tuple) else embeddings,
@@ -134,7 +129,8 @@ def prompt_tuning(num_virtual_tokens: int = 20, embeddings: paths_lib.Targets = 
               "pad_id": pad_id, "inputs": None if inputs is None else
               [[k, v] for k, v in spec.items()], "name": name}
     return method_lib.Method(
-        name=name, init=init, merge=None, unmerge=None, edits=edits, shardings=shardings,
+        name=name, init=init, merge=None, unmerge=None, edits=edits,
+        shardings=sharding_lib.replicated,
         labels=method_lib.constant_labels(name), config=config)
 
 

@@ -98,3 +98,13 @@ def test_sharded_step_equals_single_device(tiny_bert, tiny_config, tiny_sites, m
     mu = s[0].trace["lora"]["params"]["bert"]["encoder"]["layer"]["0"]["attention"]["self"]["query"]["kernel"]["lora_B"]
     assert mu.sharding.spec == P(None, "model")
     assert len(b.sharding.device_set) == 8
+
+
+def test_replicated_puts_small_deltas_on_the_base_mesh(mesh):
+    from jax.sharding import NamedSharding, PartitionSpec
+    from jpeft.core import sharding
+    base = {"w": NamedSharding(mesh, PartitionSpec("data")), "b": None}
+    got = sharding.replicated(base, {"prefix": {"keys": 1, "values": 2}})
+    assert got == {"prefix": {"keys": NamedSharding(mesh, PartitionSpec()),
+                              "values": NamedSharding(mesh, PartitionSpec())}}
+    assert sharding.replicated({"w": None}, {"a": 1}) == {"a": None}
