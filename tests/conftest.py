@@ -76,6 +76,18 @@ def minilm_sites(minilm):
     return jpeft.probe(minilm.model.apply, {"params": minilm.params}, ids, ids, np.zeros_like(ids))
 
 
+def random_split(n: int, t: int, seed: int = 0):
+    """``n`` random right-padded sentences of at most ``t`` token ids (lengths 2..t) with random
+    binary labels, as a :class:`jpeft.recipes.classification.Split`."""
+    from jpeft.recipes import classification as clf
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(2, t + 1, n)
+    mask = (np.arange(t)[None] < lengths[:, None]).astype(np.int32)
+    inputs = {"input_ids": rng.integers(1, 100, (n, t)).astype(np.int32) * mask,
+              "attention_mask": mask, "token_type_ids": np.zeros((n, t), np.int32)}
+    return clf.Split(inputs, rng.integers(0, 2, n).astype(np.int32))
+
+
 def perturb(delta, seed=7, scale=0.1):
     """``delta`` plus ``scale`` times independent standard normal noise in every leaf (to move a
     zero-initialised delta away from the base model in tests); the noise is drawn on the host."""

@@ -12,6 +12,8 @@ import jax
 import numpy as np
 import pytest
 
+from conftest import random_split
+
 import jpeft
 from jpeft import checkpoint, presets
 from jpeft.models.bert import BertForSequenceClassification
@@ -45,12 +47,7 @@ TINY = {
 
 
 def _split(n, t=8, seed=0):
-    rng = np.random.default_rng(seed)
-    lengths = rng.integers(2, t + 1, n)
-    mask = (np.arange(t)[None] < lengths[:, None]).astype(np.int32)
-    inputs = {"input_ids": rng.integers(1, 100, (n, t)).astype(np.int32) * mask,
-              "attention_mask": mask, "token_type_ids": np.zeros((n, t), np.int32)}
-    return clf.Split(inputs, rng.integers(0, 2, n).astype(np.int32))
+    return random_split(n, t, seed)
 
 
 @pytest.fixture(scope="module")
