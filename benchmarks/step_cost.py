@@ -372,7 +372,7 @@ def _jax_prepare(name: str, spec: Row, env: BatchEnv, run_steps: int
     step = jpeft.make_train_step(loss_fn, opt, method=method, donate=True)
     key = jax.random.key(2)
 
-    trainable = jpeft.num_params(delta)
+    trainable = jpeft.trainable_count(delta, method)   # SparseAdapter: kept entries only
     trainable_bytes = jpeft.num_bytes(delta)
     opt_bytes = jpeft.num_bytes(opt_state)
     opt_scalar = _scalar_bytes(opt_state)
@@ -391,7 +391,7 @@ def _jax_prepare(name: str, spec: Row, env: BatchEnv, run_steps: int
         "kind": "train", "config": name, "description": spec.description,
         "preset": spec.preset, "preset_options": options, "preset_stage": stage.name,
         "mode": spec.mode, "method_config": method.config,
-        "trainable_params": trainable, "base_params": jpeft.num_params(variables),
+        "trainable_params": trainable, "delta_entries": jpeft.num_params(delta), "base_params": jpeft.num_params(variables),
         "trainable_percent": 100.0 * trainable / jpeft.num_params(variables),
         "trainable_bytes": trainable_bytes,
         "opt_state_bytes": opt_bytes, "opt_state_scalar_bytes": opt_scalar,

@@ -20,7 +20,8 @@ from jpeft.core.sharding import (delta_shardings, opt_state_shardings, shard_by_
 from jpeft.core.sites import Contraction, Sites, probe
 from jpeft.core.sparse import sparse_finetune
 from jpeft.core.train import init_opt_state, make_train_step, method_optimizer, partition
-from jpeft.core.tree import ParamReport, combine, num_bytes, num_params, param_report, split
+from jpeft.core.tree import (ParamReport, combine, num_bytes, num_params, param_report, split,
+                              trainable_count)
 from jpeft.methods.adalora import adalora
 from jpeft.methods.adapters import bottleneck as bottleneck_adapter
 from jpeft.methods.adapters import compacter, houlsby, pfeiffer
@@ -54,6 +55,7 @@ __all__ = [
     "combine", "compose", "delta_shardings", "init_opt_state", "make_train_step", "mark",
     "method_optimizer", "num_bytes", "num_params", "observe", "opt_state_shardings",
     "param_report", "partition", "probe", "select", "shard_by_rules", "shardings_of", "split",
+    "trainable_count",
     "wrap",
     # types and namespaces
     "Context", "Contraction", "Method", "ParamReport", "Selection", "Sites", "checkpoint",

@@ -181,7 +181,7 @@ def run_stage(stage: Stage, state: State, env: Env) -> State:
     else:
         method = stage.method(state)
         delta = start_delta(stage, state, method, env)
-        env.log(f"[{stage.name}] {stage.doc}: {tree_lib.param_report(env.params, delta)}")
+        env.log(f"[{stage.name}] {stage.doc}: {tree_lib.param_report(env.params, delta, method)}")
         if stage.steps:
             opt = (stage.optimizer(method) if stage.optimizer is not None
                    else default_optimizer(method, stage.steps, stage.lr, stage.head_lr))

@@ -26,6 +26,7 @@ import jax
 from jpeft.core import dataflow
 from jpeft.core import paths as paths_lib
 from jpeft.core import sites as sites_lib
+from jpeft.core import tree as tree_lib
 
 Params = Any
 Delta = Any
@@ -70,6 +71,9 @@ class Method(NamedTuple):
       optimizer: ``inner -> optax.GradientTransformation`` wrapping the optimizer with method-side
         state (AdaLoRA's rank allocator), or ``None``. :func:`jpeft.make_train_step` and
         :func:`jpeft.init_opt_state` fold it in when given the method.
+      trainable: ``delta -> int``, the entries of ``delta`` training can change, for a method
+        whose delta holds entries fixed at zero (SparseAdapter's pruned weights); ``None`` when
+        every entry is trainable. :func:`jpeft.param_report` counts with it.
     """
     name: str
     init: Callable[..., Delta]
@@ -81,6 +85,7 @@ class Method(NamedTuple):
     config: dict
     penalty: Callable[[Delta], Any] | None = None
     optimizer: Callable[[Any], Any] | None = None
+    trainable: Callable[[Delta], int] | None = None
 
 
 def merge_edits(merge: Callable[..., Params]):
@@ -272,9 +277,15 @@ def compose(**methods: Method) -> Method:
             inner = w(inner)
         return inner
 
+    counted = any(methods[n].trainable is not None for n in names)
+
+    def trainable(delta):
+        return sum(tree_lib.trainable_count(delta[n], methods[n]) for n in names)
+
     return Method(
         name="+".join(names), init=init, merge=None if unmergeable else merge,
         unmerge=None if not_invertible or unmergeable else unmerge, edits=edits,
         shardings=shardings, labels=labels,
         config={"compose": {n: methods[n].config for n in names}},
-        penalty=penalty if penalised else None, optimizer=optimizer if wrappers else None)
+        penalty=penalty if penalised else None, optimizer=optimizer if wrappers else None,
+        trainable=trainable if counted else None)

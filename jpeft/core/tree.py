@@ -48,7 +48,8 @@ def num_bytes(tree: Any) -> int:
 class ParamReport(NamedTuple):
     """Trainable versus total parameters.
 
-    ``trainable`` counts every entry of the delta tree, ``base`` every entry of the frozen tree, and
+    ``trainable`` counts the entries of the delta tree training can change (every entry, unless the
+    method says otherwise: :func:`trainable_count`), ``base`` every entry of the frozen tree, and
     ``percent = 100 * trainable / base``: the fraction of the base model that is trained, as the PEFT
     papers report it.
     """
@@ -61,7 +62,14 @@ class ParamReport(NamedTuple):
                 f"trainable%: {self.percent:.4f}")
 
 
-def param_report(params: Any, delta: Any) -> ParamReport:
-    """Counts for a base tree and its delta."""
-    base, trainable = num_params(params), num_params(delta)
+def trainable_count(delta: Any, method: Any = None) -> int:
+    """The entries of ``delta`` training can change: ``method.trainable(delta)`` where the method
+    has entries held at zero (:attr:`jpeft.Method.trainable`), else every entry."""
+    count = getattr(method, "trainable", None)
+    return num_params(delta) if count is None else int(count(delta))
+
+
+def param_report(params: Any, delta: Any, method: Any = None) -> ParamReport:
+    """Counts for a base tree and the delta of ``method`` (every delta entry when ``None``)."""
+    base, trainable = num_params(params), trainable_count(delta, method)
     return ParamReport(trainable, base, 100.0 * trainable / max(base, 1))

@@ -17,8 +17,8 @@ mask kept fixed while training.
    entries never reach the output and get zero gradients, so they stay zero. The masks are part of
    the method's config (bit-packed), so the saved config rebuilds it exactly.
 
-Trainable count (:func:`trainable_count`): the kept entries plus the biases (and any LayerNorm,
-scale, gate of the adapter).
+Trainable count (:func:`trainable_count`, the method's ``trainable``): the kept entries plus the
+biases (and any LayerNorm, scale, gate of the adapter).
 """
 
 from __future__ import annotations
@@ -144,7 +144,8 @@ def sparse_adapter(masks: dict, placements=(adapters_lib.FFN_SEQUENTIAL,), *,
     config = {**base.config, "method": "sparse_adapter", "masks": _pack(masks)}
     return base._replace(
         init=init, edits=lambda params, delta, sites, context: base.edits(
-            params, masked(delta), sites, context), config=config)
+            params, masked(delta), sites, context), config=config,
+        trainable=lambda delta: trainable_count(delta, masks))
 
 
 def trainable_count(delta: Any, masks: dict) -> int:

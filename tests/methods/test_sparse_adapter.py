@@ -35,7 +35,14 @@ def test_masked_adapter_trains_only_kept_entries_and_rebuilds_from_config(bert):
     np.testing.assert_array_equal(jax.jit(jpeft.wrap(s.apply, method, sites))(
         s.params, delta, *s.args), jax.jit(s.apply)(s.params, *s.args))
     # kept entries + biases: 2 layers x (16 x 32 / 4 x 2 + 16 + 32)
-    assert sa.trainable_count(delta, masks) == 2 * (2 * 16 * 32 // 4 + 16 + 32)
+    kept = 2 * (2 * 16 * 32 // 4 + 16 + 32)
+    assert sa.trainable_count(delta, masks) == kept
+    # the method and any composition with it count the same (param_report, the presets' logs)
+    assert jpeft.param_report(s.params, delta, method).trainable == kept
+    both = jpeft.compose(sa=method, bitfit=jpeft.bitfit())
+    both_delta = both.init(jax.random.key(0), s.params, sites)
+    assert jpeft.trainable_count(both_delta, both) == kept + jpeft.num_params(both_delta["bitfit"])
+    assert jpeft.param_report(s.params, delta).trainable == jpeft.num_params(delta) > kept
     delta = perturb(delta, scale=0.3)
     got = jpeft.wrap(s.apply, method, sites)(s.params, delta, *s.args)
     flat = paths_lib.flatten(delta)
