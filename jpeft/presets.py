@@ -40,6 +40,7 @@ import optax
 
 from jpeft import checkpoint
 from jpeft.core import method as method_lib
+from jpeft.core import paths as paths_lib
 from jpeft.core import sparse as sparse_lib
 from jpeft.core import train as train_lib
 from jpeft.core import tree as tree_lib
@@ -794,6 +795,8 @@ def _adapter_stages(o: Options, kind: str) -> tuple[Stage, ...]:
                                               activation=o["activation"], **size),
         "scaled-parallel": lambda: adapters.scaled_parallel(
             reduction_factor=o["reduction_factor"], activation=o["activation"], **size),
+        "multihead-parallel": lambda: adapters.multihead_parallel(
+            reduction_factor=o["reduction_factor"], activation=o["activation"], **size),
         "compacter": lambda: adapters.compacter(plus_plus=o["plus_plus"],
                                                 reduction_factor=o["reduction_factor"],
                                                 phm_dim=o["phm_dim"], activation=o["activation"]),
@@ -856,6 +859,72 @@ def _unipelt_stages(o: Options) -> tuple[Stage, ...]:
                    _from_config_or(lambda s: _with_head(s, unipelt=unipelt.unipelt(
                        gate=o["gate"], prefix_length=o["prefix_length"],
                        reduction_factor=o["reduction_factor"])))),)
+
+
+def _s4_layout(o: Options) -> tuple[tuple[int, ...] | None, tuple[str, ...]]:
+    """The ``groups`` option (``"spindle"`` or group sizes ``"1,2,2,1"``) as group sizes (``None``:
+    spindle) and the ``strategies`` option (``"AL,AP,APB,PBL"``) as one letter string per group."""
+    strategies = tuple(x.strip().upper() for x in str(o["strategies"]).split(","))
+    if not all(strategies) or any(c not in "APBL" for x in strategies for c in x):
+        raise ValueError(f"s4: option 'strategies' takes one group of the letters A (adapter), P "
+                         f"(prefix), B (BitFit), L (LoRA) per layer group, comma-separated "
+                         f"(the paper's: AL,AP,APB,PBL), got {o['strategies']!r}")
+    if str(o["groups"]) == "spindle":
+        return None, strategies
+    try:
+        sizes = tuple(int(x) for x in str(o["groups"]).split(","))
+    except ValueError:
+        sizes = ()
+    if not sizes or min(sizes) < 1:
+        raise ValueError(f"s4: option 'groups' is 'spindle' or the number of consecutive layers "
+                         f"in each group, comma-separated ('1,2,2,1'), got {o['groups']!r}")
+    if len(sizes) != len(strategies):
+        raise ValueError(f"s4: {len(sizes)} groups but strategies for {len(strategies)}")
+    return sizes, strategies
+
+
+def _s4_allocate(o: Options, state: State, env: Env) -> State:
+    """Layers, groups and the uniform per-layer budget on the env's model."""
+    from jpeft.methods import s4
+    sizes, strategies = _s4_layout(o)
+    layers = {paths_lib.layer_index(p) for p in paths_lib.flatten(env.params)}
+    layers.discard(None)
+    if not layers:
+        raise ValueError("s4: the model's parameter paths carry no layer index")
+    num_layers = max(layers) + 1
+    if sizes is None:
+        groups = s4.spindle_groups(num_layers, len(strategies))
+    else:
+        if sum(sizes) != num_layers:
+            raise ValueError(f"s4: groups {o['groups']!r} hold {sum(sizes)} layers; the model has "
+                             f"{num_layers}")
+        starts = np.cumsum((0,) + sizes)
+        groups = tuple(tuple(range(a, b)) for a, b in zip(starts[:-1], starts[1:]))
+    budget = max(1, round(o["budget"] * tree_lib.num_params(env.params) / num_layers))
+    alloc = s4.uniform_allocation(env.params, env.sites, num_layers, budget, groups=groups,
+                                  strategies=strategies, prefix_length=o["prefix_length"])
+    env.log(f"S4: {num_layers} layers in groups {[len(g) for g in groups]} "
+            f"({', '.join(f'G{i + 1} {x}' for i, x in enumerate(strategies))}); "
+            f"{budget:,} trainable entries per layer ({o['budget']:.2%} of the model): adapter "
+            f"bottlenecks {alloc['adapter_size']}, LoRA ranks {alloc['lora_rank']}")
+    return {"s4": {"num_layers": num_layers, "groups": groups, "strategies": strategies, **alloc}}
+
+
+def _s4_stages(o: Options) -> tuple[Stage, ...]:
+    from jpeft.methods import s4
+    _s4_layout(o)                              # option errors before anything runs
+    _positive(o, "prefix_length")
+
+    def build(state):
+        a = state["s4"]
+        return _with_head(state, s4=s4.s4(
+            a["num_layers"], groups=a["groups"], strategies=a["strategies"],
+            adapter_size=a["adapter_size"], lora_rank=a["lora_rank"],
+            prefix_length=o["prefix_length"]))
+    return (Compute("allocate", "group the layers and size each group's strategies for a uniform "
+                                "per-layer budget", lambda s, env: _s4_allocate(o, s, env)),
+            _train(o, "S4: adapter / prefix / BitFit / LoRA per layer group, and the head",
+                   _from_config_or(build)))
 
 
 def _sparse_adapter_prune(o: Options, state: State, env: Env) -> State:
@@ -930,7 +999,8 @@ for _kind, _summary in (
         ("houlsby", "Houlsby adapters after the attention output and the FFN + the head"),
         ("pfeiffer", "Pfeiffer adapter after the FFN + the head"),
         ("parallel", "parallel adapter on the FFN (from its input) + the head"),
-        ("scaled-parallel", "scaled parallel adapter (s = 4) on the FFN + the head")):
+        ("scaled-parallel", "scaled parallel adapter (s = 4) on the FFN + the head"),
+        ("multihead-parallel", "multi-head parallel adapter on each attention head + the head")):
     register(Preset(_kind, _summary, _adapter_defaults(16),
                     lambda o, k=_kind: _adapter_stages(o, k), storage=CONFIG_STORAGE))
 register(Preset("compacter", "Compacter++ (PHM adapter after the FFN, shared rules) + the head",
@@ -953,4 +1023,8 @@ register(Preset("mam", "MAM adapter: prefix (l = 30) + scaled parallel FFN adapt
 register(Preset("unipelt", "UniPELT: gated LoRA + prefix + adapter + the head",
                 {**_common(2e-3), "gate": True, "prefix_length": 10, "reduction_factor": 16},
                 _unipelt_stages, storage=CONFIG_STORAGE))
+register(Preset("s4", "S4: spindle layer groups, each with its adapter/prefix/BitFit/LoRA + the head",
+                {**_common(2e-3), "budget": 0.005, "groups": "spindle",
+                 "strategies": "AL,AP,APB,PBL", "prefix_length": 10},
+                _s4_stages, storage=CONFIG_STORAGE))
 del _kind, _summary

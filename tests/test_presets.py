@@ -36,6 +36,7 @@ TINY = {
     "pfeiffer": {"reduction_factor": 8},
     "parallel": {"reduction_factor": 8},
     "scaled-parallel": {"reduction_factor": 8},
+    "multihead-parallel": {"reduction_factor": 4},
     "compacter": {"reduction_factor": 8},
     "sparse-adapter": {"reduction_factor": 4, "sparsity": 0.5},
     "ia3": {},
@@ -43,6 +44,7 @@ TINY = {
     "prompt": {"length": 2},
     "mam": {"prefix_length": 2, "bottleneck_size": 4},
     "unipelt": {"prefix_length": 2, "reduction_factor": 8},
+    "s4": {"groups": "1", "strategies": "APBL", "prefix_length": 2, "budget": 0.1},
 }
 
 
@@ -75,7 +77,7 @@ def test_every_preset_has_tiny_options():
 #: single-fit presets with the config storage: :func:`test_every_preset_builds_and_rebuilds`
 #: checks their declaration, and the contract suite their methods.
 END_TO_END = ("lora", "adalora", "far", "diff-pruning", "fishmask", "said", "full", "prefix",
-              "sparse-adapter")
+              "sparse-adapter", "s4")
 
 
 def test_every_preset_builds_and_rebuilds(env):
@@ -158,6 +160,24 @@ def test_unknown_preset_and_option_are_clear_errors():
     assert presets.resolve("diff-pruning", {"structured": "true"})["structured"] is True
     with pytest.raises(ValueError, match="'lora' is already registered"):
         presets.register(presets.get("lora"))
+
+
+def test_s4_layout_options(env):
+    """S4's groups follow the model's layers: the spindle on the MiniLM's 6 layers is checked in
+    tests/methods/test_s4.py; here the option errors, each before anything trains."""
+    s4 = presets.get("s4")
+    with pytest.raises(ValueError, match="option 'strategies' takes one group of the letters"):
+        s4.stages(presets.resolve(s4, {"strategies": "AL,XP"}))
+    with pytest.raises(ValueError, match="option 'groups' is 'spindle' or the number"):
+        s4.stages(presets.resolve(s4, {"groups": "two"}))
+    with pytest.raises(ValueError, match="2 groups but strategies for 4"):
+        s4.stages(presets.resolve(s4, {"groups": "1,1"}))
+    allocate = s4.stages(presets.resolve(s4, {"groups": "1,1", "strategies": "A,L"}))[0]
+    with pytest.raises(ValueError, match="groups '1,1' hold 2 layers; the model has 1"):
+        allocate.run({}, env)
+    allocate = s4.stages(presets.resolve(s4, {}))[0]
+    with pytest.raises(ValueError, match="1 layers are too few for a 4-group spindle"):
+        allocate.run({}, env)
 
 
 def test_load_needs_a_preset_checkpoint(tmp_path):
