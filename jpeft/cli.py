@@ -2,7 +2,9 @@
 
 ``python -m jpeft.cli demo [--method PRESET] [--steps N] [--set KEY=VALUE ...] ...`` runs a method
 preset (:mod:`jpeft.presets`) through the one recipe (:func:`jpeft.recipes.finetune.run`);
-``python -m jpeft.cli presets`` lists the presets, their stages and options.
+``python -m jpeft.cli presets`` lists the presets, their stages and options;
+``python -m jpeft.cli decoder [--method lora|prefix|ia3|houlsby|prompt]`` runs the decoder example
+(:mod:`jpeft.recipes.decoder`).
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ import json
 import os
 import sys
 import time
+
+import numpy as np
 
 from jpeft import presets
 
@@ -72,6 +76,13 @@ def demo(args: argparse.Namespace, options: dict) -> int:
     return 0 if outcome.ok else 1
 
 
+def decoder_example(args: argparse.Namespace) -> int:
+    from jpeft.recipes import decoder
+    r = decoder.run(args.method, base_steps=args.base_steps, steps=args.steps, lr=args.lr,
+                    seed=args.seed)
+    return 0 if np.isfinite(r.adapted_loss) else 1
+
+
 def list_presets() -> int:
     for name in presets.names():
         preset = presets.get(name)
@@ -120,6 +131,16 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--dev-limit", type=int, default=0, help="evaluate on the first N dev examples")
     d.add_argument("--out", default=os.path.join("runs", "demo"))
     d.add_argument("--no-progress", action="store_true")
+    from jpeft.recipes.decoder import LR
+    g = sub.add_parser("decoder", help="a tiny byte-level decoder: base trained on negative "
+                                       "reviews, an adapter on positive ones; generations before "
+                                       "and after")
+    g.add_argument("--method", choices=sorted(LR), default="lora")
+    g.add_argument("--steps", type=int, default=200, help="adapter training steps")
+    g.add_argument("--base-steps", type=int, default=300, help="base model training steps")
+    g.add_argument("--lr", type=float, default=None, help="adapter peak learning rate "
+                                                          "(default per method)")
+    g.add_argument("--seed", type=int, default=0)
     return parser
 
 
@@ -128,6 +149,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "presets":
         return list_presets()
+    if args.command == "decoder":
+        return decoder_example(args)
     try:
         options = preset_options(args)
     except ValueError as e:

@@ -48,6 +48,10 @@ def decode(ids) -> str:
     return bytes(int(i) for i in ids if int(i) < 256).decode("utf-8", "replace")
 
 
+#: The peak learning rate of each method's adapter training (``run(lr=None)``).
+LR = {"lora": 5e-3, "prefix": 5e-3, "ia3": 1e-2, "houlsby": 5e-3, "prompt": 3e-2}
+
+
 def build(name: str, rank: int = 8, prefix_length: int = 8) -> method_lib.Method:
     """The adapter methods this example offers: ``"lora"`` (q, v), ``"prefix"``, ``"ia3"``,
     ``"houlsby"``, ``"prompt"``."""
@@ -99,9 +103,10 @@ def _fit(f, params, delta, ids, mask, *, steps, lr, batch, seed, method=None):
 
 
 def run(method_name: str = "lora", *, base_steps: int = 300, steps: int = 200, length: int = 48,
-        batch: int = 32, new_tokens: int = 24, seed: int = 0,
+        batch: int = 32, new_tokens: int = 24, lr: float | None = None, seed: int = 0,
         log: Callable[[str], None] = print) -> Result:
-    """The example (module docstring); returns the losses and the continuations."""
+    """The example (module docstring); returns the losses and the continuations. ``lr``: the
+    adapter's peak learning rate (default :data:`LR` of the method)."""
     import jpeft
     from jpeft.data.movies import load_movie_reviews
     from jpeft.models.llama import LlamaConfig, LlamaForCausalLM, generate
@@ -129,17 +134,18 @@ def run(method_name: str = "lora", *, base_steps: int = 300, steps: int = 200, l
     # 2. the adapter, trained on the positive sentences only
     sites = sites_lib.probe(apply, params, pos_ids[:2], pos_mask[:2])
     method = build(method_name)
+    lr = LR[method_name] if lr is None else lr
     delta = method.init(jax.random.key(seed + 1), params, sites)
     f = jax.jit(jpeft.wrap(apply, method, sites))
     loss = jax.jit(lambda d, i, m: _lm_loss(f(params, d, i, m), i, m))
     eval_ids, eval_mask = pos_ids[-256:], pos_mask[-256:]
     base_loss = float(jax.jit(lambda i, m: _lm_loss(apply(params, i, m), i, m))(eval_ids,
                                                                                 eval_mask))
-    delta = _fit(f, params, delta, pos_ids[:-256], pos_mask[:-256], steps=steps, lr=5e-3,
+    delta = _fit(f, params, delta, pos_ids[:-256], pos_mask[:-256], steps=steps, lr=lr,
                  batch=batch, seed=seed + 1, method=method)
     adapted_loss = float(loss(delta, eval_ids, eval_mask))
     trainable = tree_lib.num_params(delta)
-    log(f"{method_name}: {trainable:,} trainable parameters, {steps} steps on {len(pos) - 256} "
+    log(f"{method_name}: {trainable:,} trainable parameters, {steps} steps (lr {lr:g}) on {len(pos) - 256} "
         f"positive sentences; held-out positive sentences, loss per byte: base "
         f"{base_loss:.3f} -> adapted {adapted_loss:.3f}")
 
