@@ -347,8 +347,8 @@ def _fmt(x: float | None, spec: str) -> str:
 # JAX side
 
 
-def _jax_prepare(name: str, spec: Row, env: BatchEnv, run_steps: int
-                 ) -> tuple[dict[str, Any], Callable[[], float]]:
+def _jax_prepare(name: str, spec: Row, env: BatchEnv, run_steps: int,
+                 skip_nonfinite: bool = True) -> tuple[dict[str, Any], Callable[[], float]]:
     """Compile the jpeft train step of one configuration (the preset's main stage, its method's
     penalty and optimizer wrapper folded in): ``(row, run_step)``. ``run_steps``: how many updates
     the benchmark will run (AdaLoRA's schedule is sized from it)."""
@@ -369,7 +369,8 @@ def _jax_prepare(name: str, spec: Row, env: BatchEnv, run_steps: int
     opt = optax.adamw(LR, weight_decay=WEIGHT_DECAY)
     delta = presets.start_delta(stage, state, method, env)
     opt_state = jpeft.init_opt_state(opt, delta, method=method)
-    step = jpeft.make_train_step(loss_fn, opt, method=method, donate=True)
+    step = jpeft.make_train_step(loss_fn, opt, method=method, donate=True,
+                                 skip_nonfinite=skip_nonfinite)
     key = jax.random.key(2)
 
     trainable = jpeft.trainable_count(delta, method)   # SparseAdapter: kept entries only
@@ -422,6 +423,10 @@ def _jax_prepare(name: str, spec: Row, env: BatchEnv, run_steps: int
 
     return row, run_step
 
+
+#: Configurations also timed without the non-finite check of the train step
+#: (``make_train_step(skip_nonfinite=False)``), interleaved with the checked step: its cost.
+GUARD_COST = ("full", "lora_qv", "lora_all_linear")
 
 #: Configurations whose inference forward is measured: LoRA (mergeable: base, merged, factored)
 #: and the additive and hybrid methods (factored only, except IA3, which merges).
@@ -664,6 +669,11 @@ def _checks(train: dict[str, dict], inference: list[dict]) -> list[dict[str, Any
             ok = r["torch_trainable_params_excl_pooler"] == r["trainable_params"]
             out.append({"check": f"{name} torch trainable params (excl. pooler) == jax trainable",
                         "value": None, "passed": ok})
+    for name, r in train.items():
+        if r.get("guard_time_ratio") is not None:
+            out.append({"check": f"{name}: skipping non-finite steps costs < 2% (step time with "
+                                 f"the check / without, interleaved)",
+                        "value": r["guard_time_ratio"], "passed": r["guard_time_ratio"] < 1.02})
     by = {}
     for r in inference:
         by.setdefault(r["config"], {})[r["form"]] = r
@@ -757,6 +767,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[{name}] jax: compile", flush=True)
         row, jax_step = _jax_prepare(name, spec, env, run_steps)
         runners = {"jax": jax_step}
+        if name in GUARD_COST:
+            unguarded, runners["jax_unguarded"] = _jax_prepare(name, spec, env, run_steps,
+                                                               skip_nonfinite=False)
+            row["unguarded_flops"] = unguarded["flops"]
         finish = None
         row["torch_config"] = spec.torch if use_torch else None
         if use_torch and spec.torch is not None:
@@ -766,6 +780,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[{name}] {' + '.join(runners)}: {args.warmup} warm-up + {args.steps} timed steps"
               + (" each, alternating" if len(runners) > 1 else ""), flush=True)
         row.update(_timed(args.steps, args.warmup, runners))
+        if "jax_unguarded" in runners:
+            row["guard_time_ratio"] = row["jax_step_ms"] / row["jax_unguarded_step_ms"]
+            row["guard_flops_ratio"] = row["flops"] / row["unguarded_flops"]
         if finish is not None:
             row.update(finish())
             row["jax_over_torch"] = row["jax_step_ms"] / row["torch_step_ms"]

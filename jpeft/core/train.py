@@ -5,6 +5,12 @@ alone (``argnums`` of the delta), so no gradient is ever formed for a frozen wei
 optimizer's state exists only for the delta. The step is a pure function,
 ``(params, delta, opt_state, batch, key) -> (delta, opt_state, metrics)``, jit-compiled with the
 delta's and the optimizer state's buffers donated.
+
+A step whose loss or gradients are not all finite is skipped: the delta and the optimizer state
+come out exactly as they went in (``jax.lax.cond``, so nothing is computed from the bad
+gradients), ``metrics["skipped"]`` is true, and :class:`TrainStep` counts skips in a row and in
+total, raising :class:`NonFiniteError` (carrying the last good delta and optimizer state) after
+``max_skips_in_row`` in a row.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ from __future__ import annotations
 from typing import Any, Callable, Mapping
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from jpeft.core import method as method_lib
@@ -43,10 +50,69 @@ def method_optimizer(method: method_lib.Method | None,
     return method.optimizer(optimizer)
 
 
+class NonFiniteError(FloatingPointError):
+    """Too many train steps in a row had a non-finite loss or gradient. ``delta`` and
+    ``opt_state`` are the last good ones (every skipped step left them unchanged); ``metrics`` the
+    last step's."""
+
+    def __init__(self, message: str, delta: Any, opt_state: Any, metrics: Mapping[str, Any]):
+        super().__init__(message)
+        self.delta, self.opt_state, self.metrics = delta, opt_state, metrics
+
+
+def all_finite(loss: Any, grads: Any) -> jax.Array:
+    """Whether ``loss`` and every entry of ``grads`` are finite (a scalar bool)."""
+    ok = jnp.all(jnp.isfinite(loss))
+    for g in jax.tree_util.tree_leaves(grads):
+        if jnp.issubdtype(g.dtype, jnp.inexact):
+            ok = ok & jnp.all(jnp.isfinite(g))
+    return ok
+
+
+class TrainStep:
+    """The compiled step with host-side counts of skipped steps.
+
+    ``step(params, delta, opt_state, batch, key) -> (delta, opt_state, metrics)``; with skipping on,
+    ``metrics`` also holds ``"skipped_in_row"`` and ``"skipped_total"`` (ints), and the call raises
+    :class:`NonFiniteError` once ``max_skips_in_row`` steps in a row were skipped. Reading the
+    skip flag waits for the step to finish (as reading the loss does). ``step.jitted`` is the
+    ``jax.jit`` function (``step.lower(...)`` lowers it).
+    """
+
+    def __init__(self, jitted: Callable, skip_nonfinite: bool, max_skips_in_row: int | None):
+        self.jitted = jitted
+        self.skip_nonfinite = skip_nonfinite
+        self.max_skips_in_row = max_skips_in_row
+        self.skipped_in_row = 0
+        self.skipped_total = 0
+
+    def lower(self, *args, **kwargs):
+        return self.jitted.lower(*args, **kwargs)
+
+    def __call__(self, params, delta, opt_state, batch, key):
+        delta, opt_state, metrics = self.jitted(params, delta, opt_state, batch, key)
+        if not self.skip_nonfinite:
+            return delta, opt_state, metrics
+        skipped = bool(metrics["skipped"])
+        self.skipped_in_row = self.skipped_in_row + 1 if skipped else 0
+        self.skipped_total += skipped
+        metrics = {**metrics, "skipped_in_row": self.skipped_in_row,
+                   "skipped_total": self.skipped_total}
+        if self.max_skips_in_row is not None and self.skipped_in_row >= self.max_skips_in_row:
+            raise NonFiniteError(
+                f"{self.skipped_in_row} train steps in a row had a non-finite loss or gradient "
+                f"(last loss {float(metrics['loss'])}); each was skipped, the delta and optimizer "
+                f"state are those of the last good step (on this error: .delta, .opt_state). Look "
+                f"for NaN/inf in the data, a learning rate that diverges, or a low-precision "
+                f"overflow", delta, opt_state, metrics)
+        return delta, opt_state, metrics
+
+
 def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
                     method: method_lib.Method | None = None, donate: bool = True,
+                    skip_nonfinite: bool = True, max_skips_in_row: int | None = 10,
                     param_shardings: Any = None, delta_shardings: Any = None,
-                    opt_state_shardings: Any = None, batch_shardings: Any = None):
+                    opt_state_shardings: Any = None, batch_shardings: Any = None) -> TrainStep:
     """A jit-compiled train step that differentiates ``loss_fn`` with respect to the delta only.
 
     Args:
@@ -58,14 +124,22 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
         ``optimizer`` (:func:`method_optimizer`; give the same ``method`` to
         :func:`init_opt_state`).
       donate: donate the delta and optimizer-state buffers (updated in place on accelerators).
+      skip_nonfinite: skip a step whose loss or gradients are not all finite (module docstring);
+        ``metrics["skipped"]`` says whether it was.
+      max_skips_in_row: raise :class:`NonFiniteError` after this many skipped steps in a row
+        (``None``: never).
       param_shardings, delta_shardings, opt_state_shardings, batch_shardings: optional explicit
         shardings; when given, the step is compiled with them as ``in_shardings``/``out_shardings``
         (the key and the metrics are replicated).
 
     Returns:
-      ``step(params, delta, opt_state, batch, key) -> (delta, opt_state, metrics)`` where ``metrics``
-      has ``"loss"`` and everything the loss function returned.
+      a :class:`TrainStep`: ``step(params, delta, opt_state, batch, key) -> (delta, opt_state,
+      metrics)`` where ``metrics`` has ``"loss"``, everything the loss function returned, and the
+      skip counts.
     """
+    if max_skips_in_row is not None and max_skips_in_row < 1:
+        raise ValueError(f"make_train_step: max_skips_in_row must be >= 1 or None, got "
+                         f"{max_skips_in_row}")
     optimizer = method_optimizer(method, optimizer)
     penalty = None if method is None else method.penalty
 
@@ -77,9 +151,16 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
                 loss = loss + aux["penalty"]
             return loss, aux
         (loss, aux), grads = jax.value_and_grad(objective, has_aux=True)(delta)
-        updates, opt_state = optimizer.update(grads, opt_state, delta)
-        delta = optax.apply_updates(delta, updates)
-        return delta, opt_state, {"loss": loss, **aux}
+
+        def update(_):
+            updates, new_state = optimizer.update(grads, opt_state, delta)
+            return optax.apply_updates(delta, updates), new_state
+        if not skip_nonfinite:
+            new_delta, new_state = update(None)
+            return new_delta, new_state, {"loss": loss, **aux}
+        finite = all_finite(loss, grads)
+        new_delta, new_state = jax.lax.cond(finite, update, lambda _: (delta, opt_state), None)
+        return new_delta, new_state, {"loss": loss, **aux, "skipped": ~finite}
 
     kwargs: dict = {}
     if donate:
@@ -92,7 +173,7 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
         kwargs["in_shardings"] = (param_shardings, delta_shardings, opt_state_shardings,
                                   batch_shardings, None)
         kwargs["out_shardings"] = (delta_shardings, opt_state_shardings, None)
-    return jax.jit(step, **kwargs)
+    return TrainStep(jax.jit(step, **kwargs), skip_nonfinite, max_skips_in_row)
 
 
 def init_opt_state(optimizer: optax.GradientTransformation, delta: Any,

@@ -42,6 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jpeft.core import checks
 from jpeft.core import contraction
 from jpeft.core import method as method_lib
 from jpeft.core import paths as paths_lib
@@ -78,8 +79,12 @@ def adalora(targets: paths_lib.Targets | str = ("query", "value"), init_r: int =
     slice of a stacked weight is a matrix of its own, with its own triplets. Merge is exact:
     ``W0 + s * (P * lam) . Q``. Needs the model's sites (:func:`jpeft.probe`).
     """
-    if not isinstance(init_r, int) or isinstance(init_r, bool) or init_r < 1:
-        raise ValueError(f"adalora: init_r must be a positive integer, got {init_r!r}")
+    checks.positive_int("adalora", "init_r", init_r)
+    checks.positive("adalora", "alpha", alpha)
+    checks.positive("adalora", "init_std", init_std)
+    checks.non_negative("adalora", "orth_reg_weight", orth_reg_weight)
+    checks.unit_interval("adalora", "beta1", beta1)
+    checks.unit_interval("adalora", "beta2", beta2)
     s = alpha / init_r
     sel, all_linear = lora_lib.selection(targets, layers_to_transform=layers_to_transform,
                                          layers_pattern=layers_pattern, exclude=exclude)
@@ -159,7 +164,7 @@ def adalora(targets: paths_lib.Targets | str = ("query", "value"), init_r: int =
     orthogonality_penalty_args = dict(weight=orth_reg_weight, convention=orth_convention)
     if orth_convention not in ("paper", "hf"):
         raise ValueError(f"adalora: orth_convention must be 'paper' or 'hf', got {orth_convention!r}")
-    config = {"method": "adalora", "targets": targets, "init_r": init_r, "alpha": alpha,
+    config = {"method": "adalora", "targets": targets, "init_r": init_r, "alpha": float(alpha),
               "layers_to_transform": layers_to_transform,
               "layers_pattern": layers_pattern, "exclude": exclude, "init_std": init_std,
               "target_r": target_r, "total_steps": total_steps, "t_init": t_init,
@@ -301,8 +306,8 @@ def adalora_optimizer(inner: optax.GradientTransformation, *, total_steps: int,
     ``update(grads, state, params)`` needs ``params`` (the current delta). Only the AdaLoRA triplets
     of the delta take part; other parts of a composed delta pass through ``inner`` unchanged.
     """
-    if not 0.0 <= beta1 < 1.0 or not 0.0 <= beta2 < 1.0:
-        raise ValueError(f"adalora: beta1, beta2 must be in [0, 1), got {beta1}, {beta2}")
+    checks.unit_interval("adalora", "beta1", beta1)
+    checks.unit_interval("adalora", "beta2", beta2)
 
     def schedule_for(delta):
         n = sum(int(np.prod(t[E_NAME].shape[:-1])) for t in triplets(delta).values())

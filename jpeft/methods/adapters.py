@@ -49,6 +49,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jpeft.core import checks
 from jpeft.core import gates as gates_lib
 from jpeft.core import marks as marks_lib
 from jpeft.core import method as method_lib
@@ -218,11 +219,12 @@ def bottleneck(placements: Sequence[Placement] = (FFN_SEQUENTIAL,), *,
     if activation not in ACTIVATIONS:
         raise ValueError(f"{name}: activation must be one of {sorted(ACTIVATIONS)}, got "
                          f"{activation!r}")
-    if not (scaling == "learned" or isinstance(scaling, (int, float))):
-        raise ValueError(f"{name}: scaling must be a number or 'learned', got {scaling!r}")
-    if bottleneck_size is None and (not isinstance(reduction_factor, int) or reduction_factor < 1):
-        raise ValueError(f"{name}: reduction_factor must be a positive int, got "
-                         f"{reduction_factor!r}")
+    if scaling != "learned":
+        checks.positive(name, "scaling (a number or 'learned')", scaling)
+    if bottleneck_size is None:
+        checks.positive_int(name, "reduction_factor", reduction_factor)
+    else:
+        checks.positive_int(name, "bottleneck_size", bottleneck_size)
     placements = tuple(placements)
     if not placements:
         raise ValueError(f"{name}: no placements")

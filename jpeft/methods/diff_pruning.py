@@ -44,6 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
+from jpeft.core import checks
 from jpeft.core import method as method_lib
 from jpeft.core import paths as paths_lib
 from jpeft.core import sites as sites_lib
@@ -176,6 +177,8 @@ def diff_pruning(targets: paths_lib.Targets = None, *, structured: bool = False,
     The forward pass always materialises ``W + z * w`` (the gates of every entry change at every
     step, so there is no cheaper factored form).
     """
+    checks.non_negative(name, "lam", lam)
+    checks.finite(name, "alpha_init", alpha_init)
     if not (l < 0.0 and r > 1.0):
         raise ValueError(f"diff_pruning: the stretch interval needs l < 0 and r > 1, got l={l}, r={r}")
     sel = paths_lib.Selection(targets=targets, leaf_names=leaf_names,

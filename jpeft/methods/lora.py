@@ -42,6 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jpeft.core import checks
 from jpeft.core import contraction
 from jpeft.core import gates as gates_lib
 from jpeft.core import method as method_lib
@@ -207,10 +208,9 @@ def lora(targets: paths_lib.Targets | str = ("query", "value"), rank: int = 8, a
 
     ``init``, ``merge`` and the factored forward need the model's sites (:func:`jpeft.probe`).
     """
-    if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
-        raise ValueError(f"lora: rank must be a positive integer, got {rank!r}")
-    if not 0.0 <= dropout < 1.0:
-        raise ValueError(f"lora: dropout must be in [0, 1), got {dropout}")
+    checks.positive_int("lora", "rank", rank)
+    checks.positive("lora", "alpha", alpha)
+    checks.unit_interval("lora", "dropout", dropout)
     if init not in ("kaiming", "gaussian"):
         raise ValueError(f"lora: init must be 'kaiming' or 'gaussian', got {init!r}")
     s = scaling(rank, alpha, use_rslora)
@@ -298,7 +298,7 @@ def lora(targets: paths_lib.Targets | str = ("query", "value"), rank: int = 8, a
             path: sites_lib.ContractionEdit(dict(zip(names, f)), edit_fn)
             for path, f in factors(params, delta, sites).items()})
 
-    config = {"method": "lora", "targets": targets, "rank": rank, "alpha": alpha,
+    config = {"method": "lora", "targets": targets, "rank": rank, "alpha": float(alpha),
               "use_rslora": use_rslora, "dropout": dropout, "init": init,
               "layers_to_transform": layers_to_transform, "layers_pattern": layers_pattern,
               "exclude": exclude, "scaling": s, "gate": gate}

@@ -47,6 +47,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from jpeft.core import checks
 from jpeft.core import gates as gates_lib
 from jpeft.core import method as method_lib
 from jpeft.core import paths as paths_lib
@@ -151,11 +152,11 @@ def prefix_tuning(num_virtual_tokens: int = 20, targets: paths_lib.Targets = Non
       token_dim: the embedding width ``d`` (default: ``N * D`` of the first attention).
       scale: the attention's score scale (default ``1/sqrt(D)``, as jpeft's models).
     """
-    if not isinstance(num_virtual_tokens, int) or num_virtual_tokens < 1:
-        raise ValueError(f"{name}: num_virtual_tokens must be a positive int, got "
-                         f"{num_virtual_tokens!r}")
-    if reparametrize and hidden_size < 1:
-        raise ValueError(f"{name}: hidden_size must be >= 1, got {hidden_size}")
+    checks.positive_int(name, "num_virtual_tokens", num_virtual_tokens)
+    if reparametrize:
+        checks.positive_int(name, "hidden_size", hidden_size)
+    if scale is not None:
+        checks.positive(name, "scale", scale)
     l = num_virtual_tokens
 
     def found(sites):

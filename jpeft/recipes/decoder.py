@@ -48,8 +48,10 @@ def decode(ids) -> str:
     return bytes(int(i) for i in ids if int(i) < 256).decode("utf-8", "replace")
 
 
-#: The peak learning rate of each method's adapter training (``run(lr=None)``).
-LR = {"lora": 5e-3, "prefix": 5e-3, "ia3": 1e-2, "houlsby": 5e-3, "prompt": 3e-2}
+#: The peak learning rate of each method's adapter training (``run(lr=None)``). Prefix: swept over
+#: 5e-3 .. 0.3 on the defaults; held-out loss 2.171 -> 2.175 (5e-3), 2.169 (2e-2), 2.166 (5e-2),
+#: 2.1645 (0.1), 2.1647 (0.3); reparametrised (MLP 64): 2.166 at 5e-3 and 2e-2. LoRA: 2.150.
+LR = {"lora": 5e-3, "prefix": 1e-1, "ia3": 1e-2, "houlsby": 5e-3, "prompt": 3e-2}
 
 
 def build(name: str, rank: int = 8, prefix_length: int = 8) -> method_lib.Method:

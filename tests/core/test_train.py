@@ -41,7 +41,8 @@ def test_step_changes_only_the_delta(lora_head):
     step = jpeft.make_train_step(_loss(model, method), opt)
     new_delta, _, metrics = step(variables, delta, jpeft.init_opt_state(opt, delta), batch,
                                  jax.random.key(1))
-    assert set(metrics) == {"loss", "accuracy"}
+    assert set(metrics) == {"loss", "accuracy", "skipped", "skipped_in_row", "skipped_total"}
+    assert not metrics["skipped"] and metrics["skipped_total"] == 0
     jax.tree.map(np.testing.assert_array_equal, variables, before_params)
     changed = jax.tree.map(lambda a, b: bool(np.any(np.asarray(a) != b)), new_delta, before_delta)
     assert changed["head"]["params"]["classifier"]["kernel"]
@@ -115,3 +116,83 @@ def test_method_training_additions_are_folded_in(tiny_bert, tiny_batch, tiny_sit
     assert sum(ada.rank_pattern(d).values()) == 2 * 2       # the final budget: target_r per matrix
     with pytest.raises(ValueError, match="needs total_steps"):
         jpeft.init_opt_state(opt, delta, method=jpeft.adalora(("query",)))
+
+
+# --------------------------------------------------------------------------------------------
+# Non-finite steps are skipped
+
+W0 = np.linspace(-1, 1, 24, dtype=np.float32).reshape(6, 4)
+
+
+def _ls_loss(params, delta, batch, key):
+    del key
+    pred = batch["x"] @ (params["w"] + delta["w"])
+    # a finite loss (+ 0) with a NaN gradient when batch["root"] is 1: d sqrt(0 * w)/dw = inf * 0
+    root = batch["root"]
+    return jnp.mean((pred - batch["y"]) ** 2) + root * jnp.sqrt(jnp.sum(delta["w"] * 0.0) + 1 - root)
+
+
+def _ls_batch(i, bad=None):
+    r = np.random.default_rng(i)
+    x, y = r.normal(size=(8, 6)).astype(np.float32), r.normal(size=(8, 4)).astype(np.float32)
+    root = np.float32(0)
+    if bad == "nan_input":
+        x[3, 2] = np.nan
+    elif bad == "inf_target":
+        y[0, 0] = np.inf
+    elif bad == "nan_gradient":
+        root = np.float32(1)
+    return {"x": x, "y": y, "root": root}
+
+
+def _ls_run(batches, **kw):
+    opt = optax.adam(1e-1)
+    step = jpeft.make_train_step(_ls_loss, opt, **kw)
+    delta = {"w": np.zeros((6, 4), np.float32)}
+    state = jpeft.init_opt_state(opt, delta)
+    seen = []
+    for i, b in enumerate(batches):
+        delta, state, m = step({"w": W0}, delta, state, b, jax.random.key(i))
+        seen.append((bool(m["skipped"]), m["skipped_in_row"], m["skipped_total"]))
+    return jax.tree.map(np.asarray, delta), jax.tree.map(np.asarray, state), seen
+
+
+@pytest.mark.parametrize("bad", ["nan_input", "inf_target", "nan_gradient"])
+def test_a_non_finite_step_is_skipped_exactly(bad):
+    """A bad batch in the middle (NaN input, inf target, finite loss with a NaN gradient) changes
+    nothing: the run equals the run without it, bit for bit, delta and optimizer state, with the
+    default buffer donation; the skip is counted."""
+    good = [_ls_batch(i) for i in range(4)]
+    with_bad = good[:2] + [_ls_batch(9, bad)] + good[2:]
+    d1, s1, seen = _ls_run(with_bad)
+    d0, s0, _ = _ls_run(good)
+    jax.tree.map(np.testing.assert_array_equal, d1, d0)
+    jax.tree.map(np.testing.assert_array_equal, s1, s0)
+    assert [x[0] for x in seen] == [False, False, True, False, False]
+    assert seen[2][1:] == (1, 1) and seen[-1][1:] == (0, 1)
+    assert np.all(d1["w"] != 0)                       # the good steps trained
+
+
+def test_too_many_skips_in_a_row_stop_with_the_last_good_state():
+    good = [_ls_batch(i) for i in range(2)]
+    bad = [_ls_batch(9, "nan_input")] * 3
+    d_good, s_good, _ = _ls_run(good)
+    with pytest.raises(jpeft.NonFiniteError,
+                       match="3 train steps in a row had a non-finite loss or gradient") as e:
+        _ls_run(good + bad, max_skips_in_row=3)
+    jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, e.value.delta), d_good)
+    jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, e.value.opt_state),
+                 s_good)
+    _, _, seen = _ls_run(good + bad[:2] + good, max_skips_in_row=3)      # 2 in a row: goes on
+    assert [x[2] for x in seen] == [0, 0, 1, 2, 2, 2]
+    with pytest.raises(ValueError, match="max_skips_in_row must be >= 1 or None, got 0"):
+        jpeft.make_train_step(_ls_loss, optax.adam(1e-1), max_skips_in_row=0)
+
+
+def test_skipping_off_lets_the_nan_through():
+    opt = optax.adam(1e-1)
+    step = jpeft.make_train_step(_ls_loss, opt, skip_nonfinite=False)
+    delta = {"w": np.zeros((6, 4), np.float32)}
+    delta, _, m = step({"w": W0}, delta, jpeft.init_opt_state(opt, delta),
+                       _ls_batch(0, "nan_input"), jax.random.key(0))
+    assert "skipped" not in m and np.all(np.isnan(np.asarray(delta["w"])))
