@@ -42,6 +42,7 @@ from jpeft.methods.prefix import prefix_tuning
 from jpeft.methods.prompt import prompt_tuning
 from jpeft.methods.sparse_adapter import sparse_adapter
 from jpeft.methods.unipelt import unipelt
+from jpeft.saving import Loaded, load, save
 
 __version__ = "0.1.0"
 
@@ -56,7 +57,7 @@ __all__ = [
     "combine", "compose", "delta_shardings", "init_opt_state", "make_train_step", "mark",
     "method_optimizer", "num_bytes", "num_params", "observe", "opt_state_shardings",
     "param_report", "partition", "probe", "select", "shard_by_rules", "shardings_of", "split",
-    "trainable_count", "NonFiniteError", "TrainStep",
+    "trainable_count", "NonFiniteError", "TrainStep", "load", "save", "Loaded",
     "wrap",
     # types and namespaces
     "Context", "Contraction", "Method", "ParamReport", "Selection", "Sites", "checkpoint",

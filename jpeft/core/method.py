@@ -74,6 +74,9 @@ class Method(NamedTuple):
       trainable: ``delta -> int``, the entries of ``delta`` training can change, for a method
         whose delta holds entries fixed at zero (SparseAdapter's pruned weights); ``None`` when
         every entry is trainable. :func:`jpeft.param_report` counts with it.
+      data: arrays that define the method beyond its ``config`` (FAR's column indices, a sparse
+        method's entry indices), ``None`` for most methods. :func:`jpeft.save` stores them next to
+        the delta and :func:`jpeft.methods.from_config` ``(config, data)`` rebuilds the method.
     """
     name: str
     init: Callable[..., Delta]
@@ -86,6 +89,7 @@ class Method(NamedTuple):
     penalty: Callable[[Delta], Any] | None = None
     optimizer: Callable[[Any], Any] | None = None
     trainable: Callable[[Delta], int] | None = None
+    data: Any = None
 
 
 def merge_edits(merge: Callable[..., Params]):
@@ -278,6 +282,7 @@ def compose(**methods: Method) -> Method:
         return inner
 
     counted = any(methods[n].trainable is not None for n in names)
+    data = {n: methods[n].data for n in names if methods[n].data is not None}
 
     def trainable(delta):
         return sum(tree_lib.trainable_count(delta[n], methods[n]) for n in names)
@@ -288,4 +293,4 @@ def compose(**methods: Method) -> Method:
         shardings=shardings, labels=labels,
         config={"compose": {n: methods[n].config for n in names}},
         penalty=penalty if penalised else None, optimizer=optimizer if wrappers else None,
-        trainable=trainable if counted else None)
+        trainable=trainable if counted else None, data=data or None)

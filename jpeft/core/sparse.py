@@ -562,7 +562,7 @@ def sparse_finetune(indices: Any, *, name: str = "sparse") -> method_lib.Method:
     return method_lib.Method(
         name=name, init=init, merge=merge_fn, unmerge=unmerge_fn, edits=edits,
         shardings=lambda ps, d, sites=None: _replicated_like(ps, d, 0),
-        labels=method_lib.constant_labels(name), config=config)
+        labels=method_lib.constant_labels(name), config=config, data=indices)
 
 
 def stored_method(*, name: str = "sparse") -> method_lib.Method:

@@ -7,17 +7,17 @@ from typing import Any, Callable
 
 from jpeft.core import method as method_lib
 
-#: Methods whose config holds data rather than hyper-parameters (selected columns or entries):
-#: they are rebuilt from their stored form, not from the config alone.
-_DATA = {
-    "far": "FAR's columns are data: restore the stored form and rebuild with "
-           "far(*far_unpack(stored)) (jpeft.methods.far)",
-    "sparse": "the sparse entries are data: restore the stored form and run it with "
-              "jpeft.sparse.stored_method()",
-    "fishmask": "FishMask's mask is data: restore the stored form and run it with "
-                "jpeft.sparse.stored_method()",
-    "sparse_stored": "rebuild with jpeft.sparse.stored_method()",
-}
+#: Methods defined by data as well as hyper-parameters (``method.data``: selected columns or
+#: entries): rebuilt by ``from_config(config, data)``.
+def _data_factories() -> dict[str, Callable[[dict, Any], method_lib.Method]]:
+    from jpeft.core import sparse
+    from jpeft.methods import far, fishmask
+    return {
+        "far": lambda c, d: far.far(d, train_bias=c["train_bias"], bias_name=c["bias_name"],
+                                    name=c.get("name", "far")),
+        "sparse": lambda c, d: sparse.sparse_finetune(d, name=c["name"]),
+        "fishmask": lambda c, d: fishmask.fishmask(d, name=c["name"]),
+    }
 
 
 def _factories() -> dict[str, Callable[[dict], method_lib.Method]]:
@@ -37,18 +37,29 @@ def _factories() -> dict[str, Callable[[dict], method_lib.Method]]:
     }
 
 
-def from_config(config: dict[str, Any]) -> method_lib.Method:
-    """The method ``config`` describes (``compose`` configs part by part).
+def from_config(config: dict[str, Any], data: Any = None) -> method_lib.Method:
+    """The method ``config`` (``method.config``) describes, with ``data`` (``method.data``) for the
+    methods defined by data (FAR's columns, sparse and FishMask entries); ``compose`` configs part
+    by part (``data``: ``{part: data}`` for the parts that have some).
 
     Raises:
-      ValueError: an unknown method, or one whose selection is data (FAR, sparse, FishMask), with
-        how to rebuild it.
+      ValueError: an unknown method, or a data-defined one without its ``data``.
     """
     if "compose" in config:
-        return method_lib.compose(**{n: from_config(c) for n, c in config["compose"].items()})
+        data = data or {}
+        return method_lib.compose(**{n: from_config(c, data.get(n))
+                                     for n, c in config["compose"].items()})
     kind = config.get("method")
-    if kind in _DATA:
-        raise ValueError(f"from_config: {kind!r} cannot be rebuilt from its config: {_DATA[kind]}")
+    with_data = _data_factories()
+    if kind in with_data:
+        if data is None:
+            raise ValueError(f"from_config: {kind!r} is defined by data (method.data: its "
+                             f"selected {'columns' if kind == 'far' else 'entries'}) as well as its "
+                             f"config: pass from_config(config, data), or load it with jpeft.load")
+        return with_data[kind](config, data)
+    if kind == "sparse_stored":
+        from jpeft.core import sparse
+        return sparse.stored_method(name=config["name"])
     factories = _factories()
     if kind not in factories:
         raise ValueError(f"from_config: unknown method {kind!r}; known: {sorted(factories)}")

@@ -746,11 +746,12 @@ def far(columns: Any, *, train_bias: bool = True, bias_name: str = "bias",
             return NamedSharding(base.mesh, PartitionSpec(*spec[:n_stack], None))
         return jax.tree_util.tree_map_with_path(one, delta)
 
-    config = {"method": "far", "train_bias": train_bias, "bias_name": bias_name,
+    config = {"method": "far", "name": name, "train_bias": train_bias, "bias_name": bias_name,
               "columns_kept": {paths_lib.path_str(p): int(c.size) for p, c in cols.items()}}
     return method_lib.Method(
         name=name, init=init, merge=merge, unmerge=unmerge, edits=edits,
-        shardings=shardings, labels=method_lib.constant_labels(name), config=config)
+        shardings=shardings, labels=method_lib.constant_labels(name), config=config,
+        data=paths_lib.unflatten(dict(cols)))
 
 
 # --------------------------------------------------------------------------------------------
