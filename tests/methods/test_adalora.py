@@ -199,3 +199,66 @@ def test_orthogonality_penalty_hugging_face_convention():
     assert float(got) == pytest.approx(0.5 * np.mean(norms), rel=1e-5)
     with pytest.raises(ValueError, match="convention"):
         ada.orthogonality_penalty(delta, convention="torch")
+
+
+def test_kept_triplets_are_the_highest_scoring_by_an_independent_numpy_allocator():
+    """Which triplets survive, step by step, against a numpy re-implementation of the paper's
+    allocator: EMAs ``I_bar = b1 I_bar + (1 - b1) |w g|``, ``U_bar = b2 U_bar + (1 - b2) |I - I_bar|``
+    (``I`` the step's sensitivity, ``I_bar`` the new EMA), score ``S_k = s(lam_k) + mean_i s(P_ik)
+    + mean_j s(Q_kj)`` with ``s = I_bar * U_bar``, the ``b(t)`` highest scores kept over all
+    matrices and slices (one unstacked and one layer-stacked weight), dropped ``lam`` zeroed."""
+    rng = np.random.default_rng(3)
+    r, T, ti, tf, b1, b2, lr = 4, 10, 2, 3, 0.85, 0.85, 0.01
+    shapes = {"m1": ((), 6, 5), "m2": ((2,), 3, 7)}         # (stack, in, out)
+    delta = {m: {"kernel": {"lora_A": rng.normal(size=s + (i, r)).astype(np.float32),
+                            "lora_E": rng.normal(size=s + (r,)).astype(np.float32),
+                            "lora_B": rng.normal(size=s + (r, o)).astype(np.float32)}}
+             for m, (s, i, o) in shapes.items()}
+    opt = ada.adalora_optimizer(optax.sgd(lr), total_steps=T, init_r=r, target_r=2,
+                                    t_init=ti, t_final=tf, delta_t=1, beta1=b1, beta2=b2)
+    state = opt.init(delta)
+    d = jax.tree.map(np.asarray, delta)
+    ref = jax.tree.map(np.array, delta)
+    ipt = jax.tree.map(np.zeros_like, ref)
+    unc = jax.tree.map(np.zeros_like, ref)
+    n_mats, kept_counts = 1 + 2, []
+    for t in range(1, T + 1):
+        grads = jax.tree.map(lambda x: rng.normal(size=x.shape).astype(np.float32), ref)
+        updates, state = opt.update(grads, state, d)
+        d = jax.tree.map(np.asarray, optax.apply_updates(d, updates))
+        # numpy allocator
+        if t <= T - tf:
+            for m in ref:
+                for n in ("lora_A", "lora_E", "lora_B"):
+                    now = np.abs(ref[m]["kernel"][n] * grads[m]["kernel"][n])
+                    ipt[m]["kernel"][n] = b1 * ipt[m]["kernel"][n] + (1 - b1) * now
+                    unc[m]["kernel"][n] = (b2 * unc[m]["kernel"][n]
+                                           + (1 - b2) * np.abs(now - ipt[m]["kernel"][n]))
+        s = {m: {n: ipt[m]["kernel"][n] * unc[m]["kernel"][n] for n in ipt[m]["kernel"]}
+             for m in ref}
+        scores = {m: s[m]["lora_E"] + s[m]["lora_A"].mean(-2) + s[m]["lora_B"].mean(-1)
+                  for m in ref}
+        b0, bT = r * n_mats, 2 * n_mats
+        frac = 1 - (t - ti) / (T - ti - tf)
+        budget = b0 if t <= ti else bT if t >= T - tf else int(
+            np.floor((b0 - bT) * np.clip(frac, 0, 1) ** 3 + bT))
+        for m in ref:
+            ref[m]["kernel"] = {n: ref[m]["kernel"][n] - lr * grads[m]["kernel"][n]
+                                for n in ref[m]["kernel"]}
+        if ti < t <= T - tf:
+            flat = np.concatenate([scores[m].ravel() for m in ref])
+            cut = np.sort(flat)[::-1][budget - 1]
+            for m in ref:
+                keep = scores[m] >= cut
+                ref[m]["kernel"]["lora_E"] = np.where(keep, ref[m]["kernel"]["lora_E"], 0.0)
+                np.testing.assert_array_equal(np.asarray(state.pattern[f"{m}/kernel"]), keep)
+            kept_counts.append(int(sum((scores[m] >= cut).sum() for m in ref)))
+        elif t > T - tf:     # pattern frozen: the dropped triplets stay at zero
+            for m in ref:
+                keep = np.asarray(state.pattern[f"{m}/kernel"])
+                ref[m]["kernel"]["lora_E"] = np.where(keep, ref[m]["kernel"]["lora_E"], 0.0)
+        for m in ref:
+            for n in ("lora_A", "lora_E", "lora_B"):
+                np.testing.assert_allclose(d[m]["kernel"][n], ref[m]["kernel"][n], rtol=1e-5,
+                                           atol=1e-6, err_msg=f"step {t} {m} {n}")
+    assert kept_counts[0] < r * n_mats and kept_counts[-1] == 2 * n_mats
