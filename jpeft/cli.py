@@ -3,7 +3,7 @@
 ``python -m jpeft.cli demo [--method PRESET] [--steps N] [--set KEY=VALUE ...] ...`` runs a method
 preset (:mod:`jpeft.presets`) through the one recipe (:func:`jpeft.recipes.finetune.run`);
 ``python -m jpeft.cli presets`` lists the presets, their stages and options;
-``python -m jpeft.cli decoder [--method lora|prefix|ia3|houlsby|prompt]`` runs the decoder example
+``python -m jpeft.cli decoder [--method lora,prefix,ia3,houlsby,prompt]`` runs the decoder example
 (:mod:`jpeft.recipes.decoder`).
 """
 
@@ -78,9 +78,9 @@ def demo(args: argparse.Namespace, options: dict) -> int:
 
 def decoder_example(args: argparse.Namespace) -> int:
     from jpeft.recipes import decoder
-    r = decoder.run(args.method, base_steps=args.base_steps, steps=args.steps, lr=args.lr,
-                    seed=args.seed)
-    return 0 if np.isfinite(r.adapted_loss) else 1
+    results = decoder.run(args.method.split(","), base_steps=args.base_steps, steps=args.steps,
+                          lr=args.lr, seed=args.seed)
+    return 0 if all(np.isfinite(r.adapted_loss) for r in results.values()) else 1
 
 
 def list_presets() -> int:
@@ -135,7 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("decoder", help="a tiny byte-level decoder: base trained on negative "
                                        "reviews, an adapter on positive ones; generations before "
                                        "and after")
-    g.add_argument("--method", choices=sorted(LR), default="lora")
+    g.add_argument("--method", default="lora",
+                   help=f"one or several (comma-separated) of {', '.join(sorted(LR))}")
     g.add_argument("--steps", type=int, default=200, help="adapter training steps")
     g.add_argument("--base-steps", type=int, default=300, help="base model training steps")
     g.add_argument("--lr", type=float, default=None, help="adapter peak learning rate "

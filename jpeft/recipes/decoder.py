@@ -17,7 +17,7 @@ Everything is jitted; on a 2-core CPU the defaults take about a minute.
 from __future__ import annotations
 
 import time
-from typing import Any, Callable, NamedTuple
+from typing import Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -72,6 +72,9 @@ def build(name: str, rank: int = 8, prefix_length: int = 8) -> method_lib.Method
 
 
 class Result(NamedTuple):
+    """One method's outcome: held-out loss per byte under the base and adapted models, greedy
+    continuations of :data:`PROMPTS` before and after, trainable entries, seconds (its training,
+    evaluation and generation)."""
     base_loss: float
     adapted_loss: float
     before: list[str]
@@ -104,15 +107,19 @@ def _fit(f, params, delta, ids, mask, *, steps, lr, batch, seed, method=None):
     return delta
 
 
-def run(method_name: str = "lora", *, base_steps: int = 300, steps: int = 200, length: int = 48,
-        batch: int = 32, new_tokens: int = 24, lr: float | None = None, seed: int = 0,
-        log: Callable[[str], None] = print) -> Result:
-    """The example (module docstring); returns the losses and the continuations. ``lr``: the
-    adapter's peak learning rate (default :data:`LR` of the method)."""
+def run(methods: str | Sequence[str] = "lora", *, base_steps: int = 300, steps: int = 200,
+        length: int = 48, batch: int = 32, new_tokens: int = 24, lr: float | None = None,
+        seed: int = 0, log: Callable[[str], None] = print) -> dict[str, Result]:
+    """The example (module docstring) for one method or several (names of :func:`build`), all on
+    the same base; returns ``{name: Result}``. ``lr``: the adapters' peak learning rate (default
+    :data:`LR` of each method)."""
     import jpeft
     from jpeft.data.movies import load_movie_reviews
     from jpeft.models.llama import LlamaConfig, LlamaForCausalLM, generate
 
+    names = [methods] if isinstance(methods, str) else list(methods)
+    for name in names:
+        build(name)                          # an unknown name fails before anything trains
     t0 = time.perf_counter()
     texts, labels = load_movie_reviews()
     neg = [t for t, y in zip(texts, labels) if y == 0]
@@ -132,41 +139,43 @@ def run(method_name: str = "lora", *, base_steps: int = 300, steps: int = 200, l
     params = jax.jit(full.merge)(params, base_delta)
     log(f"base decoder: {tree_lib.num_params(params):,} parameters, trained {base_steps} steps on "
         f"{len(neg)} negative sentences")
-
-    # 2. the adapter, trained on the positive sentences only
     sites = sites_lib.probe(apply, params, pos_ids[:2], pos_mask[:2])
-    method = build(method_name)
-    lr = LR[method_name] if lr is None else lr
-    delta = method.init(jax.random.key(seed + 1), params, sites)
-    f = jax.jit(jpeft.wrap(apply, method, sites))
-    loss = jax.jit(lambda d, i, m: _lm_loss(f(params, d, i, m), i, m))
     eval_ids, eval_mask = pos_ids[-256:], pos_mask[-256:]
     base_loss = float(jax.jit(lambda i, m: _lm_loss(apply(params, i, m), i, m))(eval_ids,
                                                                                 eval_mask))
-    delta = _fit(f, params, delta, pos_ids[:-256], pos_mask[:-256], steps=steps, lr=lr,
-                 batch=batch, seed=seed + 1, method=method)
-    adapted_loss = float(loss(delta, eval_ids, eval_mask))
-    trainable = tree_lib.num_params(delta)
-    log(f"{method_name}: {trainable:,} trainable parameters, {steps} steps (lr {lr:g}) on {len(pos) - 256} "
-        f"positive sentences; held-out positive sentences, loss per byte: base "
-        f"{base_loss:.3f} -> adapted {adapted_loss:.3f}")
-
-    # 3. greedy continuations with the KV cache, before and after
     prompts, _ = encode(PROMPTS, max(len(p) for p in PROMPTS))
-    lens = [len(p) for p in PROMPTS]
     left = np.full_like(prompts, PAD)          # left-padded prompts: generation continues each
     lmask = np.zeros_like(prompts)
-    for i, n in enumerate(lens):
-        left[i, -n:], lmask[i, -n:] = prompts[i, :n], 1
+    for i, p in enumerate(PROMPTS):
+        left[i, -len(p):], lmask[i, -len(p):] = prompts[i, :len(p)], 1
     gen_apply, _ = jpeft.nnx.split(LlamaForCausalLM(config, rngs=nnx.Rngs(seed)),
                                    method=lambda m, x, k: generate(m, x, k, new_tokens,
                                                                    pad_token_id=PAD))
     plain = jax.jit(gen_apply)(params, left, lmask)
-    adapted = jax.jit(jpeft.wrap(gen_apply, method, sites))(params, delta, left, lmask)
     before = [decode(np.asarray(r)[-new_tokens:]) for r in plain]
-    after = [decode(np.asarray(r)[-new_tokens:]) for r in adapted]
-    for p, b, a in zip(PROMPTS, before, after):
-        log(f"  {p!r:16} base: {b!r}\n  {'':16} {method_name}: {a!r}")
-    seconds = time.perf_counter() - t0
-    log(f"total time {seconds:.1f} s")
-    return Result(base_loss, adapted_loss, before, after, trainable, seconds)
+
+    results = {}
+    for name in names:
+        # 2. the adapter, trained on the positive sentences only
+        t1 = time.perf_counter()
+        method = build(name)
+        rate = LR[name] if lr is None else lr
+        delta = method.init(jax.random.key(seed + 1), params, sites)
+        f = jax.jit(jpeft.wrap(apply, method, sites))
+        delta = _fit(f, params, delta, pos_ids[:-256], pos_mask[:-256], steps=steps, lr=rate,
+                     batch=batch, seed=seed + 1, method=method)
+        adapted_loss = float(jax.jit(lambda d, i, m: _lm_loss(f(params, d, i, m), i, m))(
+            delta, eval_ids, eval_mask))
+        trainable = tree_lib.num_params(delta)
+        log(f"{name}: {trainable:,} trainable parameters, {steps} steps (lr {rate:g}) on "
+            f"{len(pos) - 256} positive sentences; held-out positive sentences, loss per byte: "
+            f"base {base_loss:.3f} -> adapted {adapted_loss:.3f}")
+        # 3. greedy continuations with the KV cache, before and after
+        adapted = jax.jit(jpeft.wrap(gen_apply, method, sites))(params, delta, left, lmask)
+        after = [decode(np.asarray(r)[-new_tokens:]) for r in adapted]
+        for p, b, a in zip(PROMPTS, before, after):
+            log(f"  {p!r:16} base: {b!r}\n  {'':16} {name}: {a!r}")
+        results[name] = Result(base_loss, adapted_loss, before, after, trainable,
+                               time.perf_counter() - t1)
+    log(f"total time {time.perf_counter() - t0:.1f} s")
+    return results

@@ -1,6 +1,8 @@
 """Target selection over key paths: regex, suffixes, layers, exclusions, and the errors."""
 
+import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from jpeft.core import paths
@@ -76,6 +78,13 @@ def test_no_candidate_leaf_names_what_exists():
 
 
 def test_flatten_unflatten_round_trip():
-    flat = paths.flatten(TREE)
-    assert paths.unflatten(flat).keys() == TREE.keys()
-    assert paths.flatten(paths.unflatten(flat)).keys() == flat.keys()
+    """Keys, order and values survive (each leaf distinct, so a mix-up of leaves shows)."""
+    tree = jax.tree.map(lambda x: x, TREE)
+    leaves, treedef = jax.tree.flatten(tree)
+    tree = jax.tree.unflatten(treedef, [jnp.full(x.shape, i, jnp.float32)
+                                        for i, x in enumerate(leaves)])
+    flat = paths.flatten(tree)
+    back = paths.unflatten(flat)
+    assert jax.tree.structure(back) == jax.tree.structure(tree)
+    jax.tree.map(np.testing.assert_array_equal, back, tree)
+    assert list(paths.flatten(back)) == list(flat)

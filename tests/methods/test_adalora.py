@@ -8,6 +8,8 @@ import numpy as np
 import optax
 import pytest
 
+from conftest import require
+
 import jpeft
 from jpeft.core import paths
 from jpeft.methods import adalora as ada
@@ -152,7 +154,7 @@ def test_orthogonality_penalty():
 
 
 def test_defaults_match_hugging_face_peft():
-    peft = pytest.importorskip("peft")
+    peft = require("peft")
     cfg = peft.AdaLoraConfig(total_step=100)
     opt_defaults = inspect.signature(ada.adalora_optimizer).parameters
     assert cfg.init_r == inspect.signature(ada.adalora).parameters["init_r"].default == 12

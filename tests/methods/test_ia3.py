@@ -7,6 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import require
+
 import jpeft
 import zoo
 from jpeft.core import paths as paths_lib
@@ -81,9 +83,9 @@ def test_decoder_factored_equals_merged(style):
 
 @pytest.mark.torch
 def test_count_matches_hugging_face_peft(minilm, minilm_sites):
-    pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
-    peft = pytest.importorskip("peft")
+    require("torch")
+    transformers = require("transformers")
+    peft = require("peft")
     from jpeft.data.embedded import minilm_dir
     hf = transformers.BertModel.from_pretrained(str(minilm_dir()), local_files_only=True,
                                                 add_pooling_layer=False)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import jpeft
-from conftest import perturb as _perturb
+from conftest import perturb as _perturb, require
 from jpeft.core import paths
 
 
@@ -266,9 +266,9 @@ def test_minilm_qv_r8_has_73728_adapter_params(minilm, minilm_sites):
 @pytest.mark.torch
 @pytest.mark.parametrize("targets", [("query", "value"), "all-linear"])
 def test_count_matches_hugging_face_peft(minilm, minilm_sites, targets):
-    pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
-    peft = pytest.importorskip("peft")
+    require("torch")
+    transformers = require("transformers")
+    peft = require("peft")
     from jpeft.data.embedded import minilm_dir
     # Our MiniLM uses mean pooling (no pooler), so compare with a BertModel without one.
     hf = transformers.BertModel.from_pretrained(str(minilm_dir()), local_files_only=True,

@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from conftest import require
+
 import jpeft
 from jpeft.core import paths as paths_lib
 from jpeft.methods import prefix as prefix_lib
@@ -164,9 +166,9 @@ def test_models_without_hook_points_get_a_clear_error(bert):
 @pytest.mark.torch
 @pytest.mark.parametrize("projection", [False, True])
 def test_count_matches_hugging_face_peft(minilm, minilm_sites, projection):
-    pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
-    peft = pytest.importorskip("peft")
+    require("torch")
+    transformers = require("transformers")
+    peft = require("peft")
     from jpeft.data.embedded import minilm_dir
     hf = transformers.BertModel.from_pretrained(str(minilm_dir()), local_files_only=True,
                                                 add_pooling_layer=False)

@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
+from conftest import require
+
 from jpeft.models.bert import (BertConfig, BertForSequenceClassification, BertModel, EncoderOutput,
                                attention_bias, get_activation, masked_mean)
 from jpeft.models.loading import hf_state_to_flax
@@ -256,8 +258,8 @@ def test_jit_matches_eager(tiny_bert, tiny_batch):
 
 def _torch_transformers(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
+    torch = require("torch")
+    transformers = require("transformers")
     return torch, transformers
 
 

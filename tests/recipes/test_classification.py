@@ -107,3 +107,24 @@ def test_cli_rejects_an_option_the_preset_lacks(capsys):
         cli.main(["demo", "--method", "bitfit", "--set", "rank=4"])
     assert e.value.code == 2
     assert "preset 'bitfit' has no option 'rank'; its options: " in capsys.readouterr().err
+
+
+def test_cli_demo_reaches_the_recipe_for_every_preset(monkeypatch, tmp_path, capsys):
+    """``jpeft demo --method NAME`` for every preset: flags and defaults resolve, the stages build,
+    and the recipe is called with them (the recipe itself: tests/test_presets.py; one real run on
+    the MiniLM: test_demo_runs_end_to_end)."""
+    import types
+
+    from jpeft import cli, presets
+    from jpeft.recipes import finetune, movies
+    split = type("Split", (), {"labels": np.array([0, 1]), "__len__": lambda self: 2})()
+    task = types.SimpleNamespace(model_dir="minilm", train=split, dev=split)
+    calls = []
+    monkeypatch.setattr(movies, "load_task", lambda **kw: task)
+    monkeypatch.setattr(movies, "env", lambda t, **kw: ("env", t))
+    monkeypatch.setattr(finetune, "run", lambda name, env, options, out: calls.append(
+        (name, options)) or finetune.Outcome(True, {}, {}, tmp_path, 0.5, 0.9))
+    for name in presets.names():
+        assert cli.main(["demo", "--method", name, "--steps", "2", "--out", str(tmp_path)]) == 0
+    assert [n for n, _ in calls] == list(presets.names())
+    assert all(o == presets.resolve(n, {"steps": 2}) for n, o in calls)
