@@ -1,46 +1,68 @@
-"""LoRA adapters to and from Hugging Face PEFT files, checked against PEFT itself in PyTorch."""
+"""LoRA and AdaLoRA to and from Hugging Face PEFT files, checked against PEFT itself in PyTorch
+(both directions, logits to 1e-4), and the files that do not fit."""
 
+import copy
 import json
 
 import jax
 import numpy as np
 import pytest
+from safetensors.numpy import load_file, save_file
 
 import jpeft
 from jpeft.interop import hf_peft
+from jpeft.interop.hf_files import AdapterFileError
 
 pytestmark = pytest.mark.torch
 
 
 def _torch_logits(torch, model, batch):
     with torch.no_grad():
-        return model(**{k: torch.from_numpy(v.astype(np.int64)) for k, v in batch.items()}).logits.numpy()
+        return model(**{k: torch.from_numpy(v.astype(np.int64))
+                        for k, v in batch.items()}).logits.numpy()
+
+
+def _perturbed(method, variables, sites, seed=1, scale=0.3):
+    delta = method.init(jax.random.key(seed), variables, sites)
+    leaves, treedef = jax.tree.flatten(delta)
+    keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
+    return jax.tree.unflatten(treedef, [x + scale * jax.random.normal(k, x.shape, x.dtype)
+                                        for k, x in zip(keys, leaves)])
 
 
 def test_export_loads_in_hugging_face_peft(hf_bert_pair, tiny_batch, tmp_path):
+    """rsLoRA on three targets + the head, and per-module ranks and alphas (two LoRA parts:
+    rank_pattern / alpha_pattern)."""
     torch, hf, model, variables, sites = hf_bert_pair
     import peft
-    method = jpeft.compose(lora=jpeft.lora(("query", "value", "intermediate/dense"), rank=4,
-                                           alpha=8, use_rslora=True),
-                           head=jpeft.full_finetune(("classifier",)))
-    delta = method.init(jax.random.key(1), variables, sites)
-    delta = jax.tree.map(lambda x: x + 0.05 * jax.random.normal(jax.random.key(2), x.shape), delta)
-    ours = jpeft.wrap(model.apply, method, sites)(variables, delta, **tiny_batch)
-
-    out = hf_peft.save_lora(tmp_path / "adapter", variables, method, delta)
-    config = json.loads((out / "adapter_config.json").read_text())
-    assert config["r"] == 4 and config["use_rslora"] and config["modules_to_save"] == ["classifier"]
-    loaded = peft.PeftModel.from_pretrained(hf, str(out)).eval()
-    np.testing.assert_allclose(_torch_logits(torch, loaded, tiny_batch), ours, atol=1e-4, rtol=1e-4)
-    assert not np.allclose(ours, model.apply(variables, **tiny_batch), atol=1e-3)
+    head = jpeft.full_finetune(("classifier",))
+    for name, method in {
+            "rslora": jpeft.compose(lora=jpeft.lora(("query", "value", "intermediate/dense"),
+                                                    rank=4, alpha=8, use_rslora=True),
+                                    head=head),
+            "patterns": jpeft.compose(q=jpeft.lora(("query",), rank=2, alpha=4.0),
+                                      v=jpeft.lora(("value",), rank=4, alpha=16.0))}.items():
+        delta = _perturbed(method, variables, sites)
+        ours = jpeft.wrap(model.apply, method, sites)(variables, delta, **tiny_batch)
+        out = hf_peft.save(tmp_path / name, variables, method, delta, sites=sites)
+        config = json.loads((out / "adapter_config.json").read_text())
+        loaded = peft.PeftModel.from_pretrained(copy.deepcopy(hf), str(out)).eval()
+        np.testing.assert_allclose(_torch_logits(torch, loaded, tiny_batch), ours, atol=1e-4,
+                                   rtol=1e-4)
+        assert not np.allclose(ours, model.apply(variables, **tiny_batch), atol=1e-3)
+    assert config["r"] == 2 and set(config["rank_pattern"].values()) == {4}
+    assert set(config["alpha_pattern"].values()) == {16.0}
 
 
 def test_import_from_hugging_face_peft(hf_bert_pair, tiny_batch, tmp_path):
+    """A PEFT LoRA with modules_to_save, rank and alpha patterns and layers_to_transform."""
     torch, hf, model, variables, sites = hf_bert_pair
     import peft
     torch.manual_seed(1)
     peft_model = peft.get_peft_model(hf, peft.LoraConfig(
-        r=4, lora_alpha=16, target_modules=["query", "value", "dense"], modules_to_save=["classifier"],
+        r=4, lora_alpha=16, target_modules=["query", "value", "dense"],
+        modules_to_save=["classifier"], rank_pattern={"value": 2}, alpha_pattern={"query": 3.0},
+        layers_to_transform=[1], layers_pattern="layer",
         init_lora_weights=False)).eval()        # random B, so the adapter changes the outputs
     with torch.no_grad():
         for name, p in peft_model.named_parameters():
@@ -49,40 +71,124 @@ def test_import_from_hugging_face_peft(hf_bert_pair, tiny_batch, tmp_path):
     peft_model.save_pretrained(str(tmp_path / "hf"))
     want = _torch_logits(torch, peft_model, tiny_batch)
 
-    method, delta = hf_peft.load_lora(tmp_path / "hf", variables)
+    method, delta = hf_peft.load(tmp_path / "hf", variables, sites=sites)
     got = jpeft.wrap(model.apply, method, sites)(variables, delta, **tiny_batch)
     np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
     merged = model.apply(method.merge(variables, delta, sites), **tiny_batch)
     np.testing.assert_allclose(merged, want, atol=1e-4, rtol=1e-4)
-    # query, value and the three "dense" of each of 2 layers, plus the pooler's dense.
-    assert len(method.config["compose"]["lora"]["targets"]) == 2 * 5 + 1
+    parts = method.config["compose"]["lora"]["compose"]
+    assert {(c["rank"], c["alpha"]) for c in parts.values()} == {(4, 16.0), (2, 16.0), (4, 3.0)}
+    assert sum(len(c["targets"]) for c in parts.values()) == 5      # layer 1 only
 
 
-def test_round_trip_and_errors(hf_bert_pair, tiny_batch, tmp_path):
+def test_adalora_both_directions(hf_bert_pair, tiny_batch, tmp_path):
+    torch, hf, model, variables, sites = hf_bert_pair
+    import peft
+    method = jpeft.adalora(("query", "value"), init_r=4, alpha=8.0, target_r=2, total_steps=20)
+    delta = _perturbed(method, variables, sites)
+    flat = jax.tree.map(np.array, delta)                 # two triplets dropped, as after pruning
+    lam = flat["params"]["bert"]["encoder"]["layer"]["0"]["attention"]["self"]["query"]["kernel"]
+    lam["lora_E"][[1, 3]] = 0.0
+    ours = jpeft.wrap(model.apply, method, sites)(variables, flat, **tiny_batch)
+    out = hf_peft.save(tmp_path / "ours", variables, method, flat, sites=sites)
+    peft_model = peft.PeftModel.from_pretrained(copy.deepcopy(hf), str(out)).eval()
+    np.testing.assert_allclose(_torch_logits(torch, peft_model, tiny_batch), ours, atol=1e-4,
+                               rtol=1e-4)
+
+    torch.manual_seed(2)
+    peft_model = peft.get_peft_model(hf, peft.AdaLoraConfig(
+        init_r=4, target_r=2, lora_alpha=8, target_modules=["query", "value"], total_step=20,
+        tinit=2, tfinal=4)).eval()
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_E" in name:
+                p.normal_(0.0, 0.5)
+    peft_model.save_pretrained(str(tmp_path / "hf"))
+    want = _torch_logits(torch, peft_model, tiny_batch)
+    m2, d2 = hf_peft.load(tmp_path / "hf", variables, sites=sites)
+    assert m2.config["method"] == "adalora" and m2.config["init_r"] == 4
+    np.testing.assert_allclose(jpeft.wrap(model.apply, m2, sites)(variables, d2, **tiny_batch),
+                               want, atol=1e-4, rtol=1e-4)
+
+
+@pytest.fixture
+def saved(hf_bert_pair, tiny_batch, tmp_path):
     _, _, model, variables, sites = hf_bert_pair
     method = jpeft.lora(("query",), rank=2)
-    delta = jax.tree.map(lambda x: x + 0.1, method.init(jax.random.key(0), variables, sites))
-    hf_peft.save_lora(tmp_path / "a", variables, method, delta)
-    with pytest.raises(FileExistsError, match="exists"):
-        hf_peft.save_lora(tmp_path / "a", variables, method, delta)
-    m2, d2 = hf_peft.load_lora(tmp_path / "a", variables)
-    jax.tree.map(np.testing.assert_array_equal, d2, delta)
-    np.testing.assert_array_equal(jpeft.wrap(model.apply, m2, sites)(variables, d2, **tiny_batch),
-                                  jpeft.wrap(model.apply, method, sites)(variables, delta, **tiny_batch))
+    delta = _perturbed(method, variables, sites)
+    hf_peft.save(tmp_path / "a", variables, method, delta, sites=sites)
+    return tmp_path / "a", model, variables, sites, method, delta
 
-    cfg_path = tmp_path / "a" / "adapter_config.json"
-    cfg = json.loads(cfg_path.read_text())
-    for key, value, msg in (("peft_type", "IA3", "only 'LORA'"), ("use_dora", True, "use_dora"),
-                            ("rank_pattern", {"query": 8}, "rank_pattern")):
-        cfg_path.write_text(json.dumps({**cfg, key: value}))
-        with pytest.raises(ValueError, match=msg):
-            hf_peft.load_lora(tmp_path / "a", variables)
-    cfg_path.write_text(json.dumps({**cfg, "r": 3}))
-    with pytest.raises(ValueError, match=r"has shape \(2, 32\), expected \(3, 32\)"):
-        hf_peft.load_lora(tmp_path / "a", variables)
-    other = {"params": {"encoder": variables["params"]["bert"]["encoder"]}}
-    cfg_path.write_text(json.dumps(cfg))
-    with pytest.raises(ValueError, match="does not have; closest modules"):
-        hf_peft.load_lora(tmp_path / "a", other)
-    with pytest.raises(ValueError, match="only LoRA and fully trained"):
-        hf_peft.save_lora(tmp_path / "b", variables, jpeft.bitfit(), {})
+
+def test_round_trip(saved, tiny_batch):
+    path, model, variables, sites, method, delta = saved
+    with pytest.raises(FileExistsError, match="exists"):
+        hf_peft.save(path, variables, method, delta, sites=sites)
+    m2, d2 = hf_peft.load(path, variables, sites=sites)
+    jax.tree.map(np.testing.assert_array_equal, d2, delta)
+    run = lambda m, d: jpeft.wrap(model.apply, m, sites)(variables, d, **tiny_batch)
+    np.testing.assert_array_equal(run(m2, d2), run(method, delta))
+
+
+def _edit(path, config=None, drop=(), add=None, reshape=None):
+    cfg_path, w_path = path / "adapter_config.json", path / "adapter_model.safetensors"
+    if config is not None:
+        cfg_path.write_text(json.dumps(config(json.loads(cfg_path.read_text()))))
+    tensors = load_file(str(w_path))
+    for k in [k for k in tensors if any(d in k for d in drop)]:
+        del tensors[k]
+    tensors.update(add or {})
+    for k, shape in (reshape or {}).items():
+        key = next(t for t in tensors if k in t)
+        tensors[key] = np.zeros(shape, np.float32)
+    save_file(tensors, str(w_path))
+
+
+QUERY0 = "base_model.model.bert.encoder.layer.0.attention.self.query"
+
+
+@pytest.mark.parametrize("fault,message", [
+    (dict(drop=(QUERY0 + ".lora_B",)),
+     rf"missing tensor '{QUERY0}\.lora_B\.weight' \(lora_B of bert\.encoder\.layer\.0\."),
+    (dict(drop=(QUERY0 + ".lora_A",)), rf"missing tensor '{QUERY0}\.lora_A\.weight'"),
+    (dict(add={"base_model.model.bert.pooler.dense.lora_X.weight": np.zeros((2, 2), np.float32)}),
+     r"tensors this reader does not know .*'base_model\.model\.bert\.pooler\.dense\.lora_X"),
+    (dict(reshape={QUERY0 + ".lora_A": (2, 31)}),
+     rf"{QUERY0}\.lora_A\.weight has shape \(2, 31\), expected \(2, 32\)"),
+    (dict(config=lambda c: {**c, "r": 3}), r"has shape \(2, 32\), expected \(3, 32\)"),
+    (dict(config=lambda c: {k: v for k, v in c.items() if k != "target_modules"}),
+     "required key 'target_modules' is missing"),
+    (dict(config=lambda c: {k: v for k, v in c.items() if k != "peft_type"}),
+     "required key 'peft_type' is missing"),
+    (dict(config=lambda c: {**c, "peft_type": "LOHA"}), "peft_type 'LOHA' has no jpeft reader"),
+    (dict(config=lambda c: {**c, "use_dora": True}), "use_dora=True has no jpeft form"),
+    (dict(config=lambda c: {**c, "target_modules": ["qkv"]}),
+     r"target_modules \['qkv'\] select none of the base model's 2-D weights"),
+])
+def test_a_file_that_does_not_fit_is_one_clear_error(saved, fault, message):
+    path, model, variables, sites, method, delta = saved
+    _edit(path, **fault)
+    with pytest.raises(AdapterFileError, match=message):
+        hf_peft.load(path, variables, sites=sites)
+
+
+def test_another_base_is_one_clear_error(saved):
+    path, model, variables, sites, method, delta = saved
+    other = {"params": {"encoder": variables["params"]["bert"]["encoder"]}}   # other names
+    with pytest.raises(AdapterFileError, match=r"target_modules \['bert\.encoder\.layer\.0\."):
+        hf_peft.load(path, other)
+
+
+def test_damaged_files_and_methods_without_a_peft_form(saved, tmp_path):
+    path, model, variables, sites, method, delta = saved
+    w = path / "adapter_model.safetensors"
+    w.write_bytes(w.read_bytes()[:100])
+    with pytest.raises(AdapterFileError, match="cannot be read: damaged or truncated"):
+        hf_peft.load(path, variables, sites=sites)
+    (path / "adapter_config.json").write_text("{not json")
+    with pytest.raises(AdapterFileError, match="is not valid JSON"):
+        hf_peft.load(path, variables, sites=sites)
+    with pytest.raises(FileNotFoundError, match="no adapter_config.json in"):
+        hf_peft.load(tmp_path / "nothing", variables)
+    with pytest.raises(ValueError, match="part 'bitfit' is 'bitfit', which has no Hugging Face"):
+        hf_peft.save(tmp_path / "b", variables, jpeft.bitfit(), {})

@@ -1,0 +1,189 @@
+"""Hugging Face PEFT adapter directories: ``adapter_config.json`` + ``adapter_model.safetensors``,
+read and written all or nothing, with one clear error per problem.
+
+* :func:`write` writes both files into a temporary sibling directory and renames it into place
+  (an existing adapter is set aside first and deleted only once the new one is complete).
+* :func:`read` returns ``(config, tensors)``; a missing file, JSON that does not parse, a
+  truncated or damaged safetensors file is a :class:`AdapterFileError` naming the file.
+* :func:`need` reads a config key (a missing one is an error naming the key and the file);
+  :class:`Tensors` hands out tensors by key and, at :meth:`Tensors.finish`, refuses any the reader
+  did not take (naming them), so that nothing in a file is silently dropped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import uuid
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+
+
+class AdapterFileError(ValueError):
+    """A Hugging Face PEFT adapter directory that cannot be read as asked; nothing was loaded."""
+
+
+def write(directory: str | os.PathLike, config: dict, tensors: dict[str, np.ndarray], *,
+          overwrite: bool = False) -> Path:
+    """Write ``config`` and ``tensors`` as an adapter directory, atomically.
+
+    Raises:
+      FileExistsError: ``directory`` exists and ``overwrite`` is false.
+    """
+    from safetensors.numpy import save_file
+    directory = Path(directory).absolute()
+    if directory.exists() and not overwrite:
+        raise FileExistsError(f"{directory} exists (pass overwrite=True to replace it)")
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
+    try:
+        save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()},
+                  str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+        if directory.exists():
+            old = directory.parent / f".{directory.name}.old-{uuid.uuid4().hex[:8]}"
+            os.rename(directory, old)
+            os.rename(tmp, directory)
+            shutil.rmtree(old)
+        else:
+            os.rename(tmp, directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return directory
+
+
+def read(directory: str | os.PathLike) -> tuple[dict, dict[str, np.ndarray]]:
+    """``(config, tensors)`` of an adapter directory.
+
+    Raises:
+      FileNotFoundError: no such directory or file.
+      AdapterFileError: a config that is not a JSON object, or a damaged weights file.
+    """
+    from safetensors.numpy import load_file
+    directory = Path(directory)
+    for name in (CONFIG_FILE, WEIGHTS_FILE):
+        if not (directory / name).is_file():
+            raise FileNotFoundError(f"no {name} in {directory} (a Hugging Face PEFT adapter "
+                                    f"directory holds {CONFIG_FILE} and {WEIGHTS_FILE})")
+    try:
+        config = json.loads((directory / CONFIG_FILE).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise AdapterFileError(f"{directory / CONFIG_FILE} is not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise AdapterFileError(f"{directory / CONFIG_FILE} holds {type(config).__name__}, not a "
+                               f"JSON object")
+    try:
+        tensors = load_file(str(directory / WEIGHTS_FILE))
+    except Exception as e:      # noqa: BLE001 - safetensors raises several kinds for bad files
+        raise AdapterFileError(f"{directory / WEIGHTS_FILE} cannot be read: damaged or truncated "
+                               f"({type(e).__name__}: {e})") from None
+    return config, tensors
+
+
+def need(config: dict, key: str, where: str | os.PathLike) -> Any:
+    """``config[key]``, or an :class:`AdapterFileError` naming the key and the file."""
+    if key not in config or config[key] is None:
+        raise AdapterFileError(f"{Path(where) / CONFIG_FILE}: required key {key!r} is missing")
+    return config[key]
+
+
+class Tensors:
+    """The tensors of a file, taken by key; :meth:`finish` refuses leftovers."""
+
+    def __init__(self, tensors: dict[str, np.ndarray], where: str | os.PathLike):
+        self._tensors = dict(tensors)
+        self._taken: set[str] = set()
+        self.where = Path(where) / WEIGHTS_FILE
+
+    def keys(self) -> list[str]:
+        return list(self._tensors)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._tensors
+
+    def take(self, key: str, shape: tuple[int, ...] | None = None, what: str = "") -> np.ndarray:
+        """The tensor ``key`` (its shape checked against ``shape`` when given)."""
+        if key not in self._tensors:
+            raise AdapterFileError(f"{self.where}: missing tensor {key!r}"
+                                   + (f" ({what})" if what else ""))
+        x = self._tensors[key]
+        if shape is not None and tuple(x.shape) != tuple(shape):
+            raise AdapterFileError(f"{self.where}: {key} has shape {tuple(x.shape)}, expected "
+                                   f"{tuple(shape)}" + (f" ({what})" if what else ""))
+        self._taken.add(key)
+        return x
+
+    def finish(self, known: Iterable[str] = ()) -> None:
+        """Refuse every tensor not taken (nor in ``known``)."""
+        left = sorted(set(self._tensors) - self._taken - set(known))
+        if left:
+            raise AdapterFileError(f"{self.where}: tensors this reader does not know (another "
+                                   f"adapter type or base model?): {left[:10]}"
+                                   + (f" and {len(left) - 10} more" if len(left) > 10 else ""))
+
+
+# --------------------------------------------------------------------------------------------
+# modules_to_save: fully trained modules (a task head), stored merged
+
+
+def module_name(path: tuple[str, ...], collection: str = "params") -> str:
+    """A module path of the variables as a Hugging Face module name (collection left out)."""
+    module = path[1:] if path[:1] == (collection,) else path
+    return ".".join(module)
+
+
+def saved_modules(variables: Any, head_delta: Any, prefix: str,
+                  collection: str = "params") -> tuple[dict[str, np.ndarray], list[str]]:
+    """``(tensors, names)``: the modules a ``full_finetune`` delta trains, merged into the base
+    weights and named as Hugging Face does (``prefix + "classifier.weight"``, ...)."""
+    from jpeft.core import paths as paths_lib
+    from jpeft.methods.full import full_finetune
+    from jpeft.models.loading import flax_to_hf_state
+    merged = full_finetune().merge(variables, head_delta)
+    touched = {p[:-1] for p in paths_lib.flatten(head_delta)}
+    sub = paths_lib.unflatten({p[1:] if p[:1] == (collection,) else p: x
+                               for p, x in paths_lib.flatten(merged).items() if p[:-1] in touched})
+    tensors = {prefix + k: x for k, x in flax_to_hf_state(sub).items()}
+    return tensors, sorted({module_name(p, collection) for p in touched})
+
+
+def load_saved_modules(tensors: Tensors, variables: Any, names: Iterable[str], prefix: str,
+                       collection: str = "params"):
+    """``(method, delta)`` of the ``modules_to_save`` ``names`` found in ``tensors`` (taken from
+    it) as a ``full_finetune`` part named ``"head"``; ``(None, None)`` when the file holds none.
+    Names the base model lacks (PEFT lists ``"score"`` for every classifier) are ignored when the
+    file holds no tensor for them."""
+    from jpeft.core import paths as paths_lib
+    from jpeft.methods.full import full_finetune
+    from jpeft.models.loading import hf_state_to_flax
+    names = list(dict.fromkeys(names or ()))
+    state = {}
+    for key in tensors.keys():
+        if key.startswith(prefix) and any(key[len(prefix):].startswith(n + ".") for n in names):
+            state[key[len(prefix):]] = tensors.take(key)
+    if not state:
+        return None, None
+    base = variables[collection]
+    try:
+        loaded, report = hf_state_to_flax(state, base, base_model_prefix="")
+    except ValueError as e:
+        raise AdapterFileError(f"{tensors.where}: modules_to_save do not fit the base model: "
+                               f"{e}") from None
+    if report.unexpected:
+        raise AdapterFileError(f"{tensors.where}: modules_to_save tensors that match no module of "
+                               f"the base model: {list(report.unexpected)}")
+    flat_loaded, flat_base = paths_lib.flatten(loaded), paths_lib.flatten(base)
+    missing = {tuple(m.split("/")) for m in report.missing}
+    changed = [p for p in flat_loaded if p not in missing]
+    modules = sorted({"/".join(p[:-1]) for p in changed})
+    delta = paths_lib.unflatten({(collection,) + p: flat_loaded[p] - flat_base[p]
+                                 for p in changed})
+    return full_finetune(modules, name="head"), delta

@@ -1,0 +1,265 @@
+"""LoRA and AdaLoRA in Hugging Face PEFT's files (the ``export`` / ``load`` pair of
+:mod:`jpeft.interop.hf_peft`).
+
+LoRA. For each adapted ``torch.nn.Linear`` named ``<m>``: ``base_model.model.<m>.lora_A.weight``
+``[r_m, in]`` and ``...lora_B.weight`` ``[out, r_m]``; jpeft's factors are ``A [in, r]`` and
+``B [r, out]`` for any kernel layout (the contraction's input and output axes), so
+``lora_A.weight = A.T`` and ``lora_B.weight = B.T``. The output is ``W x + s_m B A x`` with
+``s_m = alpha_m / r_m`` (``/ sqrt(r_m)`` with rsLoRA). Per-module ranks and alphas are PEFT's
+``rank_pattern`` / ``alpha_pattern`` (regex keys matched against the end of the module name); in
+jpeft they are several LoRA parts (``compose``), one per ``(rank, alpha)``.
+
+Which modules a file adapts is what its ``target_modules`` (list: the module name or a suffix of
+it after a ``.``; string: a full regex match), ``layers_to_transform`` / ``layers_pattern`` and
+``exclude_modules`` select among the base's 2-D kernels; every one must have both factors in the
+file, and the file must hold nothing else.
+
+AdaLoRA (``peft_type`` ``ADALORA``): ``<m>.lora_A [r, in]`` (``P^T``), ``<m>.lora_E [r, 1]``
+(``lam``), ``<m>.lora_B [out, r]`` (``Q^T``), ``r = init_r``; PEFT scales by
+``lora_alpha / (r + 1e-5)``, jpeft by ``alpha / r``. A file with a ``rank_pattern`` (PEFT's
+state after its budget schedule: a bool mask over the ``init_r`` triplets per module, tensors
+holding only the kept ones) is expanded back to ``init_r`` triplets with zeros in the dropped
+slots, which computes the same.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+
+from jpeft.core import method as method_lib
+from jpeft.core import paths as paths_lib
+from jpeft.interop import hf_files
+from jpeft.interop.hf_files import AdapterFileError, need
+from jpeft.methods.adalora import adalora
+from jpeft.methods.lora import lora
+
+PREFIX = "base_model.model."
+#: LoRA options jpeft has no form for: (config key, the value that is refused).
+UNSUPPORTED = (("use_dora", True), ("lora_bias", True), ("use_qalora", True))
+
+
+# --------------------------------------------------------------------------------------------
+# Export
+
+
+def _factors(config: dict, delta: Any, collection: str, names=("lora_A", "lora_B")):
+    """``{module: (A [in, r], B [r, out], extra)}`` of a LoRA/AdaLoRA part (2-D weights only)."""
+    flat = paths_lib.flatten(delta)
+    out = {}
+    for p, a in flat.items():
+        if p[-1] != names[0]:
+            continue
+        b = flat[p[:-1] + (names[1],)]
+        if np.ndim(a) != 2 or np.ndim(b) != 2:
+            raise ValueError(f"hf_peft.save: {paths_lib.path_str(p[:-1])} has factors of shapes "
+                             f"{np.shape(a)}, {np.shape(b)}; PEFT files hold LoRA of 2-D weights "
+                             f"(one torch Linear each), not stacked or multi-axis ones")
+        out[hf_files.module_name(p[:-2], collection)] = (np.asarray(a), np.asarray(b), p[:-1])
+    return out
+
+
+def _export_lora(adapters: dict, collection: str, fan_in_fan_out: bool):
+    parts = list(adapters.values())
+    for config, _ in parts:
+        if config.get("gate"):
+            raise ValueError("hf_peft.save: a gated LoRA (UniPELT's) has no PEFT form")
+    rslora = {bool(c.get("use_rslora")) for c, _ in parts}
+    dropout = {float(c.get("dropout") or 0.0) for c, _ in parts}
+    if len(rslora) > 1 or len(dropout) > 1:
+        raise ValueError("hf_peft.save: LoRA parts with different use_rslora or dropout have no "
+                         "PEFT form (one value for the whole adapter)")
+    (r0, a0) = (parts[0][0]["rank"], float(parts[0][0]["alpha"]))
+    tensors, modules, rank_pattern, alpha_pattern = {}, [], {}, {}
+    for config, delta in parts:
+        r, alpha = config["rank"], float(config["alpha"])
+        for module, (a, b, _) in _factors(config, delta, collection).items():
+            modules.append(module)
+            tensors[f"{PREFIX}{module}.lora_A.weight"] = a.T
+            tensors[f"{PREFIX}{module}.lora_B.weight"] = b.T
+            if r != r0:
+                rank_pattern[module] = r
+            if alpha != a0:
+                alpha_pattern[module] = alpha
+    fields = {"peft_type": "LORA", "r": r0, "lora_alpha": a0, "lora_dropout": dropout.pop(),
+              "use_rslora": rslora.pop(), "target_modules": sorted(modules), "bias": "none",
+              "fan_in_fan_out": fan_in_fan_out, "init_lora_weights": True,
+              "layers_to_transform": None, "layers_pattern": None,
+              "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern, "use_dora": False,
+              "lora_bias": False}
+    return fields, tensors
+
+
+def _export_adalora(adapters: dict, collection: str, fan_in_fan_out: bool):
+    (config, delta), = adapters.values()
+    tensors, modules = {}, []
+    flat = paths_lib.flatten(delta)
+    for module, (p, q, path) in _factors(config, delta, collection).items():
+        lam = np.asarray(flat[path + ("lora_E",)])
+        modules.append(module)
+        tensors[f"{PREFIX}{module}.lora_A"] = p.T
+        tensors[f"{PREFIX}{module}.lora_E"] = lam.reshape(-1, 1)
+        tensors[f"{PREFIX}{module}.lora_B"] = q.T
+    fields = {"peft_type": "ADALORA", "r": config["init_r"], "init_r": config["init_r"],
+              "target_r": config["target_r"], "lora_alpha": float(config["alpha"]),
+              "lora_dropout": 0.0, "target_modules": sorted(modules), "bias": "none",
+              "fan_in_fan_out": fan_in_fan_out, "init_lora_weights": True,
+              "tinit": config["t_init"], "tfinal": config["t_final"],
+              "deltaT": config["delta_t"], "beta1": config["beta1"], "beta2": config["beta2"],
+              "orth_reg_weight": config["orth_reg_weight"],
+              "total_step": config.get("total_steps"), "rank_pattern": None,
+              "layers_to_transform": None, "layers_pattern": None, "use_dora": False}
+    return fields, tensors
+
+
+def export(variables: Any, adapters: dict, sites: Any = None, *, collection: str = "params",
+           fan_in_fan_out: bool = False) -> tuple[dict, dict]:
+    """``(fields, tensors)`` of LoRA parts (one or several ranks) or one AdaLoRA part."""
+    del variables, sites
+    kinds = {c["method"] for c, _ in adapters.values()}
+    if kinds == {"adalora"}:
+        return _export_adalora(adapters, collection, fan_in_fan_out)
+    return _export_lora(adapters, collection, fan_in_fan_out)
+
+
+# --------------------------------------------------------------------------------------------
+# Load
+
+
+def _kernels(variables: Any, sites: Any, collection: str) -> dict[str, tuple[tuple, int, int, Any]]:
+    """``{module name: (kernel path, in, out, dtype)}`` for every 2-D weight of a dot contraction (every
+    leaf named ``kernel`` of rank 2 when no sites are given, taken as ``[in, out]``)."""
+    out = {}
+    for p, x in paths_lib.flatten(variables).items():
+        if np.ndim(x) != 2:
+            continue
+        layout = None if sites is None else sites.contractions.get(p)
+        if sites is None:
+            if p[-1] != "kernel":
+                continue
+            d_in, d_out = np.shape(x)
+        else:
+            if layout is None or layout.kind != "dot" or layout.stack:
+                continue
+            d_in, d_out = np.shape(x)[layout.contract[0]], np.shape(x)[layout.free[0]]
+        out[hf_files.module_name(p[:-1], collection)] = (p, int(d_in), int(d_out), x.dtype)
+    return out
+
+
+def _selected(config: dict, names: list[str], where) -> list[str]:
+    """The module names PEFT's ``target_modules`` / ``layers_to_transform`` /
+    ``exclude_modules`` select among ``names``."""
+    targets = need(config, "target_modules", where)
+    exclude = config.get("exclude_modules") or []
+
+    def match(spec, name):
+        if isinstance(spec, str):
+            return re.fullmatch(spec, name) is not None
+        return any(name == t or name.endswith("." + t) for t in spec)
+    chosen = [n for n in names if match(targets, n) and not (exclude and match(exclude, n))]
+    layers = config.get("layers_to_transform")
+    if layers is not None:
+        layers = {layers} if isinstance(layers, int) else set(layers)
+        pattern = config.get("layers_pattern")
+        if isinstance(pattern, list):
+            pattern = pattern[0] if len(pattern) == 1 else None
+        chosen = [n for n in chosen
+                  if paths_lib.layer_index(tuple(n.split(".")), pattern) in layers]
+    if not chosen:
+        raise AdapterFileError(f"{where}: target_modules {targets!r} select none of the base "
+                               f"model's 2-D weights (e.g. {names[:5]})")
+    return chosen
+
+
+def _pattern_value(pattern: dict | None, module: str, default):
+    """PEFT's ``rank_pattern`` / ``alpha_pattern`` lookup: the first key matching the end of the
+    module name (after a ``.``), else ``default``."""
+    for key, value in (pattern or {}).items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return default
+
+
+def _refuse(config: dict, where) -> None:
+    for key, bad in UNSUPPORTED:
+        if config.get(key) == bad:
+            raise AdapterFileError(f"{where}: {key}={bad} has no jpeft form")
+    if config.get("bias", "none") != "none":
+        raise AdapterFileError(f"{where}: bias={config['bias']!r} (trained biases) has no jpeft "
+                               f"form in a LoRA file; train them with jpeft.bitfit instead")
+
+
+def _load_lora(config, tensors, kernels, modules, where, collection):
+    r = int(need(config, "r", where))
+    alpha = float(need(config, "lora_alpha", where))
+    groups: dict[tuple[int, float], dict] = {}
+    for m in modules:
+        path, d_in, d_out, dtype = kernels[m]
+        rm = int(_pattern_value(config.get("rank_pattern"), m, r))
+        am = float(_pattern_value(config.get("alpha_pattern"), m, alpha))
+        a = tensors.take(f"{PREFIX}{m}.lora_A.weight", (rm, d_in), f"lora_A of {m}, r={rm}")
+        b = tensors.take(f"{PREFIX}{m}.lora_B.weight", (d_out, rm), f"lora_B of {m}, r={rm}")
+        group = groups.setdefault((rm, am), {})
+        group[path + ("lora_A",)] = a.T.astype(dtype)
+        group[path + ("lora_B",)] = b.T.astype(dtype)
+    rslora = bool(config.get("use_rslora"))
+    dropout = float(config.get("lora_dropout") or 0.0)
+    parts, deltas = {}, {}
+    for (rm, am), flat in sorted(groups.items()):
+        targets = sorted({"/".join(p[:-2]) for p in flat})
+        name = "lora" if len(groups) == 1 else f"lora_r{rm}_a{am:g}".replace(".", "_")
+        parts[name] = lora(targets, rank=rm, alpha=am, use_rslora=rslora, dropout=dropout)
+        deltas[name] = paths_lib.unflatten({p: jnp.asarray(x) for p, x in flat.items()})
+    if len(parts) == 1:
+        return next(iter(parts.values())), next(iter(deltas.values()))
+    return method_lib.compose(**parts), deltas
+
+
+def _load_adalora(config, tensors, kernels, modules, where):
+    init_r = int(need(config, "init_r", where))
+    alpha = float(need(config, "lora_alpha", where))
+    pattern = config.get("rank_pattern") or {}
+    flat = {}
+    for m in modules:
+        path, d_in, d_out, dtype = kernels[m]
+        keep = np.asarray(pattern.get(m, [True] * init_r), bool)
+        if keep.shape != (init_r,):
+            raise AdapterFileError(f"{where}: rank_pattern[{m!r}] has {keep.size} entries, "
+                                   f"expected init_r = {init_r}")
+        k = int(keep.sum())
+        p = tensors.take(f"{PREFIX}{m}.lora_A", (k, d_in), f"P^T of {m}")
+        e = tensors.take(f"{PREFIX}{m}.lora_E", (k, 1), f"lam of {m}")
+        q = tensors.take(f"{PREFIX}{m}.lora_B", (d_out, k), f"Q^T of {m}")
+        full_p = np.zeros((d_in, init_r), dtype)
+        full_q = np.zeros((init_r, d_out), dtype)
+        full_e = np.zeros((init_r,), dtype)
+        full_p[:, keep], full_q[keep, :], full_e[keep] = p.T, q.T, e[:, 0]
+        flat[path + ("lora_A",)], flat[path + ("lora_B",)] = full_p, full_q
+        flat[path + ("lora_E",)] = full_e
+    targets = sorted({"/".join(p[:-2]) for p in flat})
+    kw = {}
+    if config.get("total_step"):
+        kw = dict(target_r=int(config.get("target_r", 8)), total_steps=int(config["total_step"]),
+                  t_init=int(config.get("tinit", 0)), t_final=int(config.get("tfinal", 0)),
+                  delta_t=int(config.get("deltaT", 1)))
+    try:
+        method = adalora(targets, init_r=init_r, alpha=alpha,
+                         orth_reg_weight=float(config.get("orth_reg_weight", 0.5)), **kw)
+    except ValueError as e:
+        raise AdapterFileError(f"{where}: {e}") from None
+    return method, paths_lib.unflatten({p: jnp.asarray(x) for p, x in flat.items()})
+
+
+def load(config: dict, tensors: hf_files.Tensors, variables: Any, sites: Any = None, *,
+         collection: str = "params") -> tuple[method_lib.Method, Any]:
+    """The LoRA (one part per rank and alpha) or AdaLoRA method and delta of a PEFT file."""
+    where = tensors.where.parent / hf_files.CONFIG_FILE
+    _refuse(config, where)
+    kernels = _kernels(variables, sites, collection)
+    modules = _selected(config, sorted(kernels), where)
+    if config["peft_type"] == "ADALORA":
+        return _load_adalora(config, tensors, kernels, modules, where)
+    return _load_lora(config, tensors, kernels, modules, where, collection)
