@@ -192,3 +192,74 @@ def test_damaged_files_and_methods_without_a_peft_form(saved, tmp_path):
         hf_peft.load(tmp_path / "nothing", variables)
     with pytest.raises(ValueError, match="part 'bitfit' is 'bitfit', which has no Hugging Face"):
         hf_peft.save(tmp_path / "b", variables, jpeft.bitfit(), {})
+
+
+def test_conv1d_style_kernel_with_fan_in_fan_out(monkeypatch, tmp_path):
+    """GPT-2's layout: the Flax kernel is ``[out, in]`` (contracted on its second axis) and the
+    torch ``Conv1D`` weight ``[in, out]``; PEFT reads the file with ``fan_in_fan_out: true`` and
+    computes what jpeft does, both directions."""
+    import flax.linen as nn
+    from jax import lax
+
+    from conftest import torch_transformers
+    torch, transformers = torch_transformers(monkeypatch)
+    import peft
+    from transformers.pytorch_utils import Conv1D
+
+    d_in, d_out = 12, 18
+
+    class Attn(nn.Module):               # c_attn as transformers' FlaxGPT2 stores it
+        @nn.compact
+        def __call__(self, x):
+            kernel = self.param("kernel", nn.initializers.normal(0.2), (d_out, d_in))
+            bias = self.param("bias", nn.initializers.normal(0.2), (d_out,))
+            return lax.dot_general(x, kernel, (((x.ndim - 1,), (1,)), ((), ()))) + bias
+
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return Attn(name="c_attn")(x)
+
+    class TorchNet(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c_attn = Conv1D(d_out, d_in)
+
+        def forward(self, x):
+            return self.c_attn(x)
+
+    x = np.random.default_rng(0).normal(size=(2, 5, d_in)).astype(np.float32)
+    model = Net()
+    variables = model.init(jax.random.key(0), x)
+    sites = jpeft.probe(model.apply, variables, x)
+
+    def torch_net():
+        net = TorchNet()
+        with torch.no_grad():
+            net.c_attn.weight.copy_(torch.from_numpy(np.asarray(
+                variables["params"]["c_attn"]["kernel"]).T.copy()))
+            net.c_attn.bias.copy_(torch.from_numpy(np.asarray(
+                variables["params"]["c_attn"]["bias"]).copy()))
+        return net
+    run_torch = lambda net: net(torch.from_numpy(x)).detach().numpy()
+    np.testing.assert_allclose(run_torch(torch_net()), model.apply(variables, x), atol=1e-5)
+
+    method = jpeft.lora(("c_attn",), rank=3, alpha=6.0)
+    delta = _perturbed(method, variables, sites)
+    ours = jpeft.wrap(model.apply, method, sites)(variables, delta, x)
+    out = hf_peft.save(tmp_path / "ours", variables, method, delta, sites=sites,
+                       fan_in_fan_out=True)
+    assert json.loads((out / "adapter_config.json").read_text())["fan_in_fan_out"] is True
+    loaded = peft.PeftModel.from_pretrained(torch_net(), str(out)).eval()
+    np.testing.assert_allclose(run_torch(loaded), ours, atol=1e-4, rtol=1e-4)
+
+    torch.manual_seed(3)
+    theirs = peft.get_peft_model(torch_net(), peft.LoraConfig(
+        r=3, lora_alpha=6, target_modules=["c_attn"], fan_in_fan_out=True,
+        init_lora_weights=False))
+    theirs.save_pretrained(str(tmp_path / "hf"))
+    m2, d2 = hf_peft.load(tmp_path / "hf", variables, sites=sites)
+    np.testing.assert_allclose(jpeft.wrap(model.apply, m2, sites)(variables, d2, x),
+                               run_torch(theirs), atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(model.apply(m2.merge(variables, d2, sites), x),
+                               run_torch(theirs), atol=1e-4, rtol=1e-4)
