@@ -8,12 +8,13 @@ its aliases apart from its building blocks.
 
 from jpeft import checkpoint
 from jpeft import methods
+from jpeft import multi
 from jpeft import nnx
 from jpeft import presets
 from jpeft.core import marks
 from jpeft.core import sparse
 from jpeft.core.marks import mark
-from jpeft.core.method import Context, Method, compose, observe, wrap
+from jpeft.core.method import Context, Method, active, compose, observe, wrap
 from jpeft.core.paths import Selection, select
 from jpeft.core.sharding import (delta_shardings, opt_state_shardings, shard_by_rules,
                                  shardings_of)
@@ -54,12 +55,12 @@ __all__ = [
     "prompt_tuning", "said", "scaled_parallel_adapter", "sparse_adapter", "sparse_finetune",
     "unipelt",
     # core verbs
-    "combine", "compose", "delta_shardings", "init_opt_state", "make_train_step", "mark",
+    "active", "combine", "compose", "delta_shardings", "init_opt_state", "make_train_step", "mark",
     "method_optimizer", "num_bytes", "num_params", "observe", "opt_state_shardings",
     "param_report", "partition", "probe", "select", "shard_by_rules", "shardings_of", "split",
     "trainable_count", "NonFiniteError", "TrainStep", "load", "save", "Loaded",
     "wrap",
     # types and namespaces
     "Context", "Contraction", "Method", "ParamReport", "Selection", "Sites", "checkpoint",
-    "marks", "methods", "nnx", "presets", "sparse",
+    "marks", "methods", "multi", "nnx", "presets", "sparse",
 ]

@@ -43,9 +43,12 @@ class Context(NamedTuple):
         method is folded into the parameters first: ``apply(merge(params, delta))``).
       rng: key for delta-side randomness (LoRA dropout, diff pruning's gates); ``None`` means
         deterministic (evaluation).
+      inputs: per-call data for the method (``wrap``'s ``method_inputs=``), e.g. each example's
+        adapter in a mixed batch (:func:`jpeft.multi.mixed_lora`); ``None`` for most methods.
     """
     mode: str = "factored"
     rng: jax.Array | None = None
+    inputs: Any = None
 
 
 class Method(NamedTuple):
@@ -122,12 +125,15 @@ def _no_materialised(name: str, marks: Any) -> None:
 
 def wrap(apply_fn: Callable[..., Any], method: Method, sites: Sites = None, *,
          mode: str = "factored") -> Callable[..., Any]:
-    """An apply function that takes the delta: ``f(params, delta, *args, delta_rng=None, **kwargs)``.
+    """An apply function that takes the delta:
+    ``f(params, delta, *args, delta_rng=None, method_inputs=None, **kwargs)``.
 
     ``apply_fn(params, *args, **kwargs)`` is the model's own (linen: ``model.apply``; NNX: the
     ``apply`` of :func:`jpeft.nnx.split`; any JAX function of a parameter tree). The result is pure
     and jit-safe. ``delta_rng`` switches on the method's own randomness (LoRA dropout) for training;
-    leave it ``None`` in evaluation. ``mode`` is described in :class:`Context`. ``sites`` are the
+    leave it ``None`` in evaluation. ``method_inputs`` is per-call data for the method
+    (:attr:`Context.inputs`: a mixed batch's adapter per example). ``mode`` is described in
+    :class:`Context`. ``sites`` are the
     model's contraction sites (:func:`jpeft.probe`), needed by methods that change contractions.
 
     Contraction edits run through the data-flow backend (:mod:`jpeft.core.dataflow`): the model is
@@ -136,8 +142,8 @@ def wrap(apply_fn: Callable[..., Any], method: Method, sites: Sites = None, *,
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
 
-    def wrapped(params, delta, *args, delta_rng=None, **kwargs):
-        edits = method.edits(params, delta, sites, Context(mode, delta_rng))
+    def wrapped(params, delta, *args, delta_rng=None, method_inputs=None, **kwargs):
+        edits = method.edits(params, delta, sites, Context(mode, delta_rng, method_inputs))
         if edits.marks and mode == "materialised":
             _no_materialised(method.name, edits.marks)
         if edits.inputs is not None:
@@ -208,22 +214,52 @@ def _chain(first: sites_lib.MarkEdit, then: sites_lib.MarkEdit) -> sites_lib.Mar
     return sites_lib.MarkEdit(dict(zip(names, (first.arrays, then.arrays))), fn)
 
 
+def _chain_contraction(first: sites_lib.ContractionEdit, then: sites_lib.ContractionEdit
+                       ) -> sites_lib.ContractionEdit:
+    """Two parts' edits of one weight's contractions applied in order (the second sees the first's
+    output as ``call.y``): for additive edits such as LoRA's, their changes add up."""
+    factors = {**{f"0:{k}": f for k, f in first.factors.items()},
+               **{f"1:{k}": f for k, f in then.factors.items()}}
+
+    def fn(call, fs):
+        part = lambda i: {k[2:]: v for k, v in fs.items() if k.startswith(f"{i}:")}
+        y = first.fn(call, part(0))
+        return then.fn(call._replace(y=y), part(1))
+    return sites_lib.ContractionEdit(factors, fn)
+
+
 def compose(**methods: Method) -> Method:
     """Several methods applied together, in the order given; the delta is ``{name: delta_i}``.
 
     ``jpeft.compose(lora=jpeft.lora(...), bitfit=jpeft.bitfit())`` trains both deltas; each part is
     labelled by its name for ``optax.partition``, so each can get its own optimizer. Parts that
     edit contractions are applied at the contractions; parts that change parameters change the
-    parameters the model runs with. The composition merges only when every part does.
+    parameters the model runs with. The composition merges only when every part does. Two parts
+    may not adapt the same weight (one weight trained twice); for several adapters active at once
+    on the same weights use :func:`active`.
     """
+    return _compose(methods, shared=False)
+
+
+def active(**adapters: Method) -> Method:
+    """Several adapters active at once on one base, as Hugging Face PEFT's multiple active
+    adapters: like :func:`compose`, but parts may adapt the same weights; their edits apply in
+    order, each seeing the output of the previous, so additive changes (LoRA's ``s x A B``, IA3's
+    scalings, adapters) add up: ``y = W x + sum_k s_k x A_k B_k``. Merging merges each in turn."""
+    return _compose(adapters, shared=True)
+
+
+def _compose(methods: dict[str, Method], *, shared: bool) -> Method:
+    what = "active" if shared else "compose"
     if not methods:
-        raise ValueError("compose needs at least one method")
+        raise ValueError(f"{what} needs at least one method")
     names = tuple(methods)
 
     def init(key, params, sites=None):
         keys = jax.random.split(key, len(names))
         delta = {n: methods[n].init(k, params, sites) for n, k in zip(names, keys)}
-        _check_disjoint(params, delta)
+        if not shared:
+            _check_disjoint(params, delta)
         return delta
 
     unmergeable = [n for n in names if methods[n].merge is None]
@@ -248,17 +284,19 @@ def compose(**methods: Method) -> Method:
             e = methods[n].edits(params, delta[n], sites, context._replace(rng=rng))
             params = e.params
             for path, edit in e.contractions.items():
-                if path in contractions:
+                if path in contractions and not shared:
                     raise ValueError(f"compose: two parts edit the contractions of "
-                                     f"{paths_lib.path_str(path)}")
-                contractions[path] = edit
+                                     f"{paths_lib.path_str(path)} (several adapters on the same "
+                                     f"weights: jpeft.active)")
+                contractions[path] = (_chain_contraction(contractions[path], edit)
+                                      if path in contractions else edit)
             if e.marks and context.mode == "materialised":
                 _no_materialised(n, e.marks)
             for key, edit in e.marks.items():
                 marks[key] = _chain(marks[key], edit) if key in marks else edit
             if e.inputs is not None:
                 if inputs is not None:
-                    raise ValueError(f"compose: two parts change the model's inputs (the second "
+                    raise ValueError(f"{what}: two parts change the model's inputs (the second "
                                      f"is {n!r})")
                 inputs = e.inputs
         return sites_lib.Edits(params, contractions, marks, inputs)
@@ -291,6 +329,6 @@ def compose(**methods: Method) -> Method:
         name="+".join(names), init=init, merge=None if unmergeable else merge,
         unmerge=None if not_invertible or unmergeable else unmerge, edits=edits,
         shardings=shardings, labels=labels,
-        config={"compose": {n: methods[n].config for n in names}},
+        config={"active" if shared else "compose": {n: methods[n].config for n in names}},
         penalty=penalty if penalised else None, optimizer=optimizer if wrappers else None,
         trainable=trainable if counted else None, data=data or None)

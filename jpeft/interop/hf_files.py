@@ -101,7 +101,8 @@ class Tensors:
     def __init__(self, tensors: dict[str, np.ndarray], where: str | os.PathLike):
         self._tensors = dict(tensors)
         self._taken: set[str] = set()
-        self.where = Path(where) / WEIGHTS_FILE
+        self.directory = Path(where)
+        self.where = self.directory / WEIGHTS_FILE
 
     def keys(self) -> list[str]:
         return list(self._tensors)
@@ -128,6 +129,70 @@ class Tensors:
             raise AdapterFileError(f"{self.where}: tensors this reader does not know (another "
                                    f"adapter type or base model?): {left[:10]}"
                                    + (f" and {len(left) - 10} more" if len(left) > 10 else ""))
+
+
+# --------------------------------------------------------------------------------------------
+# The base's linear modules and PEFT's module selection
+
+
+def linear_modules(variables: Any, sites: Any, collection: str = "params"
+                   ) -> dict[str, tuple[tuple, int, int, Any]]:
+    """``{module name: (kernel path, in, out, dtype)}`` of every 2-D weight of a dot contraction
+    (one torch ``Linear`` each), ``in``/``out`` read from its contraction layout (with no sites:
+    every rank-2 leaf named ``kernel``, taken as ``[in, out]``)."""
+    from jpeft.core import paths as paths_lib
+    out = {}
+    for path, x in paths_lib.flatten(variables).items():
+        if np.ndim(x) != 2:
+            continue
+        if sites is None:
+            if path[-1] != "kernel":
+                continue
+            d_in, d_out = np.shape(x)
+        else:
+            layout = sites.contractions.get(path)
+            if layout is None or layout.kind != "dot" or layout.stack:
+                continue
+            d_in, d_out = np.shape(x)[layout.contract[0]], np.shape(x)[layout.free[0]]
+        out[module_name(path[:-1], collection)] = (path, int(d_in), int(d_out), x.dtype)
+    return out
+
+
+def targets_match(spec: str | list[str], name: str) -> bool:
+    """PEFT's ``target_modules`` / ``exclude_modules`` match: a full regex match for a string, the
+    name or a ``.``-separated suffix of it for a list."""
+    import re
+    if isinstance(spec, str):
+        return re.fullmatch(spec, name) is not None
+    return any(name == t or name.endswith("." + t) for t in spec)
+
+
+def selected_modules(config: dict, names: Iterable[str], directory: str | os.PathLike
+                     ) -> list[str]:
+    """The module names PEFT's ``target_modules``, ``exclude_modules`` and
+    ``layers_to_transform`` / ``layers_pattern`` select among ``names``.
+
+    Raises:
+      AdapterFileError: no ``target_modules``, or a selection of nothing.
+    """
+    from jpeft.core import paths as paths_lib
+    names = sorted(names)
+    targets = need(config, "target_modules", directory)
+    exclude = config.get("exclude_modules")
+    chosen = [n for n in names
+              if targets_match(targets, n) and not (exclude and targets_match(exclude, n))]
+    layers = config.get("layers_to_transform")
+    if layers is not None:
+        layers = {layers} if isinstance(layers, int) else set(layers)
+        pattern = config.get("layers_pattern")
+        if isinstance(pattern, list):
+            pattern = pattern[0] if len(pattern) == 1 else None
+        chosen = [n for n in chosen
+                  if paths_lib.layer_index(tuple(n.split(".")), pattern) in layers]
+    if not chosen:
+        raise AdapterFileError(f"{Path(directory) / CONFIG_FILE}: target_modules {targets!r} "
+                               f"select none of the base model's 2-D weights (e.g. {names[:5]})")
+    return chosen
 
 
 # --------------------------------------------------------------------------------------------

@@ -24,12 +24,13 @@ key, before anything is returned.
 Each adapter type lives in its own module with an ``export`` / ``load`` pair (the contract below);
 this module dispatches on ``method.config["method"]`` when saving and on ``peft_type`` when loading.
 
-* ``export(variables, config, delta, sites, collection) -> (fields, tensors)``: ``config`` and
-  ``delta`` of the adapter part; ``fields`` the ``adapter_config.json`` entries of the type
-  (``peft_type`` included), ``tensors`` its safetensors entries by full key.
-* ``load(config, tensors, variables, sites, collection) -> (method, delta)``: ``config`` the parsed
-  JSON, ``tensors`` a :class:`jpeft.interop.hf_files.Tensors` from which the type takes every
-  tensor it reads (leftovers are refused afterwards).
+* ``export(variables, adapters, sites, *, collection, fan_in_fan_out) -> (fields, tensors)``:
+  ``adapters`` is ``{part: (config, delta)}`` of the adapter parts (several only for LoRA of
+  different ranks); ``fields`` the ``adapter_config.json`` entries of the type (``peft_type``
+  included), ``tensors`` its safetensors entries by full key.
+* ``load(config, tensors, variables, sites, *, collection) -> (method, delta)``: ``config`` the
+  parsed JSON, ``tensors`` a :class:`jpeft.interop.hf_files.Tensors` from which the type takes
+  every tensor it reads (leftovers are refused afterwards).
 """
 
 from __future__ import annotations
@@ -96,7 +97,8 @@ def save(directory: str | os.PathLike, variables: Any, method: method_lib.Method
       variables: the base model's variables (``{"params": ...}``); fully trained parts are written
         merged into them, as ``modules_to_save``.
       method, delta: see the module docstring for the methods that have a PEFT form.
-      sites: the model's sites (:func:`jpeft.probe`): needed for prompt and prefix tuning.
+      sites: the model's sites (:func:`jpeft.probe`): needed for prompt and prefix tuning and for
+        weights not stored ``[in, out]``.
       base_model_name_or_path, task_type: recorded in ``adapter_config.json``.
       fan_in_fan_out: the torch model stores these weights ``[in, out]`` (LoRA, IA3).
 
@@ -124,6 +126,9 @@ def save(directory: str | os.PathLike, variables: Any, method: method_lib.Method
 def load(directory: str | os.PathLike, variables: Any, *, sites: Any = None,
          collection: str = "params") -> tuple[method_lib.Method, Any]:
     """Read a Hugging Face PEFT adapter directory for the base model ``variables``.
+
+    ``sites`` (:func:`jpeft.probe`) are needed for prompt and prefix tuning and for weights not
+    stored ``[in, out]``.
 
     Returns:
       ``(method, delta)``: the adapter's method (``compose(<adapter>=..., head=full_finetune(...))``

@@ -9,10 +9,10 @@ LoRA. For each adapted ``torch.nn.Linear`` named ``<m>``: ``base_model.model.<m>
 ``rank_pattern`` / ``alpha_pattern`` (regex keys matched against the end of the module name); in
 jpeft they are several LoRA parts (``compose``), one per ``(rank, alpha)``.
 
-Which modules a file adapts is what its ``target_modules`` (list: the module name or a suffix of
-it after a ``.``; string: a full regex match), ``layers_to_transform`` / ``layers_pattern`` and
-``exclude_modules`` select among the base's 2-D kernels; every one must have both factors in the
-file, and the file must hold nothing else.
+Which modules a file adapts is what its ``target_modules``, ``exclude_modules`` and
+``layers_to_transform`` / ``layers_pattern`` select among the base's 2-D kernels
+(:func:`jpeft.interop.hf_files.selected_modules`); every one must have both factors in the file,
+and the file must hold nothing else.
 
 AdaLoRA (``peft_type`` ``ADALORA``): ``<m>.lora_A [r, in]`` (``P^T``), ``<m>.lora_E [r, 1]``
 (``lam``), ``<m>.lora_B [out, r]`` (``Q^T``), ``r = init_r``; PEFT scales by
@@ -129,51 +129,6 @@ def export(variables: Any, adapters: dict, sites: Any = None, *, collection: str
 # Load
 
 
-def _kernels(variables: Any, sites: Any, collection: str) -> dict[str, tuple[tuple, int, int, Any]]:
-    """``{module name: (kernel path, in, out, dtype)}`` for every 2-D weight of a dot contraction (every
-    leaf named ``kernel`` of rank 2 when no sites are given, taken as ``[in, out]``)."""
-    out = {}
-    for p, x in paths_lib.flatten(variables).items():
-        if np.ndim(x) != 2:
-            continue
-        layout = None if sites is None else sites.contractions.get(p)
-        if sites is None:
-            if p[-1] != "kernel":
-                continue
-            d_in, d_out = np.shape(x)
-        else:
-            if layout is None or layout.kind != "dot" or layout.stack:
-                continue
-            d_in, d_out = np.shape(x)[layout.contract[0]], np.shape(x)[layout.free[0]]
-        out[hf_files.module_name(p[:-1], collection)] = (p, int(d_in), int(d_out), x.dtype)
-    return out
-
-
-def _selected(config: dict, names: list[str], where) -> list[str]:
-    """The module names PEFT's ``target_modules`` / ``layers_to_transform`` /
-    ``exclude_modules`` select among ``names``."""
-    targets = need(config, "target_modules", where)
-    exclude = config.get("exclude_modules") or []
-
-    def match(spec, name):
-        if isinstance(spec, str):
-            return re.fullmatch(spec, name) is not None
-        return any(name == t or name.endswith("." + t) for t in spec)
-    chosen = [n for n in names if match(targets, n) and not (exclude and match(exclude, n))]
-    layers = config.get("layers_to_transform")
-    if layers is not None:
-        layers = {layers} if isinstance(layers, int) else set(layers)
-        pattern = config.get("layers_pattern")
-        if isinstance(pattern, list):
-            pattern = pattern[0] if len(pattern) == 1 else None
-        chosen = [n for n in chosen
-                  if paths_lib.layer_index(tuple(n.split(".")), pattern) in layers]
-    if not chosen:
-        raise AdapterFileError(f"{where}: target_modules {targets!r} select none of the base "
-                               f"model's 2-D weights (e.g. {names[:5]})")
-    return chosen
-
-
 def _pattern_value(pattern: dict | None, module: str, default):
     """PEFT's ``rank_pattern`` / ``alpha_pattern`` lookup: the first key matching the end of the
     module name (after a ``.``), else ``default``."""
@@ -193,8 +148,8 @@ def _refuse(config: dict, where) -> None:
 
 
 def _load_lora(config, tensors, kernels, modules, where, collection):
-    r = int(need(config, "r", where))
-    alpha = float(need(config, "lora_alpha", where))
+    r = int(need(config, "r", where.parent))
+    alpha = float(need(config, "lora_alpha", where.parent))
     groups: dict[tuple[int, float], dict] = {}
     for m in modules:
         path, d_in, d_out, dtype = kernels[m]
@@ -219,8 +174,8 @@ def _load_lora(config, tensors, kernels, modules, where, collection):
 
 
 def _load_adalora(config, tensors, kernels, modules, where):
-    init_r = int(need(config, "init_r", where))
-    alpha = float(need(config, "lora_alpha", where))
+    init_r = int(need(config, "init_r", where.parent))
+    alpha = float(need(config, "lora_alpha", where.parent))
     pattern = config.get("rank_pattern") or {}
     flat = {}
     for m in modules:
@@ -256,10 +211,10 @@ def _load_adalora(config, tensors, kernels, modules, where):
 def load(config: dict, tensors: hf_files.Tensors, variables: Any, sites: Any = None, *,
          collection: str = "params") -> tuple[method_lib.Method, Any]:
     """The LoRA (one part per rank and alpha) or AdaLoRA method and delta of a PEFT file."""
-    where = tensors.where.parent / hf_files.CONFIG_FILE
+    where = tensors.directory / hf_files.CONFIG_FILE
     _refuse(config, where)
-    kernels = _kernels(variables, sites, collection)
-    modules = _selected(config, sorted(kernels), where)
+    kernels = hf_files.linear_modules(variables, sites, collection)
+    modules = hf_files.selected_modules(config, kernels, tensors.directory)
     if config["peft_type"] == "ADALORA":
         return _load_adalora(config, tensors, kernels, modules, where)
     return _load_lora(config, tensors, kernels, modules, where, collection)

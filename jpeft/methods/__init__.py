@@ -39,16 +39,16 @@ def _factories() -> dict[str, Callable[[dict], method_lib.Method]]:
 
 def from_config(config: dict[str, Any], data: Any = None) -> method_lib.Method:
     """The method ``config`` (``method.config``) describes, with ``data`` (``method.data``) for the
-    methods defined by data (FAR's columns, sparse and FishMask entries); ``compose`` configs part
-    by part (``data``: ``{part: data}`` for the parts that have some).
+    methods defined by data (FAR's columns, sparse and FishMask entries); ``compose`` and
+    ``active`` configs part by part (``data``: ``{part: data}`` for the parts that have some).
 
     Raises:
       ValueError: an unknown method, or a data-defined one without its ``data``.
     """
-    if "compose" in config:
-        data = data or {}
-        return method_lib.compose(**{n: from_config(c, data.get(n))
-                                     for n, c in config["compose"].items()})
+    for key, combine in (("compose", method_lib.compose), ("active", method_lib.active)):
+        if key in config:
+            data = data or {}
+            return combine(**{n: from_config(c, data.get(n)) for n, c in config[key].items()})
     kind = config.get("method")
     with_data = _data_factories()
     if kind in with_data:
