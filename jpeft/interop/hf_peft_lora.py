@@ -95,6 +95,9 @@ def _export_lora(adapters: dict, collection: str, fan_in_fan_out: bool):
 
 def _export_adalora(adapters: dict, collection: str, fan_in_fan_out: bool):
     (config, delta), = adapters.values()
+    if not config.get("total_steps"):
+        raise ValueError("hf_peft.save: PEFT's AdaLoRA config requires total_step (> 0); build "
+                         "the method with jpeft.adalora(..., total_steps=T) as it was trained")
     tensors, modules = {}, []
     flat = paths_lib.flatten(delta)
     for module, (p, q, path) in _factors(config, delta, collection).items():

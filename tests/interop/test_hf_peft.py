@@ -192,6 +192,10 @@ def test_damaged_files_and_methods_without_a_peft_form(saved, tmp_path):
         hf_peft.load(tmp_path / "nothing", variables)
     with pytest.raises(ValueError, match="part 'bitfit' is 'bitfit', which has no Hugging Face"):
         hf_peft.save(tmp_path / "b", variables, jpeft.bitfit(), {})
+    ada = jpeft.adalora(("query",), init_r=2)
+    with pytest.raises(ValueError, match="PEFT's AdaLoRA config requires total_step"):
+        hf_peft.save(tmp_path / "c", variables, ada, ada.init(jax.random.key(0), variables, sites),
+                     sites=sites)
 
 
 def test_conv1d_style_kernel_with_fan_in_fan_out(monkeypatch, tmp_path):
@@ -263,3 +267,45 @@ def test_conv1d_style_kernel_with_fan_in_fan_out(monkeypatch, tmp_path):
                                run_torch(theirs), atol=1e-4, rtol=1e-4)
     np.testing.assert_allclose(model.apply(m2.merge(variables, d2, sites), x),
                                run_torch(theirs), atol=1e-4, rtol=1e-4)
+
+
+def test_llama_decoder_lora_and_adalora_both_directions(monkeypatch, tmp_path):
+    """LoRA (all linear weights) and AdaLoRA on the GQA LLaMA decoder, both directions."""
+    from conftest import hf_llama, torch_transformers
+    from jpeft.models.llama import LlamaConfig, load_hf_llama
+    torch, transformers = torch_transformers(monkeypatch)
+    import peft
+    hf = hf_llama(torch, transformers)
+    model = load_hf_llama({k: v.numpy() for k, v in hf.state_dict().items()},
+                          LlamaConfig.from_dict(hf.config.to_dict()))
+    apply, params = jpeft.nnx.split(model)
+    ids = np.random.default_rng(0).integers(1, 128, (2, 5)).astype(np.int32)
+    sites = jpeft.probe(apply, params, ids)
+    logits = lambda m: m(input_ids=torch.from_numpy(ids.astype(np.int64))).logits.detach().numpy()
+    for kind, method, config in (
+            ("lora", jpeft.lora(("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                 "up_proj", "down_proj"), rank=4, alpha=8.0),
+             peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
+                             init_lora_weights=False)),
+            ("adalora", jpeft.adalora(("q_proj", "v_proj"), init_r=4, alpha=8.0, target_r=2,
+                                      total_steps=10),
+             peft.AdaLoraConfig(init_r=4, target_r=2, lora_alpha=8, total_step=10,
+                                target_modules=["q_proj", "v_proj"]))):
+        delta = _perturbed(method, params, sites)
+        ours = jpeft.wrap(apply, method, sites)(params, delta, ids)
+        out = hf_peft.save(tmp_path / f"ours_{kind}", params, method, delta, sites=sites,
+                           task_type="CAUSAL_LM")
+        loaded = peft.PeftModel.from_pretrained(copy.deepcopy(hf), str(out)).eval()
+        np.testing.assert_allclose(logits(loaded), ours, atol=1e-4, rtol=1e-4, err_msg=kind)
+
+        torch.manual_seed(4)
+        theirs = peft.get_peft_model(copy.deepcopy(hf), config).eval()
+        with torch.no_grad():
+            for name, p in theirs.named_parameters():
+                if "lora_E" in name or "lora_B" in name:
+                    p.normal_(0.0, 0.3)
+        theirs.save_pretrained(str(tmp_path / f"hf_{kind}"))
+        m2, d2 = hf_peft.load(tmp_path / f"hf_{kind}", params, sites=sites)
+        got = jpeft.wrap(apply, m2, sites)(params, d2, ids)
+        np.testing.assert_allclose(got, logits(theirs), atol=1e-4, rtol=1e-4, err_msg=kind)
+        assert not np.allclose(got, apply(params, ids), atol=1e-3)
