@@ -14,9 +14,11 @@ them. Most methods are one :class:`Fit`; multi-stage methods declare the steps b
 Stages read and return a *state* (a dict): ``"head"`` (the head modules trained alongside, from
 the env) to start with; each :class:`Fit` writes the ``"method"`` it trained and the trained
 ``"delta"``; a :class:`Compute` stage adds what it computes (FAR's ``"columns"``, the sparse
-methods' ``"indices"``). The last stage is always a :class:`Fit`: its ``method`` function builds
-the final method from the state, which is how :func:`load` rebuilds it from a checkpoint (the
-preset's :class:`Storage` turns the state into the tree that is saved, and back).
+methods' ``"indices"``). The last stage is always a :class:`Fit`. :func:`save` writes its method
+and delta with :func:`jpeft.save` (the method's config and data, e.g. FAR's columns or a sparse
+delta's indices, next to the delta) plus the preset, its options and the preset's extra
+``metadata``; :func:`load` rebuilds the method from that checkpoint alone
+(:func:`jpeft.methods.from_config`).
 
 Stages reach the task only through an :class:`Env`: the base ``params`` and ``sites``, the ``head``
 modules, ``fit`` (the training loop), labelled ``examples`` and their ``log_likelihood`` (for the
@@ -39,6 +41,7 @@ import numpy as np
 import optax
 
 from jpeft import checkpoint
+from jpeft import saving
 from jpeft.core import method as method_lib
 from jpeft.core import paths as paths_lib
 from jpeft.core import sparse as sparse_lib
@@ -221,33 +224,9 @@ def run_stages(preset: Preset | str, env: Env, options: Options | None = None, *
 # Presets and the registry
 
 
-def _delta_of(state: State) -> Any:
-    return state["delta"]
-
-
-def _as_delta(tree: Any, metadata: Mapping[str, Any]) -> State:
-    del metadata
-    return {"delta": tree}
-
-
 def _no_metadata(state: State) -> dict:
     del state
     return {}
-
-
-class Storage(NamedTuple):
-    """How a preset's result is saved and read back.
-
-    Attributes:
-      pack: ``state -> tree`` written to the checkpoint (default: the delta itself).
-      unpack: ``(restored tree, metadata) -> state`` entries from which the last stage's
-        ``method`` rebuilds the method, with the ``"delta"`` it runs (FAR: ``"columns"``; the
-        sparse methods: ``"indices"``; SAID/DID: the saved method ``"config"``).
-      metadata: ``state -> dict`` of extra JSON metadata (AdaLoRA's final rank pattern).
-    """
-    pack: Callable[[State], Any] = _delta_of
-    unpack: Callable[[Any, Mapping[str, Any]], State] = _as_delta
-    metadata: Callable[[State], dict] = _no_metadata
 
 
 class Preset(NamedTuple):
@@ -258,7 +237,8 @@ class Preset(NamedTuple):
       summary: one line.
       defaults: option name -> default value; :func:`resolve` checks given options against it.
       stages: ``options -> tuple of Fit/Compute`` (the last one a :class:`Fit`).
-      storage: how the result is saved and rebuilt (:class:`Storage`).
+      metadata: ``state -> dict`` of extra JSON metadata saved with the result (AdaLoRA's final
+        rank pattern).
       main: the :class:`Fit` that trains the method proper (what the step-cost benchmark times).
       one_shape: train and evaluate with batches of one padded length (one compilation), worth it
         when recompiling per length bucket costs more than the padding (SAID/DID's projection).
@@ -269,7 +249,7 @@ class Preset(NamedTuple):
     summary: str
     defaults: Mapping[str, Any]
     stages: Callable[[Options], tuple[Stage, ...]]
-    storage: Storage = Storage()
+    metadata: Callable[[State], dict] = _no_metadata
     main: str = "train"
     one_shape: bool = False
     merged_eval: bool = False
@@ -399,47 +379,41 @@ def _json(x: Any) -> Any:
 
 def save(directory: str | Path, preset: Preset | str, options: Options, state: State,
          sites: Any) -> Path:
-    """Write ``preset.storage.pack(state)`` to ``directory`` (replacing it) with metadata:
-    ``preset``, ``options``, ``head``, the method ``config``, ``sites`` and the storage's extras.
-    Returns the checkpoint's path."""
+    """Write the final ``state["method"]`` and ``state["delta"]`` to ``directory`` (replacing it)
+    with :func:`jpeft.save`, plus ``preset``, ``options``, ``head``, ``sites`` and the preset's
+    extra metadata. Returns the checkpoint's path."""
     preset = get(preset)
     metadata = {"preset": preset.name, "options": _json(resolve(preset, options)),
-                "head": list(state["head"]), "config": _json(state["method"].config),
-                "sites": None if sites is None else sites.to_json(),
-                **_json(preset.storage.metadata(state))}
-    return checkpoint.save(Path(directory).absolute(), preset.storage.pack(state),
-                           metadata=metadata, overwrite=True)
+                "head": list(state["head"]), "sites": None if sites is None else sites.to_json(),
+                **_json(preset.metadata(state))}
+    return saving.save(Path(directory).absolute(), state["method"], state["delta"],
+                       metadata=metadata, overwrite=True)
 
 
 class Loaded(NamedTuple):
-    """A result read back by :func:`load`: the ``method`` rebuilt from the checkpoint alone and the
-    ``delta`` it runs; ``stored`` is the tree as restored, ``metadata`` the saved metadata."""
+    """A result read back by :func:`load`: the ``method`` rebuilt from the checkpoint alone, the
+    ``delta`` it runs, and the saved ``metadata`` (preset, options, head, sites, extras)."""
     preset: Preset
     options: dict[str, Any]
     method: method_lib.Method
     delta: Any
-    stored: Any
     metadata: dict
 
 
 def load(directory: str | Path) -> Loaded:
-    """Read a checkpoint written by :func:`save` and rebuild its method from it alone: the shapes
-    come from the checkpoint, the preset and options from its metadata, and the last stage's
-    ``method`` builds the method from the unpacked state.
+    """Read a checkpoint written by :func:`save`: the method rebuilt from its saved config and data
+    (:func:`jpeft.saving.read`), the preset and options from its metadata.
 
     Raises:
       ValueError: the checkpoint was not written by :func:`save`, or names an unknown preset.
     """
-    meta = checkpoint.metadata(directory)["metadata"]
+    loaded = saving.read(directory)
+    meta = loaded.metadata
     if "preset" not in meta:
         raise ValueError(f"{directory}: not a preset checkpoint (no 'preset' in its metadata; "
                          f"write it with jpeft.presets.save)")
     preset = get(meta["preset"])
-    options = resolve(preset, meta["options"])
-    stored = checkpoint.restore(directory, checkpoint.stored_like(directory))["delta"]
-    state = {"head": tuple(meta["head"]), **preset.storage.unpack(stored, meta)}
-    method = preset.stages(options)[-1].method(state)
-    return Loaded(preset, options, method, state["delta"], stored, meta)
+    return Loaded(preset, resolve(preset, meta["options"]), loaded.method, loaded.delta, meta)
 
 
 # --------------------------------------------------------------------------------------------
@@ -596,17 +570,6 @@ def _far_stages(o: Options) -> tuple[Stage, ...]:
     return tuple(stages)
 
 
-def _far_pack(state: State) -> Any:
-    delta = state["delta"]
-    return {"far": far_lib.far_pack(state["columns"], delta["far"]), "head": delta["head"]}
-
-
-def _far_unpack(tree: Any, metadata: Mapping[str, Any]) -> State:
-    del metadata
-    columns, far_delta = far_lib.far_unpack(tree["far"])
-    return {"columns": columns, "delta": {"far": far_delta, "head": tree["head"]}}
-
-
 # --------------------------------------------------------------------------------------------
 # Sparse methods: FishMask (Fisher -> mask -> train) and diff pruning (gates -> project -> refine)
 
@@ -617,22 +580,6 @@ def _sparse_method(state: State) -> method_lib.Method:
 
 def _fishmask_method(state: State) -> method_lib.Method:
     return _with_head(state, sparse=fm.fishmask(state["indices"], name="sparse"))
-
-
-def _sparse_pack(state: State) -> Any:
-    delta = state["delta"]
-    return {"sparse": sparse_lib.to_stored(state["indices"], delta["sparse"]),
-            "head": delta["head"]}
-
-
-def _sparse_unpack(tree: Any, metadata: Mapping[str, Any]) -> State:
-    del metadata
-    sd = sparse_lib.from_stored(tree["sparse"])
-    return {"indices": jax.tree.map(np.asarray, sd.indices),
-            "delta": {"sparse": sd.values, "head": tree["head"]}}
-
-
-SPARSE_STORAGE = Storage(_sparse_pack, _sparse_unpack)
 
 
 def _fisher_mask(o: Options, state: State, env: Env) -> State:
@@ -729,11 +676,8 @@ def _intrinsic_stages(o: Options, *, kind: str) -> tuple[Stage, ...]:
     _positive(o, "d")
 
     def method(state):
-        if "config" in state:          # rebuilt from a checkpoint: the saved config, exactly
-            part = intrinsic.from_config(state["config"]["compose"][kind])
-        else:
-            part = (intrinsic.said if kind == "said" else intrinsic.did)(
-                o["d"], seed=o["seed"], exclude=state["head"])
+        part = (intrinsic.said if kind == "said" else intrinsic.did)(
+            o["d"], seed=o["seed"], exclude=state["head"])
         return _with_head(state, **{kind: part})
 
     def report(state, env):
@@ -748,39 +692,16 @@ def _intrinsic_stages(o: Options, *, kind: str) -> tuple[Stage, ...]:
                    report=report),)
 
 
-def _intrinsic_unpack(tree: Any, metadata: Mapping[str, Any]) -> State:
-    return {"delta": tree, "config": metadata["config"]}
-
-
 # --------------------------------------------------------------------------------------------
 # Additive and hybrid methods: adapters, IA3, prefix and prompt tuning, MAM, UniPELT, Compacter,
 # SparseAdapter. One training stage each (prefix tuning: train through the reparametrisation
 # MLP, then fold it away; SparseAdapter: prune at initialisation, then train). Their results are
-# rebuilt from the saved method config (:func:`jpeft.methods.from_config`), masks included.
-
-
-def _from_config_or(build: Callable[[State], method_lib.Method]
-                    ) -> Callable[[State], method_lib.Method]:
-    """``state -> method``: the saved config's method when the state comes from a checkpoint
-    (:func:`_config_unpack`), else ``build(state)``."""
-    def method(state):
-        if "config" in state:
-            from jpeft.methods import from_config
-            return from_config(state["config"])
-        return build(state)
-    return method
-
-
-def _config_unpack(tree: Any, metadata: Mapping[str, Any]) -> State:
-    return {"delta": tree, "config": metadata["config"]}
-
-
-CONFIG_STORAGE = Storage(unpack=_config_unpack)
+# rebuilt from the saved method config like every preset's (masks included).
 
 
 def _single(o: Options, doc: str, part: Callable[[State], method_lib.Method],
             name: str) -> tuple[Stage, ...]:
-    return (_train(o, doc, _from_config_or(lambda s: _with_head(s, **{name: part(s)}))),)
+    return (_train(o, doc, (lambda s: _with_head(s, **{name: part(s)}))),)
 
 
 def _adapter_stages(o: Options, kind: str) -> tuple[Stage, ...]:
@@ -832,7 +753,7 @@ def _prefix_stages(o: Options) -> tuple[Stage, ...]:
         return {"prefix": prefix.fold(_prefix_part(o, True), state["delta"]["prefix"], env.sites),
                 "head": state["delta"]["head"]}
     return train + (Fit("fold", "fold the MLP away: only the prefixes are kept and served",
-                        _from_config_or(lambda s: _with_head(s, prefix=_prefix_part(o, False))),
+                        (lambda s: _with_head(s, prefix=_prefix_part(o, False))),
                         0, 0.0, start=fold, evaluate=False),)
 
 
@@ -847,7 +768,7 @@ def _mam_stages(o: Options) -> tuple[Stage, ...]:
     from jpeft.methods import adapters
     return (_train(o, f"MAM: prefix l = {o['prefix_length']} + scaled parallel FFN adapter "
                       f"(bottleneck {o['bottleneck_size']}, s = {o['scaling']}), and the head",
-                   _from_config_or(lambda s: _with_head(s, mam=adapters.mam(
+                   (lambda s: _with_head(s, mam=adapters.mam(
                        prefix_length=o["prefix_length"], bottleneck_size=o["bottleneck_size"],
                        scaling=o["scaling"])))),)
 
@@ -856,7 +777,7 @@ def _unipelt_stages(o: Options) -> tuple[Stage, ...]:
     from jpeft.methods import unipelt
     return (_train(o, f"UniPELT{'' if o['gate'] else ' (NoGate)'}: LoRA + prefix + adapter, "
                       f"and the head",
-                   _from_config_or(lambda s: _with_head(s, unipelt=unipelt.unipelt(
+                   (lambda s: _with_head(s, unipelt=unipelt.unipelt(
                        gate=o["gate"], prefix_length=o["prefix_length"],
                        reduction_factor=o["reduction_factor"])))),)
 
@@ -924,7 +845,7 @@ def _s4_stages(o: Options) -> tuple[Stage, ...]:
     return (Compute("allocate", "group the layers and size each group's strategies for a uniform "
                                 "per-layer budget", lambda s, env: _s4_allocate(o, s, env)),
             _train(o, "S4: adapter / prefix / BitFit / LoRA per layer group, and the head",
-                   _from_config_or(build)))
+                   (build)))
 
 
 def _sparse_adapter_prune(o: Options, state: State, env: Env) -> State:
@@ -950,7 +871,7 @@ def _sparse_adapter_stages(o: Options) -> tuple[Stage, ...]:
     return (Compute("prune", f"prune the adapters at initialisation ({o['criterion']}, sparsity "
                              f"{o['sparsity']})", lambda s, env: _sparse_adapter_prune(o, s, env)),
             _train(o, "SparseAdapter: the kept entries of the FFN adapters, and the head",
-                   _from_config_or(lambda s: _with_head(s, adapter=sa.sparse_adapter(
+                   (lambda s: _with_head(s, adapter=sa.sparse_adapter(
                        s["masks"], reduction_factor=o["reduction_factor"], name="adapter")))))
 
 
@@ -973,26 +894,25 @@ register(Preset(
     "adalora", "AdaLoRA on query and value (rank allocator and orthogonality penalty) + the head",
     {**_common(4e-3), "init_r": 12, "target_r": 8, "alpha": 8.0, "t_init": None, "t_final": None,
      "delta_t": 5}, _adalora_stages,
-    storage=Storage(metadata=lambda s: {"rank_pattern": adalora_lib.rank_pattern(s["delta"])})))
+    metadata=lambda s: {"rank_pattern": adalora_lib.rank_pattern(s["delta"])}))
 register(Preset(
     "far", "FAR: score FFN columns (after a warm-up), train the kept ones + the head",
     {**_common(1e-3), "fraction": 0.2, "score": "change", "warmup_steps": 20, "warmup_lr": 5e-5,
      "budget": "per_matrix", "targets": far_lib.BERT_FFN},
-    _far_stages, storage=Storage(_far_pack, _far_unpack)))
+    _far_stages))
 register(Preset(
     "diff-pruning", "diff pruning: learn a sparse gated difference, project, re-fine-tune + head",
     {**_common(1e-4), "density": 0.005, "refine_steps": 50, "refine_lr": 1e-3, "alpha_lr": 0.1,
      "lam": dp.LAMBDA, "structured": False, "mode": "materialised"},
-    _diff_pruning_stages, storage=SPARSE_STORAGE, merged_eval=True))
+    _diff_pruning_stages, merged_eval=True))
 register(Preset(
     "fishmask", "FishMask: Fisher top-k mask, train the masked entries + the head",
     {**_common(1e-3), "density": 0.005, "fisher_examples": 256, "chunk_size": 8,
-     "mode": "materialised"}, _fishmask_stages, storage=SPARSE_STORAGE, merged_eval=True))
+     "mode": "materialised"}, _fishmask_stages, merged_eval=True))
 for _kind in ("said", "did"):
     register(Preset(
         _kind, f"{_kind.upper()}: a d-dimensional random subspace of the whole model + the head",
-        {**_common(None), "d": 1000}, lambda o, k=_kind: _intrinsic_stages(o, kind=k),
-        storage=Storage(unpack=_intrinsic_unpack), one_shape=True, merged_eval=True))
+        {**_common(None), "d": 1000}, lambda o, k=_kind: _intrinsic_stages(o, kind=k), one_shape=True, merged_eval=True))
 register(Preset("full", "full fine-tuning of every parameter", _common(5e-5, head=False),
                 _full_stages))
 for _kind, _summary in (
@@ -1002,29 +922,28 @@ for _kind, _summary in (
         ("scaled-parallel", "scaled parallel adapter (s = 4) on the FFN + the head"),
         ("multihead-parallel", "multi-head parallel adapter on each attention head + the head")):
     register(Preset(_kind, _summary, _adapter_defaults(16),
-                    lambda o, k=_kind: _adapter_stages(o, k), storage=CONFIG_STORAGE))
+                    lambda o, k=_kind: _adapter_stages(o, k)))
 register(Preset("compacter", "Compacter++ (PHM adapter after the FFN, shared rules) + the head",
                 {**_common(3e-3), "reduction_factor": 32, "phm_dim": 4, "plus_plus": True,
-                 "activation": "gelu"}, lambda o: _adapter_stages(o, "compacter"),
-                storage=CONFIG_STORAGE))
+                 "activation": "gelu"}, lambda o: _adapter_stages(o, "compacter")))
 register(Preset("sparse-adapter", "SparseAdapter: a large FFN adapter pruned at init + the head",
                 {**_common(2e-3), "reduction_factor": 4, "sparsity": 0.75,
-                 "criterion": "magnitude"}, _sparse_adapter_stages, storage=CONFIG_STORAGE))
+                 "criterion": "magnitude"}, _sparse_adapter_stages))
 register(Preset("ia3", "IA3: rescaled keys, values and FFN inputs + the head", _common(3e-3),
-                _ia3_stages, storage=CONFIG_STORAGE))
+                _ia3_stages))
 register(Preset("prefix", "prefix tuning (reparametrised in training, folded after) + the head",
                 {**_common(5e-3), "length": 20, "reparametrize": True, "hidden_size": 512},
-                _prefix_stages, storage=CONFIG_STORAGE))
+                _prefix_stages))
 register(Preset("prompt", "prompt tuning: soft tokens before the input + the head",
-                {**_common(3e-2), "length": 20}, _prompt_stages, storage=CONFIG_STORAGE))
+                {**_common(3e-2), "length": 20}, _prompt_stages))
 register(Preset("mam", "MAM adapter: prefix (l = 30) + scaled parallel FFN adapter + the head",
                 {**_common(2e-3), "prefix_length": 30, "bottleneck_size": 512, "scaling": 4.0},
-                _mam_stages, storage=CONFIG_STORAGE))
+                _mam_stages))
 register(Preset("unipelt", "UniPELT: gated LoRA + prefix + adapter + the head",
                 {**_common(2e-3), "gate": True, "prefix_length": 10, "reduction_factor": 16},
-                _unipelt_stages, storage=CONFIG_STORAGE))
+                _unipelt_stages))
 register(Preset("s4", "S4: spindle layer groups, each with its adapter/prefix/BitFit/LoRA + the head",
                 {**_common(2e-3), "budget": 0.005, "groups": "spindle",
                  "strategies": "AL,AP,APB,PBL", "prefix_length": 10},
-                _s4_stages, storage=CONFIG_STORAGE))
+                _s4_stages))
 del _kind, _summary

@@ -44,7 +44,11 @@ def save(directory: str | os.PathLike, method: method_lib.Method, delta: Any, *,
     Raises:
       FileExistsError: ``directory`` exists and ``overwrite`` is false.
       TypeError: a ``method.config`` that is not JSON-serialisable (the method could not be rebuilt).
+      ValueError: a delta without arrays (nothing to save).
     """
+    if not jax.tree_util.tree_leaves(delta):
+        raise ValueError(f"save: the delta of {method.name!r} holds no arrays; there is nothing to "
+                         f"save (did its targets select nothing?)")
     try:
         config = json.loads(json.dumps(method.config))
     except TypeError as e:
@@ -62,18 +66,13 @@ def _layout(tree: Any) -> dict[str, tuple]:
             for p, x in paths_lib.flatten(tree).items()}
 
 
-def load(directory: str | os.PathLike, params: Any, sites: Any = None) -> Loaded:
-    """The method saved at ``directory`` (by :func:`save`), rebuilt, and its delta.
-
-    Args:
-      directory: a checkpoint written by :func:`save`.
-      params: the base weights the delta is for (only their structure, shapes and dtypes are read).
-      sites: the model's sites (:func:`jpeft.probe`) for methods that need them.
+def read(directory: str | os.PathLike) -> Loaded:
+    """The method saved at ``directory`` (by :func:`save`) rebuilt from its config and data, and
+    its delta as stored (no base to check it against: :func:`load` checks).
 
     Raises:
       FileNotFoundError: no checkpoint at ``directory``.
-      CheckpointError: not a :func:`save` checkpoint, damaged files, or a delta that does not fit
-        the rebuilt method on ``params`` (naming the entries).
+      CheckpointError: not a :func:`save` checkpoint, or damaged files.
     """
     meta = checkpoint.metadata(directory)
     info = meta["metadata"]
@@ -86,8 +85,26 @@ def load(directory: str | os.PathLike, params: Any, sites: Any = None) -> Loaded
     if data is not None:
         data = jax.tree_util.tree_map(np.asarray, data)
     from jpeft.methods import from_config
-    method = from_config(info["config"], data)
-    delta = stored["delta"]
+    return Loaded(from_config(info["config"], data), stored["delta"], meta["step"],
+                  info.get("user", {}))
+
+
+def load(directory: str | os.PathLike, params: Any, sites: Any = None) -> Loaded:
+    """The method saved at ``directory`` (by :func:`save`), rebuilt, and its delta, checked
+    against the base ``params``.
+
+    Args:
+      directory: a checkpoint written by :func:`save`.
+      params: the base weights the delta is for (only their structure, shapes and dtypes are read).
+      sites: the model's sites (:func:`jpeft.probe`) for methods that need them.
+
+    Raises:
+      FileNotFoundError: no checkpoint at ``directory``.
+      CheckpointError: not a :func:`save` checkpoint, damaged files, or a delta that does not fit
+        the rebuilt method on ``params`` (naming the entries).
+    """
+    loaded = read(directory)
+    method, delta = loaded.method, loaded.delta
     want = _layout(jax.eval_shape(lambda k, p: method.init(k, p, sites), jax.random.key(0),
                                   params))
     got = _layout(delta)
@@ -101,4 +118,4 @@ def load(directory: str | os.PathLike, params: Any, sites: Any = None) -> Loaded
         raise checkpoint.CheckpointError(
             f"the delta at {directory} does not fit method {method.name!r} on the given params "
             f"(another base model?):\n  " + "\n  ".join(problems[:20]))
-    return Loaded(method, delta, meta["step"], info.get("user", {}))
+    return loaded

@@ -71,11 +71,11 @@ def test_every_preset_has_tiny_options():
     assert set(TINY) == set(presets.names())
 
 
-#: Presets run end to end: every kind of stage list and storage (single fit, warm-up + compute,
-#: compute + fit, fit + compute + fit, fit + fold, masks in the config, rebuilt from the saved
-#: config, AdaLoRA's metadata, one-shape SAID, full fine-tuning without a head). The others are
-#: single-fit presets with the config storage: :func:`test_every_preset_builds_and_rebuilds`
-#: checks their declaration, and the contract suite their methods.
+#: Presets run end to end: every kind of stage list (single fit, warm-up + compute, compute + fit,
+#: fit + compute + fit, fit + fold), methods defined by data (FAR's columns, sparse indices),
+#: masks in the config, AdaLoRA's metadata, one-shape SAID, full fine-tuning without a head. The
+#: others are single-fit presets: :func:`test_every_preset_builds_and_rebuilds` checks their
+#: declaration and config, and the contract suite their methods.
 END_TO_END = ("lora", "adalora", "far", "diff-pruning", "fishmask", "said", "full", "prefix",
               "sparse-adapter", "s4")
 
@@ -97,8 +97,8 @@ def test_every_preset_builds_and_rebuilds(env):
                                 jax.random.key(0))
         assert jax.tree.leaves(shapes), name
         as_json = json.loads(json.dumps(method.config, default=str))
-        if preset.storage is presets.CONFIG_STORAGE:
-            assert json.loads(json.dumps(from_config(as_json).config, default=str)) == as_json
+        rebuilt = from_config(as_json, method.data)
+        assert json.loads(json.dumps(rebuilt.config, default=str)) == as_json
 
 
 @pytest.mark.parametrize("name", END_TO_END)
@@ -113,12 +113,13 @@ def test_preset_runs_end_to_end(env, name, tmp_path):
     assert out.state["ran"] == declared
     assert preset.main in declared
 
-    # The saved metadata alone rebuilds the trained method.
-    meta = checkpoint.metadata(out.checkpoint)["metadata"]
+    # The checkpoint alone rebuilds the trained method (config, data, preset and options).
+    saved = checkpoint.metadata(out.checkpoint)["metadata"]
+    meta = saved["user"]
     assert meta["preset"] == name and meta["options"] == presets.resolve(name, options)
     loaded = presets.load(out.checkpoint)
     as_json = lambda config: json.loads(json.dumps(config, default=str))
-    assert as_json(loaded.method.config) == meta["config"] == as_json(out.state["method"].config)
+    assert as_json(loaded.method.config) == saved["config"] == as_json(out.state["method"].config)
     # Training moved the zero-initialised head (or, for full fine-tuning, the whole delta).
     delta = out.state["delta"]
     assert any(np.any(np.asarray(x) != 0) for x in jax.tree.leaves(delta.get("head", delta)))
@@ -182,5 +183,9 @@ def test_s4_layout_options(env):
 
 def test_load_needs_a_preset_checkpoint(tmp_path):
     checkpoint.save(tmp_path / "plain", {"w": np.zeros(3, np.float32)})
-    with pytest.raises(ValueError, match="not a preset checkpoint"):
+    with pytest.raises(ValueError, match="was not written by jpeft.save"):
         presets.load(tmp_path / "plain")
+    method = jpeft.bitfit()
+    jpeft.save(tmp_path / "method", method, {"params": {"b": {"bias": np.zeros(2, np.float32)}}})
+    with pytest.raises(ValueError, match="not a preset checkpoint"):
+        presets.load(tmp_path / "method")

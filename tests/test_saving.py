@@ -104,3 +104,8 @@ def test_load_needs_a_saved_method(tmp_path):
         jpeft.load(tmp_path / "plain", {})
     with pytest.raises(ValueError, match="'far' is defined by data .* pass from_config"):
         jpeft.methods.from_config({"method": "far", "train_bias": True, "bias_name": "bias"})
+
+
+def test_an_empty_delta_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="the delta of 'bitfit' holds no arrays"):
+        jpeft.save(tmp_path / "m", jpeft.bitfit(), {})

@@ -17,11 +17,13 @@ the two halves live apart, both nested dicts at the base leaf's path:
   over it), never trained. Leaves with no kept entry are left out.
 * ``values``: ``{..path..: v}``, the trainable delta.
 
-The *stored* form puts them side by side, ``{..path..: {"indices": idx, "values": v}}``
-(:func:`to_stored`), which :mod:`jpeft.checkpoint` saves and restores like any delta; its size on
-disk is ``O(k)`` (``4 + itemsize`` bytes per kept entry plus a constant per tensor), independent of
-the size of the model. :func:`jpeft.checkpoint.stored_like` reads the shapes to restore into from
-the checkpoint itself, :func:`stored_like` builds them from the indices.
+The indices are the method's ``data``: :func:`jpeft.save` stores them next to the values and
+:func:`jpeft.load` rebuilds the method; the size on disk is ``O(k)`` (``4 + itemsize`` bytes per
+kept entry plus a constant per tensor), independent of the size of the model. The *stored* form
+puts them side by side as one tree, ``{..path..: {"indices": idx, "values": v}}``
+(:func:`to_stored`): the delta of :func:`stored_method`, which runs a sparse delta with its indices
+as arguments rather than constants, so one compiled program serves many sparse deltas of the same
+sizes (:func:`stored_like` gives their shapes).
 
 Selection: :func:`top_k_indices` keeps the ``k`` largest scores over a whole pytree (one global
 ranking, exact count, ties broken towards the earlier position in tree order, then in
@@ -270,7 +272,7 @@ def densify(params: Any, indices: Any, values: Any) -> dict:
 
 
 def to_stored(indices: Any, values: Any) -> dict:
-    """``{..path..: {"indices": idx, "values": v}}``: what :func:`jpeft.checkpoint.save` writes."""
+    """``{..path..: {"indices": idx, "values": v}}``: the delta of :func:`stored_method`."""
     return paths_lib.unflatten({p + (name,): x for p, (i, v) in _pairs(indices, values).items()
                                 for name, x in (("indices", i), ("values", v))})
 
@@ -290,8 +292,7 @@ def from_stored(stored: Any) -> SparseDelta:
 
 def stored_like(indices: Any, params: Any) -> dict:
     """The abstract stored form (``jax.ShapeDtypeStruct`` leaves) for ``indices`` over ``params``:
-    what to pass to :func:`jpeft.checkpoint.restore` when the indices are known. (When they are
-    not, :func:`jpeft.checkpoint.stored_like` reads the shapes from the checkpoint.)"""
+    the delta shapes of :func:`stored_method` for these sizes (one compilation for all of them)."""
     flat_p = paths_lib.flatten(params)
     return paths_lib.unflatten({
         p + (name,): jax.ShapeDtypeStruct((int(np.size(i)),), dt)
@@ -566,14 +567,13 @@ def sparse_finetune(indices: Any, *, name: str = "sparse") -> method_lib.Method:
 
 
 def stored_method(*, name: str = "sparse") -> method_lib.Method:
-    """A method whose delta is a *stored* sparse delta ``{..path..: {"indices", "values"}}``: for
-    inference on (and merging of) a restored checkpoint, with the same forward forms as
-    :func:`sparse_finetune`. Not for training (its delta holds integer arrays); ``init`` raises,
-    since a stored delta is restored, not initialised."""
+    """A method whose delta is a *stored* sparse delta ``{..path..: {"indices", "values"}}``
+    (:func:`to_stored`): for inference and merging with the indices as arguments (one program
+    for many deltas of the same sizes), with the same forward forms as :func:`sparse_finetune`.
+    Not for training (its delta holds integer arrays); ``init`` raises."""
     def init(key, params, sites=None):
-        raise ValueError(f"{name}: a stored sparse delta is not initialised; restore one with "
-                         f"jpeft.checkpoint.restore(path, jpeft.checkpoint.stored_like(path)), or "
-                         f"train with sparse_finetune(indices)")
+        raise ValueError(f"{name}: a stored sparse delta is not initialised; build one with "
+                         f"to_stored(indices, values), or train with sparse_finetune(indices)")
 
     def pairs(stored):
         sd = from_stored(stored)

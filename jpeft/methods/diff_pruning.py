@@ -21,8 +21,8 @@ After training, :func:`project` keeps the ``k`` entries of largest ``|z * w|`` (
 gates; one global ranking over all selected tensors, exactly ``k = round(density * n)`` of the
 ``n`` selected entries) and returns them as a :class:`jpeft.core.sparse.SparseDelta`; the optional
 re-fine-tune trains those values with the mask fixed (:func:`jpeft.core.sparse.sparse_finetune`,
-initialised at the projected values), and the result is stored sparse
-(:func:`jpeft.core.sparse.to_stored`).
+initialised at the projected values), saved sparse by :func:`jpeft.save` (the indices are the
+method's data, the values its delta).
 
 Defaults follow the paper and its code (github.com/dguo98/DiffPruning): ``l = -1.5``, ``r = 1.5``,
 ``alpha_init = 5`` (every gate starts open: the deterministic gate is 1 and ``P(z != 0) =

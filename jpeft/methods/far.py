@@ -68,11 +68,8 @@ embedding) has no factored form: the factored mode says so; use the materialised
 
 The column indices are integers and so are not part of the trainable delta (``jax.grad`` and optax
 need real arrays): :func:`far` is built from a tree of indices (``far_select``'s result) that mirrors
-the base tree at the kernels' paths. The stored form (:func:`far_pack`, :func:`far_unpack`) holds, per
-weight, ``{"indices": int32[*S, k], "kernel_cols": D [*S, *I, k], "bias_cols": d [*S, k]}`` at the
-module's path, and goes through :mod:`jpeft.checkpoint` as it is: restore it into
-``jpeft.checkpoint.stored_like(path)`` (the template read from the checkpoint, since the column
-counts are only known from the stored indices) or :func:`far_stored_like` (from known indices).
+the base tree at the kernels' paths; it is the method's ``data``: :func:`jpeft.save` stores it with
+the delta and :func:`jpeft.load` rebuilds the method from both.
 
 Sharding: ``D`` takes the specs of ``W0``'s stack and contracted axes and replicates the column
 axis; ``d`` takes the specs of the bias's stack axes, its column axis replicated (a matrix's
@@ -752,69 +749,3 @@ def far(columns: Any, *, train_bias: bool = True, bias_name: str = "bias",
         name=name, init=init, merge=merge, unmerge=unmerge, edits=edits,
         shardings=shardings, labels=method_lib.constant_labels(name), config=config,
         data=paths_lib.unflatten(dict(cols)))
-
-
-# --------------------------------------------------------------------------------------------
-# Stored form
-
-
-def _pack(cols: dict, delta: Any, bias_name: str) -> dict:
-    flat = paths_lib.flatten(delta)
-    out = {}
-    for path, c in cols.items():
-        if path not in flat:
-            raise ValueError(f"far_pack: the delta has no entry at {paths_lib.path_str(path)}")
-        k = np.shape(c)[-1]
-        if flat[path].shape[-1] != k:
-            raise ValueError(f"far_pack: {paths_lib.path_str(path)} holds {flat[path].shape[-1]} "
-                             f"columns but {k} indices were given")
-        module = path[:-1]
-        out[module + ("indices",)] = c
-        out[module + ("kernel_cols",)] = flat[path]
-        if module + (bias_name,) in flat:
-            out[module + ("bias_cols",)] = flat[module + (bias_name,)]
-    return paths_lib.unflatten(out)
-
-
-def far_pack(columns: Any, delta: Any, *, bias_name: str = "bias") -> dict:
-    """The stored form of a FAR delta: at each layer module's path,
-    ``{"indices": int32 [*S, k], "kernel_cols": D [*S, *I, k], "bias_cols": d [*S, k]}``
-    (``bias_cols`` only when trained; ``[k]``, ``[in, k]``, ``[k]`` for a matrix). Everything needed
-    to rebuild the method and its delta; save it with ``jpeft.checkpoint.save``. ``kernel_cols`` is
-    the change ``W_t - W0[:, c]`` (zero-initialised), not ``W_t`` itself, so that restoring is
-    exact."""
-    return _pack(_check_columns(columns), delta, bias_name)
-
-
-def far_unpack(stored: Any, *, kernel_name: str = "kernel", bias_name: str = "bias"
-               ) -> tuple[dict, dict]:
-    """``(columns, delta)`` from :func:`far_pack`'s form; ``far(columns)`` then takes ``delta``.
-    The indices come back as host ``np.int32`` arrays."""
-    flat = paths_lib.flatten(stored)
-    columns, delta = {}, {}
-    for p, v in flat.items():
-        if p[-1] != "indices":
-            continue
-        module = p[:-1]
-        if module + ("kernel_cols",) not in flat:
-            raise ValueError(f"far_unpack: {paths_lib.path_str(module)} has indices but no "
-                             f"kernel_cols")
-        columns[module + (kernel_name,)] = np.asarray(v).astype(np.int32)
-        delta[module + (kernel_name,)] = flat[module + ("kernel_cols",)]
-        if module + ("bias_cols",) in flat:
-            delta[module + (bias_name,)] = flat[module + ("bias_cols",)]
-    if not columns:
-        raise ValueError("far_unpack: no 'indices' entry found: not a FAR stored form")
-    return paths_lib.unflatten(columns), paths_lib.unflatten(delta)
-
-
-def far_stored_like(params: Any, columns: Any, *, train_bias: bool = True,
-                    bias_name: str = "bias", sites: sites_lib.Sites | None = None) -> dict:
-    """The abstract stored form (``jax.ShapeDtypeStruct`` leaves) of ``far(columns)`` on
-    ``params`` (with ``sites`` as given to its ``init``): a template for
-    ``jpeft.checkpoint.restore`` built from the indices (only their shapes matter)."""
-    cols = _check_columns(columns)
-    method = far(columns, train_bias=train_bias, bias_name=bias_name)
-    delta = jax.eval_shape(lambda k, p: method.init(k, p, sites), jax.random.key(0), params)
-    abstract = {p: jax.ShapeDtypeStruct(c.shape, jnp.int32) for p, c in cols.items()}
-    return _pack(abstract, delta, bias_name)

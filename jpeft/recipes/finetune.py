@@ -3,12 +3,12 @@
 :func:`run` reports dev accuracy before fine-tuning, runs the preset's stages (dev accuracy after
 those that ask for it), then checks what a user relies on:
 
-1. *reload*: the result is saved (:func:`jpeft.presets.save`: only the delta, or the preset's stored
-   form such as FAR's indices + kept columns or a sparse delta's indices + values, with the preset,
-   its options and the method config as metadata); the base weights are read again from their
-   source, the method is rebuilt from the checkpoint alone (:func:`jpeft.presets.load`), and
+1. *reload*: the result is saved (:func:`jpeft.presets.save`: only the delta, with the method's
+   config and data, such as FAR's kept columns or a sparse delta's indices, and the preset and its
+   options as metadata); the base weights are read again from their source, the method is rebuilt
+   from the checkpoint alone (:func:`jpeft.presets.load`), and
 
-   * the restored tree equals the saved one, leaf for leaf (indices included);
+   * the restored delta equals the saved one, leaf for leaf, and so does the method's data;
    * the rebuilt method has the trained method's config, and its ``init`` has the restored delta's
      layout;
    * its dev predictions are identical, bit for bit, to the trained model's;
@@ -83,14 +83,15 @@ def _normalised(config: Any) -> Any:
 
 def check_reload(task: Task, trained: method_lib.Method, dev_logits: np.ndarray, saved: Any,
                  ckpt: Path, log: Callable[[str], None]) -> dict[str, bool]:
-    """The reload checks of the module docstring (``saved``: the tree written to ``ckpt``)."""
+    """The reload checks of the module docstring (``saved``: the delta written to ``ckpt``)."""
     loaded = presets.load(ckpt)
     base = task.base_params()
-    restored_same = _same_trees(loaded.stored, saved)
+    restored_same = (_same_trees(loaded.delta, saved)
+                     and _same_trees(loaded.method.data, trained.data))
     same_config = _normalised(loaded.method.config) == _normalised(trained.config)
     fits = _layout(jax.eval_shape(lambda k, p: loaded.method.init(k, p, task.sites),
                                   jax.random.key(0), base)) == _layout(loaded.delta)
-    log(f"rebuilt {loaded.preset.name!r} from the checkpoint alone: stored tree identical "
+    log(f"rebuilt {loaded.preset.name!r} from the checkpoint alone: stored delta identical "
         f"{restored_same}, same method config {same_config}, delta fits the rebuilt method {fits}")
     reloaded, _ = task.evaluate(loaded.method, base, loaded.delta)
     same = bool(np.array_equal(reloaded, dev_logits))
@@ -154,7 +155,7 @@ def run(preset: presets.Preset | str, task: Task, options: Mapping[str, Any] | N
     size = sum(f.stat().st_size for f in ckpt.rglob("*") if f.is_file())
     log(f"saved the delta (only the delta: {size / 1e6:.2f} MB on disk; base weights "
         f"{tree_lib.num_bytes(task.params) / 1e6:.1f} MB) to {ckpt}")
-    checks = check_reload(task, method, dev_logits, preset.storage.pack(state), ckpt, log)
+    checks = check_reload(task, method, dev_logits, delta, ckpt, log)
     checks.update(check_merge(task, method, delta, dev_logits, log))
     ok = all(checks.values())
     if not ok:

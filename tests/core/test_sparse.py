@@ -1,5 +1,5 @@
-"""Sparse deltas: global top-k, scatter merge, the sparse method's forward forms and gradients, and
-the stored form through jpeft.checkpoint."""
+"""Sparse deltas: global top-k, scatter merge, the sparse method's forward forms and gradients,
+saving by name, and the stored form (traced indices)."""
 
 import os
 
@@ -11,7 +11,6 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 import jpeft
-from jpeft import checkpoint
 from jpeft.core import paths, sparse
 
 
@@ -213,22 +212,25 @@ def test_gradients_reach_only_the_selected_entries_and_skip_dense_kernel_gradien
     assert flops["materialised"] - flops["factored"] >= 0.5 * full, (flops, full)
 
 
-def test_stored_form_round_trips_through_checkpoint(small, tmp_path):
+def test_saved_by_name_and_the_stored_form(small, tmp_path):
+    """The indices are the method's data: jpeft.save / jpeft.load round trip. The stored form
+    (indices next to values, the delta of ``stored_method``) runs with traced indices."""
     model, variables, ids = small
     idx = _random_indices(variables, 0.2, exclude_head=False)
     val = _random_values(idx)
-    stored = sparse.to_stored(idx, val)
-    assert all(x.dtype == np.int32 for p, x in paths.flatten(stored).items() if p[-1] == "indices")
-    ck = checkpoint.save(tmp_path / "ck", stored, metadata={"entries": sparse.num_entries(idx)})
-    like = checkpoint.stored_like(ck)
+    jpeft.save(tmp_path / "ck", sparse.sparse_finetune(idx), val)
+    loaded = jpeft.load(tmp_path / "ck", variables)
+    jax.tree.map(np.testing.assert_array_equal, loaded.method.data, idx)
+    jax.tree.map(np.testing.assert_array_equal, loaded.delta, val)
+    got = jax.tree.map(jnp.asarray, sparse.to_stored(idx, val))
+    assert all(x.dtype == np.int32 for p, x in paths.flatten(got).items() if p[-1] == "indices")
     shape_dtype = lambda t: jax.tree.map(lambda s: (s.shape, np.dtype(s.dtype)), t)
-    assert shape_dtype(like) == shape_dtype(sparse.stored_like(idx, variables))
-    got = checkpoint.restore(ck, like)["delta"]
+    assert shape_dtype(got) == shape_dtype(sparse.stored_like(idx, variables))
     back = sparse.from_stored(got)
     jax.tree.map(np.testing.assert_array_equal, back.indices, idx)
     jax.tree.map(np.testing.assert_array_equal, back.values, val)
-    # A restored stored delta runs as is, with the same outputs as the trained values (another
-    # program: its indices are arguments, not constants, so equal up to float rounding).
+    # A stored delta runs as is, with the same outputs as the trained values (another program:
+    # its indices are arguments, not constants, so equal up to float rounding).
     sites = jpeft.probe(model.apply, variables, ids)
     out = jax.jit(jpeft.wrap(model.apply, sparse.stored_method(), sites))(variables, got, ids)
     want = jax.jit(jpeft.wrap(model.apply, sparse.sparse_finetune(back.indices), sites))(
@@ -245,7 +247,7 @@ def test_size_on_disk_scales_with_the_kept_entries(variables, tmp_path):
     for m in (8, 800):                       # entries per tensor, the same three tensors
         idx = paths.unflatten({p: np.arange(0, 2 * m, 2, dtype=np.int32) for p in tensors})
         val = _random_values(idx, seed=m)
-        sizes[m] = _dir_bytes(checkpoint.save(tmp_path / f"m{m}", sparse.to_stored(idx, val)))
+        sizes[m] = _dir_bytes(jpeft.save(tmp_path / f"m{m}", sparse.sparse_finetune(idx), val))
     # 3 * 792 more entries cost at least their float32 values (random: incompressible) and at most
     # values plus int32 indices; the fixed part is small next to the model.
     extra = 3 * (800 - 8)

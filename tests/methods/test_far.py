@@ -11,8 +11,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 import jpeft
 from jpeft.core import paths
-from jpeft.methods.far import (BERT_FFN, far, far_magnitude_scores, far_pack,
-                               far_report, far_scores, far_select, far_stored_like, far_unpack,
+from jpeft.methods.far import (BERT_FFN, far, far_magnitude_scores,
+                               far_report, far_scores, far_select,
                                kept_count)
 
 FFN = ("intermediate/dense", "output/dense")
@@ -305,27 +305,18 @@ def _apply(variables, ids):
         variables, ids)
 
 
-def test_stored_form_round_trips_through_the_checkpoint(setup, tmp_path):
+def test_saved_and_loaded_by_name(setup, tmp_path):
+    """FAR's columns are the method's data: jpeft.save stores them with the delta and jpeft.load
+    rebuilds the same method (columns and outputs identical)."""
     model, variables, columns, method, delta, batch, sites = setup
     delta = _perturb(delta)
-    stored = far_pack(columns, delta)
-    layer = stored["params"]["bert"]["encoder"]["layer"]["1"]["output"]["dense"]
-    assert set(layer) == {"indices", "kernel_cols", "bias_cols"}
-    assert layer["indices"].dtype == np.int32 and layer["kernel_cols"].shape == (64, 8)
-    # The template from the indices and the one read from the checkpoint agree.
-    like = far_stored_like(variables, columns)
-    jpeft.checkpoint.save(tmp_path / "far", stored)
-    from_disk = jpeft.checkpoint.stored_like(tmp_path / "far")
-    assert jax.tree.map(lambda s: (s.shape, s.dtype), from_disk) == \
-        jax.tree.map(lambda s: (s.shape, s.dtype), like)
-    restored = jpeft.checkpoint.restore(tmp_path / "far", from_disk)["delta"]
-    cols2, delta2 = far_unpack(restored)
-    for a, b in zip(jax.tree.leaves(cols2), jax.tree.leaves(columns)):
+    assert set(paths.flatten(method.data)) == set(paths.flatten(columns))
+    jpeft.save(tmp_path / "far", method, delta)
+    loaded = jpeft.load(tmp_path / "far", variables, sites)
+    for a, b in zip(jax.tree.leaves(loaded.method.data), jax.tree.leaves(columns)):
         np.testing.assert_array_equal(a, b)
-    for a, b in zip(jax.tree.leaves(delta2), jax.tree.leaves(delta)):
-        np.testing.assert_array_equal(a, b)
-    assert jax.tree.structure(delta2) == jax.tree.structure(delta)
-    out = jax.jit(jpeft.wrap(model.apply, far(cols2), sites))(variables, delta2, **batch)
+    jax.tree.map(np.testing.assert_array_equal, loaded.delta, delta)
+    out = jax.jit(jpeft.wrap(model.apply, loaded.method, sites))(variables, loaded.delta, **batch)
     np.testing.assert_array_equal(
         out, jax.jit(jpeft.wrap(model.apply, method, sites))(variables, delta, **batch))
 
@@ -375,11 +366,6 @@ def test_malformed_columns_are_errors(tiny_bert):
         far_magnitude_scores(variables, targets=r".*fnn")
     with pytest.raises(ValueError, match="no entry for 4 targeted kernels"):
         far_scores(variables, {"params": {}}, warm_is_delta=True)
-    with pytest.raises(ValueError, match="not a FAR stored form"):
-        far_unpack({"params": {"dense": {"kernel": np.ones((2, 2))}}})
-    with pytest.raises(ValueError, match="holds 8 columns but 2 indices"):
-        far_pack(paths.unflatten({k: np.array([0, 1])}),
-                 paths.unflatten({k: np.zeros((64, 8))}))
     with pytest.raises(ValueError, match="not all finite"):
         far_select({"m": {"kernel": np.array([1.0, np.nan])}}, 0.5)
 
@@ -666,22 +652,17 @@ def test_stacked_shardings_and_stored_form(stacked, layouts, mesh, tmp_path):
     assert lds["mid"]["kernel"].spec == P("model", None)                # D [5, k]: axis 1
     assert lds["batched"]["kernel"].spec == P("data", None, None)       # D [2, 4, k]
     assert lds["batched"]["bias"].spec == P("data", None)
-    # Stored form: indices [3, k], kernel_cols [3, 6, k], bias_cols [3, k]; checkpoint round trip.
+    # Saved by name on the stacked layout: columns [3, k] per layer, D [3, 6, k], d [3, k].
     real = _perturb(method.init(jax.random.key(0), params, sites))
-    stored = far_pack(columns, real)
-    assert stored["layers"]["indices"].shape == (3, 2)
-    assert stored["layers"]["kernel_cols"].shape == (3, 6, 2)
-    assert stored["layers"]["bias_cols"].shape == (3, 2)
-    like = far_stored_like(params, columns, sites=sites)
-    jpeft.checkpoint.save(tmp_path / "far", stored)
-    from_disk = jpeft.checkpoint.stored_like(tmp_path / "far")
-    assert jax.tree.map(lambda s: (s.shape, s.dtype), from_disk) == \
-        jax.tree.map(lambda s: (s.shape, s.dtype), like)
-    cols2, delta2 = far_unpack(jpeft.checkpoint.restore(tmp_path / "far", like)["delta"])
-    np.testing.assert_array_equal(cols2["layers"]["kernel"], columns["layers"]["kernel"])
-    jax.tree.map(np.testing.assert_array_equal, delta2, real)
-    np.testing.assert_array_equal(jpeft.wrap(apply, far(cols2), sites)(params, delta2, *args),
-                                  jpeft.wrap(apply, method, sites)(params, real, *args))
+    assert real["layers"]["kernel"].shape == (3, 6, 2) and real["layers"]["bias"].shape == (3, 2)
+    jpeft.save(tmp_path / "far", method, real)
+    loaded = jpeft.load(tmp_path / "far", params, sites)
+    np.testing.assert_array_equal(loaded.method.data["layers"]["kernel"],
+                                  columns["layers"]["kernel"])
+    jax.tree.map(np.testing.assert_array_equal, loaded.delta, real)
+    np.testing.assert_array_equal(
+        jpeft.wrap(apply, loaded.method, sites)(params, loaded.delta, *args),
+        jpeft.wrap(apply, method, sites)(params, real, *args))
 
 
 def _dot_output_shapes(jaxpr) -> list:
