@@ -29,9 +29,10 @@ install-test: $(VENV)/.test-installed
 demo: $(VENV)/.core-installed
 	$(BIN)/python -m jpeft.cli demo
 
-# One pytest worker per core (-n auto): most of the suite's time is single-threaded XLA compiles.
+# One pytest worker per core (-n auto): most of the suite's time is single-threaded XLA compiles;
+# work stealing keeps both workers busy to the end (the long tests are uneven).
 test: $(VENV)/.test-installed
-	$(BIN)/python -m pytest -q -n auto
+	$(BIN)/python -m pytest -q -n auto --dist worksteal
 
 bench: $(VENV)/.test-installed
 	$(BIN)/python -m pip install -q -e '.[bench]'

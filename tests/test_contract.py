@@ -32,18 +32,17 @@ from jpeft.methods import fishmask as fishmask_lib
 SITE_METHODS = ("lora",)
 PARAM_METHODS = ("full", "bitfit", "diff_pruning")
 PARAM_STYLES = ("linen_einsum", "linen_scan_remat", "nnx_decoder_scan")
-#: DID/SAID project every tensor (one code path for any tree): the two linen styles.
-INTRINSIC_STYLES = ("linen_einsum", "linen_scan_remat")
-#: FAR on every distinct layout: 2-D, 3-D DenseGeneral, middle-axis einsum, conv, scan-stacked
-#: (linen and NNX); the NNX MHA and unrolled decoder repeat layouts covered here.
-FAR_STYLES = ("linen_bert", "linen_mha", "linen_einsum", "linen_scan_remat", "linen_conv",
-              "nnx_decoder_scan")
+#: DID/SAID project every tensor (one code path for any tree): the scan-stacked linen style.
+INTRINSIC_STYLES = ("linen_scan_remat",)
+#: FAR on every distinct layout: 3-D DenseGeneral, middle-axis einsum, conv, scan-stacked (linen
+#: and NNX, 2-D per layer); plain 2-D BERT kernels are tests/methods/test_far.py's own model.
+FAR_STYLES = ("linen_mha", "linen_einsum", "linen_scan_remat", "linen_conv", "nnx_decoder_scan")
 #: AdaLoRA's factors are laid out by LoRA's code (its own part is the triplet's ``lam``), and the
 #: sparse factored form's layouts are covered by these styles (2-D, 3-D DenseGeneral, middle-axis
 #: einsum, scan-stacked, conv merged): each on the styles that stress its own code, within the
 #: suite's time budget on a 2-core machine.
 ADALORA_STYLES = ("linen_mha", "linen_scan_remat")
-FISHMASK_STYLES = ("linen_mha", "linen_einsum", "linen_scan_remat", "linen_conv")
+FISHMASK_STYLES = ("linen_mha", "linen_einsum", "linen_scan_remat")   # conv: test_sparse.py
 CASES = ([(st, m) for st in zoo.NAMES for m in SITE_METHODS]
          + [(st, "far") for st in FAR_STYLES]
          + [(st, "adalora") for st in ADALORA_STYLES]
@@ -203,7 +202,9 @@ ADDITIVE = {
 #: The additive methods on the linen BERT (the parallel and multi-head adapters share Houlsby's
 #: code path; tests/methods/test_adapters.py checks them against references); on the stacked decoder the ones whose code paths differ
 #: there (per-layer adapter arrays sliced by the scan, IA3's stacked merge, prefix with GQA).
-ADDITIVE_CASES = ([("linen_bert", m) for m in ADDITIVE if m not in ("parallel", "multihead")]
+#: UniPELT (gated LoRA + prefix + adapter, each in this grid) has its own tests/methods/test_unipelt.py.
+ADDITIVE_CASES = ([("linen_bert", m) for m in ADDITIVE
+                   if m not in ("parallel", "multihead", "unipelt")]
                   + [("nnx_decoder_scan", m) for m in ("houlsby", "ia3", "prefix")])
 
 

@@ -65,6 +65,12 @@ def bert(tiny_bert, tiny_batch, tiny_sites):
     return model, {"params": params}, tiny_sites, tiny_batch
 
 
+#: Methods whose outputs are compared after the round trip (the data-defined ones, whose rebuild
+#: goes beyond the config, and one composition); the others compare config and delta, which
+#: determine the method (from_config is exercised on every preset by tests/test_presets.py).
+RUN = ("far", "fishmask", "far+head")
+
+
 @pytest.mark.parametrize("name", METHODS)
 def test_load_rebuilds_the_method_by_name(bert, name, tmp_path):
     model, variables, sites, batch = bert
@@ -76,8 +82,9 @@ def test_load_rebuilds_the_method_by_name(bert, name, tmp_path):
     assert as_json(loaded.method.config) == as_json(method.config)
     assert loaded.step == 7 and loaded.metadata == {"task": "x"}
     jax.tree.map(np.testing.assert_array_equal, loaded.delta, delta)
-    run = lambda m, d: jpeft.wrap(model.apply, m, sites)(variables, d, **batch)
-    np.testing.assert_array_equal(run(loaded.method, loaded.delta), run(method, delta))
+    if name in RUN:
+        run = lambda m, d: jpeft.wrap(model.apply, m, sites)(variables, d, **batch)
+        np.testing.assert_array_equal(run(loaded.method, loaded.delta), run(method, delta))
 
 
 def test_a_checkpoint_for_another_base_is_one_clear_error(bert, tiny_config, tmp_path):

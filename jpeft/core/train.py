@@ -75,7 +75,8 @@ class TrainStep:
     ``step(params, delta, opt_state, batch, key) -> (delta, opt_state, metrics)``; with skipping on,
     ``metrics`` also holds ``"skipped_in_row"`` and ``"skipped_total"`` (ints), and the call raises
     :class:`NonFiniteError` once ``max_skips_in_row`` steps in a row were skipped. Reading the
-    skip flag waits for the step to finish (as reading the loss does). ``step.jitted`` is the
+    skip flag waits for the step to finish (as reading the loss does). Called inside a traced
+    function (a ``jax.lax.scan`` of steps), it returns the per-step ``"skipped"`` flags only. ``step.jitted`` is the
     ``jax.jit`` function (``step.lower(...)`` lowers it).
     """
 
@@ -91,8 +92,8 @@ class TrainStep:
 
     def __call__(self, params, delta, opt_state, batch, key):
         delta, opt_state, metrics = self.jitted(params, delta, opt_state, batch, key)
-        if not self.skip_nonfinite:
-            return delta, opt_state, metrics
+        if not self.skip_nonfinite or isinstance(metrics["skipped"], jax.core.Tracer):
+            return delta, opt_state, metrics          # traced (inside jit/scan): flags only
         skipped = bool(metrics["skipped"])
         self.skipped_in_row = self.skipped_in_row + 1 if skipped else 0
         self.skipped_total += skipped

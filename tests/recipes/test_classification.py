@@ -81,7 +81,7 @@ def test_demo_runs_end_to_end(minilm, movie_data, tmp_path, capsys):
     assert "trainable params: 74,498" in out
     assert "predictions identical to the trained model: True" in out
     assert "100.00% of dev predictions equal" in out
-    meta = checkpoint.metadata(tmp_path / "delta")["metadata"]
+    meta = checkpoint.metadata(tmp_path / "delta")["metadata"]["user"]
     assert meta["preset"] == "lora" and meta["options"]["steps"] == 3
 
 
