@@ -318,7 +318,11 @@ def restore(directory: str | os.PathLike, delta_like: Any, *, opt_state_like: An
       CheckpointError (a ``ValueError``): every missing, unexpected, mis-shaped or mis-typed entry;
         or damaged files (an unreadable item, an array whose bytes differ from those saved).
     """
-    directory = _checked_dir(directory)
+    return _restore_dir(_checked_dir(directory), delta_like, opt_state_like)
+
+
+def _restore_dir(directory: Path, delta_like: Any, opt_state_like: Any) -> dict[str, Any]:
+    """:func:`restore` of one complete checkpoint directory (a save's, or a Manager step's)."""
     meta = _read_meta(directory)
     wanted = {"delta": delta_like}
     if opt_state_like is not None:
@@ -382,13 +386,7 @@ class Manager:
         step = self.latest() if step is None else step
         if step is None:
             raise FileNotFoundError(f"no complete checkpoint under {self.directory}")
-        path = self.directory / str(step)
-        meta = _read_meta(path)
-        wanted = {"delta": delta_like}
-        if opt_state_like is not None:
-            wanted["opt_state"] = opt_state_like
-        out = _restore_items(path, meta, wanted)
-        return {**out, "step": meta["step"], "metadata": meta["metadata"]}
+        return _restore_dir(self.directory / str(step), delta_like, opt_state_like)
 
     def close(self) -> None:
         self._mngr.close()

@@ -169,6 +169,13 @@ def torch_transformers(monkeypatch):
     return torch, transformers
 
 
+def torch_logits(torch, model, batch):
+    """``model(**batch).logits`` of a torch model on numpy int batches, as numpy."""
+    with torch.no_grad():
+        return model(**{k: torch.from_numpy(np.asarray(v).astype(np.int64))
+                        for k, v in batch.items()}).logits.numpy()
+
+
 def hf_llama(torch, transformers, seed=0, **overrides):
     """A tiny ``transformers.LlamaForCausalLM`` with random O(1)-scale weights (norms and biases
     included), no bos/eos, pad id 0, eager attention."""

@@ -9,17 +9,13 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
+from conftest import hf_llama, torch_logits, torch_transformers
+
 import jpeft
 from jpeft.interop import hf_peft
 from jpeft.interop.hf_files import AdapterFileError
 
 pytestmark = pytest.mark.torch
-
-
-def _torch_logits(torch, model, batch):
-    with torch.no_grad():
-        return model(**{k: torch.from_numpy(v.astype(np.int64))
-                        for k, v in batch.items()}).logits.numpy()
 
 
 def _perturbed(method, variables, sites, seed=1, scale=0.3):
@@ -47,7 +43,7 @@ def test_export_loads_in_hugging_face_peft(hf_bert_pair, tiny_batch, tmp_path):
         out = hf_peft.save(tmp_path / name, variables, method, delta, sites=sites)
         config = json.loads((out / "adapter_config.json").read_text())
         loaded = peft.PeftModel.from_pretrained(copy.deepcopy(hf), str(out)).eval()
-        np.testing.assert_allclose(_torch_logits(torch, loaded, tiny_batch), ours, atol=1e-4,
+        np.testing.assert_allclose(torch_logits(torch, loaded, tiny_batch), ours, atol=1e-4,
                                    rtol=1e-4)
         assert not np.allclose(ours, model.apply(variables, **tiny_batch), atol=1e-3)
     assert config["r"] == 2 and set(config["rank_pattern"].values()) == {4}
@@ -69,7 +65,7 @@ def test_import_from_hugging_face_peft(hf_bert_pair, tiny_batch, tmp_path):
             if "modules_to_save" in name:
                 p.add_(0.1)
     peft_model.save_pretrained(str(tmp_path / "hf"))
-    want = _torch_logits(torch, peft_model, tiny_batch)
+    want = torch_logits(torch, peft_model, tiny_batch)
 
     method, delta = hf_peft.load(tmp_path / "hf", variables, sites=sites)
     got = jpeft.wrap(model.apply, method, sites)(variables, delta, **tiny_batch)
@@ -92,7 +88,7 @@ def test_adalora_both_directions(hf_bert_pair, tiny_batch, tmp_path):
     ours = jpeft.wrap(model.apply, method, sites)(variables, flat, **tiny_batch)
     out = hf_peft.save(tmp_path / "ours", variables, method, flat, sites=sites)
     peft_model = peft.PeftModel.from_pretrained(copy.deepcopy(hf), str(out)).eval()
-    np.testing.assert_allclose(_torch_logits(torch, peft_model, tiny_batch), ours, atol=1e-4,
+    np.testing.assert_allclose(torch_logits(torch, peft_model, tiny_batch), ours, atol=1e-4,
                                rtol=1e-4)
 
     torch.manual_seed(2)
@@ -104,7 +100,7 @@ def test_adalora_both_directions(hf_bert_pair, tiny_batch, tmp_path):
             if "lora_E" in name:
                 p.normal_(0.0, 0.5)
     peft_model.save_pretrained(str(tmp_path / "hf"))
-    want = _torch_logits(torch, peft_model, tiny_batch)
+    want = torch_logits(torch, peft_model, tiny_batch)
     m2, d2 = hf_peft.load(tmp_path / "hf", variables, sites=sites)
     assert m2.config["method"] == "adalora" and m2.config["init_r"] == 4
     np.testing.assert_allclose(jpeft.wrap(model.apply, m2, sites)(variables, d2, **tiny_batch),
@@ -205,7 +201,6 @@ def test_conv1d_style_kernel_with_fan_in_fan_out(monkeypatch, tmp_path):
     import flax.linen as nn
     from jax import lax
 
-    from conftest import torch_transformers
     torch, transformers = torch_transformers(monkeypatch)
     import peft
     from transformers.pytorch_utils import Conv1D
@@ -271,7 +266,6 @@ def test_conv1d_style_kernel_with_fan_in_fan_out(monkeypatch, tmp_path):
 
 def test_llama_decoder_lora_and_adalora_both_directions(monkeypatch, tmp_path):
     """LoRA (all linear weights) and AdaLoRA on the GQA LLaMA decoder, both directions."""
-    from conftest import hf_llama, torch_transformers
     from jpeft.models.llama import LlamaConfig, load_hf_llama
     torch, transformers = torch_transformers(monkeypatch)
     import peft

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import jpeft
-from conftest import hf_llama, perturb, require
+from conftest import hf_llama, perturb, require, torch_logits
 from jpeft.interop import hf_peft
 from jpeft.interop.hf_files import AdapterFileError
 from jpeft.models.llama import LlamaConfig, load_hf_llama
@@ -17,12 +17,6 @@ from jpeft.models.llama import LlamaConfig, load_hf_llama
 pytestmark = pytest.mark.torch
 
 TOL = dict(atol=1e-4, rtol=1e-4)
-
-
-def _torch_logits(torch, model, batch):
-    with torch.no_grad():
-        return model(**{k: torch.from_numpy(np.asarray(v).astype(np.int64))
-                        for k, v in batch.items()}).logits.numpy()
 
 
 def _perturb_peft(torch, peft_model, seed):
@@ -62,7 +56,7 @@ def test_bert_with_head_loads_in_peft(hf_bert_pair, tiny_batch, tmp_path):
     # PEFT's defaults for BERT: key, value, and both output.dense (feed-forward) of each layer.
     assert len(config["target_modules"]) == 2 * 4 and len(config["feedforward_modules"]) == 2 * 2
     loaded = peft.PeftModel.from_pretrained(copy.deepcopy(hf), str(out)).eval()
-    np.testing.assert_allclose(_torch_logits(torch, loaded, tiny_batch), ours, **TOL)
+    np.testing.assert_allclose(torch_logits(torch, loaded, tiny_batch), ours, **TOL)
     assert not np.allclose(ours, model.apply(variables, **tiny_batch), atol=1e-3)
 
 
@@ -72,7 +66,7 @@ def test_bert_from_peft_with_head(hf_bert_pair, tiny_batch, tmp_path):
     peft_model = peft.get_peft_model(copy.deepcopy(hf), peft.IA3Config(task_type="SEQ_CLS"))
     _perturb_peft(torch, peft_model.eval(), seed=1)
     peft_model.save_pretrained(str(tmp_path / "hf"))
-    want = _torch_logits(torch, peft_model, tiny_batch)
+    want = torch_logits(torch, peft_model, tiny_batch)
 
     method, delta = hf_peft.load(tmp_path / "hf", variables, sites=sites)
     assert set(method.config["compose"]) == {"ia3", "head"}
@@ -92,12 +86,12 @@ def test_llama_both_directions(llama, tmp_path):
     out = hf_peft.save(tmp_path / "ours", params, method, delta, sites=sites,
                        task_type="CAUSAL_LM")
     loaded = peft.PeftModel.from_pretrained(copy.deepcopy(hf), str(out)).eval()
-    np.testing.assert_allclose(_torch_logits(torch, loaded, {"input_ids": ids}), ours, **TOL)
+    np.testing.assert_allclose(torch_logits(torch, loaded, {"input_ids": ids}), ours, **TOL)
 
     peft_model = peft.get_peft_model(copy.deepcopy(hf), peft.IA3Config(task_type="CAUSAL_LM"))
     _perturb_peft(torch, peft_model.eval(), seed=2)
     peft_model.save_pretrained(str(tmp_path / "hf"))
-    want = _torch_logits(torch, peft_model, {"input_ids": ids})
+    want = torch_logits(torch, peft_model, {"input_ids": ids})
     m2, d2 = hf_peft.load(tmp_path / "hf", params, sites=sites)
     assert m2.config["method"] == "ia3" and len(m2.config["feedforward"]) == 2     # down_proj
     np.testing.assert_allclose(jpeft.wrap(apply, m2, sites)(params, d2, ids), want, **TOL)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import jpeft
-from conftest import hf_llama, require
+from conftest import hf_llama, require, torch_logits
 from jpeft.interop import hf_peft
 from jpeft.interop.hf_files import AdapterFileError
 from jpeft.methods import prefix as prefix_lib
@@ -21,12 +21,6 @@ pytestmark = pytest.mark.torch
 
 L = 3
 TOL = dict(atol=1e-4, rtol=1e-4)
-
-
-def _torch_logits(torch, model, batch):
-    with torch.no_grad():
-        return model(**{k: torch.from_numpy(np.asarray(v).astype(np.int64))
-                        for k, v in batch.items()}).logits.numpy()
 
 
 def _jpeft_llama(torch, transformers, **overrides):
@@ -73,7 +67,7 @@ def test_bert_prompt_with_head_loads_in_peft(hf_bert_pair, tiny_batch, tmp_path)
         "peft_type": "PROMPT_TUNING", "num_virtual_tokens": L, "token_dim": 32, "num_layers": 2,
         "num_attention_heads": 4, "modules_to_save": ["classifier"]}
     loaded = peft.PeftModel.from_pretrained(copy.deepcopy(hf), str(out)).eval()
-    np.testing.assert_allclose(_torch_logits(torch, loaded, tiny_batch), ours, **TOL)
+    np.testing.assert_allclose(torch_logits(torch, loaded, tiny_batch), ours, **TOL)
 
 
 def test_bert_prompt_from_peft(hf_bert_pair, tiny_batch, tmp_path):
@@ -87,7 +81,7 @@ def test_bert_prompt_from_peft(hf_bert_pair, tiny_batch, tmp_path):
             if "modules_to_save" in name:
                 p.add_(0.3)
     peft_model.save_pretrained(str(tmp_path / "hf"))
-    want = _torch_logits(torch, peft_model, tiny_batch)
+    want = torch_logits(torch, peft_model, tiny_batch)
 
     method, delta = hf_peft.load(tmp_path / "hf", variables, sites=sites)
     assert set(method.config["compose"]) == {"prompt", "head"}
@@ -109,7 +103,7 @@ def test_llama_both_directions(llama, tmp_path, kind):
     out = hf_peft.save(tmp_path / "ours", params, method, delta, sites=sites,
                        task_type="CAUSAL_LM")
     loaded = peft.PeftModel.from_pretrained(copy.deepcopy(hf), str(out)).eval()
-    np.testing.assert_allclose(_torch_logits(torch, loaded, {"input_ids": ids}), ours, **TOL)
+    np.testing.assert_allclose(torch_logits(torch, loaded, {"input_ids": ids}), ours, **TOL)
 
     config_cls = peft.PromptTuningConfig if kind == "prompt" else peft.PrefixTuningConfig
     torch.manual_seed(4)
@@ -118,7 +112,7 @@ def test_llama_both_directions(llama, tmp_path, kind):
     with torch.no_grad():
         peft_model.prompt_encoder["default"].embedding.weight.mul_(0.5)
     peft_model.save_pretrained(str(tmp_path / "hf"))
-    want = _torch_logits(torch, peft_model, {"input_ids": ids})
+    want = torch_logits(torch, peft_model, {"input_ids": ids})
     m2, d2 = hf_peft.load(tmp_path / "hf", params, sites=sites)
     assert m2.config["method"] == kind and m2.config["num_virtual_tokens"] == L
     np.testing.assert_allclose(jpeft.wrap(apply, m2, sites)(params, d2, ids), want, **TOL)
@@ -131,7 +125,7 @@ def test_llama_peft_reparametrised_prefix_loads_as_its_prefixes(llama, tmp_path)
         task_type="CAUSAL_LM", num_virtual_tokens=L, prefix_projection=True,
         encoder_hidden_size=16)).eval()
     peft_model.save_pretrained(str(tmp_path / "hf"))
-    want = _torch_logits(torch, peft_model, {"input_ids": ids})      # through PEFT's MLP
+    want = torch_logits(torch, peft_model, {"input_ids": ids})      # through PEFT's MLP
     method, delta = hf_peft.load(tmp_path / "hf", params, sites=sites)
     assert not method.config["reparametrize"]
     np.testing.assert_allclose(jpeft.wrap(apply, method, sites)(params, delta, ids), want, **TOL)
