@@ -701,7 +701,7 @@ def _intrinsic_stages(o: Options, *, kind: str) -> tuple[Stage, ...]:
 
 def _single(o: Options, doc: str, part: Callable[[State], method_lib.Method],
             name: str) -> tuple[Stage, ...]:
-    return (_train(o, doc, (lambda s: _with_head(s, **{name: part(s)}))),)
+    return (_train(o, doc, lambda s: _with_head(s, **{name: part(s)})),)
 
 
 def _adapter_stages(o: Options, kind: str) -> tuple[Stage, ...]:
@@ -753,7 +753,7 @@ def _prefix_stages(o: Options) -> tuple[Stage, ...]:
         return {"prefix": prefix.fold(_prefix_part(o, True), state["delta"]["prefix"], env.sites),
                 "head": state["delta"]["head"]}
     return train + (Fit("fold", "fold the MLP away: only the prefixes are kept and served",
-                        (lambda s: _with_head(s, prefix=_prefix_part(o, False))),
+                        lambda s: _with_head(s, prefix=_prefix_part(o, False)),
                         0, 0.0, start=fold, evaluate=False),)
 
 
@@ -766,20 +766,19 @@ def _prompt_stages(o: Options) -> tuple[Stage, ...]:
 
 def _mam_stages(o: Options) -> tuple[Stage, ...]:
     from jpeft.methods import adapters
-    return (_train(o, f"MAM: prefix l = {o['prefix_length']} + scaled parallel FFN adapter "
+    return _single(o, f"MAM: prefix l = {o['prefix_length']} + scaled parallel FFN adapter "
                       f"(bottleneck {o['bottleneck_size']}, s = {o['scaling']}), and the head",
-                   (lambda s: _with_head(s, mam=adapters.mam(
-                       prefix_length=o["prefix_length"], bottleneck_size=o["bottleneck_size"],
-                       scaling=o["scaling"])))),)
+                   lambda s: adapters.mam(prefix_length=o["prefix_length"],
+                                          bottleneck_size=o["bottleneck_size"],
+                                          scaling=o["scaling"]), "mam")
 
 
 def _unipelt_stages(o: Options) -> tuple[Stage, ...]:
     from jpeft.methods import unipelt
-    return (_train(o, f"UniPELT{'' if o['gate'] else ' (NoGate)'}: LoRA + prefix + adapter, "
+    return _single(o, f"UniPELT{'' if o['gate'] else ' (NoGate)'}: LoRA + prefix + adapter, "
                       f"and the head",
-                   (lambda s: _with_head(s, unipelt=unipelt.unipelt(
-                       gate=o["gate"], prefix_length=o["prefix_length"],
-                       reduction_factor=o["reduction_factor"])))),)
+                   lambda s: unipelt.unipelt(gate=o["gate"], prefix_length=o["prefix_length"],
+                                             reduction_factor=o["reduction_factor"]), "unipelt")
 
 
 def _s4_layout(o: Options) -> tuple[tuple[int, ...] | None, tuple[str, ...]]:
@@ -845,7 +844,7 @@ def _s4_stages(o: Options) -> tuple[Stage, ...]:
     return (Compute("allocate", "group the layers and size each group's strategies for a uniform "
                                 "per-layer budget", lambda s, env: _s4_allocate(o, s, env)),
             _train(o, "S4: adapter / prefix / BitFit / LoRA per layer group, and the head",
-                   (build)))
+                   build))
 
 
 def _sparse_adapter_prune(o: Options, state: State, env: Env) -> State:
@@ -871,8 +870,8 @@ def _sparse_adapter_stages(o: Options) -> tuple[Stage, ...]:
     return (Compute("prune", f"prune the adapters at initialisation ({o['criterion']}, sparsity "
                              f"{o['sparsity']})", lambda s, env: _sparse_adapter_prune(o, s, env)),
             _train(o, "SparseAdapter: the kept entries of the FFN adapters, and the head",
-                   (lambda s: _with_head(s, adapter=sa.sparse_adapter(
-                       s["masks"], reduction_factor=o["reduction_factor"], name="adapter")))))
+                   lambda s: _with_head(s, adapter=sa.sparse_adapter(
+                       s["masks"], reduction_factor=o["reduction_factor"], name="adapter"))))
 
 
 def _adapter_defaults(reduction_factor: int, activation: str = "relu") -> dict[str, Any]:
