@@ -30,7 +30,6 @@ import time
 
 import common
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 ROOT = pathlib.Path(__file__).resolve().parent

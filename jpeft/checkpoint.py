@@ -28,7 +28,6 @@ Training runs: :class:`Manager` (orbax's ``CheckpointManager``: keep the last ``
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import shutil

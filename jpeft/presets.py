@@ -40,7 +40,6 @@ import jax
 import numpy as np
 import optax
 
-from jpeft import checkpoint
 from jpeft import saving
 from jpeft.core import method as method_lib
 from jpeft.core import paths as paths_lib

@@ -13,7 +13,6 @@ from conftest import perturb, require
 import jpeft
 from jpeft import multi
 from jpeft.interop import hf_peft
-from jpeft.core import paths
 
 
 @pytest.fixture
