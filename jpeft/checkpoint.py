@@ -334,6 +334,9 @@ def _restore_dir(directory: Path, delta_like: Any, opt_state_like: Any) -> dict[
 # Training runs
 
 
+_TRASH = ".jpeft-deleted"   # steps renamed out of the run, then deleted
+
+
 class Manager:
     """Checkpoints of a training run under one directory (orbax ``CheckpointManager``): a save
     every ``every`` steps, the last ``keep`` kept, resume from the latest complete one.
@@ -343,7 +346,10 @@ class Manager:
     ``manager.restore(delta_like, opt_state_like)`` reads it, with the layout and checksum checks
     of :func:`restore`. orbax writes each step under a temporary name and renames it when
     complete, so a run killed at any moment resumes from its last complete step; leftovers of an
-    interrupted save are deleted when the manager opens the directory. Saves are synchronous.
+    interrupted save are deleted when the manager opens the directory. A step beyond ``keep`` is
+    first renamed into ``.jpeft-deleted/`` and only then deleted, so a run killed while it
+    deletes never leaves a half-deleted step under a step's name (one extra complete step may
+    remain, removed by the next save). Saves are synchronous.
     """
 
     def __init__(self, directory: str | os.PathLike, *, keep: int = 3, every: int = 1):
@@ -352,11 +358,16 @@ class Manager:
                              f"every={every}")
         self.directory = Path(directory).absolute()
         self.every = every
+        self._trash = self.directory / _TRASH
+        self._empty_trash()
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep, save_interval_steps=every, enable_async_checkpointing=False,
-            cleanup_tmp_directories=True, create=True)
+            cleanup_tmp_directories=True, create=True, todelete_subdir=_TRASH)
         self._mngr = ocp.CheckpointManager(self.directory, options=options,
                                            item_names=("delta", "opt_state", "meta"))
+
+    def _empty_trash(self) -> None:
+        shutil.rmtree(self._trash, ignore_errors=True)
 
     def save(self, step: int, delta: Any, opt_state: Any = None, *,
              metadata: dict | None = None, force: bool = False) -> bool:
@@ -364,7 +375,9 @@ class Manager:
         if not force and step % self.every:
             return False
         meta = _meta(delta, opt_state, step, metadata)
-        return bool(self._mngr.save(step, args=_items_args(delta, opt_state, meta), force=True))
+        saved = bool(self._mngr.save(step, args=_items_args(delta, opt_state, meta), force=True))
+        self._empty_trash()
+        return saved
 
     def steps(self) -> list[int]:
         """The complete steps on disk, oldest first."""

@@ -246,7 +246,11 @@ def test_runs_killed_with_sigkill_resume_exactly(tmp_path):
             jax.tree.map(np.testing.assert_array_equal, exported["delta"], history[n])
         manager = checkpoint.Manager(run / "run", keep=2)
         latest = manager.latest()
-        assert latest is not None and latest >= printed[-1] and len(manager.steps()) <= 2
+        # killed between a save and the removal of the oldest step: keep + 1 steps, all complete
+        assert latest is not None and latest >= printed[-1] and len(manager.steps()) <= 3
+        for s in manager.steps():
+            assert manager.restore(child.DELTA, jpeft.init_opt_state(child.OPT, child.DELTA),
+                                   step=s)["step"] == s
         if latest >= steps:                           # ran past the reference: restart at 0
             continue
         got = manager.restore(child.DELTA, jpeft.init_opt_state(child.OPT, child.DELTA))
@@ -255,3 +259,23 @@ def test_runs_killed_with_sigkill_resume_exactly(tmp_path):
         final, _ = child.train(got["delta"], got["opt_state"], got["step"], steps, step)
         jax.tree.map(np.testing.assert_array_equal, final, history[steps])
     assert resumed_from, "every run was killed after the reference length; lower the delays"
+
+
+def test_manager_deletes_by_renaming_and_survives_a_killed_deletion(tmp_path):
+    """Steps beyond ``keep`` leave the run by a rename before any file is deleted: a half-deleted
+    step (a deletion killed midway) lies only in the trash, which the next open empties; an extra
+    complete step left by a kill before the rename is removed by the next save."""
+    with checkpoint.Manager(tmp_path / "run", keep=3) as m:
+        for n in (1, 2, 3):
+            m.save(n, jax.tree.map(lambda a: a + n, TREE))
+    trash = tmp_path / "run" / ".jpeft-deleted"
+    shutil.copytree(tmp_path / "run" / "1", trash / "1")           # a deletion killed midway
+    for f in sorted(p for p in (trash / "1").rglob("*") if p.is_file())[::2]:
+        f.unlink()
+    with checkpoint.Manager(tmp_path / "run", keep=2) as m:
+        assert not trash.exists() and m.steps() == [1, 2, 3]
+        for n in m.steps():
+            np.testing.assert_array_equal(m.restore(TREE, step=n)["delta"]["w"], TREE["w"] + n)
+        m.save(4, TREE)
+        assert m.steps() == [3, 4] and not trash.exists()
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["3", "4"]
