@@ -1,5 +1,5 @@
-"""The decoder example runs end to end (tiny step counts) for every method it offers, through the
-CLI: base, adapters, cached generation."""
+"""The decoder example runs end to end (tiny step counts) through the CLI, and builds every method
+it offers: base, adapters, cached generation."""
 
 import pytest
 
@@ -7,7 +7,9 @@ from jpeft import cli
 from jpeft.recipes import decoder
 
 
-def test_decoder_example_runs_every_method_through_the_cli(monkeypatch):
+def test_decoder_example_runs_several_methods_through_the_cli(monkeypatch):
+    """Two of the example's methods through the CLI (each method's math on the decoder is the
+    contract suite's; here: the comma list, one result and one report per method)."""
     runs = []
     real = decoder.run
 
@@ -17,13 +19,20 @@ def test_decoder_example_runs_every_method_through_the_cli(monkeypatch):
         return runs[-1]
     lines = []
     monkeypatch.setattr(decoder, "run", tiny)
-    assert cli.main(["decoder", "--method", ",".join(sorted(decoder.LR))]) == 0
+    assert cli.main(["decoder", "--method", "prompt,lora"]) == 0
     results = runs[0]
-    assert sorted(results) == sorted(decoder.LR)
+    assert sorted(results) == ["lora", "prompt"]
     assert results["prompt"].trainable == 8 * 64
     for r in results.values():
         assert len(r.before) == len(r.after) == len(decoder.PROMPTS)
-    assert sum("loss per byte" in line for line in lines) == len(decoder.LR)
+    assert sum("loss per byte" in line for line in lines) == 2
     assert decoder.decode(decoder.encode(["Abc"], 5)[0][0]) == "abc"
     with pytest.raises(ValueError, match="decoder example: unknown method 'lorra'"):
         decoder.run("lorra")
+
+
+def test_every_offered_method_builds_and_rebuilds_from_its_config():
+    from jpeft.methods import from_config
+    for name in decoder.LR:
+        method = decoder.build(name)
+        assert from_config(method.config, method.data).config == method.config, name
