@@ -10,10 +10,18 @@ factors ``A: [*S, *I, r]`` and ``B: [*S, r, *O]`` (axes of ``S``, ``I``, ``O`` i
 ``dW[s, i, o] = sum_k A[s, i, k] B[s, k, o]``. At a call ``y = op(x, W)`` the factored form adds
 ``op(x, dW)`` as ``(x . A) . B``: first ``x`` against ``A`` over ``I`` (batched over ``S``), then the
 rank against ``B``; the ``[*I, *O]`` matrix is never formed, and neither is its gradient.
+
+Every such product is computed as one (batched) matrix product of operands flattened to
+``[batch, rows, contracted] @ [batch, contracted, cols]`` (:func:`matmul`), not as an ``einsum``
+over the model's own axes: differentiating a contraction over several token axes (``[B, T, r]``
+against ``[B, T, O]`` for the gradient of ``B``) makes XLA:CPU transpose the ``[B*T, O]``
+cotangent inside its elementwise fusion, a strided pass that cost more than all of LoRA's
+matrix products together (``benchmarks/README.md``, step cost).
 """
 
 from __future__ import annotations
 
+import math
 import string
 from typing import Sequence
 
@@ -99,6 +107,42 @@ def _precision(call):
                 preferred_element_type=call.params.get("preferred_element_type"))
 
 
+def _permute(x: jax.Array, spec: str, to: str) -> jax.Array:
+    return x if spec == to else jnp.transpose(x, [spec.index(c) for c in to])
+
+
+def matmul(x: jax.Array, x_spec: str, w: jax.Array, w_spec: str, out_spec: str, *,
+           precision=None, preferred_element_type=None) -> jax.Array:
+    """``einsum(f"{x_spec},{w_spec}->{out_spec}", x, w)`` as one matrix product.
+
+    Letters in both operands and the output are batch axes, in both operands only contracted,
+    in one operand only its free axes; ``out_spec`` must hold every batch and free letter. The
+    operands are permuted (only where their axes are out of order) and reshaped to
+    ``[batch, rows, k]`` and ``[batch, k, cols]`` (2-D without batch axes), so the product and
+    its gradients are plain matrix products over the flattened axes.
+    """
+    batch = [c for c in x_spec if c in w_spec and c in out_spec]
+    contracted = [c for c in x_spec if c in w_spec and c not in out_spec]
+    x_free = [c for c in x_spec if c not in w_spec]
+    w_free = [c for c in w_spec if c not in x_spec]
+    if sorted(out_spec) != sorted(batch + x_free + w_free):
+        raise ValueError(f"contraction.matmul: {x_spec},{w_spec}->{out_spec} is not a matrix "
+                         f"product (an operand's own axis is summed away, or a letter repeats)")
+    size = dict(zip(x_spec, x.shape)) | dict(zip(w_spec, w.shape))
+    n = lambda letters: math.prod(size[c] for c in letters)
+    lead = (n(batch),) if batch else ()
+    x3 = _permute(x, x_spec, "".join(batch + x_free + contracted)).reshape(
+        *lead, n(x_free), n(contracted))
+    w3 = _permute(w, w_spec, "".join(batch + contracted + w_free)).reshape(
+        *lead, n(contracted), n(w_free))
+    nb = len(lead)
+    dims = (((nb + 1,), (nb,)), (tuple(range(nb)), tuple(range(nb))))
+    y = jax.lax.dot_general(x3, w3, dims, precision=precision,
+                            preferred_element_type=preferred_element_type)
+    y_spec = "".join(batch + x_free + w_free)
+    return _permute(y.reshape([size[c] for c in y_spec]), y_spec, out_spec)
+
+
 def dot_low_rank(call: sites_lib.ContractionCall, x: jax.Array, a: Factor, b: Factor) -> jax.Array:
     """``op(x, dW)`` for ``dW = outer(a, b)``, computed as ``(x . A) . B`` (same layout as
     ``call.y``). ``x`` replaces ``call.x`` (e.g. after dropout)."""
@@ -107,9 +151,8 @@ def dot_low_rank(call: sites_lib.ContractionCall, x: jax.Array, a: Factor, b: Fa
     b_spec = _factor_spec(b, letter, rank, "low rank B")
     _check_split(call, a_spec, b_spec, letter, rank)
     u_spec = "".join(batch + xf) + rank
-    u = jnp.einsum(f"{x_spec},{a_spec}->{u_spec}", x, a.value.astype(x.dtype), **_precision(call))
-    return jnp.einsum(f"{u_spec},{b_spec}->{y_spec}", u, b.value.astype(u.dtype),
-                      **_precision(call))
+    u = matmul(x, x_spec, a.value.astype(x.dtype), a_spec, u_spec, **_precision(call))
+    return matmul(u, u_spec, b.value.astype(u.dtype), b_spec, y_spec, **_precision(call))
 
 
 def _check_split(call, a_spec, b_spec, letter, rank):
@@ -140,8 +183,8 @@ def dot_with(call: sites_lib.ContractionCall, x: jax.Array, t: Factor) -> jax.Ar
     wc = lc if call.weight_is_lhs else rc
     contracted = {letter[call.weight_axes[i]] for i in wc}
     kept = [c for c in t_spec if c not in contracted and c not in batch]
-    return jnp.einsum(f"{x_spec},{t_spec}->{''.join(batch + xf + kept)}", x,
-                      t.value.astype(x.dtype), **_precision(call))
+    return matmul(x, x_spec, t.value.astype(x.dtype), t_spec, "".join(batch + xf + kept),
+                  **_precision(call))
 
 
 def conv_low_rank(call: sites_lib.ContractionCall, x: jax.Array, a: Factor, b: Factor
