@@ -143,6 +143,13 @@ def matmul(x: jax.Array, x_spec: str, w: jax.Array, w_spec: str, out_spec: str, 
     return _permute(y.reshape([size[c] for c in y_spec]), y_spec, out_spec)
 
 
+def dense(x: jax.Array, w: jax.Array) -> jax.Array:
+    """``x [..., in] @ w [in, *out] -> [..., *out]`` as one 2-D product over the flattened leading
+    axes of ``x`` (see the module note on why)."""
+    y = x.reshape(-1, x.shape[-1]) @ w.reshape(w.shape[0], -1)
+    return y.reshape(*x.shape[:-1], *w.shape[1:])
+
+
 def dot_low_rank(call: sites_lib.ContractionCall, x: jax.Array, a: Factor, b: Factor) -> jax.Array:
     """``op(x, dW)`` for ``dW = outer(a, b)``, computed as ``(x . A) . B`` (same layout as
     ``call.y``). ``x`` replaces ``call.x`` (e.g. after dropout)."""

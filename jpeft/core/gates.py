@@ -11,6 +11,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from jpeft.core import contraction
+
 #: Standard deviation of a gate's weight at ``init`` (its bias starts at 0, the gate near 0.5).
 STD = 0.02
 
@@ -18,5 +20,6 @@ STD = 0.02
 def example_gates(x: jax.Array, w: jax.Array, b: jax.Array) -> jax.Array:
     """``mean_T sigmoid(x W + b)``: ``x [B, ..., d]``, ``W [d, g]``, ``b [g]`` -> ``[B, g]``,
     values in ``[0, 1]`` (computed in float32)."""
-    z = jax.nn.sigmoid(x.astype(jnp.float32) @ w.astype(jnp.float32) + b.astype(jnp.float32))
+    z = jax.nn.sigmoid(contraction.dense(x.astype(jnp.float32), w.astype(jnp.float32))
+                       + b.astype(jnp.float32))
     return z.reshape(z.shape[0], -1, z.shape[-1]).mean(axis=1)

@@ -50,6 +50,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jpeft.core import checks
+from jpeft.core import contraction
 from jpeft.core import gates as gates_lib
 from jpeft.core import marks as marks_lib
 from jpeft.core import method as method_lib
@@ -292,10 +293,15 @@ def bottleneck(placements: Sequence[Placement] = (FFN_SEQUENTIAL,), *,
                 x = _layer_norm(x, a["ln_scale"], a["ln_bias"])
             x = x.astype(a["down"].dtype)
             if site.heads:        # x [..., d] -> per head [..., N, D_h]
-                h = act(jnp.einsum("...d,ndm->...nm", x, a["down"]) + a["down_bias"])
-                y = jnp.einsum("...nm,nmo->...no", h, a["up"]) + a["up_bias"]
+                down = jnp.moveaxis(a["down"], 1, 0)                            # [d, N, m]
+                h = act(contraction.dense(x, down) + a["down_bias"])            # [..., N, m]
+                lead = h.shape[:-2]
+                y = contraction.matmul(h.reshape(-1, *h.shape[-2:]), "tnm", a["up"], "nmo",
+                                       "tno").reshape(*lead, *a["up"].shape[::2])
+                y = y + a["up_bias"]
             else:
-                y = act(x @ a["down"] + a["down_bias"]) @ a["up"] + a["up_bias"]
+                y = contraction.dense(act(contraction.dense(x, a["down"]) + a["down_bias"]),
+                                      a["up"]) + a["up_bias"]
             s = a["scale"] if scaling == "learned" else scaling
             if gate:
                 g = gates_lib.example_gates(x, a["gate"], a["gate_bias"])[:, 0]          # [B]
