@@ -6,6 +6,12 @@ way a user would write it without a library: the frozen weights passed as one ar
 trainable ones as another, LoRA inline (``y = x W + b + s (x A) B``), ``jax.value_and_grad``
 over the trainable tree only, ``optax.adamw`` on it, both buffers donated.
 
+Activations are kept as ``[B*T, H]`` matrices (``layout="flat"``, the default): every linear map
+is a 2-D matrix product, the form XLA:CPU compiles best. ``layout="batched"`` keeps ``[B, T, H]``
+and writes ``x @ W`` on the 3-D array, as most JAX model code does; differentiating that through
+a rank-8 LoRA product makes XLA:CPU transpose the ``[B*T, O]`` cotangent inside an elementwise
+fusion (see ``benchmarks/README.md``), so it is reported as a second, naive floor.
+
 Trees use the Flax parameter names of :mod:`jpeft.models.bert` (``params["bert"]["encoder"]
 ["layer"]["0"]["attention"]["self"]["query"]["kernel"]``, ...) only so that both sides start
 from one checkpoint; nothing here imports jpeft.
@@ -37,15 +43,22 @@ def _get(tree, path: str):
 
 
 def _layer_norm(x, p, eps):
+    """One pass over ``x`` for both moments: ``var = E[x^2] - E[x]^2`` (clipped at 0)."""
     mean = x.mean(-1, keepdims=True)
-    var = jnp.square(x - mean).mean(-1, keepdims=True)
-    return (x - mean) * jax.lax.rsqrt(var + eps) * p["scale"] + p["bias"]
+    var = jnp.maximum(0.0, jnp.square(x).mean(-1, keepdims=True) - jnp.square(mean))
+    return (x - mean) * (jax.lax.rsqrt(var + eps) * p["scale"]) + p["bias"]
+
+
+LAYOUTS = ("flat", "batched")
 
 
 def forward(p: dict, lora: dict, scale: float, input_ids, attention_mask, *, heads: int,
-            eps: float = 1e-12) -> jax.Array:
+            eps: float = 1e-12, layout: str = "flat") -> jax.Array:
     """Logits ``[B, 2]``. ``p``: the full Flax parameter tree (``{"bert": ..., "classifier":
-    ...}``); ``lora``: ``{"<layer>/<module path>": (A [in, r], B [r, out])}``."""
+    ...}``); ``lora``: ``{"<layer>/<module path>": (A [in, r], B [r, out])}``; ``layout``: one of
+    :data:`LAYOUTS`."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     bert = p["bert"]
     emb = bert["embeddings"]
     b, t = input_ids.shape
@@ -53,9 +66,11 @@ def forward(p: dict, lora: dict, scale: float, input_ids, attention_mask, *, hea
          + emb["position_embeddings"]["embedding"][jnp.arange(t)][None]
          + emb["token_type_embeddings"]["embedding"][jnp.zeros_like(input_ids)])
     x = _layer_norm(x, emb["LayerNorm"], eps)
+    hidden = x.shape[-1]
+    if layout == "flat":
+        x = x.reshape(b * t, hidden)
     bias = ((1.0 - attention_mask.astype(jnp.float32)) * jnp.finfo(jnp.float32).min
             )[:, None, None, :]
-    hidden = x.shape[-1]
     d = hidden // heads
 
     layers = bert["encoder"]["layer"]
@@ -75,11 +90,12 @@ def forward(p: dict, lora: dict, scale: float, input_ids, attention_mask, *, hea
         k = split(dense(x, "attention/self/key"))
         v = split(dense(x, "attention/self/value"))
         s = jnp.einsum("bqnd,bknd->bnqk", q, k) / math.sqrt(d) + bias
-        ctx = jnp.einsum("bnqk,bknd->bqnd", jax.nn.softmax(s, axis=-1), v).reshape(b, t, hidden)
+        ctx = jnp.einsum("bnqk,bknd->bqnd", jax.nn.softmax(s, axis=-1), v).reshape(x.shape)
         a = _layer_norm(dense(ctx, "attention/output/dense") + x,
                         lp["attention"]["output"]["LayerNorm"], eps)
         h = jax.nn.gelu(dense(a, "intermediate/dense"), approximate=False)
         x = _layer_norm(dense(h, "output/dense") + a, lp["output"]["LayerNorm"], eps)
+    x = x.reshape(b, t, hidden)
     m = attention_mask.astype(x.dtype)[..., None]
     pooled = (x * m).sum(1) / jnp.maximum(m.sum(1), 1e-9)
     c = p["classifier"]
@@ -127,13 +143,14 @@ def init(config: str, params: dict, *, rank: int = 8, seed: int = 0):
     return frozen, {"params": train, "lora": lora}
 
 
-def make_step(optimizer: optax.GradientTransformation, *, heads: int, scale: float):
+def make_step(optimizer: optax.GradientTransformation, *, heads: int, scale: float,
+              layout: str = "flat"):
     """``step(frozen, trainable, opt_state, batch) -> (trainable, opt_state, loss)``, jitted,
     ``trainable`` and ``opt_state`` donated."""
     def loss_fn(trainable, frozen, batch):
         p = _merge(frozen, trainable["params"])
         logits = forward(p, trainable["lora"], scale, batch["input_ids"],
-                         batch["attention_mask"], heads=heads)
+                         batch["attention_mask"], heads=heads, layout=layout)
         return optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"]).mean()
 
     def step(frozen, trainable, opt_state, batch):
@@ -144,10 +161,10 @@ def make_step(optimizer: optax.GradientTransformation, *, heads: int, scale: flo
     return jax.jit(step, donate_argnums=(1, 2))
 
 
-def logits_fn(*, heads: int, scale: float):
+def logits_fn(*, heads: int, scale: float, layout: str = "flat"):
     """``f(frozen, trainable, input_ids, attention_mask) -> logits`` (for equality tests)."""
     def f(frozen, trainable, input_ids, attention_mask):
         return forward(_merge(frozen, trainable["params"]), trainable["lora"], scale, input_ids,
-                       attention_mask, heads=heads)
+                       attention_mask, heads=heads, layout=layout)
     return f
 

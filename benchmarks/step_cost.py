@@ -9,10 +9,16 @@ records, in one run:
 * XLA FLOPs of the compiled train step (``cost_analysis()``) and their ratio to full fine-tuning;
 * XLA memory of the compiled step (``memory_analysis()``: temporaries, arguments, outputs);
 * optimizer-state bytes and their ratio to the trainable bytes (Adam: 2x, plus a step counter);
-* median wall time of a step (after warm-up), and, when torch + transformers + peft import, the
-  median step time of the equivalent Hugging Face set-up on the same batch and their ratio (where
-  Hugging Face PEFT has the method: full, BitFit, LoRA, AdaLoRA; FAR, FishMask and diff pruning
-  have no PEFT counterpart).
+* median (and minimum) wall time of a step (after warm-up), and, when torch + transformers +
+  peft import, the median step time of the equivalent Hugging Face set-up on the same batch and
+  their ratio (where Hugging Face PEFT has the method: full, BitFit, LoRA, AdaLoRA; FAR, FishMask
+  and diff pruning have no PEFT counterpart);
+* for full fine-tuning, BitFit and LoRA (q,v and all-linear), the JAX floor: the same step
+  written by hand in plain JAX (``benchmarks/floor.py``, no jpeft; tokens flattened to
+  ``[B*T, H]``, and the naive ``[B, T, H]`` form as a second row), and jpeft's ratio to it.
+
+Every runner of a configuration (jpeft, jpeft without the non-finite check, the floors, torch)
+is timed in alternation, one step each per round, so a burst of load hits all alike.
 
 Configurations are method presets (``jpeft.presets``: each row is a preset, its options and a
 forward mode; the stages before a preset's main training stage, such as FAR's column selection or
@@ -64,6 +70,7 @@ import jpeft  # noqa: E402
 from jpeft import presets  # noqa: E402
 from common import cost as _cost, loadavg as _loadavg, machine as _machine_info  # noqa: E402
 from common import memory as _memory, write_jsonl  # noqa: E402  (benchmarks/common.py)
+import floor as floor_lib  # noqa: E402  (benchmarks/floor.py)
 from jpeft.data import minilm_dir  # noqa: E402
 from jpeft.methods import adalora as adalora_lib  # noqa: E402
 from jpeft.methods import fishmask as fishmask_lib  # noqa: E402
@@ -424,6 +431,34 @@ def _jax_prepare(name: str, spec: Row, env: BatchEnv, run_steps: int,
     return row, run_step
 
 
+#: Configurations with a hand-written JAX floor (``benchmarks/floor.py``): row -> floor config.
+FLOOR = {"full": "full", "bitfit": "bitfit", "lora_qv": "lora_qv",
+         "lora_all_linear": "lora_all_linear"}
+
+
+def _floor_prepare(config: str, env: BatchEnv, layout: str) -> tuple[dict[str, Any], Callable]:
+    """The hand-written step of ``config`` (``floor.make_step``): ``(row fields, run_step)``."""
+    loaded_config = env.model.config
+    frozen, trainable = floor_lib.init(config, env.params["params"], rank=RANK)
+    trainable = jax.tree.map(jnp.copy, trainable)      # donated: never the base's own buffers
+    opt = optax.adamw(LR, weight_decay=WEIGHT_DECAY)
+    step = floor_lib.make_step(opt, heads=loaded_config.num_attention_heads,
+                               scale=ALPHA / RANK, layout=layout)
+    state = {"trainable": trainable, "opt_state": opt.init(trainable)}
+    compiled = step.lower(frozen, state["trainable"], state["opt_state"], env.batch).compile()
+    cost = _cost(compiled)
+    prefix = "floor" if layout == "flat" else f"floor_{layout}"
+    row = {f"{prefix}_flops": cost["flops"],
+           f"{prefix}_temp_bytes": _memory(compiled)["temp_bytes"],
+           f"{prefix}_trainable_params": int(sum(np.size(x) for x in jax.tree.leaves(trainable)))}
+
+    def run_step() -> float:
+        state["trainable"], state["opt_state"], loss = compiled(
+            frozen, state["trainable"], state["opt_state"], env.batch)
+        return float(jax.block_until_ready(loss))
+    return row, run_step
+
+
 #: Configurations also timed without the non-finite check of the train step
 #: (``make_train_step(skip_nonfinite=False)``), interleaved with the checked step: its cost.
 GUARD_COST = ("full", "lora_qv", "lora_all_linear")
@@ -620,7 +655,7 @@ def _timed(steps: int, warmup: int, runners: dict[str, Callable[[], float]]) -> 
 def _print_train_table(rows: list[dict[str, Any]]) -> None:
     head = (f"{'config':<28} {'trainable':>11} {'%':>7} {'GFLOP/step':>10} {'x full':>7} "
             f"{'temp MiB':>9} {'arg MiB':>8} {'out MiB':>8} {'opt/train':>9} "
-            f"{'jax ms':>8} {'torch ms':>9} {'jax/torch':>9}")
+            f"{'jax ms':>8}")
     print(head)
     print("-" * len(head))
     for r in rows:
@@ -629,8 +664,28 @@ def _print_train_table(rows: list[dict[str, Any]]) -> None:
               f"{_fmt(gf, '10.2f'):>10} {_fmt(r.get('flops_ratio_to_full'), '7.3f'):>7} "
               f"{_fmt_bytes(r.get('temp_bytes')):>9} {_fmt_bytes(r.get('argument_bytes')):>8} "
               f"{_fmt_bytes(r.get('output_bytes')):>8} {r['opt_state_ratio']:>9.5f} "
-              f"{_fmt(r.get('jax_step_ms'), '8.1f'):>8} {_fmt(r.get('torch_step_ms'), '9.1f'):>9} "
-              f"{_fmt(r.get('jax_over_torch'), '9.2f'):>9}")
+              f"{_fmt(r.get('jax_step_ms'), '8.1f'):>8}")
+
+
+def _print_time_table(rows: list[dict[str, Any]]) -> None:
+    """Step times, median / minimum (ms), of every runner of a configuration, and the ratios."""
+    rows = [r for r in rows if any(k in r for k in ("floor_step_ms", "torch_step_ms",
+                                                    "jax_unguarded_step_ms"))]
+    if not rows:
+        return
+    ms = lambda r, k: (f"{r[k + '_step_ms']:.0f}/{r[k + '_step_ms_min']:.0f}"
+                       if r.get(k + "_step_ms") is not None else "-")
+    cols = ("jax", "jax_unguarded", "floor", "floor_batched", "torch")
+    head = (f"{'config':<18} " + " ".join(f"{c:>14}" for c in cols)
+            + f" {'jax/floor':>9} {'jax/torch':>9} {'floor/torch':>11} {'x full':>7}")
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        print(f"{r['config']:<18} " + " ".join(f"{ms(r, c):>14}" for c in cols)
+              + f" {_fmt(r.get('jax_over_floor'), '9.3f'):>9}"
+              f" {_fmt(r.get('jax_over_torch'), '9.3f'):>9}"
+              f" {_fmt(r.get('floor_over_torch'), '11.3f'):>11}"
+              f" {_fmt(r.get('time_ratio_to_full'), '7.3f'):>7}")
 
 
 def _print_inference_table(rows: list[dict[str, Any]]) -> None:
@@ -674,6 +729,22 @@ def _checks(train: dict[str, dict], inference: list[dict]) -> list[dict[str, Any
             out.append({"check": f"{name}: skipping non-finite steps costs < 2% (step time with "
                                  f"the check / without, interleaved)",
                         "value": r["guard_time_ratio"], "passed": r["guard_time_ratio"] < 1.02})
+    for name, r in train.items():
+        if r.get("jax_over_floor") is not None:
+            out.append({"check": f"{name}: jpeft step <= 1.05x the hand-written JAX floor "
+                                 f"(medians, interleaved)",
+                        "value": r["jax_over_floor"], "passed": r["jax_over_floor"] <= 1.05})
+    for name in ("lora_qv", "lora_all_linear"):
+        r = train.get(name, {})
+        if r.get("jax_over_torch") is not None:
+            out.append({"check": f"{name}: jpeft step <= 1.0x Hugging Face PEFT (torch) "
+                                 f"(medians, interleaved)",
+                        "value": r["jax_over_torch"], "passed": r["jax_over_torch"] <= 1.0})
+    r = train.get("lora_all_linear", {})
+    if r.get("time_ratio_to_full") is not None:
+        out.append({"check": "lora_all_linear step time <= 0.8x full fine-tuning's (medians, "
+                             "separate rounds of one run)",
+                    "value": r["time_ratio_to_full"], "passed": r["time_ratio_to_full"] <= 0.8})
     by = {}
     for r in inference:
         by.setdefault(r["config"], {})[r["form"]] = r
@@ -697,6 +768,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=32, help="batch size (32)")
     p.add_argument("--seq", type=int, default=64, help="sequence length (64)")
     p.add_argument("--no-torch", action="store_true", help="skip the PyTorch comparison")
+    p.add_argument("--no-floor", action="store_true", help="skip the hand-written JAX floor")
     p.add_argument("--only", default=None,
                    help="comma-separated subset of: " + ", ".join(list(configs) + ["inference"]))
     p.add_argument("--seed", type=int, default=0)
@@ -771,6 +843,11 @@ def main(argv: list[str] | None = None) -> int:
             unguarded, runners["jax_unguarded"] = _jax_prepare(name, spec, env, run_steps,
                                                                skip_nonfinite=False)
             row["unguarded_flops"] = unguarded["flops"]
+        if name in FLOOR and not args.no_floor:
+            for layout in floor_lib.LAYOUTS:
+                key = "floor" if layout == "flat" else f"floor_{layout}"
+                fields, runners[key] = _floor_prepare(FLOOR[name], env, layout)
+                row.update(fields)
         finish = None
         row["torch_config"] = spec.torch if use_torch else None
         if use_torch and spec.torch is not None:
@@ -783,9 +860,19 @@ def main(argv: list[str] | None = None) -> int:
         if "jax_unguarded" in runners:
             row["guard_time_ratio"] = row["jax_step_ms"] / row["jax_unguarded_step_ms"]
             row["guard_flops_ratio"] = row["flops"] / row["unguarded_flops"]
+        for key in ("floor", "floor_batched"):
+            if key in runners:
+                row[f"jax_over_{key}"] = row["jax_step_ms"] / row[f"{key}_step_ms"]
+                row[f"jax_over_{key}_min"] = row["jax_step_ms_min"] / row[f"{key}_step_ms_min"]
+        if "floor" in runners and "jax_unguarded" in runners:
+            row["jax_unguarded_over_floor"] = (row["jax_unguarded_step_ms"]
+                                               / row["floor_step_ms"])
         if finish is not None:
             row.update(finish())
             row["jax_over_torch"] = row["jax_step_ms"] / row["torch_step_ms"]
+            row["jax_over_torch_min"] = row["jax_step_ms_min"] / row["torch_step_ms_min"]
+            if "floor" in runners:
+                row["floor_over_torch"] = row["floor_step_ms"] / row["torch_step_ms"]
         if name == "full":
             full_flops = row["flops"]
         train[name] = row
@@ -794,6 +881,8 @@ def main(argv: list[str] | None = None) -> int:
     for row in train.values():
         row["flops_ratio_to_full"] = (row["flops"] / full_flops
                                       if row.get("flops") is not None and full_flops else None)
+        if "full" in train:
+            row["time_ratio_to_full"] = row["jax_step_ms"] / train["full"]["jax_step_ms"]
 
     inference: list[dict[str, Any]] = []
     if "inference" in selected:
@@ -815,6 +904,10 @@ def main(argv: list[str] | None = None) -> int:
     if train:
         print("Training step (XLA cost/memory analysis of the compiled step; times are medians)")
         _print_train_table(list(train.values()))
+        print()
+        print("Step time, ms median/min of the runners timed in alternation (x full: jax time "
+              "over full fine-tuning's, different rounds)")
+        _print_time_table(list(train.values()))
         print()
     if inference:
         print("Inference forward (XLA FLOPs)")
