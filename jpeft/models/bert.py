@@ -156,15 +156,25 @@ def masked_mean(hidden: Array, attention_mask: Array) -> Array:
     return (hidden * m).sum(axis=1) / jnp.maximum(m.sum(axis=1), 1e-9)
 
 
+#: Rematerialisation policies for ``remat=`` (names in ``jax.checkpoint_policies``).
+REMAT_POLICIES = ("nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable",
+                  "everything_saveable")
+
+
 class _BertModule(nn.Module):
-    """Shared fields: the config, the computation ``dtype`` and the parameter ``param_dtype``."""
+    """Shared fields: the config, the computation ``dtype``, the parameter ``param_dtype`` and
+    ``remat``: ``None``, or a policy of :data:`REMAT_POLICIES` under which every layer is
+    rematerialised (``nn.remat``: its activations not named by the policy are recomputed in the
+    backward pass instead of kept; the parameter tree is unchanged)."""
 
     config: BertConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    remat: str | None = None
 
     def _sub(self) -> dict[str, Any]:
-        return dict(config=self.config, dtype=self.dtype, param_dtype=self.param_dtype)
+        return dict(config=self.config, dtype=self.dtype, param_dtype=self.param_dtype,
+                    remat=self.remat)
 
     def _dense(self, features: int, name: str) -> nn.Dense:
         return nn.Dense(features, dtype=self.dtype, param_dtype=self.param_dtype,
@@ -267,10 +277,11 @@ class BertOutput(_BertModule):
 
 
 class BertLayer(_BertModule):
-    """One post-LN transformer block: attention then feed-forward, ``[B, T, H] -> [B, T, H]``."""
+    """One post-LN transformer block: attention then feed-forward, ``[B, T, H] -> [B, T, H]``
+    (``deterministic`` may be positional: ``nn.remat`` takes it as a static argument)."""
 
     @nn.compact
-    def __call__(self, hidden: Array, attention_mask: Array, *, deterministic: bool = True) -> Array:
+    def __call__(self, hidden: Array, attention_mask: Array, deterministic: bool = True) -> Array:
         a = BertAttention(**self._sub(), name="attention")(hidden, attention_mask,
                                                            deterministic=deterministic)
         i = BertIntermediate(**self._sub(), name="intermediate")(a)
@@ -284,10 +295,16 @@ class BertLayerStack(_BertModule):
     @nn.compact
     def __call__(self, hidden: Array, attention_mask: Array, *,
                  deterministic: bool = True) -> tuple[Array, tuple[Array, ...]]:
+        layer = BertLayer
+        if self.remat is not None:
+            if self.remat not in REMAT_POLICIES:
+                raise ValueError(f"remat must be None or one of {REMAT_POLICIES}, got "
+                                 f"{self.remat!r}")
+            layer = nn.remat(BertLayer, policy=getattr(jax.checkpoint_policies, self.remat),
+                             static_argnums=(3,))
         outputs = []
         for i in range(self.config.num_hidden_layers):
-            hidden = BertLayer(**self._sub(), name=str(i))(hidden, attention_mask,
-                                                           deterministic=deterministic)
+            hidden = layer(**self._sub(), name=str(i))(hidden, attention_mask, deterministic)
             outputs.append(hidden)
         return hidden, tuple(outputs)
 

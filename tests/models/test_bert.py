@@ -318,3 +318,39 @@ def test_tiny_classifier_matches_transformers(tiny_batch, monkeypatch):
     with torch.no_grad():
         ref = hf(**{k: torch.from_numpy(v.astype(np.int64)) for k, v in tiny_batch.items()}).logits
     np.testing.assert_allclose(_apply(model, params, tiny_batch), ref.numpy(), atol=1e-4, rtol=1e-4)
+
+
+# --------------------------------------------------------------------------- rematerialisation
+
+
+@pytest.mark.parametrize("policy", ["nothing_saveable", "dots_with_no_batch_dims_saveable"])
+def test_remat_layers_keep_the_tree_outputs_and_gradients(tiny_config, tiny_bert, tiny_batch,
+                                                          policy):
+    """Per-layer rematerialisation changes what the backward pass keeps, not the math: the same
+    parameter tree, logits and gradients (LoRA through ``jpeft.wrap`` included), and the layers
+    are ``remat`` calls in the program."""
+    import jpeft
+    model, params = tiny_bert
+    remat = BertForSequenceClassification(tiny_config, remat=policy)
+    assert _paths(_init(remat, tiny_batch)) == _paths(params)
+    args = (tiny_batch["input_ids"], tiny_batch["attention_mask"])
+    variables = {"params": params}
+    sites = jpeft.probe(model.apply, variables, *args)
+    method = jpeft.lora("all-linear", rank=2, alpha=4.0, exclude=("classifier",))
+    delta = jax.tree.map(lambda x: x + 0.1, method.init(jax.random.key(1), variables, sites))
+    grads = {}
+    for name, m in (("plain", model), ("remat", remat)):
+        f = jpeft.wrap(m.apply, method, jpeft.probe(m.apply, variables, *args))
+        loss = lambda d, f=f: jnp.sum(jnp.tanh(f(variables, d, *args)))
+        grads[name] = jax.jit(jax.value_and_grad(loss))(delta)
+        prims = {e.primitive.name for e in jax.make_jaxpr(
+            lambda p: m.apply(p, *args))(variables).eqns}
+        assert ("remat2" in prims) == (name == "remat"), prims
+    np.testing.assert_allclose(grads["remat"][0], grads["plain"][0], rtol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+                 grads["remat"][1], grads["plain"][1])
+
+
+def test_remat_rejects_an_unknown_policy(tiny_config, tiny_batch):
+    with pytest.raises(ValueError, match="remat must be None or one of"):
+        _init(BertForSequenceClassification(tiny_config, remat="dots"), tiny_batch)
