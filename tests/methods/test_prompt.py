@@ -1,5 +1,5 @@
 """Prompt tuning: soft tokens in front of the input embeddings (logits against Hugging Face PEFT are
-in tests/interop/test_hf_prompt_learning.py)."""
+in tests/interop/test_hf_peft_prompt.py, both directions)."""
 
 import jax
 import jax.numpy as jnp
