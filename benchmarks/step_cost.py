@@ -355,10 +355,11 @@ def _fmt(x: float | None, spec: str) -> str:
 
 
 def _jax_prepare(name: str, spec: Row, env: BatchEnv, run_steps: int,
-                 skip_nonfinite: bool = True) -> tuple[dict[str, Any], Callable[[], float]]:
+                 skip_nonfinite: bool = True, *, with_compiled: bool = False):
     """Compile the jpeft train step of one configuration (the preset's main stage, its method's
-    penalty and optimizer wrapper folded in): ``(row, run_step)``. ``run_steps``: how many updates
-    the benchmark will run (AdaLoRA's schedule is sized from it)."""
+    penalty and optimizer wrapper folded in): ``(row, run_step)`` (and the compiled executable
+    with ``with_compiled``). ``run_steps``: how many updates the benchmark will run (AdaLoRA's
+    schedule is sized from it)."""
     model, variables, sites, batch = env.model, env.params, env.sites, env.batch
     options, state, stage = _prepared(spec, env, run_steps)
     method = stage.method(state)
@@ -428,7 +429,7 @@ def _jax_prepare(name: str, spec: Row, env: BatchEnv, run_steps: int,
         jax.block_until_ready((state["delta"], state["opt_state"], metrics))
         return float(metrics["loss"])
 
-    return row, run_step
+    return (row, run_step, compiled) if with_compiled else (row, run_step)
 
 
 #: Configurations with a hand-written JAX floor (``benchmarks/floor.py``): row -> floor config.
@@ -436,8 +437,9 @@ FLOOR = {"full": "full", "bitfit": "bitfit", "lora_qv": "lora_qv",
          "lora_all_linear": "lora_all_linear"}
 
 
-def _floor_prepare(config: str, env: BatchEnv, layout: str) -> tuple[dict[str, Any], Callable]:
-    """The hand-written step of ``config`` (``floor.make_step``): ``(row fields, run_step)``."""
+def _floor_prepare(config: str, env: BatchEnv, layout: str, *, with_compiled: bool = False):
+    """The hand-written step of ``config`` (``floor.make_step``): ``(row fields, run_step)``
+    (and the compiled executable with ``with_compiled``)."""
     loaded_config = env.model.config
     frozen, trainable = floor_lib.init(config, env.params["params"], rank=RANK)
     trainable = jax.tree.map(jnp.copy, trainable)      # donated: never the base's own buffers
@@ -456,7 +458,7 @@ def _floor_prepare(config: str, env: BatchEnv, layout: str) -> tuple[dict[str, A
         state["trainable"], state["opt_state"], loss = compiled(
             frozen, state["trainable"], state["opt_state"], env.batch)
         return float(jax.block_until_ready(loss))
-    return row, run_step
+    return (row, run_step, compiled) if with_compiled else (row, run_step)
 
 
 #: Configurations also timed without the non-finite check of the train step
