@@ -29,9 +29,7 @@ import tempfile
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-import floor as floor_lib  # noqa: E402  (benchmarks/floor.py)
 import step_cost  # noqa: E402  (benchmarks/step_cost.py)
 
 import jpeft  # noqa: E402
@@ -83,11 +81,8 @@ def main(argv: list[str] | None = None) -> int:
 
     loaded = load_hf_bert(minilm_dir(), num_labels=step_cost.NUM_LABELS, pooling="mean")
     model, variables = loaded.model, {"params": loaded.params}
-    rng = np.random.default_rng(0)
-    batch = {"input_ids": jnp.asarray(rng.integers(1000, loaded.config.vocab_size,
-                                                   (args.batch, args.seq), dtype=np.int32)),
-             "attention_mask": jnp.ones((args.batch, args.seq), jnp.int32),
-             "labels": jnp.asarray(rng.integers(0, 2, (args.batch,), dtype=np.int32))}
+    batch = {k: jnp.asarray(v) for k, v in step_cost.benchmark_batch(
+        loaded.config.vocab_size, args.batch, args.seq).items()}
     sites = jpeft.probe(model.apply, variables, batch["input_ids"], batch["attention_mask"])
     env = step_cost.BatchEnv(model, variables, sites, batch)
     runners, ops = {}, {}

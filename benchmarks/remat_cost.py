@@ -27,7 +27,6 @@ import pathlib
 import sys
 
 import jax.numpy as jnp
-import numpy as np
 
 import step_cost  # noqa: E402  (benchmarks/step_cost.py: the configurations and the runners)
 from common import loadavg, machine, write_jsonl  # noqa: E402
@@ -58,12 +57,8 @@ def main(argv: list[str] | None = None) -> int:
 
     loaded = load_hf_bert(minilm_dir(), num_labels=step_cost.NUM_LABELS, pooling="mean")
     variables = {"params": loaded.params}
-    rng = np.random.default_rng(0)
-    batch = {"input_ids": jnp.asarray(rng.integers(1000, loaded.config.vocab_size,
-                                                   (args.batch, args.seq), dtype=np.int32)),
-             "attention_mask": jnp.ones((args.batch, args.seq), jnp.int32),
-             "labels": jnp.asarray(rng.integers(0, step_cost.NUM_LABELS, (args.batch,),
-                                                dtype=np.int32))}
+    batch = {k: jnp.asarray(v) for k, v in step_cost.benchmark_batch(
+        loaded.config.vocab_size, args.batch, args.seq).items()}
     envs = {}
     for policy in POLICIES:
         model = BertForSequenceClassification(loaded.config, remat=policy)

@@ -333,6 +333,15 @@ def _prepared(row: Row, env: BatchEnv, run_steps: int) -> tuple[dict, dict, pres
 # Helpers
 
 
+def benchmark_batch(vocab_size: int, batch: int, seq: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """The benchmark's batch: random token ids in ``[1000, vocab)``, an all-ones mask and random
+    labels, ``[batch, seq]`` int32 (numpy)."""
+    rng = np.random.default_rng(seed)
+    return {"input_ids": rng.integers(1000, vocab_size, (batch, seq), dtype=np.int32),
+            "attention_mask": np.ones((batch, seq), np.int32),
+            "labels": rng.integers(0, NUM_LABELS, (batch,), dtype=np.int32)}
+
+
 def _scalar_bytes(tree) -> int:
     return int(sum(np.dtype(x.dtype).itemsize for x in jax.tree_util.tree_leaves(tree)
                    if np.ndim(x) == 0))
@@ -802,13 +811,7 @@ def main(argv: list[str] | None = None) -> int:
     model_dir = minilm_dir()
     loaded = load_hf_bert(model_dir, num_labels=NUM_LABELS, pooling="mean")
     model, variables = loaded.model, {"params": loaded.params}
-    rng = np.random.default_rng(args.seed)
-    batch_np = {
-        "input_ids": rng.integers(1000, loaded.config.vocab_size, (args.batch, args.seq),
-                                  dtype=np.int32),
-        "attention_mask": np.ones((args.batch, args.seq), np.int32),
-        "labels": rng.integers(0, NUM_LABELS, (args.batch,), dtype=np.int32),
-    }
+    batch_np = benchmark_batch(loaded.config.vocab_size, args.batch, args.seq, args.seed)
     batch = {k: jnp.asarray(v) for k, v in batch_np.items()}
     sites = jpeft.probe(model.apply, variables, batch["input_ids"], batch["attention_mask"])
     env = BatchEnv(model, variables, sites, batch)
