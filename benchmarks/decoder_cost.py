@@ -113,8 +113,8 @@ def _configs() -> dict[str, dict[str, Any]]:
     al = lambda: jpeft.lora("all-linear", rank=RANK, alpha=ALPHA, exclude=("lm_head",))
     return {
         "full": dict(kind="jpeft", method=jpeft.full_finetune, mode="factored",
-                     description="full fine-tuning of every parameter (jpeft.full_finetune(): a "
-                                 "zero-init additive delta over all params)"),
+                     description="full fine-tuning of every parameter (jpeft.full_finetune(): the "
+                                 "delta is a trained copy of every param)"),
         "lora_qv": dict(kind="jpeft", method=qv, mode="factored", targets="qv",
                         description=f"LoRA r={RANK} alpha={ALPHA} on q_proj, v_proj, factored: "
                                     "x @ W0 + s * (x @ A) @ B"),

@@ -230,8 +230,8 @@ def _configs() -> dict[str, Row]:
     rows = {
         "full": Row(
             "full", torch="full",
-            description="full fine-tuning of every parameter (jpeft.full_finetune(): a zero-init "
-                        "additive delta over all params)"),
+            description="full fine-tuning of every parameter (jpeft.full_finetune(): the delta is "
+                        "a trained copy of every param)"),
         "bitfit": Row(
             "bitfit", torch="bitfit",
             description="BitFit on every bias (LayerNorm biases included) + classifier head "

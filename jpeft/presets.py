@@ -538,8 +538,7 @@ def _far_select(o: Options, state: State, env: Env) -> State:
     """Score every output column of the targeted matrices (L1 change over the warm-up, or L1 norm)
     and keep ``fraction`` of them (:func:`jpeft.methods.far.far_select`)."""
     if o["score"] == "change":
-        scores = far_lib.far_scores(env.params, state["delta"]["ffn"], o["targets"],
-                                    warm_is_delta=True)
+        scores = far_lib.far_scores(env.params, state["delta"]["ffn"], o["targets"])
     else:
         scores = far_lib.far_magnitude_scores(env.params, o["targets"])
     columns = far_lib.far_select(scores, o["fraction"], budget=o["budget"])

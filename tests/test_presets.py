@@ -16,6 +16,7 @@ from conftest import random_split
 
 import jpeft
 from jpeft import checkpoint, presets
+from jpeft.core import paths
 from jpeft.models.bert import BertForSequenceClassification
 from jpeft.recipes import classification as clf
 from jpeft.recipes import finetune
@@ -120,9 +121,11 @@ def test_preset_runs_end_to_end(env, name, tmp_path):
     loaded = presets.load(out.checkpoint)
     as_json = lambda config: json.loads(json.dumps(config, default=str))
     assert as_json(loaded.method.config) == saved["config"] == as_json(out.state["method"].config)
-    # Training moved the zero-initialised head (or, for full fine-tuning, the whole delta).
-    delta = out.state["delta"]
-    assert any(np.any(np.asarray(x) != 0) for x in jax.tree.leaves(delta.get("head", delta)))
+    # Training moved the head (or, for full fine-tuning, the whole model) off the base values
+    # (a full_finetune delta holds the trained values at the base's paths).
+    delta, base = out.state["delta"], paths.flatten(env.params)
+    trained = paths.flatten(delta.get("head", delta))
+    assert any(np.any(np.asarray(x) != np.asarray(base[p])) for p, x in trained.items())
 
 
 def test_recipe_reports_changed_predictions(env, tmp_path):

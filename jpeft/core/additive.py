@@ -1,8 +1,8 @@
 """Additive deltas on a selected subset of the base weights: ``theta = theta_0 + delta``.
 
-The building block of the selective methods (BitFit, training a task head, full fine-tuning as a
-baseline): the delta has one zero-initialised array per selected leaf, at that leaf's path, with its
-shape, dtype and sharding. Merging adds it; unmerging subtracts it.
+The building block of BitFit: the delta has one zero-initialised array per selected leaf, at that
+leaf's path, with its shape, dtype and sharding. Merging adds it; unmerging subtracts it.
+(:func:`jpeft.full_finetune` instead trains the selected leaves' values themselves.)
 """
 
 from __future__ import annotations

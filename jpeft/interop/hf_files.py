@@ -245,10 +245,9 @@ def load_saved_modules(tensors: Tensors, variables: Any, names: Iterable[str], p
     if report.unexpected:
         raise AdapterFileError(f"{tensors.where}: modules_to_save tensors that match no module of "
                                f"the base model: {list(report.unexpected)}")
-    flat_loaded, flat_base = paths_lib.flatten(loaded), paths_lib.flatten(base)
+    flat_loaded = paths_lib.flatten(loaded)
     missing = {tuple(m.split("/")) for m in report.missing}
     changed = [p for p in flat_loaded if p not in missing]
     modules = sorted({"/".join(p[:-1]) for p in changed})
-    delta = paths_lib.unflatten({(collection,) + p: flat_loaded[p] - flat_base[p]
-                                 for p in changed})
+    delta = paths_lib.unflatten({(collection,) + p: flat_loaded[p] for p in changed})
     return full_finetune(modules, name="head"), delta

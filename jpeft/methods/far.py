@@ -264,9 +264,10 @@ def far_scores(params: Any, warm: Any, targets: paths_lib.Targets = BERT_FFN, *,
 
     Args:
       params: the base tree.
-      warm: the warmed-up tree (same structure as ``params``), or, with ``warm_is_delta``, the change
-        ``W1 - W0`` as an additive delta at the weights' paths (the delta of
-        ``jpeft.full_finetune(targets)``; leaves it lacks count as unchanged only for biases).
+      warm: the warmed-up values ``W1`` at the weights' paths (the whole warmed-up tree, or the
+        delta of ``jpeft.full_finetune(targets)``, which holds the trained values), or, with
+        ``warm_is_delta``, the change ``W1 - W0`` as an additive delta at those paths. A bias it
+        lacks counts as unchanged; a targeted kernel it lacks is an error.
       targets: the weights to score (default: BERT's feed-forward matrices, :data:`BERT_FFN`).
       sites: the model's contraction sites (:func:`jpeft.probe`): any contraction layout. Without
         them only matrices ``[in, out]`` (2-D leaves) are scored.
