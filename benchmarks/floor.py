@@ -93,7 +93,8 @@ def forward(p: dict, lora: dict, scale: float, input_ids, attention_mask, *, hea
         ctx = jnp.einsum("bnqk,bknd->bqnd", jax.nn.softmax(s, axis=-1), v).reshape(x.shape)
         a = _layer_norm(dense(ctx, "attention/output/dense") + x,
                         lp["attention"]["output"]["LayerNorm"], eps)
-        h = jax.nn.gelu(dense(a, "intermediate/dense"), approximate=False)
+        h = dense(a, "intermediate/dense")
+        h = 0.5 * h * (1 + jax.lax.erf(h * math.sqrt(0.5)))          # exact GELU, torch's form
         x = _layer_norm(dense(h, "output/dense") + a, lp["output"]["LayerNorm"], eps)
     x = x.reshape(b, t, hidden)
     m = attention_mask.astype(x.dtype)[..., None]

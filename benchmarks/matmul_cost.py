@@ -3,14 +3,18 @@
 Every product the step of ``step_cost.py`` runs (batch 32 x 64 = N = 2,048 tokens, hidden
 H = 384, intermediate I = 1,536, 6 layers): forward ``x @ W``, the input gradient ``g @ W^T``,
 the weight gradient ``x^T @ g`` (only full fine-tuning forms it) and LoRA's rank-8 products;
-each timed in JAX and in torch in alternation (one call each per round), so the two see the
-same load. With the number of times each configuration's step runs each product,
+each timed in JAX and in torch in alternating blocks (per round: one untimed call, then
+``--block`` timed calls of one framework, then of the other), so the two see the same load. Not
+one call each in turn: torch's OpenMP threads spin for several milliseconds after every parallel
+region before they sleep (libgomp's spin count), and a JAX call right after a torch call runs on
+the core they hold; per-call alternation made XLA's 384x384 product look 1.75x torch's, blocks
+about 1.2x. With the number of times each configuration's step runs each product,
 the script estimates how much of a step's time is matrix products in each framework: the part of
 the gap to PyTorch that XLA:CPU's kernels account for.
 
 Usage::
 
-    python benchmarks/matmul_cost.py [--reps 30]
+    python benchmarks/matmul_cost.py [--rounds 6 --block 10]
 
 Results go to ``benchmarks/results/matmul_cost.jsonl`` (rewritten each run).
 """
@@ -65,9 +69,13 @@ COUNTS = {
 }
 
 
-def _time(fn, reps: int) -> list[float]:
+def _time_block(fn, block: int) -> list[float]:
+    """One untimed call, then ``block`` timed ones: the untimed call absorbs what the other
+    framework left running (torch's OpenMP threads spin for several ms after each parallel
+    region before they sleep, taking a core from whatever runs next)."""
+    fn()
     out = []
-    for _ in range(reps):
+    for _ in range(block):
         t0 = time.perf_counter()
         fn()
         out.append(time.perf_counter() - t0)
@@ -76,7 +84,8 @@ def _time(fn, reps: int) -> list[float]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--reps", type=int, default=30)
+    p.add_argument("--rounds", type=int, default=6, help="rounds of one block per framework")
+    p.add_argument("--block", type=int, default=10, help="timed calls per block")
     p.add_argument("--out", default=str(DEFAULT_OUT))
     args = p.parse_args(argv)
     import torch
@@ -93,9 +102,9 @@ def main(argv: list[str] | None = None) -> int:
         np.testing.assert_allclose(np.asarray(f(ja, jb)), tf().numpy(), rtol=2e-3, atol=2e-2)
         jf(), tf()
         times = {"jax": [], "torch": []}
-        for _ in range(args.reps):                     # alternate: same load for both
-            times["jax"] += _time(jf, 1)
-            times["torch"] += _time(tf, 1)
+        for _ in range(args.rounds):                   # alternate blocks: same load for both
+            times["jax"] += _time_block(jf, args.block)
+            times["torch"] += _time_block(tf, args.block)
         m, k = (ls[1], ls[0]) if lt else ls
         n = rs[0] if rt else rs[1]
         row = {"product": name, "m": m, "k": k, "n": n, "gflop": 2 * m * k * n / 1e9,
