@@ -145,9 +145,9 @@ def init(config: str, params: dict, *, rank: int = 8, seed: int = 0):
 
 
 def make_step(optimizer: optax.GradientTransformation, *, heads: int, scale: float,
-              layout: str = "flat"):
-    """``step(frozen, trainable, opt_state, batch) -> (trainable, opt_state, loss)``, jitted,
-    ``trainable`` and ``opt_state`` donated."""
+              layout: str = "flat", compiler_options: dict | None = None):
+    """``step(frozen, trainable, opt_state, batch) -> (trainable, opt_state, loss)``, jitted
+    (with XLA ``compiler_options`` when given), ``trainable`` and ``opt_state`` donated."""
     def loss_fn(trainable, frozen, batch):
         p = _merge(frozen, trainable["params"])
         logits = forward(p, trainable["lora"], scale, batch["input_ids"],
@@ -159,7 +159,7 @@ def make_step(optimizer: optax.GradientTransformation, *, heads: int, scale: flo
         updates, opt_state = optimizer.update(grads, opt_state, trainable)
         return optax.apply_updates(trainable, updates), opt_state, loss
 
-    return jax.jit(step, donate_argnums=(1, 2))
+    return jax.jit(step, donate_argnums=(1, 2), compiler_options=compiler_options or None)
 
 
 def logits_fn(*, heads: int, scale: float, layout: str = "flat"):

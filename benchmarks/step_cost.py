@@ -71,6 +71,7 @@ from jpeft import presets  # noqa: E402
 from common import cost as _cost, loadavg as _loadavg, machine as _machine_info  # noqa: E402
 from common import memory as _memory, write_jsonl  # noqa: E402  (benchmarks/common.py)
 import floor as floor_lib  # noqa: E402  (benchmarks/floor.py)
+from jpeft.core import xla_options  # noqa: E402
 from jpeft.data import minilm_dir  # noqa: E402
 from jpeft.methods import adalora as adalora_lib  # noqa: E402
 from jpeft.methods import fishmask as fishmask_lib  # noqa: E402
@@ -364,11 +365,13 @@ def _fmt(x: float | None, spec: str) -> str:
 
 
 def _jax_prepare(name: str, spec: Row, env: BatchEnv, run_steps: int,
-                 skip_nonfinite: bool = True, *, with_compiled: bool = False):
+                 skip_nonfinite: bool = True, *, with_compiled: bool = False,
+                 compiler_options: dict | None = None):
     """Compile the jpeft train step of one configuration (the preset's main stage, its method's
     penalty and optimizer wrapper folded in): ``(row, run_step)`` (and the compiled executable
     with ``with_compiled``). ``run_steps``: how many updates the benchmark will run (AdaLoRA's
-    schedule is sized from it)."""
+    schedule is sized from it). ``compiler_options``: as ``jpeft.make_train_step``'s (``None``:
+    jpeft's defaults)."""
     model, variables, sites, batch = env.model, env.params, env.sites, env.batch
     options, state, stage = _prepared(spec, env, run_steps)
     method = stage.method(state)
@@ -387,7 +390,7 @@ def _jax_prepare(name: str, spec: Row, env: BatchEnv, run_steps: int,
     delta = presets.start_delta(stage, state, method, env)
     opt_state = jpeft.init_opt_state(opt, delta, method=method)
     step = jpeft.make_train_step(loss_fn, opt, method=method, donate=True,
-                                 skip_nonfinite=skip_nonfinite)
+                                 skip_nonfinite=skip_nonfinite, compiler_options=compiler_options)
     key = jax.random.key(2)
 
     trainable = jpeft.trainable_count(delta, method)   # SparseAdapter: kept entries only
@@ -454,7 +457,8 @@ def _floor_prepare(config: str, env: BatchEnv, layout: str, *, with_compiled: bo
     trainable = jax.tree.map(jnp.copy, trainable)      # donated: never the base's own buffers
     opt = optax.adamw(LR, weight_decay=WEIGHT_DECAY)
     step = floor_lib.make_step(opt, heads=loaded_config.num_attention_heads,
-                               scale=ALPHA / RANK, layout=layout)
+                               scale=ALPHA / RANK, layout=layout,
+                               compiler_options=xla_options.train_step_options())
     state = {"trainable": trainable, "opt_state": opt.init(trainable)}
     compiled = step.lower(frozen, state["trainable"], state["opt_state"], env.batch).compile()
     cost = _cost(compiled)
@@ -681,18 +685,19 @@ def _print_train_table(rows: list[dict[str, Any]]) -> None:
 def _print_time_table(rows: list[dict[str, Any]]) -> None:
     """Step times, median / minimum (ms), of every runner of a configuration, and the ratios."""
     rows = [r for r in rows if any(k in r for k in ("floor_step_ms", "torch_step_ms",
-                                                    "jax_unguarded_step_ms"))]
+                                                    "jax_unguarded_step_ms",
+                                                    "jax_xla_default_step_ms"))]
     if not rows:
         return
     ms = lambda r, k: (f"{r[k + '_step_ms']:.0f}/{r[k + '_step_ms_min']:.0f}"
                        if r.get(k + "_step_ms") is not None else "-")
-    cols = ("jax", "jax_unguarded", "floor", "floor_batched", "torch")
-    head = (f"{'config':<18} " + " ".join(f"{c:>14}" for c in cols)
+    cols = ("jax", "jax_unguarded", "jax_xla_default", "floor", "floor_batched", "torch")
+    head = (f"{'config':<18} " + " ".join(f"{c:>15}" for c in cols)
             + f" {'jax/floor':>9} {'jax/torch':>9} {'floor/torch':>11} {'x full':>7}")
     print(head)
     print("-" * len(head))
     for r in rows:
-        print(f"{r['config']:<18} " + " ".join(f"{ms(r, c):>14}" for c in cols)
+        print(f"{r['config']:<18} " + " ".join(f"{ms(r, c):>15}" for c in cols)
               + f" {_fmt(r.get('jax_over_floor'), '9.3f'):>9}"
               f" {_fmt(r.get('jax_over_torch'), '9.3f'):>9}"
               f" {_fmt(r.get('floor_over_torch'), '11.3f'):>11}"
@@ -745,6 +750,16 @@ def _checks(train: dict[str, dict], inference: list[dict]) -> list[dict[str, Any
             out.append({"check": f"{name}: jpeft step <= 1.05x the hand-written JAX floor "
                                  f"(medians, interleaved)",
                         "value": r["jax_over_floor"], "passed": r["jax_over_floor"] <= 1.05})
+    for name, r in train.items():
+        if r.get("xla_options_time_ratio") is not None:
+            out.append({"check": f"{name}: jpeft's CPU compile options (YNNPACK fusions off) "
+                                 f"no slower than XLA's defaults (+2%; medians, interleaved)",
+                        "value": r["xla_options_time_ratio"],
+                        "passed": r["xla_options_time_ratio"] <= 1.02})
+            out.append({"check": f"{name}: ... and their temporaries below XLA's defaults' "
+                                 f"(memory_analysis)",
+                        "value": r["xla_options_temp_ratio"],
+                        "passed": r["xla_options_temp_ratio"] < 1.0})
     for name in ("lora_qv", "lora_all_linear"):
         r = train.get(name, {})
         if r.get("jax_over_torch") is not None:
@@ -848,6 +863,10 @@ def main(argv: list[str] | None = None) -> int:
             unguarded, runners["jax_unguarded"] = _jax_prepare(name, spec, env, run_steps,
                                                                skip_nonfinite=False)
             row["unguarded_flops"] = unguarded["flops"]
+        if name in FLOOR:
+            xla_default, runners["jax_xla_default"] = _jax_prepare(
+                name, spec, env, run_steps, compiler_options={})
+            row["xla_default_temp_bytes"] = xla_default["temp_bytes"]
         if name in FLOOR and not args.no_floor:
             for layout in floor_lib.LAYOUTS:
                 key = "floor" if layout == "flat" else f"floor_{layout}"
@@ -862,6 +881,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[{name}] {' + '.join(runners)}: {args.warmup} warm-up + {args.steps} timed steps"
               + (" each, alternating" if len(runners) > 1 else ""), flush=True)
         row.update(_timed(args.steps, args.warmup, runners))
+        if "jax_xla_default" in runners:
+            row["xla_options_time_ratio"] = row["jax_step_ms"] / row["jax_xla_default_step_ms"]
+            row["xla_options_temp_ratio"] = row["temp_bytes"] / row["xla_default_temp_bytes"]
         if "jax_unguarded" in runners:
             row["guard_time_ratio"] = row["jax_step_ms"] / row["jax_unguarded_step_ms"]
             row["guard_flops_ratio"] = row["flops"] / row["unguarded_flops"]

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import optax
 
 from jpeft.core import method as method_lib
+from jpeft.core import xla_options
 
 LossFn = Callable[[Any, Any, Any, jax.Array], Any]
 
@@ -76,12 +77,16 @@ class TrainStep:
     ``metrics`` also holds ``"skipped_in_row"`` and ``"skipped_total"`` (ints), and the call raises
     :class:`NonFiniteError` once ``max_skips_in_row`` steps in a row were skipped. Reading the
     skip flag waits for the step to finish (as reading the loss does). Called inside a traced
-    function (a ``jax.lax.scan`` of steps), it returns the per-step ``"skipped"`` flags only. ``step.jitted`` is the
-    ``jax.jit`` function (``step.lower(...)`` lowers it).
+    function (a ``jax.lax.scan`` of steps), it runs ``step.nested`` (the same step without its
+    compile options, which only a top-level ``jax.jit`` takes) and returns the per-step
+    ``"skipped"`` flags only. ``step.jitted`` is the top-level ``jax.jit`` function
+    (``step.lower(...)`` lowers it).
     """
 
-    def __init__(self, jitted: Callable, skip_nonfinite: bool, max_skips_in_row: int | None):
+    def __init__(self, jitted: Callable, skip_nonfinite: bool, max_skips_in_row: int | None,
+                 nested: Callable | None = None):
         self.jitted = jitted
+        self.nested = jitted if nested is None else nested
         self.skip_nonfinite = skip_nonfinite
         self.max_skips_in_row = max_skips_in_row
         self.skipped_in_row = 0
@@ -91,9 +96,14 @@ class TrainStep:
         return self.jitted.lower(*args, **kwargs)
 
     def __call__(self, params, delta, opt_state, batch, key):
-        delta, opt_state, metrics = self.jitted(params, delta, opt_state, batch, key)
-        if not self.skip_nonfinite or isinstance(metrics["skipped"], jax.core.Tracer):
-            return delta, opt_state, metrics          # traced (inside jit/scan): flags only
+        args = (params, delta, opt_state, batch, key)
+        if any(isinstance(x, jax.core.Tracer) for x in jax.tree_util.tree_leaves(args)):
+            # Traced (inside jit/scan): the step without its own compile options (only a
+            # top-level jit takes them), and the per-step flags only.
+            return self.nested(*args)
+        delta, opt_state, metrics = self.jitted(*args)
+        if not self.skip_nonfinite:
+            return delta, opt_state, metrics
         skipped = bool(metrics["skipped"])
         self.skipped_in_row = self.skipped_in_row + 1 if skipped else 0
         self.skipped_total += skipped
@@ -113,7 +123,8 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
                     method: method_lib.Method | None = None, donate: bool = True,
                     skip_nonfinite: bool = True, max_skips_in_row: int | None = 10,
                     param_shardings: Any = None, delta_shardings: Any = None,
-                    opt_state_shardings: Any = None, batch_shardings: Any = None) -> TrainStep:
+                    opt_state_shardings: Any = None, batch_shardings: Any = None,
+                    compiler_options: Mapping[str, Any] | None = None) -> TrainStep:
     """A jit-compiled train step that differentiates ``loss_fn`` with respect to the delta only.
 
     Args:
@@ -132,6 +143,9 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
       param_shardings, delta_shardings, opt_state_shardings, batch_shardings: optional explicit
         shardings; when given, the step is compiled with them as ``in_shardings``/``out_shardings``
         (the key and the metrics are replicated).
+      compiler_options: XLA compile options of the step; ``None``: jpeft's defaults for the
+        backend (:func:`jpeft.core.xla_options.train_step_options`: on CPU, YNNPACK fusions off,
+        which cuts temporary memory by about a fifth); ``{}``: XLA's own defaults.
 
     Returns:
       a :class:`TrainStep`: ``step(params, delta, opt_state, batch, key) -> (delta, opt_state,
@@ -163,6 +177,8 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
         new_delta, new_state = jax.lax.cond(finite, update, lambda _: (delta, opt_state), None)
         return new_delta, new_state, {"loss": loss, **aux, "skipped": ~finite}
 
+    options = (xla_options.train_step_options() if compiler_options is None
+               else dict(compiler_options))
     kwargs: dict = {}
     if donate:
         kwargs["donate_argnums"] = (1, 2)
@@ -174,7 +190,8 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
         kwargs["in_shardings"] = (param_shardings, delta_shardings, opt_state_shardings,
                                   batch_shardings, None)
         kwargs["out_shardings"] = (delta_shardings, opt_state_shardings, None)
-    return TrainStep(jax.jit(step, **kwargs), skip_nonfinite, max_skips_in_row)
+    return TrainStep(jax.jit(step, **kwargs, compiler_options=options or None), skip_nonfinite,
+                     max_skips_in_row, nested=jax.jit(step, **kwargs))
 
 
 def init_opt_state(optimizer: optax.GradientTransformation, delta: Any,
