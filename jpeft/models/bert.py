@@ -167,56 +167,6 @@ REMAT_POLICIES = ("nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_
                   "everything_saveable")
 
 
-class TokenDense(nn.Module):
-    """``y = x W + b`` for ``x: [..., in]`` (``W: [in, features]``, ``b: [features]``, as
-    ``nn.Dense``'s ``kernel`` and ``bias``), computed on the tokens flattened to ``[N, in]`` and
-    shaped back to ``[..., features]``.
-
-    Same math and parameters as ``nn.Dense``; the module's input and output keep their shapes.
-    Flat, the gradients of ``W`` and ``b`` are sums over one token axis instead of ``(B, T)``:
-    without YNNPACK (jpeft's CPU default, :mod:`jpeft.core.xla_options`) XLA:CPU rewrites a
-    ``(B, T)`` sum into a windowed reduction several times slower (``benchmarks/README.md``)."""
-    features: int
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
-    kernel_init: Callable = nn.initializers.lecun_normal()
-    bias_init: Callable = nn.initializers.zeros
-
-    @nn.compact
-    def __call__(self, x: Array) -> Array:
-        kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features),
-                            self.param_dtype)
-        bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype)
-        x2, kernel, bias = nn.dtypes.promote_dtype(x.reshape(-1, x.shape[-1]), kernel, bias,
-                                                   dtype=self.dtype)
-        return (jnp.dot(x2, kernel) + bias).reshape(*x.shape[:-1], self.features)
-
-
-class TokenLayerNorm(nn.Module):
-    """LayerNorm over the last axis, ``(x - E[x]) / sqrt(Var[x] + eps) * scale + bias`` (one pass:
-    ``Var[x] = E[x^2] - E[x]^2``, clipped at 0, statistics in float32 at least, as ``nn.LayerNorm``),
-    computed on the tokens flattened to ``[N, F]`` for the reason :class:`TokenDense` gives;
-    parameters ``scale`` and ``bias`` as ``nn.LayerNorm``'s."""
-    epsilon: float = 1e-6
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: Array) -> Array:
-        f = x.shape[-1]
-        scale = self.param("scale", nn.initializers.ones, (f,), self.param_dtype)
-        bias = self.param("bias", nn.initializers.zeros, (f,), self.param_dtype)
-        x2 = x.reshape(-1, f)
-        stats = jnp.promote_types(x.dtype, jnp.float32)
-        xs = x2.astype(stats)
-        mean = xs.mean(-1, keepdims=True)
-        var = jnp.maximum(0.0, jnp.square(xs).mean(-1, keepdims=True) - jnp.square(mean))
-        dtype = self.dtype or jnp.result_type(x, scale, bias)
-        y = (xs - mean) * (jax.lax.rsqrt(var + self.epsilon) * scale.astype(stats))
-        y = (y + bias.astype(stats)).astype(dtype)
-        return y.reshape(x.shape)
-
-
 class _BertModule(nn.Module):
     """Shared fields: the config, the computation ``dtype``, the parameter ``param_dtype`` and
     ``remat``: ``None``, or a policy of :data:`REMAT_POLICIES` under which every layer is
@@ -232,14 +182,14 @@ class _BertModule(nn.Module):
         return dict(config=self.config, dtype=self.dtype, param_dtype=self.param_dtype,
                     remat=self.remat)
 
-    def _dense(self, features: int, name: str) -> "TokenDense":
-        return TokenDense(features, dtype=self.dtype, param_dtype=self.param_dtype,
-                          kernel_init=nn.initializers.normal(self.config.initializer_range),
-                          name=name)
+    def _dense(self, features: int, name: str) -> nn.Dense:
+        return nn.Dense(features, dtype=self.dtype, param_dtype=self.param_dtype,
+                        kernel_init=nn.initializers.normal(self.config.initializer_range),
+                        bias_init=nn.initializers.zeros, name=name)
 
-    def _layer_norm(self, name: str = "LayerNorm") -> "TokenLayerNorm":
-        return TokenLayerNorm(epsilon=self.config.layer_norm_eps, dtype=self.dtype,
-                              param_dtype=self.param_dtype, name=name)
+    def _layer_norm(self, name: str = "LayerNorm") -> nn.LayerNorm:
+        return nn.LayerNorm(epsilon=self.config.layer_norm_eps, dtype=self.dtype,
+                            param_dtype=self.param_dtype, name=name)
 
     def _embed(self, num: int, name: str) -> nn.Embed:
         return nn.Embed(num, self.config.hidden_size, dtype=self.dtype, param_dtype=self.param_dtype,

@@ -12,7 +12,6 @@ from flax import traverse_util
 from conftest import require
 
 from jpeft.models.bert import (BertConfig, BertForSequenceClassification, BertModel, EncoderOutput,
-                               TokenDense, TokenLayerNorm,
                                attention_bias, get_activation, masked_mean)
 from jpeft.models.loading import hf_state_to_flax
 from jpeft.models.tokenizer import encode
@@ -65,34 +64,14 @@ def test_param_tree_mirrors_hugging_face_names(pooling, tiny_batch):
     assert layer["output"]["dense"]["kernel"].shape == (64, 32)
 
 
-@pytest.mark.parametrize("dtype", [None, jnp.bfloat16])
-def test_token_dense_and_layer_norm_equal_flax_modules(dtype):
-    """Same parameters (names, shapes, initialisers) and outputs as nn.Dense / nn.LayerNorm on a
-    3-D input, in float32 and with a bfloat16 computation dtype."""
-    x = jax.random.normal(jax.random.key(0), (3, 5, 8))
-    pairs = ((TokenDense(6, dtype=dtype), nn.Dense(6, dtype=dtype)),
-             (TokenLayerNorm(epsilon=1e-12, dtype=dtype), nn.LayerNorm(epsilon=1e-12,
-                                                                       dtype=dtype)))
-    for ours, flax_module in pairs:
-        v_ours = ours.init(jax.random.key(1), x)
-        v_flax = flax_module.init(jax.random.key(1), x)
-        jax.tree.map(np.testing.assert_array_equal, v_ours, v_flax)
-        v = jax.tree.map(lambda a: a + 0.1 * jax.random.normal(jax.random.key(2), a.shape), v_flax)
-        got, want = ours.apply(v, x), flax_module.apply(v, x)
-        assert got.shape == want.shape and got.dtype == want.dtype
-        tol = 1e-6 if dtype is None else 2e-2
-        np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),
-                                   atol=tol, rtol=tol)
-
-
-def test_every_linear_map_is_a_token_dense(tiny_batch):
+def test_every_linear_map_is_a_flax_dense(tiny_batch):
     config = BertConfig.tiny(pooling="cls")
     model = BertForSequenceClassification(config)
     params = _init(model, tiny_batch)
     seen = []
 
     def spy(next_fun, args, kwargs, context):
-        if isinstance(context.module, TokenDense) and context.method_name == "__call__":
+        if isinstance(context.module, nn.Dense) and context.method_name == "__call__":
             seen.append("/".join(context.module.scope.path))
         return next_fun(*args, **kwargs)
 
