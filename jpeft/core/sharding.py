@@ -1,9 +1,10 @@
 """Shardings for deltas and optimizer state, derived from those of the base weights.
 
 The base parameters carry ``NamedSharding``s (FSDP, tensor parallel, or both). Each method derives
-its delta's shardings from them (``Method.shardings``): an additive delta takes its weight's sharding,
-a LoRA factor takes the spec of the weight axis it shares, with the rank axis replicated. Optimizer
-state that mirrors the delta (Adam's moments) takes the delta's shardings; scalars are replicated.
+its delta's shardings from them (``Method.shardings``): a delta of whole leaves (additive or
+replacing) takes its weight's sharding, a LoRA factor takes the spec of the weight axis it shares,
+with the rank axis replicated. Optimizer state that mirrors the delta (Adam's moments) takes the
+delta's shardings; scalars are replicated.
 """
 
 from __future__ import annotations

@@ -3,10 +3,10 @@
 On XLA:CPU the step is compiled with YNNPACK's library fusions off
 (``xla_cpu_experimental_ynn_fusion_type=""``): XLA's own kernels then run the matrix products and
 reductions. Measured on the MiniLM train step (``benchmarks/step_cost.py``, runner
-``jax_xla_default``; ``benchmarks/README.md``): XLA's temporary memory falls by 17-25% for every
-configuration (static figures from ``memory_analysis()``), and the step of the
-parameter-efficient configurations (BitFit, LoRA) is 4-10% faster, full fine-tuning's within
-about 2% of XLA's default. Other backends get no options.
+``jax_xla_default``; ``benchmarks/README.md``): XLA's temporary memory falls by 17-26% for every
+configuration (static figures from ``memory_analysis()``); in steps timed in alternation with
+XLA's defaults, LoRA's is 5-11% faster, BitFit's 4% faster to 2% slower, full fine-tuning's 2%
+slower to 7% faster. Other backends get no options.
 
 The defaults stand aside when the user has chosen: a ``compiler_options`` given to
 :func:`jpeft.make_train_step` (``{}`` means XLA's defaults), or the option named in the
