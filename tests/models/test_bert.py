@@ -354,3 +354,31 @@ def test_remat_layers_keep_the_tree_outputs_and_gradients(tiny_config, tiny_bert
 def test_remat_rejects_an_unknown_policy(tiny_config, tiny_batch):
     with pytest.raises(ValueError, match="remat must be None or one of"):
         _init(BertForSequenceClassification(tiny_config, remat="dots"), tiny_batch)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("kind", ["dense", "layer_norm"])
+def test_layers_equal_flax_in_values_and_gradients(kind, dtype):
+    # jpeft's Dense/LayerNorm differentiate on flattened tokens (jpeft.ops.flat_tokens); the
+    # reference is flax's own module, differentiated by autodiff on [B, T, F].
+    from jpeft.models.bert import Dense, LayerNorm
+    if kind == "dense":
+        ours, ref = Dense(7, dtype=dtype), nn.Dense(7, dtype=dtype)
+    else:
+        ours, ref = LayerNorm(epsilon=1e-12, dtype=dtype), nn.LayerNorm(epsilon=1e-12, dtype=dtype)
+    x = jax.random.normal(jax.random.key(0), (3, 5, 6))
+    params = ref.init(jax.random.key(1), x)
+    assert jax.tree.structure(ours.init(jax.random.key(1), x)) == jax.tree.structure(params)
+    params = jax.tree.map(lambda p: p + 0.3 * jax.random.normal(jax.random.key(2), p.shape), params)
+    cot = jax.random.normal(jax.random.key(3), ref.apply(params, x).shape)
+    loss = lambda m: lambda p, x: (m.apply(p, x).astype(jnp.float32) * cot).sum()
+    tol = 1e-5 if dtype == jnp.float32 else 2e-2
+    np.testing.assert_allclose(np.asarray(ours.apply(params, x), np.float32),
+                               np.asarray(ref.apply(params, x), np.float32), rtol=tol, atol=tol)
+    got = jax.jit(jax.grad(loss(ours), argnums=(0, 1)))(params, x)
+    want = jax.grad(loss(ref), argnums=(0, 1))(params, x)
+    for (kp, g), w in zip(jax.tree_util.tree_leaves_with_path(got), jax.tree.leaves(want)):
+        assert g.dtype == w.dtype, jax.tree_util.keystr(kp)
+        scale = float(np.abs(np.asarray(w, np.float32)).max())
+        np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(w, np.float32),
+                                   rtol=tol, atol=tol * scale, err_msg=jax.tree_util.keystr(kp))
