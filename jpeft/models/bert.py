@@ -247,12 +247,12 @@ class _BertModule(nn.Module):
 
     def _dense(self, features: int, name: str) -> Dense:
         return Dense(features, dtype=self.dtype, param_dtype=self.param_dtype,
-                        kernel_init=nn.initializers.normal(self.config.initializer_range),
-                        bias_init=nn.initializers.zeros, name=name)
+                     kernel_init=nn.initializers.normal(self.config.initializer_range),
+                     bias_init=nn.initializers.zeros, name=name)
 
     def _layer_norm(self, name: str = "LayerNorm") -> LayerNorm:
         return LayerNorm(epsilon=self.config.layer_norm_eps, dtype=self.dtype,
-                            param_dtype=self.param_dtype, name=name)
+                         param_dtype=self.param_dtype, name=name)
 
     def _embed(self, num: int, name: str) -> nn.Embed:
         return nn.Embed(num, self.config.hidden_size, dtype=self.dtype, param_dtype=self.param_dtype,

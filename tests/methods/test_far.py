@@ -249,21 +249,6 @@ def _grad(model, variables, method, delta, batch, mode, sites):
     return jax.grad(lambda d, p: jnp.sum(f(p, d, **batch) ** 2))
 
 
-def _dot_shapes(jaxpr) -> list:
-    """Output shapes of every ``dot_general`` in ``jaxpr``, nested jaxprs included."""
-    shapes = []
-    for eqn in jaxpr.eqns:
-        if eqn.primitive.name == "dot_general":
-            shapes.append(tuple(eqn.outvars[0].aval.shape))
-        for v in eqn.params.values():
-            for sub in (v if isinstance(v, (tuple, list)) else (v,)):
-                if hasattr(sub, "eqns"):
-                    shapes += _dot_shapes(sub)
-                elif hasattr(getattr(sub, "jaxpr", None), "eqns"):
-                    shapes += _dot_shapes(sub.jaxpr)
-    return shapes
-
-
 def test_factored_form_never_forms_the_full_weight_gradient(tiny_bert, tiny_batch, tiny_sites):
     model, params = tiny_bert
     variables = {"params": params}
@@ -277,7 +262,7 @@ def test_factored_form_never_forms_the_full_weight_gradient(tiny_bert, tiny_batc
     dots, flops = {}, {}
     for mode in ("factored", "materialised"):
         g = _grad(model, variables, method, delta, tiny_batch, mode, tiny_sites)
-        dots[mode] = _dot_shapes(jax.make_jaxpr(g)(delta, variables).jaxpr)
+        dots[mode] = _dot_output_shapes(jax.make_jaxpr(g)(delta, variables).jaxpr)
         cost = jax.jit(g).lower(delta, variables).compile().cost_analysis()
         flops[mode] = (cost[0] if isinstance(cost, (list, tuple)) else cost)["flops"]
     # Materialised forms each selected FFN kernel's gradient x^T dy ([in, out]) and keeps k
