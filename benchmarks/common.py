@@ -53,6 +53,23 @@ def memory(compiled) -> dict[str, int | None]:
     return out
 
 
+def add_host_memory_flag(parser) -> None:
+    """``--release-host-memory``: keep glibc's default (return freed memory to the OS)."""
+    parser.add_argument(
+        "--release-host-memory", action="store_true",
+        help="keep glibc's default of returning freed memory to the OS (by default the benchmark "
+             "calls jpeft.retain_host_memory() first, as python -m jpeft.cli does)")
+
+
+def host_memory(args) -> str:
+    """Call :func:`jpeft.retain_host_memory` unless ``--release-host-memory``; the mode, for the
+    results: ``"retained"`` or ``"released"`` (glibc's default, or not glibc)."""
+    import jpeft
+    if not args.release_host_memory and jpeft.retain_host_memory():
+        return "retained"
+    return "released"
+
+
 def loadavg() -> list[float] | None:
     try:
         return [round(x, 2) for x in os.getloadavg()]

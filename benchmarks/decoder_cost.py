@@ -74,6 +74,7 @@ import optax  # noqa: E402
 from flax import nnx  # noqa: E402
 
 import jpeft  # noqa: E402
+import common  # noqa: E402  (benchmarks/common.py)
 from common import cost as _cost, loadavg as _loadavg, machine as _machine_info  # noqa: E402
 from common import memory as _memory, write_jsonl  # noqa: E402  (benchmarks/common.py)
 from jpeft.core import paths as paths_lib  # noqa: E402
@@ -609,7 +610,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help=f"results file, appended to ({DEFAULT_OUT}; none "
                                                "with --quick)")
+    common.add_host_memory_flag(p)
     args = p.parse_args(argv)
+    host_memory = common.host_memory(args)    # before the first JAX computation
     d = dict(steps=3, warmup=1, batch=2, seq=16) if args.quick else dict(steps=10, warmup=2,
                                                                           batch=4, seq=128)
     for k, v in d.items():
@@ -645,7 +648,7 @@ def main(argv: list[str] | None = None) -> int:
     out = pathlib.Path(args.out) if args.out else (None if args.quick else DEFAULT_OUT)
 
     model_kwargs = QUICK_MODEL if args.quick else MODEL
-    machine = _machine()
+    machine = {**_machine(), "host_memory": host_memory}
     run_id = machine["date"]
     rng = np.random.default_rng(args.seed)
     ids = rng.integers(0, model_kwargs["vocab_size"], (args.batch, args.seq), dtype=np.int32)

@@ -66,7 +66,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--seq", type=int, default=64)
     parser.add_argument("--out", type=pathlib.Path, default=DEFAULT_OUT)
+    common.add_host_memory_flag(parser)
     args = parser.parse_args(argv)
+    host_memory = common.host_memory(args)    # before the first JAX computation
 
     from jpeft import presets
     from jpeft.recipes import movies
@@ -75,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     for n in names:
         presets.get(n)                       # an unknown name fails before anything runs
     task = movies.load_task(seq=args.seq)
-    rows = [common.machine(kind="demos", batch=args.batch, seq=args.seq)]
+    rows = [common.machine(kind="demos", host_memory=host_memory, batch=args.batch, seq=args.seq)]
     for name in names:
         print(f"== {name}", flush=True)
         row = run_one(name, task, args.steps, args.batch)

@@ -24,7 +24,7 @@ biases included, + the classifier), ``lora_qv`` (LoRA on query, value + classifi
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from typing import Callable
 
 import jax
 import jax.numpy as jnp

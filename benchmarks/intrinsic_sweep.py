@@ -51,6 +51,7 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 import jpeft  # noqa: E402
+import common  # noqa: E402  (benchmarks/common.py)
 from common import write_jsonl  # noqa: E402  (benchmarks/common.py)
 from jpeft.core import method as method_lib  # noqa: E402
 from jpeft.methods.full import full_finetune  # noqa: E402
@@ -130,7 +131,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-baselines", action="store_true", help="skip head-only and full runs")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=str(DEFAULT_OUT))
+    common.add_host_memory_flag(p)
     args = p.parse_args(argv)
+    host_memory = common.host_memory(args)    # before the first JAX computation
     ds = [int(x) for x in args.ds.split(",") if x.strip()]
     if args.steps < 1 or any(d < 1 for d in ds):
         p.error("--steps and every d must be >= 1")
@@ -147,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
              "optimizer": "adamw(weight_decay=0), 10% linear warm-up, cosine decay",
              "lr_rule": f"{args.lr_scale} / sqrt(d)", "full_lr": args.full_lr,
              "head_lr": args.head_lr, "base_params": jpeft.num_params(task.variables)}
-    machine = _machine()
+    machine = {**_machine(), "host_memory": host_memory}
     out = pathlib.Path(args.out)
     print(f"intrinsic sweep: d in {ds}, {args.steps} steps x batch {args.batch}, {setup['data']}; "
           f"{machine['backend']}, {machine['cpus_usable']} cpus", flush=True)
@@ -158,17 +161,17 @@ def main(argv: list[str] | None = None) -> int:
         rows.append({**row, "setup": setup, "machine": machine})
         write_jsonl(out, rows + [{**_finish(rows), "setup": setup, "machine": machine}])
 
-    common = dict(steps=args.steps, batch=args.batch, seed=args.seed)
+    shared = dict(steps=args.steps, batch=args.batch, seed=args.seed)
     if not args.no_baselines:
         head = method_lib.compose(head=full_finetune(("classifier",), name="head"))
-        record(_run(task, "head", head, d=None, lr=args.head_lr, head_lr=args.head_lr, **common))
+        record(_run(task, "head", head, d=None, lr=args.head_lr, head_lr=args.head_lr, **shared))
         record(_run(task, "full", jpeft.full_finetune(), d=None, lr=args.full_lr, head_lr=None,
-                    **common))
+                    **shared))
     for d in ds:
         method = presets.main_stage(kind, {"d": d, "seed": args.seed}).method(
             {"head": ("classifier",)})
         record(_run(task, f"{kind}_d{d}", method, d=d, lr=args.lr_scale / math.sqrt(d),
-                    head_lr=args.head_lr, **common))
+                    head_lr=args.head_lr, **shared))
 
     summary = _finish(rows)
     write_jsonl(out, rows + [{**summary, "setup": setup, "machine": machine}])

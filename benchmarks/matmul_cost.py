@@ -10,7 +10,16 @@ region before they sleep (libgomp's spin count), and a JAX call right after a to
 the core they hold; per-call alternation made XLA's 384x384 product look 1.75x torch's, blocks
 about 1.2x. With the number of times each configuration's step runs each product,
 the script estimates how much of a step's time is matrix products in each framework: the part of
-the gap to PyTorch that XLA:CPU's kernels account for.
+the gap to PyTorch that XLA:CPU's kernels account for. JAX runs each product compiled with the
+train step's options (``jax``: ``jpeft.core.xla_options.train_step_options()``, YNNPACK's
+fusions off on CPU) and with XLA's defaults (``jax_xla_default``).
+
+The attention core of one layer (``softmax(q k^T / sqrt(D) + bias) v`` on ``[B, T, N, D]``,
+forward and the gradients of ``q, k, v``; its two batched products are not in the table above)
+is timed the same way: JAX as jpeft's BERT writes it (two einsums, float32 softmax) against
+torch's ``scaled_dot_product_attention`` on the strided ``[B, N, T, D]`` views Hugging Face's
+BERT passes it (``attn_implementation="sdpa"``, its default; no mask for the benchmark's
+unpadded batch) and against the eager form (``softmax(q @ k^T * s) @ v``).
 
 Usage::
 
@@ -22,6 +31,7 @@ Results go to ``benchmarks/results/matmul_cost.jsonl`` (rewritten each run).
 from __future__ import annotations
 
 import argparse
+import math
 import pathlib
 import statistics
 import sys
@@ -31,9 +41,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import common  # noqa: E402  (benchmarks/common.py)
 from common import loadavg, machine, write_jsonl  # noqa: E402
 
+from jpeft.core import xla_options  # noqa: E402
+
 N, H, I, R, L = 2048, 384, 1536, 8, 6
+B, T, NH = 32, 64, 12            # N = B * T tokens, NH heads of D = H / NH = 32
 DEFAULT_OUT = pathlib.Path(__file__).resolve().parent / "results" / "matmul_cost.jsonl"
 
 #: name -> (lhs shape, rhs shape, lhs transposed, rhs transposed): ``op(lhs) @ op(rhs)``.
@@ -66,6 +80,7 @@ COUNTS = {
     "LoRA q,v adds": {"lora x@A [N,H]x[H,r]": 2 * L, "lora u@B [N,r]x[r,H]": 2 * L,
                       "lora g@B^T [N,H]x[r,H]^T": 2 * L, "lora u^T@g [N,r]^Tx[N,H]": 2 * L,
                       "lora x^T@gu [N,H]^Tx[N,r]": 2 * L, "lora gu@A^T [N,r]x[H,r]^T": 2 * L},
+    "attention cores (every configuration)": {"attention fwd+bwd [B,T,N,D]": L},
 }
 
 
@@ -82,49 +97,120 @@ def _time_block(fn, block: int) -> list[float]:
     return out
 
 
+def _alternate(runners: dict, rounds: int, block: int) -> dict[str, list[float]]:
+    """Blocks of ``block`` timed calls per runner, runner after runner, ``rounds`` times."""
+    times = {w: [] for w in runners}
+    for _ in range(rounds):
+        for w, fn in runners.items():
+            times[w] += _time_block(fn, block)
+    return times
+
+
+def _summary(times: dict[str, list[float]]) -> dict[str, float]:
+    out = {**{f"{w}_ms": 1e3 * statistics.median(t) for w, t in times.items()},
+           **{f"{w}_ms_min": 1e3 * min(t) for w, t in times.items()}}
+    out["jax_over_torch"] = out["jax_ms"] / out["torch_ms"]
+    return out
+
+
+def _product_runners(lhs: np.ndarray, rhs: np.ndarray, lt: bool, rt: bool) -> dict:
+    import torch
+    options = xla_options.train_step_options()
+    fn = lambda x, y: (x.T if lt else x) @ (y.T if rt else y)
+    ja, jb = jnp.asarray(lhs), jnp.asarray(rhs)
+    ta, tb = torch.from_numpy(lhs), torch.from_numpy(rhs)
+    runners = {"jax": jax.jit(fn, compiler_options=options), "jax_xla_default": jax.jit(fn)}
+    runners = {w: (lambda f=f: f(ja, jb).block_until_ready()) for w, f in runners.items()}
+    runners["torch"] = lambda: fn(ta, tb)
+    want = runners["torch"]().numpy()
+    for w in ("jax", "jax_xla_default"):
+        np.testing.assert_allclose(np.asarray(runners[w]()), want, rtol=2e-3, atol=2e-2,
+                                   err_msg=w)
+    return runners
+
+
+def _jax_attention(q, k, v, bias):
+    """jpeft's BERT attention core: ``[B, T, N, D]`` in and out, softmax over keys."""
+    s = jnp.einsum("bqnd,bknd->bnqk", q, k) / math.sqrt(q.shape[-1]) + bias
+    return jnp.einsum("bnqk,bknd->bqnd", jax.nn.softmax(s, axis=-1), v)
+
+
+def _attention_runners(rng: np.random.Generator) -> dict:
+    """Forward + gradients of ``q, k, v`` for one layer's attention core, each runner."""
+    import torch
+    d = H // NH
+    q, k, v, g = (rng.standard_normal((B, T, NH, d)).astype(np.float32) for _ in range(4))
+    bias = np.zeros((B, 1, 1, T), np.float32)      # the all-ones mask of step_cost's batch
+
+    def fwd_bwd(q, k, v, g):
+        y, vjp = jax.vjp(lambda q, k, v: _jax_attention(q, k, v, bias), q, k, v)
+        return y, vjp(g)
+    args = [jnp.asarray(x) for x in (q, k, v, g)]
+    runners = {"jax": jax.jit(fwd_bwd, compiler_options=xla_options.train_step_options()),
+               "jax_xla_default": jax.jit(fwd_bwd)}
+    runners = {w: (lambda f=f: jax.block_until_ready(f(*args))) for w, f in runners.items()}
+    # Hugging Face's BERT views [B, T, H] as [B, T, N, D] and transposes: strided [B, N, T, D].
+    tq, tk, tv = (torch.from_numpy(x).transpose(1, 2).requires_grad_() for x in (q, k, v))
+    tg = torch.from_numpy(g).transpose(1, 2)
+
+    def torch_run(core):
+        def run():
+            core(tq, tk, tv).backward(tg)
+            grads = [t.grad for t in (tq, tk, tv)]
+            tq.grad = tk.grad = tv.grad = None
+            return grads
+        return run
+    sdpa = lambda q, k, v: torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    eager = lambda q, k, v: torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(d), -1) @ v
+    runners["torch"], runners["torch_eager"] = torch_run(sdpa), torch_run(eager)
+    want = [np.asarray(x) for x in runners["jax"]()[1]]          # dq, dk, dv
+    for w in ("jax_xla_default", "torch", "torch_eager"):
+        got = runners[w]()
+        got = [x.transpose(1, 2).numpy() for x in got] if w.startswith("torch") else got[1]
+        for x, y in zip(got, want):
+            np.testing.assert_allclose(np.asarray(x), y, rtol=1e-3, atol=1e-4, err_msg=w)
+    return runners
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--rounds", type=int, default=6, help="rounds of one block per framework")
+    p.add_argument("--rounds", type=int, default=6, help="rounds of one block per runner")
     p.add_argument("--block", type=int, default=10, help="timed calls per block")
     p.add_argument("--out", default=str(DEFAULT_OUT))
+    common.add_host_memory_flag(p)
     args = p.parse_args(argv)
+    host_memory = common.host_memory(args)    # before the first JAX computation
     import torch
     torch.set_num_threads(machine()["cpus_usable"] or 1)
     rng = np.random.default_rng(0)
     rows = []
     for name, (ls, rs, lt, rt) in PRODUCTS.items():
         a, b = (rng.standard_normal(s).astype(np.float32) for s in (ls, rs))
-        f = jax.jit(lambda x, y, lt=lt, rt=rt: (x.T if lt else x) @ (y.T if rt else y))
-        ja, jb = jnp.asarray(a), jnp.asarray(b)
-        ta, tb = torch.from_numpy(a), torch.from_numpy(b)
-        tf = lambda: (ta.T if lt else ta) @ (tb.T if rt else tb)
-        jf = lambda: f(ja, jb).block_until_ready()
-        np.testing.assert_allclose(np.asarray(f(ja, jb)), tf().numpy(), rtol=2e-3, atol=2e-2)
-        jf(), tf()
-        times = {"jax": [], "torch": []}
-        for _ in range(args.rounds):                   # alternate blocks: same load for both
-            times["jax"] += _time_block(jf, args.block)
-            times["torch"] += _time_block(tf, args.block)
+        times = _alternate(_product_runners(a, b, lt, rt), args.rounds, args.block)
         m, k = (ls[1], ls[0]) if lt else ls
         n = rs[0] if rt else rs[1]
-        row = {"product": name, "m": m, "k": k, "n": n, "gflop": 2 * m * k * n / 1e9,
-               **{f"{w}_ms": 1e3 * statistics.median(t) for w, t in times.items()},
-               **{f"{w}_ms_min": 1e3 * min(t) for w, t in times.items()}}
-        row["jax_over_torch"] = row["jax_ms"] / row["torch_ms"]
-        rows.append(row)
+        rows.append({"kind": "product", "product": name, "m": m, "k": k, "n": n,
+                     "gflop": 2 * m * k * n / 1e9, **_summary(times)})
+    times = _alternate(_attention_runners(rng), args.rounds, args.block)
+    rows.append({"kind": "attention", "product": "attention fwd+bwd [B,T,N,D]",
+                 "shape": [B, T, NH, H // NH], "gflop": 3 * 2 * 2 * B * NH * T * T * (H // NH) / 1e9,
+                 **_summary(times)})
     by = {r["product"]: r for r in rows}
     totals = []
     for part, counts in COUNTS.items():
         j = sum(c * by[k]["jax_ms"] for k, c in counts.items())
         t = sum(c * by[k]["torch_ms"] for k, c in counts.items())
         totals.append({"part": part, "jax_ms": j, "torch_ms": t, "jax_minus_torch_ms": j - t})
-    info = machine(loadavg_end=loadavg())
-    write_jsonl(pathlib.Path(args.out), [{"kind": "product", **r, "machine": info} for r in rows]
+    info = machine(loadavg_end=loadavg(), host_memory=host_memory)
+    write_jsonl(pathlib.Path(args.out), [{**r, "machine": info} for r in rows]
                 + [{"kind": "per_step", **t, "machine": info} for t in totals])
-    print(f"{'product':<28} {'GFLOP':>6} {'jax ms':>8} {'torch ms':>9} {'jax/torch':>9}")
+    print(f"{'product':<28} {'GFLOP':>6} {'jax ms':>8} {'XLA dflt':>8} {'torch ms':>9} "
+          f"{'jax/torch':>9}")
     for r in rows:
-        print(f"{r['product']:<28} {r['gflop']:>6.3f} {r['jax_ms']:>8.2f} {r['torch_ms']:>9.2f} "
-              f"{r['jax_over_torch']:>9.2f}")
+        print(f"{r['product']:<28} {r['gflop']:>6.3f} {r['jax_ms']:>8.2f} "
+              f"{r['jax_xla_default_ms']:>8.2f} {r['torch_ms']:>9.2f} {r['jax_over_torch']:>9.2f}")
+    att = by["attention fwd+bwd [B,T,N,D]"]
+    print(f"attention: torch eager {att['torch_eager_ms']:.2f} ms (torch above: SDPA, HF's default)")
     print("\nper step (medians x counts):")
     for t in totals:
         print(f"  {t['part']:<42} jax {t['jax_ms']:7.1f} ms  torch {t['torch_ms']:7.1f} ms  "

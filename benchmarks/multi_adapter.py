@@ -43,7 +43,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--out", type=pathlib.Path, default=ROOT / "results" / "multi_adapter.jsonl")
+    common.add_host_memory_flag(p)
     args = p.parse_args(argv)
+    host_memory = common.host_memory(args)    # before the first JAX computation
 
     import jpeft
     from jpeft import multi
@@ -116,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     med = {n: 1e3 * float(np.median(t)) for n, t in times.items()}
     flops = {"base": common.cost(compiled["base"])["flops"],
              "mixed": common.cost(compiled["mixed"])["flops"], "sub_batches": sub_flops}
-    row = {**common.machine(kind="multi_adapter"), "adapters": K, "batch": args.batch,
+    row = {**common.machine(kind="multi_adapter", host_memory=host_memory), "adapters": K, "batch": args.batch,
            "seq": args.seq, "examples_per_adapter": {str(k): int(r.size) for k, r in
                                                      groups.items()},
            "steps": args.steps, "median_ms": med,

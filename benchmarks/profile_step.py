@@ -30,6 +30,7 @@ import tempfile
 import jax
 import jax.numpy as jnp
 
+import common  # noqa: E402  (benchmarks/common.py)
 import step_cost  # noqa: E402  (benchmarks/step_cost.py)
 
 import jpeft  # noqa: E402
@@ -74,7 +75,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--seq", type=int, default=64)
     p.add_argument("--hlo-dir", default=None, help="write each optimised HLO module here")
+    common.add_host_memory_flag(p)
     args = p.parse_args(argv)
+    print(f"host memory: {common.host_memory(args)}")    # before the first JAX computation
     bad = [c for c in args.configs if c not in configs]
     if bad:
         p.error(f"unknown configurations {bad}")

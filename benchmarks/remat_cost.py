@@ -29,6 +29,7 @@ import sys
 import jax.numpy as jnp
 
 import step_cost  # noqa: E402  (benchmarks/step_cost.py: the configurations and the runners)
+import common  # noqa: E402  (benchmarks/common.py)
 from common import loadavg, machine, write_jsonl  # noqa: E402
 
 import jpeft  # noqa: E402
@@ -49,7 +50,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seq", type=int, default=64)
     p.add_argument("--only", default=None, help="comma-separated subset of " + ", ".join(CONFIGS))
     p.add_argument("--out", default=str(DEFAULT_OUT))
+    common.add_host_memory_flag(p)
     args = p.parse_args(argv)
+    host_memory = common.host_memory(args)    # before the first JAX computation
     names = CONFIGS if not args.only else [s.strip() for s in args.only.split(",") if s.strip()]
     bad = [n for n in names if n not in CONFIGS]
     if bad:
@@ -65,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         sites = jpeft.probe(model.apply, variables, batch["input_ids"], batch["attention_mask"])
         envs[policy] = step_cost.BatchEnv(model, variables, sites, batch)
     configs = step_cost._configs()
-    info = machine()
+    info = machine(host_memory=host_memory)
     rows = []
     print(f"remat cost: MiniLM-L6, batch {args.batch} x {args.seq}, {args.steps} timed steps, "
           f"policies timed in alternation per configuration", flush=True)

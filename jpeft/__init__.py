@@ -13,6 +13,7 @@ from jpeft import nnx
 from jpeft import presets
 from jpeft.core import marks
 from jpeft.core import sparse
+from jpeft.core.host_memory import retain_host_memory
 from jpeft.core.marks import mark
 from jpeft.core.method import Context, Method, active, compose, observe, wrap
 from jpeft.core.paths import Selection, select
@@ -57,8 +58,8 @@ __all__ = [
     # core verbs
     "active", "combine", "compose", "delta_shardings", "init_opt_state", "make_train_step", "mark",
     "method_optimizer", "num_bytes", "num_params", "observe", "opt_state_shardings",
-    "param_report", "partition", "probe", "select", "shard_by_rules", "shardings_of", "split",
-    "trainable_count", "NonFiniteError", "TrainStep", "load", "save", "Loaded",
+    "param_report", "partition", "probe", "retain_host_memory", "select", "shard_by_rules",
+    "shardings_of", "split", "trainable_count", "NonFiniteError", "TrainStep", "load", "save", "Loaded",
     "wrap",
     # types and namespaces
     "Context", "Contraction", "Method", "ParamReport", "Selection", "Sites", "checkpoint",

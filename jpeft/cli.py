@@ -18,6 +18,7 @@ import time
 import numpy as np
 
 from jpeft import presets
+from jpeft.core import host_memory
 
 #: Flags that set a preset option (flag destination -> option name); each applies to the presets
 #: that have the option.
@@ -96,6 +97,11 @@ def list_presets() -> int:
 def build_parser() -> argparse.ArgumentParser:
     """The ``jpeft`` argument parser (subcommands ``demo`` and ``presets``)."""
     parser = argparse.ArgumentParser(prog="jpeft", description=__doc__)
+    parser.add_argument(
+        "--release-host-memory", action="store_true",
+        help="keep glibc's default of returning freed memory to the OS (by default the command "
+             "calls jpeft.retain_host_memory() first: XLA:CPU's temporaries are reused, not "
+             "faulted in again every step)")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("presets", help="list the method presets, their stages and options")
     d = sub.add_parser("demo", help="fine-tune the embedded MiniLM on movie-review sentiment")
@@ -148,6 +154,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if not args.release_host_memory and not host_memory.backend_started():
+        # The process's own entry point: keep XLA's freed temporaries for the next step
+        # (jpeft.retain_host_memory). Called in-process after JAX has started, it cannot apply.
+        host_memory.retain_host_memory()
     if args.command == "presets":
         return list_presets()
     if args.command == "decoder":

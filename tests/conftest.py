@@ -23,6 +23,11 @@ import jpeft
 from jpeft.models.bert import BertConfig, BertForSequenceClassification
 from jpeft.models.loading import hf_state_to_flax
 
+# Start the backend now: the command line run in-process (tests/recipes) then leaves the test
+# process's malloc settings alone (jpeft.retain_host_memory applies before JAX starts only), and
+# the train step's default compile options stay those of glibc's default (jpeft.core.xla_options).
+jax.devices()
+
 
 #: Under ``CI=true`` a missing test dependency (torch, transformers, peft, the embedded model or
 #: data, the 8 host devices) fails its tests instead of skipping them silently.

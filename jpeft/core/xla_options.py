@@ -1,12 +1,17 @@
 """The XLA compile options jpeft's train step uses by default, per backend.
 
-On XLA:CPU the step is compiled with YNNPACK's library fusions off
-(``xla_cpu_experimental_ynn_fusion_type=""``): XLA's own kernels then run the matrix products and
-reductions. Measured on the MiniLM train step (``benchmarks/step_cost.py``, runner
-``jax_xla_default``; ``benchmarks/README.md``): XLA's temporary memory falls by 17-26% for every
-configuration (static figures from ``memory_analysis()``); in steps timed in alternation with
-XLA's defaults, LoRA's is 5-11% faster, BitFit's 4% faster to 2% slower, full fine-tuning's 2%
-slower to 7% faster. Other backends get no options.
+On XLA:CPU, while freed host memory goes back to the OS (glibc's default), the step is compiled
+with YNNPACK's library fusions off (``xla_cpu_experimental_ynn_fusion_type=""``): XLA's own
+kernels then run the matrix products and reductions, and XLA's temporaries fall by 17-26% for
+every configuration of the MiniLM train step (``benchmarks/step_cost.py``, static figures from
+``memory_analysis()``). Every page of a step's temporaries is then faulted in again each step
+(:mod:`jpeft.core.host_memory`; 90,000-170,000 faults per step there), so less temporary memory is
+less time: steps timed in alternation with XLA's defaults took 0.94-1.0x their time.
+
+Once :func:`jpeft.retain_host_memory` is in force the pages are reused and the extra temporaries
+cost nothing per step; YNNPACK's fusions are then the faster kernels (XLA's defaults took
+0.91-0.96x the time of YNNPACK off, same runs), so the step gets XLA's defaults. Other backends
+get no options. Numbers: ``benchmarks/README.md``.
 
 The defaults stand aside when the user has chosen: a ``compiler_options`` given to
 :func:`jpeft.make_train_step` (``{}`` means XLA's defaults), or the option named in the
@@ -23,10 +28,13 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from jpeft.core import host_memory
+
 #: The XLA:CPU option that selects which operations go to YNNPACK fusions.
 YNN_FUSION_TYPE = "xla_cpu_experimental_ynn_fusion_type"
 
-#: Default train-step compile options per backend (``jax.default_backend()`` names).
+#: Default train-step compile options per backend (``jax.default_backend()`` names), while freed
+#: host memory is returned to the OS; with it retained (``host_memory.retained()``) there are none.
 TRAIN_STEP_OPTIONS: dict[str, dict[str, Any]] = {"cpu": {YNN_FUSION_TYPE: ""}}
 
 
@@ -44,8 +52,11 @@ def accepted(name: str, value: Any) -> bool:
 def train_step_options(backend: str | None = None) -> dict[str, Any]:
     """The compile options :func:`jpeft.make_train_step` uses when given none: those of
     :data:`TRAIN_STEP_OPTIONS` for ``backend`` (default: ``jax.default_backend()``) that the
-    user has not set in ``XLA_FLAGS`` and this jaxlib accepts."""
+    user has not set in ``XLA_FLAGS`` and this jaxlib accepts; none once
+    :func:`jpeft.retain_host_memory` is in force (module docstring)."""
     backend = backend or jax.default_backend()
+    if host_memory.retained():
+        return {}
     flags = os.environ.get("XLA_FLAGS", "")
     return {k: v for k, v in TRAIN_STEP_OPTIONS.get(backend, {}).items()
             if f"--{k}" not in flags and accepted(k, v)}

@@ -1,5 +1,7 @@
 """The train step's default XLA compile options: what they are, when they stand aside."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -29,6 +31,21 @@ def test_cpu_default_turns_ynnpack_fusions_off_and_computes_the_same():
         assert ours_hlo != xla_hlo
     for a, b in zip(jax.tree.leaves(ours(*args)[:2]), jax.tree.leaves(xla(*args)[:2])):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_retained_host_memory_gets_xlas_defaults(monkeypatch):
+    """With freed memory kept for reuse YNNPACK's larger temporaries cost no page faults, and its
+    fusions are the faster kernels (jpeft/core/xla_options.py): the step takes XLA's defaults."""
+    monkeypatch.setattr(xla_options.host_memory, "retained", lambda: True)
+    assert xla_options.train_step_options("cpu") == {}
+    ours, args = _step_and_args(None)
+    xla, _ = _step_and_args({})
+    ynn_off, _ = _step_and_args({xla_options.YNN_FUSION_TYPE: ""})
+    code = lambda step: re.sub(r", metadata=\{[^}]*\}", "", step.lower(*args).compile().as_text(
+        ).split("FileNames")[0])
+    assert code(ours) == code(xla)
+    if "__ynn_fusion" in code(xla):       # this jaxlib's default puts the products in YNNPACK
+        assert "__ynn_fusion" not in code(ynn_off)
 
 
 def test_other_backends_get_no_options():

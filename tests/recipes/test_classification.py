@@ -128,3 +128,17 @@ def test_cli_demo_reaches_the_recipe_for_every_preset(monkeypatch, tmp_path, cap
         assert cli.main(["demo", "--method", name, "--steps", "2", "--out", str(tmp_path)]) == 0
     assert [n for n, _ in calls] == list(presets.names())
     assert all(o == presets.resolve(n, {"steps": 2}) for n, o in calls)
+
+
+@pytest.mark.parametrize("flags, expected", [((), ["retain"]), (("--release-host-memory",), [])])
+def test_cli_retains_host_memory_unless_told_not_to(monkeypatch, flags, expected):
+    """The command line is the process's entry point: it calls ``retain_host_memory`` before any
+    JAX computation (jpeft/core/host_memory.py), unless ``--release-host-memory``."""
+    from jpeft import cli
+    from jpeft.core import host_memory
+    calls = []
+    monkeypatch.setattr(host_memory, "backend_started", lambda: False)
+    monkeypatch.setattr(host_memory, "retain_host_memory", lambda: calls.append("retain"))
+    monkeypatch.setattr(cli, "list_presets", lambda: 0)
+    assert cli.main([*flags, "presets"]) == 0
+    assert calls == expected
