@@ -1,7 +1,7 @@
 """Host memory for XLA:CPU programs: keep freed buffers instead of handing them back to the OS.
 
 XLA:CPU allocates an executable's temporaries (one buffer of ``memory_analysis()
-.temp_size_in_bytes``: 350-550 MiB for the MiniLM train steps of ``benchmarks/step_cost.py``)
+.temp_size_in_bytes``: 340-670 MiB for the MiniLM train steps of ``benchmarks/step_cost.py``)
 with ``malloc`` on every execution and frees them when it ends. glibc serves a request that large
 with a fresh ``mmap`` (always above 32 MiB; in a thread's own arena, above the 64 MiB heap size)
 and gives it back with ``munmap``, so every step writes to pages the kernel has to fault in and
@@ -12,10 +12,15 @@ BERT layer's forward and backward at 2,048 tokens, 66 MiB; about 90,000 for a 35
 (``M_ARENA_MAX = 1``; XLA's worker threads would otherwise each get an arena whose large requests
 still go to ``mmap``), no ``mmap`` for large requests (``M_MMAP_MAX = 0``: they grow the main heap
 instead) and no trimming of the heap's free top (``M_TRIM_THRESHOLD`` at its maximum, 2 GiB). A
-step then reuses the pages of the step before: no faults after the first. The cost: the process's
-resident memory stays at its peak (freed memory is reused, not returned), and every thread
-allocates from one arena (XLA allocates a few large buffers per step; a process doing heavy
-multi-threaded small allocations could see contention).
+step then reuses the pages of the steps before: a call faults only when the heap has to grow.
+The costs: the process's resident memory stays at its peak (freed memory is reused, not
+returned); the heap settles at a few times the temporaries, not one (a call's buffers can be
+freed after the next call's are allocated, and small buffers split the free space: a program
+with 64 MiB of temporaries grew the heap to 110-240 MiB and faulted in 3-6 of its first 12
+calls, 2-4 of 30 in ``tests/core/test_host_memory.py``; with 8 host devices the heap reached
+370-490 MiB after 60 calls); and every thread allocates
+from one arena (XLA allocates a few large buffers per step; a process doing heavy multi-threaded
+small allocations could see contention).
 Measured in ``benchmarks/README.md``.
 
 It is a process setting, not a per-program one: call it once, first thing, before the first JAX

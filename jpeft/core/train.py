@@ -145,7 +145,8 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
         (the key and the metrics are replicated).
       compiler_options: XLA compile options of the step; ``None``: jpeft's defaults for the
         backend (:func:`jpeft.core.xla_options.train_step_options`: on CPU, YNNPACK fusions off,
-        which cuts temporary memory by about a fifth); ``{}``: XLA's own defaults.
+        which cuts temporary memory by about a fifth, unless :func:`jpeft.retain_host_memory`
+        is in force, then none); ``{}``: XLA's own defaults.
 
     Returns:
       a :class:`TrainStep`: ``step(params, delta, opt_state, batch, key) -> (delta, opt_state,

@@ -5,12 +5,12 @@ with YNNPACK's library fusions off (``xla_cpu_experimental_ynn_fusion_type=""``)
 kernels then run the matrix products and reductions, and XLA's temporaries fall by 17-26% for
 every configuration of the MiniLM train step (``benchmarks/step_cost.py``, static figures from
 ``memory_analysis()``). Every page of a step's temporaries is then faulted in again each step
-(:mod:`jpeft.core.host_memory`; 90,000-170,000 faults per step there), so less temporary memory is
+(:mod:`jpeft.core.host_memory`; 83,000-168,000 faults per step there), so less temporary memory is
 less time: steps timed in alternation with XLA's defaults took 0.94-1.0x their time.
 
 Once :func:`jpeft.retain_host_memory` is in force the pages are reused and the extra temporaries
 cost nothing per step; YNNPACK's fusions are then the faster kernels (XLA's defaults took
-0.91-0.96x the time of YNNPACK off, same runs), so the step gets XLA's defaults. Other backends
+0.91-1.0x the time of YNNPACK off in three runs), so the step gets XLA's defaults. Other backends
 get no options. Numbers: ``benchmarks/README.md``.
 
 The defaults stand aside when the user has chosen: a ``compiler_options`` given to
