@@ -197,7 +197,8 @@ def main(argv: list[str] | None = None) -> int:
                      "gflop": 2 * m * k * n / 1e9, **_summary(times)})
     times = _alternate(_attention_runners(rng), args.rounds, args.block)
     rows.append({"kind": "attention", "product": "attention fwd+bwd [B,T,N,D]",
-                 "shape": [B, T, NH, H // NH], "gflop": 3 * 2 * 2 * B * NH * T * T * (H // NH) / 1e9,
+                 "shape": [B, T, NH, H // NH],
+                 "gflop": 3 * 2 * 2 * B * NH * T * T * (H // NH) / 1e9,
                  **_summary(times)})
     by = {r["product"]: r for r in rows}
     totals = []
@@ -214,7 +215,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{r['product']:<28} {r['gflop']:>6.3f} {r['jax_xla_default_ms']:>8.2f} "
               f"{r['jax_ynn_off_ms']:>8.2f} {r['torch_ms']:>9.2f} {r['jax_over_torch']:>9.2f}")
     att = by["attention fwd+bwd [B,T,N,D]"]
-    print(f"attention: torch eager {att['torch_eager_ms']:.2f} ms (torch above: SDPA, HF's default)")
+    print(f"attention: torch eager {att['torch_eager_ms']:.2f} ms "
+          "(torch above: SDPA, HF's default)")
     print("\nper step (medians x counts):")
     for t in totals:
         print(f"  {t['part']:<42} jax {t['jax_ms']:7.1f} ms  torch {t['torch_ms']:7.1f} ms  "

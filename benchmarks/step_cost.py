@@ -736,11 +736,12 @@ def _print_time_table(rows: list[dict[str, Any]]) -> None:
     print(head)
     print("-" * len(head))
     for r in rows:
+        x_full = r.get("time_ratio_to_full_paired", r.get("time_ratio_to_full"))
         print(f"{r['config']:<18} " + " ".join(f"{ms(r, c):>15}" for c in cols)
               + f" {_fmt(r.get('jax_over_floor_paired'), '9.3f'):>9}"
               f" {_fmt(r.get('jax_over_torch_paired'), '9.3f'):>9}"
               f" {_fmt(r.get('floor_over_torch'), '11.3f'):>11}"
-              f" {_fmt(r.get('time_ratio_to_full_paired', r.get('time_ratio_to_full')), '7.3f'):>7}")
+              f" {_fmt(x_full, '7.3f'):>7}")
 
 
 def _print_inference_table(rows: list[dict[str, Any]]) -> None:

@@ -59,8 +59,8 @@ __all__ = [
     "active", "combine", "compose", "delta_shardings", "init_opt_state", "make_train_step", "mark",
     "method_optimizer", "num_bytes", "num_params", "observe", "opt_state_shardings",
     "param_report", "partition", "probe", "retain_host_memory", "select", "shard_by_rules",
-    "shardings_of", "split", "trainable_count", "NonFiniteError", "TrainStep", "load", "save", "Loaded",
-    "wrap",
+    "shardings_of", "split", "trainable_count", "NonFiniteError", "TrainStep", "load", "save",
+    "Loaded", "wrap",
     # types and namespaces
     "Context", "Contraction", "Method", "ParamReport", "Selection", "Sites", "checkpoint",
     "marks", "methods", "multi", "nnx", "presets", "sparse",
