@@ -2,7 +2,9 @@
 
 Every product the step of ``step_cost.py`` runs (batch 32 x 64 = N = 2,048 tokens, hidden
 H = 384, intermediate I = 1,536, 6 layers): forward ``x @ W``, the input gradient ``g @ W^T``,
-the weight gradient ``x^T @ g`` (only full fine-tuning forms it) and LoRA's rank-8 products;
+the weight gradient ``x^T @ g`` (only full fine-tuning forms it) and LoRA's rank-8 products
+(for ``[H, H]``, ``[H, I]`` and ``[I, H]`` kernels; the gradient of ``A`` both as XLA forms
+``x^T gu`` by default and in the wide form jpeft computes, :data:`WIDE`);
 each timed in JAX and in torch in alternating blocks (per round: one untimed call, then
 ``--block`` timed calls of one framework, then of the other), so the two see the same load. Not
 one call each in turn: torch's OpenMP threads spin for several milliseconds after every parallel
@@ -71,7 +73,36 @@ PRODUCTS = {
     "lora u^T@g [N,r]^Tx[N,H]": ((N, R), (N, H), True, False),
     "lora x^T@gu [N,H]^Tx[N,r]": ((N, H), (N, R), True, False),
     "lora gu@A^T [N,r]x[H,r]^T": ((N, R), (H, R), False, True),
+    "lora x@A [N,I]x[I,r]": ((N, I), (I, R), False, False),
+    "lora u@B [N,r]x[r,I]": ((N, R), (R, I), False, False),
+    "lora g@B^T [N,I]x[r,I]^T": ((N, I), (R, I), False, True),
+    "lora u^T@g [N,r]^Tx[N,I]": ((N, R), (N, I), True, False),
+    "lora x^T@gu [N,I]^Tx[N,r]": ((N, I), (N, R), True, False),
+    "lora gu@A^T [N,r]x[I,r]^T": ((N, R), (I, R), False, True),
+    "lora (gu^T@x)^T [N,H]^Tx[N,r]": ((N, H), (N, R), True, False),
+    "lora (gu^T@x)^T [N,I]^Tx[N,r]": ((N, I), (N, R), True, False),
 }
+
+#: The gradient of LoRA's tall factor ``A [in, r]`` as jpeft computes it
+#: (``jpeft.core.contraction.matmul``): the wide product ``gu^T x [r, in]`` behind an optimization
+#: barrier, then transposed. Without the barrier XLA folds the transpose into the product and
+#: computes ``x^T gu [in, r]`` (the ``lora x^T@gu`` rows). torch's autograd forms the wide product
+#: for ``nn.Linear(in, r).weight`` itself; its runner here computes ``(gu^T x)^T`` too.
+WIDE = ("lora (gu^T@x)^T [N,H]^Tx[N,r]", "lora (gu^T@x)^T [N,I]^Tx[N,r]")
+
+
+def _lora_counts(per_layer: dict[str, int]) -> dict[str, int]:
+    """LoRA's six products per adapted kernel, for ``per_layer`` kernels of each input/output
+    size (``"HH"``: ``[H, H]``, ``"HI"``: ``[H, I]``, ``"IH"``: ``[I, H]``), over the L layers.
+    The gradient of ``A`` is the wide product, as jpeft runs it."""
+    out: dict[str, int] = {}
+    for kind, n in per_layer.items():
+        i, o = kind                                          # input and output size
+        for name in (f"lora x@A [N,{i}]x[{i},r]", f"lora u@B [N,r]x[r,{o}]",
+                     f"lora g@B^T [N,{o}]x[r,{o}]^T", f"lora u^T@g [N,r]^Tx[N,{o}]",
+                     f"lora (gu^T@x)^T [N,{i}]^Tx[N,r]", f"lora gu@A^T [N,r]x[{i},r]^T"):
+            out[name] = out.get(name, 0) + n * L
+    return out
 
 #: Products per step (the 6 layers; attention's batched products and the head left out).
 #: q,k,v,o are [H,H]; the FFN is [H,I] then [I,H].
@@ -81,9 +112,8 @@ COUNTS = {
         "g@W^T [N,H]x[H,H]^T": 4 * L, "g@W^T [N,I]x[H,I]^T": L, "g@W^T [N,H]x[I,H]^T": L},
     "full fine-tuning adds (weight gradients)": {
         "x^T@g [N,H]^Tx[N,H]": 4 * L, "x^T@g [N,H]^Tx[N,I]": L, "x^T@g [N,I]^Tx[N,H]": L},
-    "LoRA q,v adds": {"lora x@A [N,H]x[H,r]": 2 * L, "lora u@B [N,r]x[r,H]": 2 * L,
-                      "lora g@B^T [N,H]x[r,H]^T": 2 * L, "lora u^T@g [N,r]^Tx[N,H]": 2 * L,
-                      "lora x^T@gu [N,H]^Tx[N,r]": 2 * L, "lora gu@A^T [N,r]x[H,r]^T": 2 * L},
+    "LoRA q,v adds": _lora_counts({"HH": 2}),
+    "LoRA all-linear adds": _lora_counts({"HH": 4, "HI": 1, "IH": 1}),
     "attention cores (every configuration)": {"attention fwd+bwd [B,T,N,D]": L},
 }
 
@@ -119,14 +149,18 @@ def _summary(times: dict[str, list[float]]) -> dict[str, float]:
     return out
 
 
-def _product_runners(lhs: np.ndarray, rhs: np.ndarray, lt: bool, rt: bool) -> dict:
+def _product_runners(lhs: np.ndarray, rhs: np.ndarray, lt: bool, rt: bool,
+                     wide: bool = False) -> dict:
+    """``op(lhs) @ op(rhs)`` in each runner; ``wide``: ``lhs^T @ rhs`` as ``(rhs^T @ lhs)^T``
+    (:data:`WIDE`)."""
     import torch
     fn = lambda x, y: (x.T if lt else x) @ (y.T if rt else y)
     ja, jb = jnp.asarray(lhs), jnp.asarray(rhs)
     ta, tb = torch.from_numpy(lhs), torch.from_numpy(rhs)
-    runners = {w: jax.jit(fn, compiler_options=o) for w, o in OPTIONS.items()}
+    jfn = (lambda x, y: jax.lax.optimization_barrier(y.T @ x).T) if wide else fn
+    runners = {w: jax.jit(jfn, compiler_options=o) for w, o in OPTIONS.items()}
     runners = {w: (lambda f=f: f(ja, jb).block_until_ready()) for w, f in runners.items()}
-    runners["torch"] = lambda: fn(ta, tb)
+    runners["torch"] = (lambda: (tb.T @ ta).T) if wide else (lambda: fn(ta, tb))
     want = runners["torch"]().numpy()
     for w in OPTIONS:
         np.testing.assert_allclose(np.asarray(runners[w]()), want, rtol=2e-3, atol=2e-2,
@@ -190,10 +224,12 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for name, (ls, rs, lt, rt) in PRODUCTS.items():
         a, b = (rng.standard_normal(s).astype(np.float32) for s in (ls, rs))
-        times = _alternate(_product_runners(a, b, lt, rt), args.rounds, args.block)
+        times = _alternate(_product_runners(a, b, lt, rt, wide=name in WIDE), args.rounds,
+                           args.block)
         m, k = (ls[1], ls[0]) if lt else ls
         n = rs[0] if rt else rs[1]
         rows.append({"kind": "product", "product": name, "m": m, "k": k, "n": n,
+                     "wide": name in WIDE,
                      "gflop": 2 * m * k * n / 1e9, **_summary(times)})
     times = _alternate(_attention_runners(rng), args.rounds, args.block)
     rows.append({"kind": "attention", "product": "attention fwd+bwd [B,T,N,D]",
@@ -209,10 +245,10 @@ def main(argv: list[str] | None = None) -> int:
     info = machine(loadavg_end=loadavg(), host_memory=host_memory)
     write_jsonl(pathlib.Path(args.out), [{**r, "machine": info} for r in rows]
                 + [{"kind": "per_step", **t, "machine": info} for t in totals])
-    print(f"{'product':<28} {'GFLOP':>6} {'XLA dflt':>8} {'YNN off':>8} {'torch ms':>9} "
+    print(f"{'product':<31} {'GFLOP':>6} {'XLA dflt':>8} {'YNN off':>8} {'torch ms':>9} "
           f"{'jax/torch':>9}   (jax: the train step's options in this process)")
     for r in rows:
-        print(f"{r['product']:<28} {r['gflop']:>6.3f} {r['jax_xla_default_ms']:>8.2f} "
+        print(f"{r['product']:<31} {r['gflop']:>6.3f} {r['jax_xla_default_ms']:>8.2f} "
               f"{r['jax_ynn_off_ms']:>8.2f} {r['torch_ms']:>9.2f} {r['jax_over_torch']:>9.2f}")
     att = by["attention fwd+bwd [B,T,N,D]"]
     print(f"attention: torch eager {att['torch_eager_ms']:.2f} ms "

@@ -674,15 +674,19 @@ PAUSE_S = 0.05
 
 def _timed(steps: int, warmup: int, runners: dict[str, Callable[[], float]]) -> dict[str, Any]:
     """Warm every runner up, then time them in alternation (one step each per round), so that a
-    burst of load on a shared machine hits all of them alike. Fields ``<name>_step_ms`` etc."""
+    burst of load on a shared machine hits all of them alike. The order turns by one runner each
+    round, so no runner always follows the same one (torch's step slows whatever comes right after
+    it, pause or not: full fine-tuning's jpeft/floor read 1.06 after torch, 1.03 with the floor
+    there, 1.00 without torch). Fields ``<name>_step_ms`` etc."""
     losses: dict[str, list[float]] = {n: [] for n in runners}
     times: dict[str, list[float]] = {n: [] for n in runners}
     faults: dict[str, list[int]] = {n: [] for n in runners}
     for n, run in runners.items():
         for _ in range(warmup):
             losses[n].append(run())
-    for _ in range(steps):
-        for n, run in runners.items():
+    order = list(runners.items())
+    for i in range(steps):
+        for n, run in order[i % len(order):] + order[:i % len(order)]:
             time.sleep(PAUSE_S)
             f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             t0 = time.perf_counter()
