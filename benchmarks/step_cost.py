@@ -677,12 +677,14 @@ def _timed(steps: int, warmup: int, runners: dict[str, Callable[[], float]]) -> 
     burst of load on a shared machine hits all of them alike. The order turns by one runner each
     round, so no runner always follows the same one (torch's step slows whatever comes right after
     it, pause or not: full fine-tuning's jpeft/floor read 1.06 after torch, 1.03 with the floor
-    there, 1.00 without torch). Fields ``<name>_step_ms`` etc."""
+    there, 1.00 without torch). The warm-up steps alternate too, so the shared heap has seen
+    every runner's allocations before the first timed step (warmed up runner by runner, the
+    first timed step of the first runner took twice its median). Fields ``<name>_step_ms`` etc."""
     losses: dict[str, list[float]] = {n: [] for n in runners}
     times: dict[str, list[float]] = {n: [] for n in runners}
     faults: dict[str, list[int]] = {n: [] for n in runners}
-    for n, run in runners.items():
-        for _ in range(warmup):
+    for _ in range(warmup):
+        for n, run in runners.items():
             losses[n].append(run())
     order = list(runners.items())
     for i in range(steps):
