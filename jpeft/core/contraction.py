@@ -16,7 +16,9 @@ Every such product is computed as one (batched) matrix product of operands flatt
 over the model's own axes: differentiating a contraction over several token axes (``[B, T, r]``
 against ``[B, T, O]`` for the gradient of ``B``) makes XLA:CPU transpose the ``[B*T, O]``
 cotangent inside its elementwise fusion, a strided pass that cost more than all of LoRA's
-matrix products together (``benchmarks/README.md``, step cost).
+matrix products together (``benchmarks/README.md``, step cost). A tall operand such as
+``A [in, r]`` enters through its transpose behind an optimization barrier, so that its gradient
+is the wide product ``[r, in]`` (:func:`matmul`).
 """
 
 from __future__ import annotations
