@@ -138,18 +138,16 @@ def matmul(x: jax.Array, x_spec: str, w: jax.Array, w_spec: str, out_spec: str, 
     w3 = _permute(w, w_spec, "".join(batch + contracted + w_free)).reshape(
         *lead, n(contracted), n(w_free))
     nb = len(lead)
-    batch_dims = (tuple(range(nb)), tuple(range(nb)))
+    w_contract = nb
     if n(contracted) > n(w_free):
         # A tall operand (``A [in, r]``): contract with its transpose ``[r, in]`` held behind an
         # optimization barrier, so the gradient ``dW^T = dy^T x`` is computed wide (``[r, in]``,
         # then transposed) instead of ``x^T dy [in, r]``, the form XLA:CPU otherwise folds the
-        # transpose into and runs 2.5-3.5x slower (``benchmarks/README.md``, LoRA's products).
-        wt = jax.lax.optimization_barrier(jnp.swapaxes(w3, -1, -2))
-        y = jax.lax.dot_general(x3, wt, (((nb + 1,), (nb + 1,)), batch_dims), precision=precision,
-                                preferred_element_type=preferred_element_type)
-    else:
-        y = jax.lax.dot_general(x3, w3, (((nb + 1,), (nb,)), batch_dims), precision=precision,
-                                preferred_element_type=preferred_element_type)
+        # transpose into and runs 2-5x slower (``benchmarks/README.md``, LoRA's products).
+        w3, w_contract = jax.lax.optimization_barrier(jnp.swapaxes(w3, -1, -2)), nb + 1
+    batch_dims = (tuple(range(nb)), tuple(range(nb)))
+    y = jax.lax.dot_general(x3, w3, (((nb + 1,), (w_contract,)), batch_dims), precision=precision,
+                            preferred_element_type=preferred_element_type)
     y_spec = "".join(batch + x_free + w_free)
     return _permute(y.reshape([size[c] for c in y_spec]), y_spec, out_spec)
 

@@ -50,10 +50,11 @@ def _compiled_dot_shapes(f, *args) -> list[tuple[int, ...]]:
             for m in re.finditer(r"= f32\[([\d,]*)\]\S* dot\(", text)]
 
 
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="reads XLA:CPU's dot instructions")
 def test_tall_weight_gradient_is_computed_wide():
     """The gradient of a tall operand (LoRA's ``A [in, r]``) comes out of a ``[r, in]`` product
     (``dy^T x``, then a transpose): XLA otherwise folds the transpose into the product and
-    computes ``x^T dy [in, r]``, 2.5-3.5x slower on CPU (``benchmarks/matmul_cost.py``)."""
+    computes ``x^T dy [in, r]``, 2-5x slower on CPU (``benchmarks/matmul_cost.py``)."""
     x, a = _normal(3, (2, 16, 48), (48, 4))
     loss = lambda a: jnp.sum(jnp.sin(contraction.matmul(x, "bti", a, "ir", "btr")))
     shapes = _compiled_dot_shapes(jax.grad(loss), a)
