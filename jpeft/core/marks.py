@@ -30,6 +30,7 @@ A site is keyed by ``(scope, kind)``; ``scope`` is a path tuple of strings (the 
 from __future__ import annotations
 
 import contextlib
+import types
 from typing import Any, Iterator
 
 import jax
@@ -62,8 +63,9 @@ KINDS = {
 
 def scope_of(where: Any) -> Path:
     """The scope path of ``where``: a path tuple or ``"a/b"`` string as given, a bound Flax linen
-    module's ``path``, or the path :func:`jpeft.nnx.split` gave an NNX module (``()`` when the
-    module runs outside it)."""
+    module's ``path``, or an NNX module's path in the model given to :func:`jpeft.nnx.split`
+    (the ``_jpeft_scope`` of the class its ``apply`` builds the module as; ``()`` for a module
+    running outside it)."""
     if isinstance(where, str):
         return tuple(s for s in where.split("/") if s)
     if isinstance(where, tuple):
@@ -140,32 +142,35 @@ def framework_marks() -> Iterator[None]:
         yield
 
 
-_MARKED_CLASSES: dict[type, type] = {}
+_MARKED_CLASSES: dict[tuple[type, Path], type] = {}
 
 
-def _marked_class(cls: type) -> type:
-    """A subclass of an NNX module class whose ``__call__`` marks its input and output."""
-    if cls not in _MARKED_CLASSES:
-        inner = cls.__call__
+def _marked_class(cls: type, scope: Path) -> type:
+    """The NNX module class that :func:`jpeft.nnx.split` builds the sub-module at ``scope`` as.
 
-        def __call__(self, *args, **kwargs):
-            return _mark_call(lambda *a, **k: inner(self, *a, **k), args, kwargs,
-                              scope_of(self))
-        _MARKED_CLASSES[cls] = type(cls.__name__, (cls,), {
-            "__call__": __call__, "__module__": cls.__module__,
-            "__qualname__": cls.__qualname__})
-    return _MARKED_CLASSES[cls]
-
-
-def mark_nnx_modules(module: Any) -> None:
-    """Give every sub-module of an NNX ``module`` (itself included) its path as scope and make its
-    calls mark their input and output. Mutates ``module``: call it only on a copy (as
-    :func:`jpeft.nnx.split`'s ``apply`` does on the module it rebuilds)."""
-    from flax import nnx
-    for path, node in nnx.iter_graph(module):
-        if isinstance(node, nnx.Module):
-            object.__setattr__(node, "_jpeft_scope", tuple(str(p) for p in path))
-            cls = type(node)
-            if cls not in _MARKED_CLASSES.values() and any(
-                    "__call__" in vars(k) for k in cls.__mro__ if k is not object):
-                object.__setattr__(node, "__class__", _marked_class(cls))
+    A subclass of ``cls`` (same name, module and qualified name, so ``isinstance`` checks and
+    reprs are unchanged) with the class attribute ``_jpeft_scope = scope`` (read by
+    :func:`scope_of`) and, when ``cls`` defines ``__call__``, a ``__call__`` that marks the
+    call's first input ``"in"`` and its output ``"out"`` at ``scope`` around ``cls.__call__``.
+    One class per ``(cls, scope)``, created once and cached; instances are only ever made by
+    ``nnx.merge`` from the graph definition :func:`jpeft.nnx.split` rewrites, never by changing
+    the class of an existing object. ``cls`` may already be such a class (its base is used).
+    """
+    cls = getattr(cls, "_jpeft_base", cls)
+    key = (cls, scope)
+    if key not in _MARKED_CLASSES:
+        body: dict[str, Any] = {"_jpeft_scope": scope, "_jpeft_base": cls,
+                                "__module__": cls.__module__, "__qualname__": cls.__qualname__,
+                                "__doc__": cls.__doc__}
+        if any("__call__" in vars(k) for k in cls.__mro__ if k is not object):
+            def __call__(self, *args, **kwargs):
+                return _mark_call(lambda *a, **k: cls.__call__(self, *a, **k), args, kwargs,
+                                  scope)
+            body["__call__"] = __call__
+        # flax registers every Module subclass as a graph node type; ``pytree`` (whether the
+        # instances are JAX pytrees) is passed on, since a subclass would otherwise take
+        # flax's default rather than its base's setting.
+        kwds = {"pytree": cls._pytree__is_pytree} if hasattr(cls, "_pytree__is_pytree") else {}
+        _MARKED_CLASSES[key] = types.new_class(cls.__name__, (cls,), kwds,
+                                               lambda ns: ns.update(body))
+    return _MARKED_CLASSES[key]
