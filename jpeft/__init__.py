@@ -13,6 +13,7 @@ from jpeft import nnx
 from jpeft import presets
 from jpeft.core import marks
 from jpeft.core import sparse
+from jpeft.core.dataflow import same_derivative, weight
 from jpeft.core.host_memory import retain_host_memory
 from jpeft.core.marks import mark
 from jpeft.core.method import Context, Method, active, compose, observe, wrap
@@ -44,6 +45,8 @@ from jpeft.methods.prefix import prefix_tuning
 from jpeft.methods.prompt import prompt_tuning
 from jpeft.methods.sparse_adapter import sparse_adapter
 from jpeft.methods.unipelt import unipelt
+from jpeft.ops.quantize import QuantizedArray
+from jpeft.quantized import dequantize_params, dequantizing, quantize_params
 from jpeft.saving import Loaded, load, save
 
 __version__ = "0.1.0"
@@ -56,12 +59,12 @@ __all__ = [
     "prompt_tuning", "said", "scaled_parallel_adapter", "sparse_adapter", "sparse_finetune",
     "unipelt",
     # core verbs
-    "active", "combine", "compose", "delta_shardings", "init_opt_state", "make_train_step", "mark",
-    "method_optimizer", "num_bytes", "num_params", "observe", "opt_state_shardings",
-    "param_report", "partition", "probe", "retain_host_memory", "select", "shard_by_rules",
-    "shardings_of", "split", "trainable_count", "NonFiniteError", "TrainStep", "load", "save",
-    "Loaded", "wrap",
+    "active", "combine", "compose", "delta_shardings", "dequantize_params", "dequantizing",
+    "init_opt_state", "make_train_step", "mark", "method_optimizer", "num_bytes", "num_params",
+    "observe", "opt_state_shardings", "param_report", "partition", "probe", "quantize_params",
+    "retain_host_memory", "same_derivative", "select", "shard_by_rules", "shardings_of", "split",
+    "trainable_count", "weight", "NonFiniteError", "TrainStep", "load", "save", "Loaded", "wrap",
     # types and namespaces
-    "Context", "Contraction", "Method", "ParamReport", "Selection", "Sites", "checkpoint",
-    "marks", "methods", "multi", "nnx", "presets", "sparse",
+    "Context", "Contraction", "Method", "ParamReport", "QuantizedArray", "Selection", "Sites",
+    "checkpoint", "marks", "methods", "multi", "nnx", "presets", "sparse",
 ]

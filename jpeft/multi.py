@@ -315,7 +315,8 @@ def _select_contraction(edits: list, index: jax.Array) -> sites_lib.ContractionE
             own = {name[len(f"{i}:"):]: v for name, v in fs.items() if name.startswith(f"{i}:")}
             out = out + _per_example(index, k, y) * (e.fn(call, own) - y)
         return out
-    return sites_lib.ContractionEdit(factors, fn)
+    # Each example has its own weight: there is no one edited weight to substitute elsewhere.
+    return sites_lib.ContractionEdit(factors, fn, None, all(e.views for _, e in edits))
 
 
 def _select_mark(edits: list, index: jax.Array) -> sites_lib.MarkEdit:

@@ -113,9 +113,36 @@ def load(directory: str | os.PathLike, params: Any, sites: Any = None) -> Loaded
                  for k in sorted(got.keys() - want.keys())]
     problems += [f"{k}: checkpoint has {got[k][0]} {got[k][1]}, the method on these params "
                  f"{want[k][0]} {want[k][1]}" for k in sorted(got.keys() & want.keys())
-                 if got[k] != want[k]]
+                 if got[k][0] != want[k][0]]
     if problems:
         raise checkpoint.CheckpointError(
             f"the delta at {directory} does not fit method {method.name!r} on the given params "
             f"(another base model?):\n  " + "\n  ".join(problems[:20]))
-    return loaded
+    return loaded._replace(delta=_across_dtypes(delta, want, directory, method.name))
+
+
+def _across_dtypes(delta: Any, want: dict, directory, name: str) -> Any:
+    """``delta`` in the dtypes the rebuilt method makes on these params (its precision policy,
+    :mod:`jpeft.core.precision`): a stored dtype that the wanted one holds exactly (bf16 or f16
+    factors read as float32) is cast; a narrowing one is an error naming both dtypes."""
+    lossy = []
+
+    def one(kp, x):
+        k = paths_lib.path_str(paths_lib.to_path(kp))
+        target = want[k][1]
+        if np.dtype(x.dtype) == target:
+            return x
+        if np.can_cast(np.dtype(x.dtype), target, "safe") or (
+                np.dtype(x.dtype).name == "bfloat16" and target.itemsize >= 4
+                and np.issubdtype(target, np.floating)):
+            return np.asarray(x).astype(target)
+        lossy.append(f"{k}: stored {np.dtype(x.dtype).name}, the method makes {target.name}")
+        return x
+    out = jax.tree_util.tree_map_with_path(one, delta)
+    if lossy:
+        raise checkpoint.CheckpointError(
+            f"the delta at {directory} holds dtypes that method {name!r} would narrow "
+            f"(its dtype setting or the precision policy on these params):\n  "
+            + "\n  ".join(lossy[:20]) + "\nrebuild the method with dtype= the stored dtype "
+            "(jpeft.methods.from_config({**config, 'dtype': ...})), or cast the delta yourself")
+    return out

@@ -30,6 +30,7 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 
+from jpeft.core import compat
 from jpeft.core import sites as sites_lib
 
 Factor = sites_lib.Factor
@@ -56,25 +57,36 @@ def _letters(n: int, taken: str = "") -> list[str]:
     return free[:n]
 
 
-def outer(a: Factor, b: Factor, shape: Sequence[int]) -> jax.Array:
-    """``dW = sum_k A[..., k, ...] B[..., k, ...]`` laid out like the weight (``shape``).
+def outer(a: Factor, b: Factor, shape: Sequence[int], axes: Sequence | None = None
+          ) -> jax.Array:
+    """``dW = sum_k A[..., k, ...] B[..., k, ...]`` laid out like the weight (``shape``), whose
+    axis ``i`` is ``axes[i]`` (default: weight axis ``i``; a slice or a view of the weight has
+    others, :class:`~jpeft.core.sites.Axis` included).
 
     Every weight axis must appear in ``a`` or ``b``; an axis in both is a batch (stack) axis.
+    An axis in neither is one no factor varies along (a broadcast): ``dW`` is repeated along it.
     Computed in float32.
     """
-    names = _letters(len(shape) + 1)
+    axes = tuple(range(len(shape))) if axes is None else tuple(axes)
+    names = _letters(len(axes) + 1)
+    letter = dict(zip(axes, names))
     rank = names[-1]
-    spec = lambda f: "".join(rank if ax is None else names[ax] for ax in f.axes)
-    missing = [i for i in range(len(shape)) if i not in a.axes and i not in b.axes]
-    if missing:
-        raise ValueError(f"contraction.outer: weight axes {missing} are in neither factor")
-    return jnp.einsum(f"{spec(a)},{spec(b)}->{''.join(names[:len(shape)])}",
-                      a.value.astype(jnp.float32), b.value.astype(jnp.float32))
+    spec = lambda f: "".join(rank if ax is None else letter[ax] for ax in f.axes)
+    missing = [i for i, ax in enumerate(axes) if ax not in a.axes and ax not in b.axes]
+    if any(sites_lib.cover(axes[i]) for i in missing):
+        raise ValueError(f"contraction.outer: weight axes {[axes[i] for i in missing]} are in "
+                         f"neither factor")
+    present = "".join(names[i] for i in range(len(axes)) if i not in missing)
+    d = jnp.einsum(f"{spec(a)},{spec(b)}->{present}",
+                   a.value.astype(jnp.float32), b.value.astype(jnp.float32))
+    for i in missing:
+        d = jnp.expand_dims(d, i)
+    return jnp.broadcast_to(d, tuple(shape))
 
 
 def _dot_specs(call: sites_lib.ContractionCall):
     """Einsum letters for a ``dot_general`` call: ``(x_spec, y_spec, letter_of_weight_axis)``."""
-    (lc, rc), (lb, rb) = call.params["dimension_numbers"]
+    (lc, rc), (lb, rb) = compat.dot_dims(call.params)
     wc, wb = (lc, lb) if call.weight_is_lhs else (rc, rb)
     xc, xb = (rc, rb) if call.weight_is_lhs else (lc, lb)
     w_axes = call.weight_axes
@@ -104,9 +116,14 @@ def _factor_spec(f: Factor, letter: dict, rank: str, what: str) -> str:
                          f"(its weight axes: {sorted(letter)})") from None
 
 
-def _precision(call):
-    return dict(precision=call.params.get("precision"),
-                preferred_element_type=call.params.get("preferred_element_type"))
+def _precision(call, dtype=None):
+    """The call's ``precision``, and its ``preferred_element_type`` unless that is narrower than
+    ``dtype`` (the adapter path's compute dtype, which must not be rounded down)."""
+    kw = compat.dot_kwargs(call.params)
+    pet = kw["preferred_element_type"]
+    if dtype is not None and pet is not None and jnp.dtype(pet).itemsize < jnp.dtype(dtype).itemsize:
+        kw["preferred_element_type"] = None
+    return kw
 
 
 def _permute(x: jax.Array, spec: str, to: str) -> jax.Array:
@@ -166,26 +183,38 @@ def dot_low_rank(call: sites_lib.ContractionCall, x: jax.Array, a: Factor, b: Fa
     a_spec = _factor_spec(a, letter, rank, "low rank A")
     b_spec = _factor_spec(b, letter, rank, "low rank B")
     _check_split(call, a_spec, b_spec, letter, rank)
-    u_spec = "".join(batch + xf) + rank
-    u = matmul(x, x_spec, a.value.astype(x.dtype), a_spec, u_spec, **_precision(call))
-    return matmul(u, u_spec, b.value.astype(u.dtype), b_spec, y_spec, **_precision(call))
+    u_spec = "".join(c for c in batch if c in a_spec or c in x_spec) + "".join(xf) + rank
+    u = matmul(x, x_spec, a.value.astype(x.dtype), a_spec, u_spec, **_precision(call, x.dtype))
+    # Output axes that neither u nor B has (a weight axis made by a broadcast, which no factor
+    # varies along): the product is computed without them and repeated along them.
+    bare = [i for i, c in enumerate(y_spec) if c not in u_spec and c not in b_spec]
+    core = "".join(c for i, c in enumerate(y_spec) if i not in bare)
+    y = matmul(u, u_spec, b.value.astype(u.dtype), b_spec, core, **_precision(call, u.dtype))
+    for i in bare:
+        y = jnp.expand_dims(y, i)
+    return jnp.broadcast_to(y, call.y.shape)
 
 
 def _check_split(call, a_spec, b_spec, letter, rank):
     """``A`` must hold exactly the contracted and batch axes of this call, ``B`` exactly the batch
-    and free ones: otherwise the factors were made for another layout."""
-    (lc, rc), (lb, rb) = call.params["dimension_numbers"]
+    and free ones (axes a broadcast made, which no weight axis spans, in either or neither):
+    otherwise the factors were made for another layout."""
+    (lc, rc), (lb, rb) = compat.dot_dims(call.params)
     wc, wb = (lc, lb) if call.weight_is_lhs else (rc, rb)
     w = call.weight_axes
-    want_a = {letter[w[i]] for i in (*wc, *wb)} | {rank}
-    want_b = {letter[w[i]] for i in range(len(w)) if i not in wc} | {rank}
+    spanned = {i for i in range(len(w)) if sites_lib.cover(w[i])}
+    want_a = {letter[w[i]] for i in (*wc, *wb) if i in spanned} | {rank}
+    want_b = {letter[w[i]] for i in range(len(w)) if i not in wc and i in spanned} | {rank}
+    bare = {letter[w[i]] for i in range(len(w)) if i not in spanned}
+    a_spec, b_spec = set(a_spec) - bare, set(b_spec) - bare
     if set(a_spec) != want_a or set(b_spec) != want_b:
         inv = {v: k for k, v in letter.items()}
-        show = lambda s: sorted(inv.get(c, "r") for c in s)
+        show = lambda s: sorted(str(inv.get(c, "r")) for c in s)
         raise ValueError(
             f"low rank factors laid out for weight axes A {show(a_spec)}, B {show(b_spec)} but this "
-            f"contraction needs A {show(want_a)}, B {show(want_b)} (contracted {sorted(w[i] for i in wc)},"
-            f" batch {sorted(w[i] for i in wb)}): probe the model again")
+            f"contraction needs A {show(want_a)}, B {show(want_b)} (contracted "
+            f"{sorted(str(w[i]) for i in wc)}, batch {sorted(str(w[i]) for i in wb)}): probe the "
+            f"model again")
 
 
 def dot_with(call: sites_lib.ContractionCall, x: jax.Array, t: Factor) -> jax.Array:
@@ -195,7 +224,7 @@ def dot_with(call: sites_lib.ContractionCall, x: jax.Array, t: Factor) -> jax.Ar
     x_spec, _, letter, rank, batch, xf = _dot_specs(call)
     extra = iter(_letters(len(t.axes), x_spec + "".join(letter.values()) + rank))
     t_spec = "".join(next(extra) if a is None else letter[a] for a in t.axes)
-    (lc, rc), (lb, rb) = call.params["dimension_numbers"]
+    (lc, rc), (lb, rb) = compat.dot_dims(call.params)
     wc = lc if call.weight_is_lhs else rc
     contracted = {letter[call.weight_axes[i]] for i in wc}
     kept = [c for c in t_spec if c not in contracted and c not in batch]
@@ -210,10 +239,10 @@ def conv_low_rank(call: sites_lib.ContractionCall, x: jax.Array, a: Factor, b: F
     (a contraction of the channel axis). ``A``: input-feature and spatial axes + rank; ``B``: rank
     + the output-feature axis."""
     p = call.params
-    if p.get("feature_group_count", 1) != 1 or p.get("batch_group_count", 1) != 1:
+    if compat.conv_groups(p) != (1, 1):
         raise ValueError("low rank on a grouped (depthwise) conv is not supported")
-    dn = p["dimension_numbers"]
-    out_dim = dn.rhs_spec[0]
+    dims = compat.conv_dims(p)
+    out_dim = dims.kernel_out
     w = call.weight_axes
     pos = {ax: i for i, ax in enumerate(a.axes)}
     try:
@@ -225,9 +254,8 @@ def conv_low_rank(call: sites_lib.ContractionCall, x: jax.Array, a: Factor, b: F
         raise ValueError(f"conv low rank: factors A {a.axes}, B {b.axes} do not fit kernel axes "
                          f"{w} (output feature axis {w[out_dim]})")
     kernel = jnp.transpose(a.value.astype(x.dtype), order)
-    keep = {k: v for k, v in p.items() if k not in ("out_sharding",)}
-    t = jax.lax.conv_general_dilated(x, kernel, **keep)
-    feat = dn.out_spec[1]
+    t = compat.conv_again(x, kernel, p)
+    feat = dims.out_feature
     names = _letters(t.ndim + 1)
     t_spec = "".join(names[:t.ndim])
     y_spec = t_spec[:feat] + names[-1] + t_spec[feat + 1:]
@@ -235,8 +263,32 @@ def conv_low_rank(call: sites_lib.ContractionCall, x: jax.Array, a: Factor, b: F
                       b.value.astype(t.dtype), precision=p.get("precision"))
 
 
+def ragged_low_rank(call: sites_lib.ContractionCall, x: jax.Array, a: Factor, b: Factor
+                    ) -> jax.Array:
+    """``ragged_dot(x, dW)`` for a grouped weight ``W [g, k, n]`` (one slice per group of rows:
+    MoE experts) and ``dW = outer(a, b)``: ``ragged_dot(ragged_dot(x, A [g, k, r]), B [g, r,
+    n])`` with the call's group sizes, so each row meets its own group's factors."""
+    d = compat.ragged_dims(call.params)
+    w = call.weight_axes
+    g, k, n = w[d.group], w[d.contract], w[d.free]
+
+    def arranged(f: Factor, order) -> jax.Array:
+        try:
+            return jnp.transpose(f.value, [f.axes.index(o) for o in order])
+        except ValueError:
+            raise ValueError(f"ragged low rank: factor axes {f.axes} do not fit the grouped "
+                             f"weight's axes {w}") from None
+    kw = compat.ragged_kwargs(call.params)
+    sizes = call.operands[0]
+    u = jax.lax.ragged_dot(x, arranged(a, (g, k, None)).astype(x.dtype), sizes, **kw)
+    return jax.lax.ragged_dot(u, arranged(b, (g, None, n)).astype(u.dtype), sizes, **kw)
+
+
 def low_rank(call: sites_lib.ContractionCall, x: jax.Array, a: Factor, b: Factor) -> jax.Array:
-    """:func:`dot_low_rank` or :func:`conv_low_rank` by the call's kind."""
+    """:func:`dot_low_rank`, :func:`conv_low_rank` or :func:`ragged_low_rank` by the call's
+    kind."""
     if call.kind == "conv":
         return conv_low_rank(call, x, a, b)
+    if call.kind == "ragged":
+        return ragged_low_rank(call, x, a, b)
     return dot_low_rank(call, x, a, b)

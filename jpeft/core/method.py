@@ -221,11 +221,17 @@ def _chain_contraction(first: sites_lib.ContractionEdit, then: sites_lib.Contrac
     factors = {**{f"0:{k}": f for k, f in first.factors.items()},
                **{f"1:{k}": f for k, f in then.factors.items()}}
 
+    part = lambda fs, i: {k[2:]: v for k, v in fs.items() if k.startswith(f"{i}:")}
+
     def fn(call, fs):
-        part = lambda i: {k[2:]: v for k, v in fs.items() if k.startswith(f"{i}:")}
-        y = first.fn(call, part(0))
-        return then.fn(call._replace(y=y), part(1))
-    return sites_lib.ContractionEdit(factors, fn)
+        y = first.fn(call, part(fs, 0))
+        return then.fn(call._replace(y=y), part(fs, 1))
+
+    def weight(w, fs, axes):
+        return then.weight(first.weight(w, part(fs, 0), axes), part(fs, 1), axes)
+    both = first.weight is not None and then.weight is not None
+    return sites_lib.ContractionEdit(factors, fn, weight if both else None,
+                                     first.views and then.views)
 
 
 def compose(**methods: Method) -> Method:

@@ -49,9 +49,17 @@ def path_str(path: Path, sep: str = "/") -> str:
     return sep.join(path)
 
 
+def is_array_node(x: Any) -> bool:
+    """Whether ``x`` is a pytree node that stands for one array (a quantized weight,
+    :class:`jpeft.ops.quantize.QuantizedArray`: its class sets ``__jpeft_array__``). Selection,
+    reports and parameter maps treat it as one leaf at its own path."""
+    return bool(getattr(type(x), "__jpeft_array__", False))
+
+
 def flatten(tree: Any) -> dict[Path, Any]:
-    """``{path: leaf}`` for every leaf of ``tree``, in tree order."""
-    leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
+    """``{path: leaf}`` for every leaf of ``tree``, in tree order (an array node such as a
+    quantized weight is one leaf)."""
+    leaves, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_array_node)
     return {to_path(kp): leaf for kp, leaf in leaves}
 
 
@@ -197,10 +205,19 @@ def select(tree: Any, sel: Selection, *, what: str = "selection") -> list[Path]:
 
 
 def map_selected(fn: Callable[[Path, Any, Any], Any], tree: Any, flat_delta: dict[Path, Any]) -> Any:
-    """``tree`` with ``fn(path, leaf, delta_entry)`` applied at every path present in ``flat_delta``."""
+    """``tree`` with ``fn(path, leaf, delta_entry)`` applied at every path present in ``flat_delta``.
+
+    Raises:
+      ValueError: a selected leaf is quantized (an array node): changing it in place would
+        dequantize it silently."""
     def visit(kp, leaf):
         path = to_path(kp)
         if path in flat_delta:
+            if is_array_node(leaf):
+                raise ValueError(
+                    f"{path_str(path)} is a quantized weight ({leaf!r}): it cannot take a change "
+                    f"in place. Merge into the dequantized base (jpeft.dequantize_params(params) "
+                    f"first: a full-precision model), or keep the adapter unmerged")
             return fn(path, leaf, flat_delta[path])
         return leaf
-    return jax.tree_util.tree_map_with_path(visit, tree)
+    return jax.tree_util.tree_map_with_path(visit, tree, is_leaf=is_array_node)

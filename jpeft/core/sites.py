@@ -37,6 +37,8 @@ from __future__ import annotations
 
 from typing import Any, Callable, Mapping, NamedTuple
 
+import numpy as np
+
 from jpeft.core import paths as paths_lib
 
 Path = paths_lib.Path
@@ -47,15 +49,29 @@ class Contraction(NamedTuple):
     """How one weight meets the forward pass (axes in the weight's own numbering, sorted).
 
     Attributes:
-      kind: ``"dot"`` (``lax.dot_general``) or ``"conv"`` (``lax.conv_general_dilated``).
-      stack: axes that index independent slices (a ``scan``-stacked layer axis, dot batch axes).
+      kind: ``"dot"`` (``lax.dot_general``), ``"conv"`` (``lax.conv_general_dilated``) or
+        ``"ragged"`` (``lax.ragged_dot``: one weight slice per group of rows, MoE experts).
+      stack: axes that index independent slices (a ``scan``-stacked layer axis, an axis indexed
+        by a loop counter or a constant, dot batch axes, a ragged dot's group axis).
       contract: axes summed against the input.
       free: output axes.
       calls: how many contraction calls use the weight (per forward pass, per scan iteration).
-      other_uses: names of the other primitives that consume the weight directly (e.g.
-        ``"gather"`` for an embedding table that is also the tied output projection).
-      scanned: the stacked axes that ``scan`` loops index (outermost first): layer axes, which
-        ``layers_to_transform`` selects from.
+      other_uses: the other primitives that consume the weight (e.g. ``"gather"`` for an
+        embedding table that is also the tied output projection; ``"custom_vjp_call"`` for a
+        weight inside a custom-derivative function): a factored edit cannot follow it there, so
+        a method that can form the edited weight substitutes it at those uses (exact), and one
+        that cannot refuses.
+      scanned: the stacked axes indexed per layer (by ``scan``, or by an index in a loop or a
+        constant), outermost first: layer axes, which ``layers_to_transform`` selects from.
+      through: the layout operations other than casts and transposes that the weight passes
+        through on its way to the contractions (``"reshape"``, ``"slice"``, ``"gather"``, ...);
+        methods whose factors only make sense in the weight's own layout (FAR, the sparse
+        methods) use their materialised form there.
+      dtype: the weight's dtype as contracted (for a weight named with :func:`jpeft.weight` or
+        dequantized from integers in the program: the dequantized dtype).
+      head: the weight is an output head: its contraction's result reaches the model's output
+        with no residual add, normalisation or other contraction in between (a classifier, a
+        language-model head). ``"all-linear"`` leaves it out, as Hugging Face PEFT does.
     """
     kind: str
     stack: tuple[int, ...]
@@ -64,17 +80,22 @@ class Contraction(NamedTuple):
     calls: int = 1
     other_uses: tuple[str, ...] = ()
     scanned: tuple[int, ...] = ()
+    through: tuple[str, ...] = ()
+    dtype: str | None = None
+    head: bool = False
 
     def to_json(self) -> dict:
         return {"kind": self.kind, "stack": list(self.stack), "contract": list(self.contract),
                 "free": list(self.free), "calls": self.calls, "other_uses": list(self.other_uses),
-                "scanned": list(self.scanned)}
+                "scanned": list(self.scanned), "through": list(self.through),
+                "dtype": self.dtype, "head": self.head}
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> "Contraction":
         return cls(d["kind"], tuple(d["stack"]), tuple(d["contract"]), tuple(d["free"]),
                    int(d.get("calls", 1)), tuple(d.get("other_uses", ())),
-                   tuple(d.get("scanned", ())))
+                   tuple(d.get("scanned", ())), tuple(d.get("through", ())), d.get("dtype"),
+                   bool(d.get("head", False)))
 
 
 class Mark(NamedTuple):
@@ -162,10 +183,37 @@ class Sites(NamedTuple):
                          f"run with inputs that reach it?)")
 
 
+class Axis(NamedTuple):
+    """A derived axis of a weight as an operation sees it: ``axes`` of a :class:`ContractionCall`
+    (and of the factors handed to its edit) are weight axes (``int``) where the op sees the
+    weight's own axis, and an ``Axis`` where a layout operation made a new one: a reshape that
+    splits or merges axes, a ``gather`` (``w[idx]``: one slice per index), a broadcast.
+
+    Attributes:
+      op: the operation that made it (``"split"``, ``"merge"``, ``"take"``, ``"broadcast"``,
+        ``"expand"``).
+      uid: tells apart axes made by different operations.
+      cover: the weight axes whose entries it spans (empty for a broadcast axis)."""
+    op: str
+    uid: int
+    cover: frozenset
+
+
+def cover(axis: Any) -> frozenset:
+    """The weight axes an axis label spans: ``{axis}`` for a weight axis, ``axis.cover`` for a
+    derived :class:`Axis`, nothing for ``None`` (a factor's own axis)."""
+    if axis is None:
+        return frozenset()
+    return axis.cover if isinstance(axis, Axis) else frozenset((axis,))
+
+
 class Factor(NamedTuple):
     """An array that lives along a weight: ``axes[i]`` is the weight axis that array axis ``i``
     shares (``None`` for the array's own axes, e.g. a LoRA rank). ``scan`` slices a factor
-    wherever it slices the weight."""
+    wherever it slices the weight, and every layout operation between the weight and its
+    contraction (reshape, slice, index, gather, broadcast) is applied to it too, so at an edit its
+    axes are those of the weight operand as the op sees it (:attr:`ContractionCall.weight_axes`,
+    derived ones as :class:`Axis`)."""
     value: Any
     axes: Axes
 
@@ -174,25 +222,29 @@ class ContractionCall(NamedTuple):
     """What an edit sees at one contraction of a weight ``W``.
 
     Attributes:
-      kind: ``"dot"`` or ``"conv"``.
+      kind: ``"dot"``, ``"conv"`` or ``"ragged"``.
       x: the other operand (the activations).
       y: the op's output with the base weight.
       weight_axes: for each axis of the weight operand as the op sees it, the axis of the stored
-        weight ``W`` (slices taken by ``scan`` are gone; transposes are undone).
+        weight ``W`` (slices taken by ``scan`` or indexing are gone; transposes are undone), or an
+        :class:`Axis` where a layout operation derived it (only for edits that follow views,
+        :attr:`ContractionEdit.views`).
       weight_is_lhs: whether the weight is the op's first operand.
-      params: the op's own parameters (``dimension_numbers``, ``precision``, ...).
+      params: the op's own parameters, read through :mod:`jpeft.core.compat`.
       index: iteration indices (int32 scalars) of the enclosing ``scan`` loops, outermost first.
       rng: the key for the edit's own randomness at this call (``None``: deterministic), already
         folded with the weight's path and ``index``.
+      operands: the op's other operands (a ragged dot's group sizes).
     """
     kind: str
     x: Any
     y: Any
-    weight_axes: tuple[int, ...]
+    weight_axes: tuple
     weight_is_lhs: bool
     params: Mapping[str, Any]
     index: tuple = ()
     rng: Any = None
+    operands: tuple = ()
 
 
 EditFn = Callable[[ContractionCall, Mapping[str, Factor]], Any]
@@ -202,9 +254,19 @@ class ContractionEdit(NamedTuple):
     """A method's change at the contractions of one weight.
 
     ``factors`` are sliced along with the weight (see :class:`Factor`); ``fn(call, factors)``
-    returns the new output (the shape and dtype of ``call.y``)."""
+    returns the new output (the shape and dtype of ``call.y``).
+
+    ``weight(w, factors, axes) -> w'``, where the method has one, is the edited weight itself for
+    a value ``w`` of the weight whose axes are ``axes`` (weight axes, or :class:`Axis`), with
+    ``factors`` laid out along the same axes: the backend substitutes it wherever the factored
+    edit cannot follow the weight (its other uses, a custom-derivative function it enters), so
+    the result stays exact. ``views``: ``fn`` follows any view of the weight (its math uses the
+    axis labels only, as a low-rank product does); otherwise it is applied only where the op sees
+    the weight through casts and transposes, and the weight is substituted elsewhere."""
     factors: Mapping[str, Factor]
     fn: EditFn
+    weight: Callable[[Any, Mapping[str, Factor], tuple], Any] | None = None
+    views: bool = False
 
 
 class MarkCall(NamedTuple):
@@ -282,14 +344,17 @@ def select(params: Any, sites: Sites | None, sel: paths_lib.Selection, *, what: 
     """The contraction weights of ``params`` chosen by ``sel`` (targets match a leaf's module path
     or its full path).
 
-    ``all_weights=True`` ("all-linear") takes every weight of a ``kinds`` contraction that ``sel``
-    does not exclude; otherwise ``sel.targets`` must name them. Leaves that match but cannot be
-    adapted are reported in ``skipped`` (why: no contraction, a contraction of another kind,
-    conflicting layouts).
+    ``all_weights=True`` (``"all-linear"``) takes, as Hugging Face PEFT does, every weight of a
+    ``kinds`` contraction that ``sel`` does not exclude, except output heads (:attr:`Contraction.
+    head`) and weights also read by a lookup (embeddings, tied or not); otherwise ``sel.targets``
+    must name them. Leaves that match but are left out are reported in ``skipped`` with the reason
+    (no contraction, a contraction of another kind, conflicting layouts, an output head, an
+    embedding).
 
     Raises:
-      ValueError: ``sites`` missing; nothing matched (with the closest existing paths); or a
-        target that matches existing leaves none of which can be adapted (saying why).
+      ValueError: ``sites`` missing; nothing matched (with the closest existing paths); a target
+        of a list that matches no leaf; a named module none of whose leaves can be adapted (saying
+        why: e.g. not reached by the probed forward pass, with what to probe with instead).
     """
     if sites is None:
         raise ValueError(f"{what} needs the model's contraction sites: "
@@ -307,18 +372,32 @@ def select(params: Any, sites: Sites | None, sel: paths_lib.Selection, *, what: 
                 return f"enters contractions with different layouts ({sites.conflicts[path]})"
             uses = sites.other_uses.get(path)
             return (f"not a contraction weight (used by {', '.join(uses)})" if uses
-                    else "not used by the probed forward pass")
+                    else "not used by the probed forward pass (probe with inputs that reach "
+                         "it: jpeft.probe(apply, params, *inputs) with the shapes and flags of "
+                         "the calls that use it)")
         if c.kind not in kinds:
             return f"a {c.kind} contraction ({what} takes {'/'.join(kinds)} here; name it)"
+        if c.dtype is not None and np.issubdtype(np.dtype(c.dtype), np.integer):
+            return (f"an {c.dtype} weight contracted as it is (an edit would act on the integer "
+                    f"codes, not on the dequantized weight): dequantize before the product, or "
+                    f"name the dequantized weight with jpeft.weight(value, path)")
+        if all_weights and "gather" in c.other_uses:
+            return ("an embedding (also read by a lookup; all-linear takes linear layers only: "
+                    "name it to adapt it)")
+        if all_weights and c.head:
+            return ("the output head (its contraction gives the model's output; all-linear "
+                    "leaves it out as Hugging Face PEFT does: name it to adapt it, or train it "
+                    "whole with jpeft.full_finetune)")
         return None
+
+    def hit(path, targets) -> bool:
+        return any(paths_lib.matches(q, targets) for q in (path[:-1], path))
 
     matched, chosen, skipped, sliced = [], [], {}, {}
     for path in flat:
         if sel.leaf_names is not None and path[-1] not in sel.leaf_names:
             continue
-        hit = all_weights or any(paths_lib.matches(q, sel.targets) for q in (path[:-1], path))
-        if not hit or (sel.exclude and any(paths_lib.matches(q, sel.exclude)
-                                           for q in (path[:-1], path))):
+        if not (all_weights or hit(path, sel.targets)) or (sel.exclude and hit(path, sel.exclude)):
             continue
         layout = sites.contractions.get(path)
         stacked = layout is not None and layout.scanned
@@ -339,8 +418,9 @@ def select(params: Any, sites: Sites | None, sel: paths_lib.Selection, *, what: 
                                      f"(axis {axis})")
                 sliced[path] = (axis, tuple(sorted(set(layers))))
         elif (path in sites.contractions or path in sites.conflicts
-              or (all_weights and len(getattr(flat[path], "shape", ())) >= 2)):
-            skipped[path] = reason
+              or "gather" in sites.other_uses.get(path, ())
+              or (path not in sites.other_uses and len(getattr(flat[path], "shape", ())) >= 2)):
+            skipped[path] = reason          # weights left out; not biases and norm scales
     if not chosen:
         if matched:
             detail = "; ".join(f"{paths_lib.path_str(p)}: {why_not(p)}" for p in matched[:6])
@@ -348,7 +428,33 @@ def select(params: Any, sites: Sites | None, sel: paths_lib.Selection, *, what: 
                              f"can be adapted: {detail}")
         paths_lib.select(params, sel._replace(targets=sel.targets), what=what)   # raises, listing
         raise ValueError(f"{what}: nothing selected")                            # the closest
+    if not all_weights:
+        _check_named(sel, matched, chosen, why_not, hit, what)
     return SiteSelection(chosen, skipped, sliced)
+
+
+def _check_named(sel, matched, chosen, why_not, hit, what: str) -> None:
+    """Named targets never drop silently: each target of a list matches some leaf, and each
+    module they match has a leaf that is adapted (or only leaves that are not weights of any
+    kind: biases, norms, which a module-path target matches along with its kernel)."""
+    if not isinstance(sel.targets, str) and sel.targets is not None:
+        unmatched = [t for t in sel.targets if not any(hit(p, [t]) for p in matched)]
+        if unmatched:
+            raise ValueError(f"{what}: targets {unmatched} match no leaf of the parameters "
+                             f"(the others do); check their spelling against the model's "
+                             f"module paths")
+    modules: dict = {}
+    for p in matched:
+        modules.setdefault(p[:-1], []).append(p)
+    chosen = set(chosen)
+    for module, leaves in modules.items():
+        if any(p in chosen for p in leaves):
+            continue
+        weights = [p for p in leaves if "not a contraction weight" not in why_not(p)]
+        if weights:
+            detail = "; ".join(f"{paths_lib.path_str(p)}: {why_not(p)}" for p in weights[:4])
+            raise ValueError(f"{what}: the target module {paths_lib.path_str(module)} cannot be "
+                             f"adapted: {detail}")
 
 
 def select_marks(sites: Sites | None, targets: paths_lib.Targets, kinds: str | tuple[str, ...],

@@ -35,8 +35,10 @@ def combine(*trees: Any) -> Any:
 
 
 def num_params(tree: Any) -> int:
-    """Total number of scalar entries in the array leaves of ``tree``."""
-    return int(sum(int(np.prod(np.shape(x))) for x in jax.tree_util.tree_leaves(tree)))
+    """Total number of scalar entries in the array leaves of ``tree`` (a quantized weight counts
+    the entries of the array it stands for; :func:`num_bytes` counts what it stores)."""
+    leaves = jax.tree_util.tree_leaves(tree, is_leaf=paths_lib.is_array_node)
+    return int(sum(int(np.prod(np.shape(x))) for x in leaves))
 
 
 def num_bytes(tree: Any) -> int:

@@ -46,6 +46,7 @@ from jpeft.core import checks
 from jpeft.core import contraction
 from jpeft.core import method as method_lib
 from jpeft.core import paths as paths_lib
+from jpeft.core import precision
 from jpeft.core import sites as sites_lib
 from jpeft.methods import lora as lora_lib
 
@@ -63,7 +64,8 @@ def adalora(targets: paths_lib.Targets | str = ("query", "value"), init_r: int =
             init_std: float = 0.02, target_r: int = 8, total_steps: int | None = None,
             t_init: int = 0, t_final: int = 0, delta_t: int = 1, beta1: float = 0.85,
             beta2: float = 0.85, orth_reg_weight: float = 0.5,
-            orth_convention: str = "paper") -> method_lib.Method:
+            orth_convention: str = "paper", dtype=None,
+            compute_dtype=None) -> method_lib.Method:
     """AdaLoRA triplets on the contraction weights matched by ``targets`` (any rank).
 
     The method carries its training additions: ``method.penalty`` is the orthogonality
@@ -103,9 +105,10 @@ def adalora(targets: paths_lib.Targets | str = ("query", "value"), init_r: int =
             shape = lambda axes: lora_lib.sliced_shape(
                 tuple(init_r if a is None else w.shape[a] for a in axes), axes, lay)
             kp, kq = jax.random.split(jax.random.fold_in(key, i))
-            out[path] = {P_NAME: init_std * jax.random.normal(kp, shape(p_axes), w.dtype),
-                         E_NAME: jnp.zeros(shape(e_axes), w.dtype),
-                         Q_NAME: init_std * jax.random.normal(kq, shape(q_axes), w.dtype)}
+            dd = precision.delta_dtype(layout.dtype or w.dtype, dtype)
+            out[path] = {P_NAME: init_std * jax.random.normal(kp, shape(p_axes), dd),
+                         E_NAME: jnp.zeros(shape(e_axes), dd),
+                         Q_NAME: init_std * jax.random.normal(kq, shape(q_axes), dd)}
         return paths_lib.unflatten(out)
 
     def factors(params, delta, sites) -> dict:
@@ -142,13 +145,20 @@ def adalora(targets: paths_lib.Targets | str = ("query", "value"), init_r: int =
     unmerge = lambda params, delta, sites=None: add(params, delta, sites, -1.0)
 
     def edit_fn(call, fs):
-        return call.y + s * contraction.low_rank(call, call.x, scaled_p(fs), fs[Q_NAME])
+        x = call.x.astype(precision.compute_dtype(fs[P_NAME].value, compute_dtype))
+        return call.y + (s * contraction.low_rank(call, x, scaled_p(fs), fs[Q_NAME])
+                         ).astype(call.y.dtype)
+
+    def weight_fn(w, fs, axes):
+        d = s * contraction.outer(scaled_p(fs), fs[Q_NAME], w.shape, axes)
+        return w + d.astype(w.dtype)
 
     def edits(params, delta, sites, context):
         if context.mode == "materialised":
             return sites_lib.Edits(merge(params, delta, sites))
-        return sites_lib.Edits(params, {p: sites_lib.ContractionEdit(fs, edit_fn)
-                                        for p, fs in factors(params, delta, sites).items()})
+        return sites_lib.Edits(params, {
+            p: sites_lib.ContractionEdit(fs, edit_fn, weight=weight_fn, views=True)
+            for p, fs in factors(params, delta, sites).items()})
 
     def allocator(inner):
         if total_steps is None:
@@ -170,7 +180,7 @@ def adalora(targets: paths_lib.Targets | str = ("query", "value"), init_r: int =
               "target_r": target_r, "total_steps": total_steps, "t_init": t_init,
               "t_final": t_final, "delta_t": delta_t, "beta1": beta1, "beta2": beta2,
               "orth_reg_weight": orth_reg_weight, "orth_convention": orth_convention,
-              "scaling": s}
+              "scaling": s, **precision.config(dtype, compute_dtype)}
     return method_lib.Method(
         name="adalora", init=init, merge=merge, unmerge=unmerge, edits=edits,
         shardings=lambda ps, d, sites=None: lora_lib.factor_shardings(

@@ -33,8 +33,9 @@ from jpeft.core import paths as paths_lib
 from jpeft.core import sharding as sharding_lib
 from jpeft.core import sites as sites_lib
 
-#: Hugging Face PEFT's IA3 targets for BERT and LLaMA (suffixes of module paths).
-TARGETS = ("key", "value", "output/dense", "k_proj", "v_proj", "down_proj")
+#: Hugging Face PEFT's IA3 targets for BERT and LLaMA: module paths ending in one of them (a
+#: regex, so the modules of either architecture match; a list must match every entry).
+TARGETS = r"(.*/)?(key|value|output/dense|k_proj|v_proj|down_proj)"
 #: ... and the ones among them treated as feed-forward (input rescaled).
 FEEDFORWARD = ("output/dense", "down_proj")
 #: Name of the delta leaf under each kernel's path (Hugging Face PEFT's ``ia3_l``).

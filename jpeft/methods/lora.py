@@ -43,10 +43,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from jpeft.core import checks
+from jpeft.core import compat
 from jpeft.core import contraction
 from jpeft.core import gates as gates_lib
 from jpeft.core import method as method_lib
 from jpeft.core import paths as paths_lib
+from jpeft.core import precision
 from jpeft.core import sharding as sharding_lib
 from jpeft.core import sites as sites_lib
 
@@ -87,7 +89,7 @@ def example_gate(call: sites_lib.ContractionCall, w: sites_lib.Factor, b: sites_
 
 
 def _n_contracted(call: sites_lib.ContractionCall) -> int:
-    (lc, rc), (lb, rb) = call.params["dimension_numbers"]
+    (lc, rc), (lb, rb) = compat.dot_dims(call.params)
     xc, xb = (rc, rb) if call.weight_is_lhs else (lc, lb)
     return len(xc) + len(xb)
 
@@ -113,7 +115,7 @@ def select(params, sites, sel: paths_lib.Selection, all_linear: bool, what: str
            ) -> sites_lib.SiteSelection:
     """The adapted weights: every weight of a dot contraction for ``"all-linear"``; named targets
     may also be conv kernels."""
-    kinds = ("dot",) if all_linear else ("dot", "conv")
+    kinds = ("dot", "ragged") if all_linear else ("dot", "ragged", "conv")
     return sites_lib.select(params, sites, sel, what=what, kinds=kinds, all_weights=all_linear)
 
 
@@ -188,7 +190,8 @@ def lora(targets: paths_lib.Targets | str = ("query", "value"), rank: int = 8, a
          gate: bool = False,
          layers_to_transform: int | Sequence[int] | None = None,
          layers_pattern: str | None = None,
-         exclude: paths_lib.Targets = ()) -> method_lib.Method:
+         exclude: paths_lib.Targets = (), dtype=None,
+         compute_dtype=None) -> method_lib.Method:
     """LoRA on the contraction weights matched by ``targets``.
 
     Args:
@@ -205,6 +208,10 @@ def lora(targets: paths_lib.Targets | str = ("query", "value"), rank: int = 8, a
         ``lora_gate`` and ``lora_gate_bias`` in the delta, ``W_g ~ N(0, 0.02^2)``, ``b_g = 0``).
         A gated LoRA cannot be merged.
       layers_to_transform, layers_pattern, exclude: narrow the selection.
+      dtype: the factors' dtype; ``None``: float32 on a weight of lower precision (bf16, f16,
+        integer codes), else the weight's dtype (:func:`jpeft.core.precision.delta_dtype`).
+      compute_dtype: the dtype of the factored path's products (the input cast to it, the
+        result cast back to the output's dtype); ``None``: the factors' dtype.
 
     ``init``, ``merge`` and the factored forward need the model's sites (:func:`jpeft.probe`).
     """
@@ -230,15 +237,16 @@ def lora(targets: paths_lib.Targets | str = ("query", "value"), rank: int = 8, a
             a_shape = sliced_shape(a_shape, a_axes, chosen.layers.get(path))
             b_shape = sliced_shape(b_shape, b_axes, chosen.layers.get(path))
             fan_in = int(np.prod([w.shape[a] for a in layout.contract]))
-            a = _init_a(jax.random.fold_in(key, i), a_shape, w.dtype, init, rank, fan_in)
-            out[path] = {A_NAME: a, B_NAME: jnp.zeros(b_shape, w.dtype)}
+            dd = precision.delta_dtype(layout.dtype or w.dtype, dtype)
+            a = _init_a(jax.random.fold_in(key, i), a_shape, dd, init, rank, fan_in)
+            out[path] = {A_NAME: a, B_NAME: jnp.zeros(b_shape, dd)}
             if gate:
                 g_shape = a_shape[:-1] + (1,)
                 out[path][GATE_NAME] = gates_lib.STD * jax.random.normal(
-                    jax.random.fold_in(key, 1_000_000 + i), g_shape, w.dtype)
+                    jax.random.fold_in(key, 1_000_000 + i), g_shape, dd)
                 out[path][GATE_BIAS_NAME] = jnp.zeros(
                     tuple(a_shape[j] for j, ax in enumerate(a_axes) if ax in layout.stack)
-                    + (1,), w.dtype)
+                    + (1,), dd)
         return paths_lib.unflatten(out)
 
     def factors(params, delta, sites) -> dict:
@@ -277,10 +285,16 @@ def lora(targets: paths_lib.Targets | str = ("query", "value"), rank: int = 8, a
         x = call.x
         if call.rng is not None and dropout > 0.0:
             x = apply_dropout(call.rng, x, dropout)
+        x = x.astype(precision.compute_dtype(fs[A_NAME].value, compute_dtype))
         u = s * contraction.low_rank(call, x, fs[A_NAME], fs[B_NAME])
         if gate:
             u = u * example_gate(call, fs[GATE_NAME], fs[GATE_BIAS_NAME]).astype(u.dtype)
         return call.y + u.astype(call.y.dtype)
+
+    def weight_fn(w, fs, axes):
+        """The edited weight ``W + s A B`` for a value ``w`` of the weight whose axes are
+        ``axes``, where the factored edit cannot follow it."""
+        return w + (s * contraction.outer(fs[A_NAME], fs[B_NAME], w.shape, axes)).astype(w.dtype)
 
     def edits(params, delta, sites, context):
         if context.mode == "materialised":
@@ -295,13 +309,15 @@ def lora(targets: paths_lib.Targets | str = ("query", "value"), rank: int = 8, a
             return sites_lib.Edits(merge(params, delta, sites))
         names = (A_NAME, B_NAME, GATE_NAME, GATE_BIAS_NAME)
         return sites_lib.Edits(params, {
-            path: sites_lib.ContractionEdit(dict(zip(names, f)), edit_fn)
+            path: sites_lib.ContractionEdit(dict(zip(names, f)), edit_fn,
+                                            weight=None if gate else weight_fn, views=not gate)
             for path, f in factors(params, delta, sites).items()})
 
     config = {"method": "lora", "targets": targets, "rank": rank, "alpha": float(alpha),
               "use_rslora": use_rslora, "dropout": dropout, "init": init,
               "layers_to_transform": layers_to_transform, "layers_pattern": layers_pattern,
-              "exclude": exclude, "scaling": s, "gate": gate}
+              "exclude": exclude, "scaling": s, "gate": gate,
+              **precision.config(dtype, compute_dtype)}
     return method_lib.Method(
         name="lora", init=init_fn, merge=None if gate else merge,
         unmerge=None if gate else unmerge, edits=edits,

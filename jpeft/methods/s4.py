@@ -86,7 +86,7 @@ PAPER_STRATEGIES = ((ADAPTER, LORA), (ADAPTER, PREFIX), (ADAPTER, PREFIX, BITFIT
                     (PREFIX, BITFIT, LORA))
 #: Query and value projections in Hugging Face naming (BERT ``query``/``value``, LLaMA
 #: ``q_proj``/``v_proj``): LoRA's default targets.
-QUERY_VALUE = ("query", "value", "q_proj", "v_proj")
+QUERY_VALUE = r"(.*/)?(query|value|q_proj|v_proj)"
 #: The attention scope (the one with the ``context`` hook point) inside a layer: BERT
 #: ``attention/self``, LLaMA ``self_attn``.
 ATTENTION = r"(?:attention/self|self_attn)"

@@ -32,7 +32,7 @@ from jpeft.methods import lora as lora_lib
 from jpeft.methods import prefix as prefix_lib
 
 #: Query and value projections in Hugging Face naming (BERT and LLaMA).
-QUERY_VALUE = ("query", "value", "q_proj", "v_proj")
+QUERY_VALUE = r"(.*/)?(query|value|q_proj|v_proj)"
 
 
 def unipelt(*, gate: bool = True, lora_targets: Any = QUERY_VALUE, lora_rank: int = 8,

@@ -10,8 +10,9 @@ fine-tuning step of the embedded MiniLM takes about 1.15x the time of the same m
 flattened tokens (``benchmarks/README.md``).
 
 :func:`per_token` keeps the layer's own form as its primal computation, which is what
-:func:`jpeft.probe` and :func:`jpeft.wrap` read (they inline it: a contraction keeps its batch
-axis, so per-example edits still see it), and gives ``jax.vjp`` / ``jax.grad`` a forward and
+:func:`jpeft.probe` and :func:`jpeft.wrap` read (the primal declares its rule autodiff's own with
+:func:`jpeft.same_derivative`, so they inline it: a contraction keeps its batch axis, so
+per-example edits still see it), and gives ``jax.vjp`` / ``jax.grad`` a forward and
 backward pass on the flattened tokens (``jax.custom_vjp``; forward-mode differentiation of the
 result is not defined, as for every custom VJP).
 """
@@ -21,6 +22,8 @@ from __future__ import annotations
 from typing import Callable
 
 import jax
+
+from jpeft.core import dataflow
 
 Array = jax.Array
 
@@ -35,7 +38,7 @@ def per_token(fn: Callable[..., Array]) -> Callable[..., Array]:
 
     @jax.custom_vjp
     def f(x, *params):
-        return fn(x, *params)
+        return dataflow.same_derivative(fn(x, *params))
 
     def fwd(x, *params):
         y, vjp = jax.vjp(fn, x.reshape(-1, x.shape[-1]), *params)

@@ -152,6 +152,8 @@ class QuantizedArray:
     without double quantization). Equality is identity (the children are arrays).
     """
 
+    __jpeft_array__ = True       # one leaf for selection and parameter maps (jpeft.core.paths)
+
     codes: Any
     scales: Any
     scale_scales: Any = None

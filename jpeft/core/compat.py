@@ -1,0 +1,337 @@
+"""Every JAX internal jpeft reads, in one place: primitive names and their parameter layouts.
+
+The data-flow backend (:mod:`jpeft.core.dataflow`) interprets traced programs (jaxprs) equation by
+equation. Which primitive an equation binds and how its parameters are laid out are not a stable
+public API: names change between JAX releases (``pjit`` became ``jit``, ``checkpoint`` became
+``remat2``, ``custom_vjp_call_jaxpr`` became ``custom_vjp_call``) and so do parameter names. This
+module is the only one that knows them; everything else asks it through the functions below.
+Public modules only: ``jax.extend.core`` for jaxprs and primitives, ``jax.lax`` for the ops.
+
+The oldest JAX ``pyproject.toml`` admits is exercised by CI in a second environment (``make
+test-oldest``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterator, NamedTuple
+
+import jax
+import jax.extend.core as jcore
+
+ClosedJaxpr = jcore.ClosedJaxpr
+Jaxpr = jcore.Jaxpr
+Literal = jcore.Literal
+DropVar = jcore.DropVar
+
+#: Canonical rule names of the primitives the backend follows, by the names JAX releases use.
+_CANONICAL = {
+    "pjit": "jit", "jit": "jit", "closed_call": "call", "core_call": "call",
+    "remat2": "remat", "checkpoint": "remat",
+    "custom_jvp_call": "custom_jvp",
+    "custom_vjp_call": "custom_vjp", "custom_vjp_call_jaxpr": "custom_vjp",
+    "copy_p": "copy",
+}
+
+#: Primitives that return their operands unchanged in value and layout (casts, copies, placement,
+#: sharding hints, barriers, gradient stops): a weight seen through them is still that weight.
+IDENTITIES = frozenset({"convert_element_type", "copy", "sharding_constraint", "reduce_precision",
+                        "optimization_barrier", "stop_gradient", "device_put"})
+
+#: Of :data:`IDENTITIES`, those that stop gradients.
+GRADIENT_STOPS = frozenset({"stop_gradient"})
+
+#: Primitives that carry sub-programs (jaxprs) in their parameters.
+HIGHER_ORDER = frozenset({"jit", "call", "remat", "custom_jvp", "custom_vjp", "cond", "while",
+                          "scan"})
+
+
+def kind(eqn) -> str:
+    """The canonical name of the primitive ``eqn`` binds (``"jit"`` for ``pjit``/``jit``)."""
+    name = eqn.primitive.name
+    return _CANONICAL.get(name, name)
+
+
+def is_higher_order(eqn) -> bool:
+    """Whether ``eqn`` carries sub-programs: one of :data:`HIGHER_ORDER`, or any other primitive
+    with jaxprs in its parameters (``shard_map``, ``pallas_call``, ``custom_linear_solve``, ...)."""
+    return kind(eqn) in HIGHER_ORDER or any(True for _ in subjaxprs(eqn))
+
+
+def subjaxprs(eqn) -> Iterator[Any]:
+    """The (closed or open) jaxprs in ``eqn``'s parameters."""
+    for v in eqn.params.values():
+        for x in (v if isinstance(v, (tuple, list)) else (v,)):
+            if isinstance(x, (ClosedJaxpr, Jaxpr)):
+                yield x
+
+
+def open_jaxpr(j) -> Any:
+    """The ``Jaxpr`` of a ``ClosedJaxpr`` (or ``j`` itself)."""
+    return getattr(j, "jaxpr", j)
+
+
+def bind(eqn, invals) -> list:
+    """Bind ``eqn``'s primitive to ``invals`` as the traced program did (same parameters, same
+    context: name stack, compute type); always a list of outputs."""
+    params = eqn.primitive.get_bind_params(eqn.params)
+    ctx = getattr(eqn, "ctx", None)
+    manager = getattr(ctx, "manager", None)
+    if manager is None:
+        out = eqn.primitive.bind(*invals, **params)
+    else:
+        with manager:
+            out = eqn.primitive.bind(*invals, **params)
+    return out if eqn.primitive.multiple_results else [out]
+
+
+# --------------------------------------------------------------------------------------------
+# Parameter layouts
+
+
+def name_of(eqn) -> str:
+    """The name a ``checkpoint_name`` (primitive ``name``) gives its value."""
+    return eqn.params["name"]
+
+
+def dot_dims(params) -> tuple[tuple[tuple, tuple], tuple[tuple, tuple]]:
+    """``((lhs_contract, rhs_contract), (lhs_batch, rhs_batch))`` of a ``dot_general``."""
+    (lc, rc), (lb, rb) = params["dimension_numbers"]
+    return (tuple(lc), tuple(rc)), (tuple(lb), tuple(rb))
+
+
+def dot_kwargs(params) -> dict:
+    """``precision`` and ``preferred_element_type`` of a ``dot_general`` (for products of the
+    same precision next to it)."""
+    return dict(precision=params.get("precision"),
+                preferred_element_type=params.get("preferred_element_type"))
+
+
+class ConvDims(NamedTuple):
+    """A ``conv_general_dilated``'s layout: the kernel's output-feature, input-feature and spatial
+    axes, and the output's feature axis."""
+    kernel_out: int
+    kernel_in: int
+    kernel_spatial: tuple[int, ...]
+    out_feature: int
+
+
+def conv_dims(params) -> ConvDims:
+    dn = params["dimension_numbers"]
+    return ConvDims(dn.rhs_spec[0], dn.rhs_spec[1], tuple(dn.rhs_spec[2:]), dn.out_spec[1])
+
+
+def conv_groups(params) -> tuple[int, int]:
+    """``(feature_group_count, batch_group_count)``."""
+    return params.get("feature_group_count", 1), params.get("batch_group_count", 1)
+
+
+def conv_again(x, kernel, params):
+    """``x`` convolved with ``kernel`` exactly as the traced conv (strides, padding, dilations,
+    layout, precision)."""
+    keep = {k: v for k, v in params.items() if k not in ("out_sharding",)}
+    return jax.lax.conv_general_dilated(x, kernel, **keep)
+
+
+class RaggedDims(NamedTuple):
+    """A ``ragged_dot_general`` of the plain ragged-dot form ``[m, k] x [g, k, n] -> [m, n]``:
+    the rhs (weight) group, contracted and output axes."""
+    group: int
+    contract: int
+    free: int
+
+
+def ragged_dims(params) -> RaggedDims | None:
+    """The layout of a ``ragged_dot_general`` whose lhs is ``[m, k]`` and rhs ``[g, k, n]`` (the
+    form ``jax.lax.ragged_dot`` emits); ``None`` for other ragged forms."""
+    rd = params["ragged_dot_dimension_numbers"]
+    (lc, rc), (lb, rb) = rd.dot_dimension_numbers
+    if lb or rb or len(lc) != 1 or len(rc) != 1 or tuple(rd.lhs_ragged_dimensions) != (0,) \
+            or len(rd.rhs_group_dimensions) != 1:
+        return None
+    g = rd.rhs_group_dimensions[0]
+    free = [a for a in range(3) if a not in (g, rc[0])]
+    return RaggedDims(g, rc[0], free[0])
+
+
+def ragged_kwargs(params) -> dict:
+    return dict(precision=params.get("precision"),
+                preferred_element_type=params.get("preferred_element_type"),
+                group_offset=params.get("group_offset"))
+
+
+def transpose_perm(eqn) -> tuple[int, ...]:
+    return tuple(eqn.params["permutation"])
+
+
+def reshape_sizes(eqn) -> tuple[tuple[int, ...], tuple[int, ...] | None]:
+    """``(new_sizes, dimensions)``: ``dimensions`` (a transpose applied first) is ``None`` in
+    every program ``jnp`` writes."""
+    return tuple(eqn.params["new_sizes"]), eqn.params.get("dimensions")
+
+
+def squeeze_dims(eqn) -> tuple[int, ...]:
+    return tuple(eqn.params["dimensions"])
+
+
+def broadcast_dims(eqn) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """``(shape, broadcast_dimensions)`` of a ``broadcast_in_dim``."""
+    return tuple(eqn.params["shape"]), tuple(eqn.params["broadcast_dimensions"])
+
+
+def slice_bounds(eqn) -> tuple[tuple, tuple, tuple | None]:
+    """``(start_indices, limit_indices, strides)`` of a static ``slice``."""
+    p = eqn.params
+    return tuple(p["start_indices"]), tuple(p["limit_indices"]), (
+        None if p["strides"] is None else tuple(p["strides"]))
+
+
+def dynamic_slice_sizes(eqn) -> tuple[int, ...]:
+    """``slice_sizes`` of a ``dynamic_slice`` (its operands: the array, then one start index per
+    axis)."""
+    return tuple(eqn.params["slice_sizes"])
+
+
+def split_sizes(eqn) -> tuple[int, tuple[int, ...]]:
+    """``(axis, sizes)`` of a ``split`` (one output per size)."""
+    return int(eqn.params["axis"]), tuple(int(n) for n in eqn.params["sizes"])
+
+
+def rev_dims(eqn) -> tuple[int, ...]:
+    return tuple(eqn.params["dimensions"])
+
+
+class Take(NamedTuple):
+    """A ``gather`` that takes whole slices along one operand axis (``w[idx]``, ``jnp.take``):
+    ``axis`` of the operand is indexed by the indices' leading axes (``n_index_axes`` of them),
+    which the result holds at ``result_axes``; the other operand axes follow in order."""
+    axis: int
+    n_index_axes: int
+    result_axes: tuple[int, ...]
+    mode: Any
+    fill_value: Any
+
+
+def gather_take(eqn, operand_shape, indices_shape) -> Take | None:
+    """The :class:`Take` a ``gather`` is, or ``None`` for other gathers (partial slices, several
+    indexed axes, batching dimensions)."""
+    p = eqn.params
+    dn = p["dimension_numbers"]
+    if tuple(getattr(dn, "operand_batching_dims", ())) or len(dn.start_index_map) != 1 \
+            or tuple(dn.collapsed_slice_dims) != tuple(dn.start_index_map):
+        return None
+    axis = dn.start_index_map[0]
+    sizes = tuple(p["slice_sizes"])
+    if sizes[axis] != 1 or any(s != d for i, (s, d) in enumerate(zip(sizes, operand_shape))
+                               if i != axis):
+        return None
+    if not indices_shape or indices_shape[-1] != 1:       # index vector dimension last, of size 1
+        return None
+    n_idx = len(indices_shape) - 1
+    rank = n_idx + len(operand_shape) - 1
+    offset = tuple(dn.offset_dims)
+    if offset != tuple(sorted(offset)):
+        return None
+    result_axes = tuple(i for i in range(rank) if i not in offset)
+    return Take(axis, n_idx, result_axes, p.get("mode"), p.get("fill_value"))
+
+
+def take_mode(take: Take) -> str | None:
+    """The ``jnp.take`` mode of a gather's out-of-bounds handling (indices promised in bounds
+    give the same values clipped)."""
+    text = str(take.mode).lower()
+    for m, jnp_mode in (("promise_in_bounds", "clip"), ("clip", "clip"), ("fill", "fill")):
+        if m in text:
+            return jnp_mode
+    return None
+
+
+class ScanParts(NamedTuple):
+    jaxpr: Any          # ClosedJaxpr of the body: (consts, carry, xs) -> (carry, ys)
+    num_consts: int
+    num_carry: int
+    length: int
+    reverse: bool
+    unroll: Any
+
+
+def scan_parts(eqn) -> ScanParts:
+    p = eqn.params
+    return ScanParts(p["jaxpr"], p["num_consts"], p["num_carry"], p["length"], p["reverse"],
+                     p["unroll"])
+
+
+class WhileParts(NamedTuple):
+    cond: Any           # ClosedJaxpr (cond consts, carry) -> bool
+    body: Any           # ClosedJaxpr (body consts, carry) -> carry
+    cond_nconsts: int
+    body_nconsts: int
+
+
+def while_parts(eqn) -> WhileParts:
+    p = eqn.params
+    return WhileParts(p["cond_jaxpr"], p["body_jaxpr"], p["cond_nconsts"], p["body_nconsts"])
+
+
+def cond_branches(eqn) -> tuple:
+    """The branches (ClosedJaxprs) of a ``cond``; its operands are the index, then the branches'
+    operands."""
+    return tuple(eqn.params["branches"])
+
+
+class JitParts(NamedTuple):
+    jaxpr: Any                   # ClosedJaxpr
+    in_shardings: tuple          # jax.sharding.Sharding, or None where unspecified
+    out_shardings: tuple
+    name: str
+
+
+def jit_parts(eqn) -> JitParts:
+    p = eqn.params
+    closed = p.get("jaxpr", p.get("call_jaxpr"))
+    if isinstance(closed, Jaxpr):
+        closed = ClosedJaxpr(closed, ())
+    n_in, n_out = len(closed.jaxpr.invars), len(closed.jaxpr.outvars)
+    given = lambda s: s if isinstance(s, jax.sharding.Sharding) else None
+    ins = tuple(map(given, p.get("in_shardings", (None,) * n_in)))
+    outs = tuple(map(given, p.get("out_shardings", (None,) * n_out)))
+    return JitParts(closed, ins, outs, str(p.get("name", "jit")))
+
+
+class RematParts(NamedTuple):
+    jaxpr: Any                   # open Jaxpr
+    prevent_cse: bool
+    policy: Any
+
+
+def remat_parts(eqn) -> RematParts:
+    p = eqn.params
+    return RematParts(p["jaxpr"], p["prevent_cse"], p["policy"])
+
+
+def mapped_again(eqn, body_fn):
+    """For a ``shard_map`` (a body each device runs on its shards), a function of the same
+    operands that maps ``body_fn`` (``(*local operands) -> tuple of local outputs``) the same way
+    (mesh, specs, checks); ``None`` for other primitives."""
+    if kind(eqn) != "shard_map":
+        return None
+    p = eqn.params
+    shard_map = getattr(jax, "shard_map", None)
+    check = {"check_vma": p["check_vma"]} if "check_vma" in p else {}
+    if shard_map is None:                               # jax < 0.6
+        from jax.experimental.shard_map import shard_map
+        check = {"check_rep": p.get("check_rep", True)}
+    return shard_map(body_fn, mesh=p["mesh"], in_specs=tuple(p["in_specs"]),
+                     out_specs=tuple(p["out_specs"]), **check)
+
+
+def mapped_body(eqn):
+    """The body (ClosedJaxpr) of a ``shard_map``."""
+    body = eqn.params["jaxpr"]
+    return body if isinstance(body, ClosedJaxpr) else ClosedJaxpr(body, ())
+
+
+def custom_primal(eqn) -> Any:
+    """The primal computation (ClosedJaxpr) of a ``custom_jvp``/``custom_vjp`` function call."""
+    p = eqn.params
+    closed = p.get("call_jaxpr", p.get("fun_jaxpr"))
+    return closed if isinstance(closed, ClosedJaxpr) else ClosedJaxpr(closed, ())
