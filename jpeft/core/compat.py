@@ -70,6 +70,20 @@ def open_jaxpr(j) -> Any:
     return getattr(j, "jaxpr", j)
 
 
+def is_tracer(x) -> bool:
+    """Whether ``x`` is a value being traced (not a concrete array)."""
+    return isinstance(x, jax.core.Tracer)
+
+
+def aval_of(x) -> Any:
+    """The abstract value of an array or tracer (shape, dtype, weak type and, where JAX puts it in
+    the type, sharding), hashable: what a trace of a function of ``x`` depends on."""
+    typeof = getattr(jax, "typeof", None)
+    if typeof is not None:
+        return typeof(x)
+    return jax.api_util.shaped_abstractify(x)                  # jax < 0.6
+
+
 def bind(eqn, invals) -> list:
     """Bind ``eqn``'s primitive to ``invals`` as the traced program did (same parameters, same
     context: name stack, compute type); always a list of outputs."""

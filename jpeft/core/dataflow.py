@@ -41,6 +41,7 @@ patching, keeps ``jit`` on, and identifies a weight by data flow, not by object 
 
 from __future__ import annotations
 
+import collections
 import itertools
 import math
 import zlib
@@ -236,8 +237,19 @@ def _is_dynamic(x) -> bool:
     return isinstance(x, (jax.Array, np.ndarray, jax.ShapeDtypeStruct))
 
 
+#: Traces of the functions jpeft follows, most recent last: ``{(fn, tree structure, abstract
+#: values of the arrays, static arguments): (closed jaxpr, output tree)}``. A trace depends on
+#: nothing else (the function is pure, as ``jax.jit`` assumes too), so :func:`probe` and every
+#: :func:`jpeft.wrap` of the same function share it: a wrapped model called with the shapes it
+#: was probed with is not traced again.
+_TRACES: collections.OrderedDict = collections.OrderedDict()
+TRACE_CACHE_SIZE = 64
+
+
 def _trace(fn, params, args, kwargs):
-    """``(closed_jaxpr, out_tree, dyn_values, n_param_leaves, param_paths)`` for ``fn``."""
+    """``(closed_jaxpr, out_tree, dyn_values, n_param_leaves, param_paths)`` for ``fn``, from
+    :data:`_TRACES` where it holds the trace (traces that captured values of an enclosing trace
+    are not kept)."""
     p_leaves = jax.tree_util.tree_flatten_with_path(params)[0]
     param_paths = [paths_lib.to_path(kp) for kp, _ in p_leaves]
     for path, (_, leaf) in zip(param_paths, p_leaves):
@@ -247,6 +259,16 @@ def _trace(fn, params, args, kwargs):
     leaves, treedef = jax.tree_util.tree_flatten((params, args, kwargs))
     dyn_pos = [i for i, x in enumerate(leaves) if _is_dynamic(x)]
     dyn = [leaves[i] for i in dyn_pos]
+    dynamic = set(dyn_pos)
+    key = (fn, treedef, tuple(compat.aval_of(x) for x in dyn),
+           tuple(x for i, x in enumerate(leaves) if i not in dynamic))
+    try:
+        hit = _TRACES.get(key)
+    except TypeError:                          # an unhashable function or static argument
+        key, hit = None, None
+    if hit is not None:
+        _TRACES.move_to_end(key)
+        return (*hit, dyn, len(p_leaves), param_paths)
 
     def flat_fn(*dyn_vals):
         full = list(leaves)
@@ -258,6 +280,10 @@ def _trace(fn, params, args, kwargs):
     with marks_lib.framework_marks():
         closed, out_shape = jax.make_jaxpr(flat_fn, return_shape=True)(*dyn)
     out_tree = jax.tree_util.tree_structure(out_shape)
+    if key is not None and not any(compat.is_tracer(c) for c in closed.consts):
+        _TRACES[key] = (closed, out_tree)
+        while len(_TRACES) > TRACE_CACHE_SIZE:
+            _TRACES.popitem(last=False)
     return closed, out_tree, dyn, len(p_leaves), param_paths
 
 

@@ -137,7 +137,9 @@ def wrap(apply_fn: Callable[..., Any], method: Method, sites: Sites = None, *,
     model's contraction sites (:func:`jpeft.probe`), needed by methods that change contractions.
 
     Contraction edits run through the data-flow backend (:mod:`jpeft.core.dataflow`): the model is
-    traced once per compilation and evaluated with the edits in place.
+    traced once per tree structure, abstract values and static arguments (the trace is kept, and
+    shared with :func:`jpeft.probe`'s, as ``jax.jit`` keeps its own) and evaluated with the edits
+    in place.
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")

@@ -355,3 +355,28 @@ def test_a_method_that_cannot_form_the_edited_weight_is_refused_where_it_cannot_
         jpeft.wrap(apply, method, sites)(v, delta, x)
     got = jpeft.wrap(apply, method, sites, mode="materialised")(v, delta, x)
     np.testing.assert_allclose(got, apply(method.merge(v, delta, sites), x), rtol=1e-6)
+
+
+def test_traces_are_kept_and_shared_with_the_probe():
+    """The model is traced once per structure, shapes and static arguments: a wrapped model
+    called (eagerly or under jit) with the shapes it was probed with is not traced again."""
+    traced = []
+
+    def apply(v, x, scale=1.0):
+        traced.append(x.shape)
+        return jnp.tanh(x @ v["w"]) * scale
+    v = {"w": jax.random.normal(_key(0), (4, 4))}
+    x = jnp.ones((2, 4))
+    sites = jpeft.probe(apply, v, x)
+    assert traced == [(2, 4)]
+    method = jpeft.lora(("w",), rank=2)
+    delta = perturb(method.init(_key(1), v, sites))
+    f = jpeft.wrap(apply, method, sites)
+    f(v, delta, x)
+    jax.jit(f)(v, delta, x)
+    jax.jit(jpeft.wrap(apply, method, sites))(v, delta, x)
+    assert traced == [(2, 4)]
+    f(v, delta, jnp.ones((3, 4)))                     # another shape: traced once more
+    f(v, delta, x, scale=2.0)                         # another static argument
+    assert traced == [(2, 4), (3, 4), (2, 4)]
+    np.testing.assert_allclose(f(v, delta, x, scale=2.0), 2.0 * f(v, delta, x), rtol=1e-6)
