@@ -4,7 +4,8 @@
 preset (:mod:`jpeft.presets`) through the one recipe (:func:`jpeft.recipes.finetune.run`);
 ``python -m jpeft.cli presets`` lists the presets, their stages and options;
 ``python -m jpeft.cli decoder [--method lora,prefix,ia3,houlsby,prompt]`` runs the decoder example
-(:mod:`jpeft.recipes.decoder`).
+(:mod:`jpeft.recipes.decoder`). Both take ``--quantize {none,nf4,int8}``: the base stored quantized
+after loading (QLoRA, :mod:`jpeft.recipes.quantization`).
 """
 
 from __future__ import annotations
@@ -70,7 +71,7 @@ def demo(args: argparse.Namespace, options: dict) -> int:
           f"{100 * task.train.labels.mean():.1f}% positive in train; sequence length {args.seq}, "
           f"batch {args.batch}")
     env = movies.env(task, batch=args.batch, progress=not args.no_progress)
-    outcome = finetune.run(args.method, env, options, out=args.out)
+    outcome = finetune.run(args.method, env, options, out=args.out, quantize=args.quantize)
     print(f"total time {time.perf_counter() - t0:.1f} s")
     if not outcome.ok:
         print("ERROR: reload or merge changed the predictions", file=sys.stderr)
@@ -80,7 +81,7 @@ def demo(args: argparse.Namespace, options: dict) -> int:
 def decoder_example(args: argparse.Namespace) -> int:
     from jpeft.recipes import decoder
     results = decoder.run(args.method.split(","), base_steps=args.base_steps, steps=args.steps,
-                          lr=args.lr, seed=args.seed)
+                          lr=args.lr, seed=args.seed, quantize=args.quantize)
     return 0 if all(np.isfinite(r.adapted_loss) for r in results.values()) else 1
 
 
@@ -90,8 +91,21 @@ def list_presets() -> int:
         stages = preset.stages(presets.resolve(preset))
         print(f"{name}: {preset.summary}\n  stages: "
               + ", ".join(f"{s.name} ({type(s).__name__.lower()})" for s in stages)
-              + f"\n  options: {json.dumps(dict(preset.defaults))}")
+              + f"\n  options: {json.dumps(dict(preset.defaults))}"
+              + f"\n  on a quantized base (--quantize nf4/int8): "
+              + ("yes" if preset.quantized_base else "no (its delta changes the weights)"))
     return 0
+
+
+def add_quantize_flag(parser: argparse.ArgumentParser) -> None:
+    """``--quantize {none,nf4,int8}`` (:mod:`jpeft.recipes.quantization`)."""
+    from jpeft.recipes.quantization import CHOICES
+    parser.add_argument(
+        "--quantize", choices=CHOICES, default="none",
+        help="store the base's linear weights quantized after loading (QLoRA: NF4 in blocks of "
+             "64 with double-quantized scales, or int8 per output channel; embeddings and the "
+             "head stay in full precision) and train on top; merging goes into the dequantized "
+             "base (default: none)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -135,6 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--fisher-examples", type=int, default=None,
                    help="FishMask: examples for the empirical Fisher (256; paper: 1024)")
     d.add_argument("--dev-limit", type=int, default=0, help="evaluate on the first N dev examples")
+    add_quantize_flag(d)
     d.add_argument("--out", default=os.path.join("runs", "demo"))
     d.add_argument("--no-progress", action="store_true")
     from jpeft.recipes.decoder import LR
@@ -148,6 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lr", type=float, default=None, help="adapter peak learning rate "
                                                           "(default per method)")
     g.add_argument("--seed", type=int, default=0)
+    add_quantize_flag(g)
     return parser
 
 
@@ -164,6 +180,8 @@ def main(argv: list[str] | None = None) -> int:
         return decoder_example(args)
     try:
         options = preset_options(args)
+        from jpeft.recipes import finetune
+        finetune.check_quantize(args.method, args.quantize)   # before the model loads
     except ValueError as e:
         parser.error(str(e))
     return demo(args, options)

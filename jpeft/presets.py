@@ -243,6 +243,10 @@ class Preset(NamedTuple):
         when recompiling per length bucket costs more than the padding (SAID/DID's projection).
       merged_eval: report intermediate dev accuracy on the merged model (faster where the
         factored form gathers or projects at every batch).
+      quantized_base: the preset trains on a quantized base (QLoRA, the recipes' ``--quantize``):
+        its method adds to the frozen weights or activations. ``False`` where the delta changes
+        the stored weights themselves (full fine-tuning, FAR's columns, the sparse and intrinsic
+        methods), which a quantized weight cannot take.
     """
     name: str
     summary: str
@@ -252,6 +256,7 @@ class Preset(NamedTuple):
     main: str = "train"
     one_shape: bool = False
     merged_eval: bool = False
+    quantized_base: bool = True
 
 
 PRESETS: dict[str, Preset] = {}
@@ -377,14 +382,15 @@ def _json(x: Any) -> Any:
 
 
 def save(directory: str | Path, preset: Preset | str, options: Options, state: State,
-         sites: Any) -> Path:
+         sites: Any, *, extra: Mapping[str, Any] | None = None) -> Path:
     """Write the final ``state["method"]`` and ``state["delta"]`` to ``directory`` (replacing it)
-    with :func:`jpeft.save`, plus ``preset``, ``options``, ``head``, ``sites`` and the preset's
-    extra metadata. Returns the checkpoint's path."""
+    with :func:`jpeft.save`, plus ``preset``, ``options``, ``head``, ``sites``, the preset's
+    extra metadata and the caller's ``extra`` (JSON; e.g. the recipe's base quantization,
+    ``"base"``). Returns the checkpoint's path."""
     preset = get(preset)
     metadata = {"preset": preset.name, "options": _json(resolve(preset, options)),
                 "head": list(state["head"]), "sites": None if sites is None else sites.to_json(),
-                **_json(preset.metadata(state))}
+                **_json(preset.metadata(state)), **_json(dict(extra or {}))}
     return saving.save(Path(directory).absolute(), state["method"], state["delta"],
                        metadata=metadata, overwrite=True)
 
@@ -896,22 +902,23 @@ register(Preset(
     "far", "FAR: score FFN columns (after a warm-up), train the kept ones + the head",
     {**_common(1e-3), "fraction": 0.2, "score": "change", "warmup_steps": 20, "warmup_lr": 5e-5,
      "budget": "per_matrix", "targets": far_lib.BERT_FFN},
-    _far_stages))
+    _far_stages, quantized_base=False))
 register(Preset(
     "diff-pruning", "diff pruning: learn a sparse gated difference, project, re-fine-tune + head",
     {**_common(1e-4), "density": 0.005, "refine_steps": 50, "refine_lr": 1e-3, "alpha_lr": 0.1,
      "lam": dp.LAMBDA, "structured": False, "mode": "materialised"},
-    _diff_pruning_stages, merged_eval=True))
+    _diff_pruning_stages, merged_eval=True, quantized_base=False))
 register(Preset(
     "fishmask", "FishMask: Fisher top-k mask, train the masked entries + the head",
     {**_common(1e-3), "density": 0.005, "fisher_examples": 256, "chunk_size": 8,
-     "mode": "materialised"}, _fishmask_stages, merged_eval=True))
+     "mode": "materialised"}, _fishmask_stages, merged_eval=True, quantized_base=False))
 for _kind in ("said", "did"):
     register(Preset(
         _kind, f"{_kind.upper()}: a d-dimensional random subspace of the whole model + the head",
-        {**_common(None), "d": 1000}, lambda o, k=_kind: _intrinsic_stages(o, kind=k), one_shape=True, merged_eval=True))
+        {**_common(None), "d": 1000}, lambda o, k=_kind: _intrinsic_stages(o, kind=k),
+        one_shape=True, merged_eval=True, quantized_base=False))
 register(Preset("full", "full fine-tuning of every parameter", _common(5e-5, head=False),
-                _full_stages))
+                _full_stages, quantized_base=False))
 for _kind, _summary in (
         ("houlsby", "Houlsby adapters after the attention output and the FFN + the head"),
         ("pfeiffer", "Pfeiffer adapter after the FFN + the head"),

@@ -20,6 +20,7 @@ import optax
 from jpeft.core import method as method_lib
 from jpeft.core import train as train_lib
 from jpeft.methods import fishmask as fishmask_lib
+from jpeft.recipes import quantization as quant_lib
 
 Batch = dict[str, np.ndarray]
 
@@ -228,7 +229,9 @@ class ClassifierEnv(NamedTuple):
     ``dev`` are encoded splits. Training runs ``batch`` examples per step, cut to ``buckets``
     (``None``: the full length); evaluation runs ``eval_batch`` examples per call. ``head`` names
     the head modules trained alongside every method. ``reload() -> params`` reads the base weights
-    again from their source (default: a host copy of ``params``).
+    again from their source (default: a host copy of ``params``). ``quantize`` says how ``params``
+    is stored (:mod:`jpeft.recipes.quantization`: ``"none"``, ``"nf4"``, ``"int8"``;
+    :meth:`quantized` sets it).
     """
     apply_fn: Callable[..., Any]
     params: Any
@@ -242,6 +245,7 @@ class ClassifierEnv(NamedTuple):
     log: Callable[[str], None] = print
     reload: Callable[[], Any] | None = None
     eval_batch: int = 128
+    quantize: str = "none"
 
     def fit(self, method: method_lib.Method, delta: Any, *, steps: int,
             optimizer: optax.GradientTransformation, mode: str = "factored",
@@ -284,6 +288,29 @@ class ClassifierEnv(NamedTuple):
         if self.reload is not None:
             return self.reload()
         return jax.tree.map(lambda x: np.array(x, copy=True), self.params)
+
+    def quantized(self, scheme: str) -> "ClassifierEnv":
+        """This environment on its base stored as ``scheme`` (:func:`jpeft.recipes.quantization.
+        prepare`: the linear weights quantized, the apply function dequantizing them, the sites
+        probed again on two training examples); ``reload`` reads the weights again and quantizes
+        them the same way. ``"none"``: this environment.
+
+        Raises:
+          ValueError: an unknown scheme, or a base that is already quantized.
+        """
+        if quant_lib.check(scheme) == "none":
+            return self
+        if self.quantize != "none":
+            raise ValueError(f"ClassifierEnv.quantized: the base is already stored "
+                             f"{self.quantize}; quantize a full-precision environment")
+        ex = self.examples(2, 0)
+        base = quant_lib.prepare(self.apply_fn, self.params, self.sites,
+                                 (ex["input_ids"], ex["attention_mask"], ex["token_type_ids"]),
+                                 scheme)
+        reload, sites = self.reload, self.sites
+        again = None if reload is None else lambda: quant_lib.quantize(reload(), sites, scheme)
+        return self._replace(apply_fn=base.apply, params=base.params, sites=base.sites,
+                             reload=again, quantize=scheme)
 
     def one_shape(self) -> "ClassifierEnv":
         """This environment with one padded length (the longest bucket) instead of length buckets:

@@ -15,6 +15,14 @@ those that ask for it), then checks what a user relies on:
 
 2. *merge*: the merged model (``method.merge``) predicts the same class for every dev example as the
    unmerged one.
+
+``quantize="nf4"`` or ``"int8"`` (the CLI's ``--quantize``) runs all of it on a quantized base
+(QLoRA, :mod:`jpeft.recipes.quantization`): the base is quantized after loading
+(:meth:`Task.quantized`) and everything above runs on it as on any base; the checkpoint records the
+quantization (metadata ``"base"``), the reload check reads the weights again, quantizes them the
+same way and loads the delta onto that quantized base (a checkpoint recorded with another
+quantization is an error), and the merge goes into :func:`jpeft.dequantize_params` of the base,
+the full-precision weights (a quantized weight cannot take a merge).
 """
 
 from __future__ import annotations
@@ -26,10 +34,11 @@ from typing import Any, Callable, Mapping, NamedTuple, Protocol
 import jax
 import numpy as np
 
-from jpeft import presets
+from jpeft import presets, quantized
 from jpeft.core import method as method_lib
 from jpeft.core import paths as paths_lib
 from jpeft.core import tree as tree_lib
+from jpeft.recipes import quantization as quant_lib
 
 
 class Task(presets.Env, Protocol):
@@ -47,6 +56,13 @@ class Task(presets.Env, Protocol):
     def one_shape(self) -> "Task":
         """This task with batches of one padded length (:attr:`jpeft.presets.Preset.one_shape`)."""
 
+    #: How ``params`` is stored: ``"none"`` (full precision), ``"nf4"`` or ``"int8"``.
+    quantize: str
+
+    def quantized(self, scheme: str) -> "Task":
+        """This task on its base stored as ``scheme`` (:func:`jpeft.recipes.quantization.prepare`;
+        ``base_params`` quantizes the weights it reads the same way); ``"none"``: this task."""
+
 
 class Outcome(NamedTuple):
     """What :func:`run` did: ``ok`` when every check held (``checks``: name -> held); the final
@@ -61,8 +77,10 @@ class Outcome(NamedTuple):
 
 
 def _merged(task: Task, method: method_lib.Method, delta: Any) -> tuple[np.ndarray, float]:
-    """Dev outputs of ``apply(merge(params, delta))``, the merge jitted and done once."""
-    merged = jax.jit(lambda p, d: method.merge(p, d, task.sites))(task.params, delta)
+    """Dev outputs of ``apply(merge(dequantize_params(params), delta))``, the merge jitted and done
+    once: into the full-precision base (``params`` itself when nothing is quantized)."""
+    merged = jax.jit(lambda p, d: method.merge(quantized.dequantize_params(p), d, task.sites))(
+        task.params, delta)
     return task.evaluate(None, merged, None)
 
 
@@ -85,6 +103,7 @@ def check_reload(task: Task, trained: method_lib.Method, dev_logits: np.ndarray,
                  ckpt: Path, log: Callable[[str], None]) -> dict[str, bool]:
     """The reload checks of the module docstring (``saved``: the delta written to ``ckpt``)."""
     loaded = presets.load(ckpt)
+    quant_lib.check_recorded(loaded.metadata.get("base"), task.quantize, ckpt)
     base = task.base_params()
     restored_same = (_same_trees(loaded.delta, saved)
                      and _same_trees(loaded.method.data, trained.data))
@@ -95,8 +114,11 @@ def check_reload(task: Task, trained: method_lib.Method, dev_logits: np.ndarray,
         f"{restored_same}, same method config {same_config}, delta fits the rebuilt method {fits}")
     reloaded, _ = task.evaluate(loaded.method, base, loaded.delta)
     same = bool(np.array_equal(reloaded, dev_logits))
-    log(f"reloaded base + delta from disk: predictions identical to the trained model: {same} "
-        f"(max |logit diff| {np.abs(reloaded - dev_logits).max():.2e})")
+    how = ("" if task.quantize == "none" else
+           f" (base quantized {task.quantize} again, as the checkpoint records; the delta loaded "
+           f"onto the quantized base)")
+    log(f"reloaded base + delta from disk{how}: predictions identical to the trained model: "
+        f"{same} (max |logit diff| {np.abs(reloaded - dev_logits).max():.2e})")
     return {"restored": restored_same, "config": same_config, "layout": fits, "reload": same}
 
 
@@ -108,28 +130,51 @@ def check_merge(task: Task, method: method_lib.Method, delta: Any, dev_logits: n
         return {}
     merged_logits, merged_acc = _merged(task, method, delta)
     agree = float(np.mean(np.argmax(merged_logits, -1) == np.argmax(dev_logits, -1)))
-    log(f"merged model: {100 * agree:.2f}% of dev predictions equal to the unmerged model "
+    into = ("" if task.quantize == "none" else
+            f" (merged into jpeft.dequantize_params(params): the {task.quantize} base in full "
+            f"precision; a quantized weight cannot take a merge)")
+    log(f"merged model{into}: {100 * agree:.2f}% of dev predictions equal to the unmerged model "
         f"(max |logit diff| {np.abs(merged_logits - dev_logits).max():.2e}); "
         f"merged accuracy {100 * merged_acc:.2f}%")
     return {"merge": agree == 1.0}
 
 
+def check_quantize(preset: presets.Preset | str, scheme: str) -> str:
+    """``scheme`` if ``preset`` can train on a base stored that way; a ``ValueError`` naming the
+    problem and the way out otherwise (an unknown scheme; a preset whose delta changes the stored
+    weights themselves, :attr:`jpeft.presets.Preset.quantized_base`, on a quantized base)."""
+    preset = presets.get(preset)
+    if quant_lib.check(scheme) != "none" and not preset.quantized_base:
+        able = [n for n in presets.names() if presets.get(n).quantized_base]
+        raise ValueError(f"preset {preset.name!r} changes the base weights themselves "
+                         f"({preset.summary}); a base stored {scheme} cannot take that. Train "
+                         f"it on the full-precision base (--quantize none), or choose a preset "
+                         f"that adds to the frozen weights: {', '.join(able)}")
+    return scheme
+
+
 def run(preset: presets.Preset | str, task: Task, options: Mapping[str, Any] | None = None, *,
-        out: str | Path) -> Outcome:
-    """Fine-tune with ``preset`` (``options`` over its defaults) on ``task``; save the result under
-    ``out/delta`` and run the checks of the module docstring.
+        out: str | Path, quantize: str = "none") -> Outcome:
+    """Fine-tune with ``preset`` (``options`` over its defaults) on ``task``, its base stored as
+    ``quantize`` (``"none"``, ``"nf4"``, ``"int8"``); save the result under ``out/delta`` and run
+    the checks of the module docstring.
 
     Raises:
-      ValueError: an unknown preset or option (before anything runs).
+      ValueError: an unknown preset, option or quantization scheme, or a preset that cannot train
+        on a quantized base (:func:`check_quantize`), before anything runs.
     """
     preset = presets.get(preset)
     options = presets.resolve(preset, options)
     stages = preset.stages(options)
+    check_quantize(preset, quantize)
     if preset.one_shape:
         task = task.one_shape()
+    task = task.quantized(quantize)
     log = task.log
     log(f"preset {preset.name}: {preset.summary}; stages {', '.join(s.name for s in stages)}")
     log(f"options: {json.dumps(options)}")
+    stored = quant_lib.num_bytes(task.params)
+    log(stored.line(task.quantize))
 
     _, before = task.evaluate(None, task.params, None)
     log(f"dev accuracy before fine-tuning: {100 * before:.2f}%")
@@ -151,10 +196,11 @@ def run(preset: presets.Preset | str, task: Task, options: Mapping[str, Any] | N
         f"{100 * acc:.2f}% (before: {100 * before:.2f}%); stages took "
         + ", ".join(f"{n} {t:.1f} s" for n, t in state["seconds"].items()))
 
-    ckpt = presets.save(Path(out).absolute() / "delta", preset, options, state, task.sites)
+    ckpt = presets.save(Path(out).absolute() / "delta", preset, options, state, task.sites,
+                        extra={"base": quant_lib.config(task.quantize)})
     size = sum(f.stat().st_size for f in ckpt.rglob("*") if f.is_file())
     log(f"saved the delta (only the delta: {size / 1e6:.2f} MB on disk; base weights "
-        f"{tree_lib.num_bytes(task.params) / 1e6:.1f} MB) to {ckpt}")
+        f"{stored.stored / 1e6:.1f} MB stored, quantize {task.quantize}) to {ckpt}")
     checks = check_reload(task, method, dev_logits, delta, ckpt, log)
     checks.update(check_merge(task, method, delta, dev_logits, log))
     ok = all(checks.values())

@@ -122,12 +122,12 @@ def test_cli_demo_reaches_the_recipe_for_every_preset(monkeypatch, tmp_path, cap
     calls = []
     monkeypatch.setattr(movies, "load_task", lambda **kw: task)
     monkeypatch.setattr(movies, "env", lambda t, **kw: ("env", t))
-    monkeypatch.setattr(finetune, "run", lambda name, env, options, out: calls.append(
-        (name, options)) or finetune.Outcome(True, {}, {}, tmp_path, 0.5, 0.9))
+    monkeypatch.setattr(finetune, "run", lambda name, env, options, out, quantize: calls.append(
+        (name, options, quantize)) or finetune.Outcome(True, {}, {}, tmp_path, 0.5, 0.9))
     for name in presets.names():
         assert cli.main(["demo", "--method", name, "--steps", "2", "--out", str(tmp_path)]) == 0
-    assert [n for n, _ in calls] == list(presets.names())
-    assert all(o == presets.resolve(n, {"steps": 2}) for n, o in calls)
+    assert [n for n, _, _ in calls] == list(presets.names())
+    assert all(o == presets.resolve(n, {"steps": 2}) and q == "none" for n, o, q in calls)
 
 
 @pytest.mark.parametrize("flags, expected", [((), ["retain"]), (("--release-host-memory",), [])])

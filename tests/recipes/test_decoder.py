@@ -1,5 +1,6 @@
-"""The decoder example runs end to end (tiny step counts) through the CLI, and builds every method
-it offers: base, adapters, cached generation."""
+"""The decoder example runs end to end (tiny step counts) through the CLI, on an NF4 base
+(``--quantize nf4``: the float base is the same code with the quantization step left out), and
+builds every method it offers: base, adapters, cached generation."""
 
 import pytest
 
@@ -18,12 +19,15 @@ def test_decoder_example_runs_through_the_cli(monkeypatch):
                                    length=16, batch=4, new_tokens=3, log=lines.append)))
         return runs[-1][1]
     monkeypatch.setattr(decoder, "run", tiny)
-    assert cli.main(["decoder", "--method", "prompt,lora"]) == 0
+    assert cli.main(["decoder", "--method", "prompt,lora", "--quantize", "nf4"]) == 0
     methods, results = runs[0]
     assert methods == ["prompt", "lora"] and list(results) == ["prompt"]
+    # --quantize reaches the example: the adapter trained on the NF4 base, both losses reported.
+    assert any(line.startswith("base stored nf4: its 14 linear weights take") for line in lines)
+    assert sum("full-precision base" in line and "nf4 base" in line for line in lines) == 1
     assert results["prompt"].trainable == 8 * 64
     assert len(results["prompt"].before) == len(results["prompt"].after) == len(decoder.PROMPTS)
-    assert sum("loss per byte" in line for line in lines) == 1
+    assert sum("trainable parameters" in line and "loss per byte" in line for line in lines) == 1
     assert decoder.decode(decoder.encode(["Abc"], 5)[0][0]) == "abc"
     with pytest.raises(ValueError, match="decoder example: unknown method 'lorra'"):
         real("lorra")
