@@ -55,6 +55,7 @@ from jpeft.core import gates as gates_lib
 from jpeft.core import marks as marks_lib
 from jpeft.core import method as method_lib
 from jpeft.core import paths as paths_lib
+from jpeft.core import precision
 from jpeft.core import sharding as sharding_lib
 from jpeft.core import sites as sites_lib
 
@@ -207,7 +208,8 @@ def bottleneck(placements: Sequence[Placement] = (FFN_SEQUENTIAL,), *,
         1] ~ N(0, 0.02^2)``, ``gate_bias [*L, 1] = 0``).
       layers_to_transform, layers_pattern: only adapters of these layers (unrolled models; by
         the layer index in the scope path).
-      dtype: dtype of the adapter arrays (default: the marked value's).
+      dtype: dtype of the adapter arrays (default: the marked value's, float32 where that is of
+        lower precision: :func:`jpeft.core.precision.delta_dtype`); the adapter computes in it.
       name: the method's name and optimizer label.
 
     Raises:
@@ -254,7 +256,7 @@ def bottleneck(placements: Sequence[Placement] = (FFN_SEQUENTIAL,), *,
         found = sites_of(sites)
         out = {}
         for k, site in zip(jax.random.split(key, len(found)), found):
-            dt = dtype or sites.marks[site.out].dtype
+            dt = precision.delta_dtype(sites.marks[site.out].dtype, dtype)
             m, lead = width(site), tuple(site.scanned)
             heads = (site.heads,) if site.heads else ()
             if phm_dim is None:
@@ -278,7 +280,7 @@ def bottleneck(placements: Sequence[Placement] = (FFN_SEQUENTIAL,), *,
         tree = paths_lib.unflatten({p + (n,): a for p, arrs in out.items()
                                     for n, a in arrs.items()})
         if phm_dim is not None:        # the rule matrices A_i, shared by every PHM projection
-            dt = dtype or sites.marks[found[0].out].dtype
+            dt = precision.delta_dtype(sites.marks[found[0].out].dtype, dtype)
             tree[PHM_RULE] = jax.random.normal(jax.random.fold_in(key, 2),
                                                (phm_dim, phm_dim, phm_dim), dt) / phm_dim
         return tree

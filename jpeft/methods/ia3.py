@@ -30,6 +30,7 @@ import numpy as np
 
 from jpeft.core import method as method_lib
 from jpeft.core import paths as paths_lib
+from jpeft.core import precision
 from jpeft.core import sharding as sharding_lib
 from jpeft.core import sites as sites_lib
 
@@ -100,12 +101,14 @@ def _scale_along(w: jax.Array, l: jax.Array, axes: tuple[int, ...], inverse: boo
 
 
 def ia3(targets: paths_lib.Targets = TARGETS, feedforward: paths_lib.Targets = FEEDFORWARD, *,
-        exclude: paths_lib.Targets = (), name: str = "ia3") -> method_lib.Method:
+        exclude: paths_lib.Targets = (), name: str = "ia3", dtype=None) -> method_lib.Method:
     """IA3 on the modules ``targets`` selects (feed-forward ones, matched by ``feedforward``,
     rescale their input).
 
-    The delta holds ``l`` at ``<kernel path>/ia3_l``. Trainable count: the output width of each
-    ordinary target plus the input width of each feed-forward one (per stacked layer).
+    The delta holds ``l`` at ``<kernel path>/ia3_l``, in ``dtype`` (default the kernel's, float32
+    on a lower-precision one: :func:`jpeft.core.precision.delta_dtype`). Trainable count: the
+    output width of each ordinary target plus the input width of each feed-forward one (per
+    stacked layer).
     """
 
     def found(params, sites):
@@ -116,7 +119,7 @@ def ia3(targets: paths_lib.Targets = TARGETS, feedforward: paths_lib.Targets = F
         flat = paths_lib.flatten(params)
         return paths_lib.unflatten({
             t.kernel + (LEAF,): jnp.ones(tuple(flat[t.kernel].shape[a] for a in t.axes),
-                               flat[t.kernel].dtype)
+                               precision.delta_dtype(flat[t.kernel].dtype, dtype))
             for t in found(params, sites)})
 
     def scale(params, delta, sites, inverse):
@@ -161,7 +164,8 @@ def ia3(targets: paths_lib.Targets = TARGETS, feedforward: paths_lib.Targets = F
         return sharding_lib.follow_weight_axes(param_shardings, delta, axes_of)
 
     config = {"method": "ia3", "targets": _json(targets), "feedforward": _json(feedforward),
-              "exclude": _json(exclude), "name": name}
+              "exclude": _json(exclude), "name": name,
+              "dtype": precision.config(dtype, None)["dtype"]}
     return method_lib.Method(
         name=name, init=init, merge=merge, unmerge=unmerge, edits=edits, shardings=shardings,
         labels=method_lib.constant_labels(name), config=config)
@@ -178,5 +182,5 @@ def from_config(config: dict) -> method_lib.Method:
         raise ValueError(f"ia3.from_config: not an IA3 config: {config!r}")
     t = lambda v: tuple(v) if isinstance(v, list) else v
     return ia3(t(c["targets"]), t(c["feedforward"]), exclude=t(c.get("exclude", ())),
-               name=c.get("name", "ia3"))
+               name=c.get("name", "ia3"), dtype=c.get("dtype"))
 

@@ -32,6 +32,7 @@ import numpy as np
 
 from jpeft.core import method as method_lib
 from jpeft.core import paths as paths_lib
+from jpeft.core import precision
 from jpeft.core import sharding as sharding_lib
 from jpeft.core import sites as sites_lib
 
@@ -61,7 +62,8 @@ def prompt_tuning(num_virtual_tokens: int = 20, embeddings: paths_lib.Targets = 
     Args:
       embeddings: the word-embedding module (targets over mark scopes; must select exactly one).
       init_token_ids: initialise the prompt from the embeddings of these tokens (repeated or cut
-        to ``l``); default random ``N(0, 1)``.
+        to ``l``); default random ``N(0, 1)``. The prompt is stored in the embeddings' dtype,
+        float32 where that is of lower precision (:func:`jpeft.core.precision.delta_dtype`).
       pad_id: the placeholder token id (its embedding is replaced; any valid id works).
       inputs: ``{argument position or keyword: value to prepend}`` (default :data:`INPUTS`).
 
@@ -87,13 +89,14 @@ def prompt_tuning(num_virtual_tokens: int = 20, embeddings: paths_lib.Targets = 
         m = site(sites)
         d = m.shape[-1]
         if init_token_ids is None:
-            return {"prompt": jax.random.normal(key, (l, d), jnp.dtype(m.dtype))}
+            return {"prompt": jax.random.normal(key, (l, d), precision.delta_dtype(m.dtype))}
         table = _table(params, m.scope)
         if table is None:
             raise ValueError(f"{name}: cannot find the embedding table of "
                              f"{paths_lib.path_str(m.scope)} to initialise from text")
         ids = np.resize(np.asarray(init_token_ids, np.int32), l)
-        return {"prompt": jnp.asarray(paths_lib.flatten(params)[table])[ids].astype(m.dtype)}
+        return {"prompt": jnp.asarray(paths_lib.flatten(params)[table])[ids].astype(
+            precision.delta_dtype(m.dtype))}
 
     def lengthen(x, fill, what):
         x = jnp.asarray(x)

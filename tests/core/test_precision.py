@@ -125,3 +125,20 @@ def test_checkpoints_load_across_the_policy(tmp_path):
     with pytest.raises(jpeft.checkpoint.CheckpointError,
                        match=r"w1/lora_A: stored float32, the method makes bfloat16"):
         jpeft.load(tmp_path / "c", v16, jpeft.probe(_mlp, v16, x))
+
+
+def test_activation_methods_follow_the_policy_on_a_bf16_model():
+    """IA3's vectors, adapters and the soft prompt are float32 on a bf16 model (the marks carry
+    bf16 activations), and IA3's dtype setting is saved and rebuilt."""
+    import zoo
+    s = zoo.build("nnx_decoder")
+    p16 = jax.tree.map(lambda a: a.astype(jnp.bfloat16), s.params)
+    sites = jpeft.probe(s.apply, p16, *s.args)
+    for method in (jpeft.ia3(), jpeft.houlsby(reduction_factor=8), jpeft.prompt_tuning(4)):
+        delta = method.init(jax.random.key(0), p16, sites)
+        assert {x.dtype for x in jax.tree.leaves(delta)} == {jnp.dtype(jnp.float32)}, method.name
+        out = jpeft.wrap(s.apply, method, sites)(p16, delta, *s.args)
+        assert out.dtype == s.apply(p16, *s.args).dtype
+    rebuilt = jpeft.methods.from_config(jpeft.ia3(dtype="bfloat16").config)
+    assert {x.dtype for x in jax.tree.leaves(rebuilt.init(jax.random.key(0), p16, sites))} == \
+        {jnp.dtype(jnp.bfloat16)}
