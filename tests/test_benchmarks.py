@@ -58,3 +58,33 @@ def test_floor_trainable_sets():
     assert count(full) == 16 + 4 + 8 + 2 and count(bitfit) == 4 + 8 + 2
     with pytest.raises(ValueError, match="unknown floor config"):
         floor.init("lora", params)
+
+
+
+def test_qlora_decoder_quick_runs_both_frameworks(tmp_path):
+    """``benchmarks/qlora_decoder.py --quick`` in this process, on the int8 pair (qwix's eager NF4
+    initialisation alone takes about 10 s even on the tiny decoder; jpeft's NF4 QLoRA is
+    tests/test_quantized.py's): equal trainable counts, both bases stored in one byte per
+    quantized entry plus per-channel scales, qwix's forward equal to jpeft's LoRA on qwix's
+    dequantized weights (when qwix is installed), rows written."""
+    import json
+
+    import qlora_decoder
+    out = tmp_path / "qlora.jsonl"
+    assert qlora_decoder.main(["--quick", "--only", "qwix_int8_lora_qv", "--release-host-memory",
+                               "--out", str(out)]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    summary = {r["config"]: r for r in rows if r["kind"] == "summary"}
+    (checks,) = [r for r in rows if r["kind"] == "checks"]
+    assert all(c["passed"] for c in checks["checks"])
+    j = summary["jpeft_int8_lora_qv"]
+    assert j["trainable_params"] == 2 * 8 * (64 + 64 + 64 + 32)     # layers x r x (q, v: in+out)
+    assert j["quantized_weights"] == 14 and 0 < j["quant_rel_error_mean"] < 0.02
+    assert j["base_bytes"]["logical"] == j["base_bytes"]["resident"] < j["base_bytes_f32"]
+    if checks["setup"]["qwix_skipped"]:
+        assert "qwix_int8_lora_qv" not in summary
+        return
+    q = summary["qwix_int8_lora_qv"]
+    assert q["trainable_params"] == j["trainable_params"] and q["quantized_weights"] == 14
+    assert q["base_bytes"]["logical"] == j["base_bytes"]["logical"]      # same int8 layout
+    assert any("dequantized weights" in c["check"] for c in checks["checks"])

@@ -37,7 +37,6 @@ import numpy as np
 from jpeft import presets, quantized
 from jpeft.core import method as method_lib
 from jpeft.core import paths as paths_lib
-from jpeft.core import tree as tree_lib
 from jpeft.recipes import quantization as quant_lib
 
 
