@@ -5,10 +5,12 @@ equation. Which primitive an equation binds and how its parameters are laid out 
 public API: names change between JAX releases (``pjit`` became ``jit``, ``checkpoint`` became
 ``remat2``, ``custom_vjp_call_jaxpr`` became ``custom_vjp_call``) and so do parameter names. This
 module is the only one that knows them; everything else asks it through the functions below.
-Public modules only: ``jax.extend.core`` for jaxprs and primitives, ``jax.lax`` for the ops.
+Public modules only: ``jax.extend.core`` for jaxprs and primitives, ``jax.lax`` for the ops. The
+one exception is :func:`backend_started`: JAX has no public read of whether a backend has started
+(jax-ml/jax#23320), so it reads ``jax._src.xla_bridge`` here and nowhere else.
 
-The oldest JAX ``pyproject.toml`` admits is exercised by CI in a second environment (``make
-test-oldest``).
+The oldest versions ``pyproject.toml`` admits (its floors) are exercised by CI in a second
+environment (``make test-oldest``); code for releases older than the floors does not belong here.
 """
 
 from __future__ import annotations
@@ -78,10 +80,7 @@ def is_tracer(x) -> bool:
 def aval_of(x) -> Any:
     """The abstract value of an array or tracer (shape, dtype, weak type and, where JAX puts it in
     the type, sharding), hashable: what a trace of a function of ``x`` depends on."""
-    typeof = getattr(jax, "typeof", None)
-    if typeof is not None:
-        return typeof(x)
-    return jax.api_util.shaped_abstractify(x)                  # jax < 0.6
+    return jax.typeof(x)
 
 
 def bind(eqn, invals) -> list:
@@ -329,13 +328,9 @@ def mapped_again(eqn, body_fn):
     if kind(eqn) != "shard_map":
         return None
     p = eqn.params
-    shard_map = getattr(jax, "shard_map", None)
     check = {"check_vma": p["check_vma"]} if "check_vma" in p else {}
-    if shard_map is None:                               # jax < 0.6
-        from jax.experimental.shard_map import shard_map
-        check = {"check_rep": p.get("check_rep", True)}
-    return shard_map(body_fn, mesh=p["mesh"], in_specs=tuple(p["in_specs"]),
-                     out_specs=tuple(p["out_specs"]), **check)
+    return jax.shard_map(body_fn, mesh=p["mesh"], in_specs=tuple(p["in_specs"]),
+                         out_specs=tuple(p["out_specs"]), **check)
 
 
 def mapped_body(eqn):
@@ -349,3 +344,17 @@ def custom_primal(eqn) -> Any:
     p = eqn.params
     closed = p.get("call_jaxpr", p.get("fun_jaxpr"))
     return closed if isinstance(closed, ClosedJaxpr) else ClosedJaxpr(closed, ())
+
+
+# --------------------------------------------------------------------------------------------
+# Runtime state
+
+
+def backend_started() -> bool:
+    """Whether a JAX backend (and with it XLA's threads) has started in this process, without
+    starting one. No public API says so (``jax.extend.backend.backends()`` and ``jax.devices()``
+    start the backends they report; jax-ml/jax#23320 asks for one): this is jpeft's only read of
+    a JAX-private module, kept here so that a JAX release that moves it breaks one function."""
+    from jax._src import xla_bridge    # the one private read (module docstring)
+
+    return xla_bridge.backends_are_initialized()

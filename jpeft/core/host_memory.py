@@ -35,7 +35,7 @@ import ctypes
 import ctypes.util
 import platform
 
-from jax._src import xla_bridge
+from jpeft.core import compat
 
 #: glibc ``mallopt`` parameters (``malloc.h``).
 M_TRIM_THRESHOLD = -1
@@ -64,7 +64,7 @@ def retained() -> bool:
 
 def backend_started() -> bool:
     """Whether a JAX backend has started (after which :func:`retain_host_memory` refuses)."""
-    return xla_bridge.backends_are_initialized()
+    return compat.backend_started()
 
 
 def retain_host_memory() -> bool:
