@@ -72,6 +72,13 @@ def open_jaxpr(j) -> Any:
     return getattr(j, "jaxpr", j)
 
 
+def as_closed(j) -> Any:
+    """``j`` with its constants: a ``ClosedJaxpr`` as it is, an open ``Jaxpr`` closed over none.
+    (JAX 0.11 merges the two types: a ``Jaxpr`` carries ``consts`` itself and ``.jaxpr`` is the
+    jaxpr again; it must not be wrapped, which would turn its constants into inputs.)"""
+    return j if hasattr(j, "consts") else ClosedJaxpr(j, ())
+
+
 def is_tracer(x) -> bool:
     """Whether ``x`` is a value being traced (not a concrete array)."""
     return isinstance(x, jax.core.Tracer)
@@ -269,8 +276,12 @@ class ScanParts(NamedTuple):
 
 def scan_parts(eqn) -> ScanParts:
     p = eqn.params
-    return ScanParts(p["jaxpr"], p["num_consts"], p["num_carry"], p["length"], p["reverse"],
-                     p["unroll"])
+    if "num_consts" in p:
+        nc, nk = p["num_consts"], p["num_carry"]
+    else:                           # JAX 0.11: a flat tree of the (consts, carry, xs) operands
+        consts, carry, _ = p["ft_in"].unpack()
+        nc, nk = len(consts), len(carry)
+    return ScanParts(as_closed(p["jaxpr"]), nc, nk, p["length"], p["reverse"], p["unroll"])
 
 
 class WhileParts(NamedTuple):
@@ -301,8 +312,7 @@ class JitParts(NamedTuple):
 def jit_parts(eqn) -> JitParts:
     p = eqn.params
     closed = p.get("jaxpr", p.get("call_jaxpr"))
-    if isinstance(closed, Jaxpr):
-        closed = ClosedJaxpr(closed, ())
+    closed = as_closed(closed)
     n_in, n_out = len(closed.jaxpr.invars), len(closed.jaxpr.outvars)
     given = lambda s: s if isinstance(s, jax.sharding.Sharding) else None
     ins = tuple(map(given, p.get("in_shardings", (None,) * n_in)))
@@ -311,14 +321,14 @@ def jit_parts(eqn) -> JitParts:
 
 
 class RematParts(NamedTuple):
-    jaxpr: Any                   # open Jaxpr
+    jaxpr: Any                   # ClosedJaxpr (its constants, if any, attached)
     prevent_cse: bool
     policy: Any
 
 
 def remat_parts(eqn) -> RematParts:
     p = eqn.params
-    return RematParts(p["jaxpr"], p["prevent_cse"], p["policy"])
+    return RematParts(as_closed(p["jaxpr"]), p["prevent_cse"], p["policy"])
 
 
 def mapped_again(eqn, body_fn):
@@ -336,14 +346,14 @@ def mapped_again(eqn, body_fn):
 def mapped_body(eqn):
     """The body (ClosedJaxpr) of a ``shard_map``."""
     body = eqn.params["jaxpr"]
-    return body if isinstance(body, ClosedJaxpr) else ClosedJaxpr(body, ())
+    return as_closed(body)
 
 
 def custom_primal(eqn) -> Any:
     """The primal computation (ClosedJaxpr) of a ``custom_jvp``/``custom_vjp`` function call."""
     p = eqn.params
     closed = p.get("call_jaxpr", p.get("fun_jaxpr"))
-    return closed if isinstance(closed, ClosedJaxpr) else ClosedJaxpr(closed, ())
+    return as_closed(closed)
 
 
 # --------------------------------------------------------------------------------------------

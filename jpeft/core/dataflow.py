@@ -766,7 +766,8 @@ def _remat(eqn, invals, intags, state, scope):
 
     def body(*xs):
         inner = scope.body()
-        return _eval(parts.jaxpr, (), xs, intags, state, inner)[0], inner.taps
+        return _eval(parts.jaxpr.jaxpr, parts.jaxpr.consts, xs, intags, state, inner)[0], \
+            inner.taps
     outs, taps = jax.checkpoint(body, prevent_cse=parts.prevent_cse, policy=parts.policy)(*invals)
     if scope.taps is not None:
         scope.taps.update(taps)
