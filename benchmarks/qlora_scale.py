@@ -6,6 +6,9 @@ same model, batch and step otherwise. Reported per run: stored base bytes, the c
 XLA memory analysis (arguments, temporaries) and FLOPs, the device's peak bytes in use over
 the run, the median step time of ``--steps`` steps after 3 warm-up steps, the trainable count and
 the first and last loss. Compare runs made one after another on an idle device (alternate them).
+``--policy dots`` rematerialises everything but the matrix products' outputs in the backward pass
+(``jax.checkpoint_policies.dots_saveable``): the dequantized weights are then recomputed from the
+codes instead of kept from the forward pass.
 
 Usage::
 
@@ -49,6 +52,9 @@ def build(a):
     if a.base == "nf4":
         params = jpeft.quantize_params(params, sites, scheme="nf4")
         apply = jpeft.dequantizing(apply)
+    if a.policy == "dots":        # keep matrix products' outputs, recompute the rest (weights too)
+        apply = jax.checkpoint(apply, policy=jax.checkpoint_policies.dots_saveable)
+    if a.base == "nf4" or a.policy != "none":
         sites = jpeft.probe(apply, params, ids)
     return apply, params, sites, ids
 
@@ -56,6 +62,9 @@ def build(a):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--base", choices=("bf16", "nf4"), required=True)
+    ap.add_argument("--policy", choices=("none", "dots"), default="none",
+                    help="rematerialisation of the forward pass in the backward: none, or "
+                         "dots (jax.checkpoint_policies.dots_saveable: only products kept)")
     ap.add_argument("--layers", type=int, default=12)
     ap.add_argument("--hidden", type=int, default=2048)
     ap.add_argument("--inter", type=int, default=5504)
@@ -93,7 +102,7 @@ def main(argv=None):
         losses.append(float(m["loss"]))                    # blocks on the step
         times.append(time.perf_counter() - t)
     stats = jax.devices()[0].memory_stats() or {}
-    row = {"base": a.base, "layers": a.layers, "hidden": a.hidden, "intermediate": a.inter,
+    row = {"base": a.base, "policy": a.policy, "layers": a.layers, "hidden": a.hidden, "intermediate": a.inter,
            "vocab": a.vocab, "batch": a.batch, "seq": a.seq, "rank": a.rank,
            "load_at_start": load, **machine(),
            "base_params": jpeft.num_params(params), "base_bytes": jpeft.num_bytes(params),

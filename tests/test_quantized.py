@@ -86,6 +86,8 @@ def test_qlora_on_the_nnx_decoder_trains_and_round_trips(tmp_path):
     qparams = jpeft.quantize_params(s.params, sites, scheme="nf4", block_size=16)
     qapply = jpeft.dequantizing(s.apply)
     qsites = jpeft.probe(qapply, qparams, *s.args)
+    report = lambda p, st: jpeft.methods.lora.report(p, st)
+    assert report(qparams, qsites).chosen == report(s.params, sites).chosen   # no head, no embed
     method = jpeft.lora("all-linear", rank=2, alpha=4)
     delta = method.init(jax.random.key(0), qparams, qsites)
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(delta))
@@ -110,3 +112,24 @@ def test_qlora_on_the_nnx_decoder_trains_and_round_trips(tmp_path):
     jpeft.save(tmp_path / "adapter", method, delta)
     loaded = jpeft.load(tmp_path / "adapter", qparams, qsites)
     jax.tree.map(np.testing.assert_array_equal, loaded.delta, delta)
+
+
+def test_rematerialising_the_dequantized_weights_changes_no_result(tiny_bert, tiny_batch):
+    """``dequantizing(remat="dots")`` (default: weights dequantized again in the backward pass)
+    and ``remat=None`` (kept) give the same outputs and gradients."""
+    apply, params, args = _bert(tiny_bert, tiny_batch)
+    sites = jpeft.probe(apply, params, *args)
+    qparams = jpeft.quantize_params(params, sites, scheme="int8")
+    method = jpeft.lora(("query", "value"), rank=2)
+    out = []
+    for remat in ("dots", None):
+        qapply = jpeft.dequantizing(apply, remat=remat)
+        qsites = jpeft.probe(qapply, qparams, *args)
+        delta = perturb(method.init(jax.random.key(0), qparams, qsites))
+        f = jpeft.wrap(qapply, method, qsites)
+        out.append(jax.jit(jax.value_and_grad(lambda d: jnp.sum(f(qparams, d, *args) ** 2)))(delta))
+    np.testing.assert_allclose(out[0][0], out[1][0], rtol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+                 out[0][1], out[1][1])
+    with pytest.raises(ValueError, match="remat must be one of"):
+        jpeft.dequantizing(apply, remat="everything")

@@ -764,13 +764,19 @@ def _custom(eqn, invals, intags, state, scope):
 def _remat(eqn, invals, intags, state, scope):
     parts = compat.remat_parts(eqn)
 
+    heads = []
+
     def body(*xs):
         inner = scope.body()
-        return _eval(parts.jaxpr.jaxpr, parts.jaxpr.consts, xs, intags, state, inner)[0], \
-            inner.taps
+        outs = _eval(parts.jaxpr.jaxpr, parts.jaxpr.consts, xs, intags, state, inner)[0]
+        heads[:] = [_heads([o], state) for o in outs] if state.record else []
+        return outs, inner.taps
     outs, taps = jax.checkpoint(body, prevent_cse=parts.prevent_cse, policy=parts.policy)(*invals)
     if scope.taps is not None:
         scope.taps.update(taps)
+    for o, h in zip(outs, heads):          # output heads stay heads through a remat region
+        if h:
+            state.heads[id(o)] = (o, h)
     return list(outs), [None] * len(outs)
 
 
