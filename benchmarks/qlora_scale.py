@@ -51,7 +51,7 @@ def build(a):
     sites = jpeft.probe(apply, params, ids)
     if a.base == "nf4":
         params = jpeft.quantize_params(params, sites, scheme="nf4")
-        apply = jpeft.dequantizing(apply)
+        apply = jpeft.dequantizing(apply, remat=None)      # the policy is the flag's, below
     if a.policy == "dots":        # keep matrix products' outputs, recompute the rest (weights too)
         apply = jax.checkpoint(apply, policy=jax.checkpoint_policies.dots_saveable)
     if a.base == "nf4" or a.policy != "none":
