@@ -104,8 +104,8 @@ def add_quantize_flag(parser: argparse.ArgumentParser) -> None:
         "--quantize", choices=CHOICES, default="none",
         help="store the base's linear weights quantized after loading (QLoRA: NF4 in blocks of "
              "64 with double-quantized scales, or int8 per output channel; embeddings and the "
-             "head stay in full precision) and train on top; merging goes into the dequantized "
-             "base (default: none)")
+             "head stay in full precision) and train on top; the demo's merge check merges "
+             "into the dequantized base (default: none)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -61,6 +61,7 @@ def test_floor_trainable_sets():
 
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")     # flax's, from qwix's own calls
 def test_qlora_decoder_quick_runs_both_frameworks(tmp_path):
     """``benchmarks/qlora_decoder.py --quick`` in this process, on the int8 pair (qwix's eager NF4
     initialisation alone takes about 10 s even on the tiny decoder; jpeft's NF4 QLoRA is
