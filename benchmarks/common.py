@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import sys
 import pathlib
 import platform
 import tempfile
@@ -57,17 +58,18 @@ def add_host_memory_flag(parser) -> None:
     """``--release-host-memory``: keep glibc's default (return freed memory to the OS)."""
     parser.add_argument(
         "--release-host-memory", action="store_true",
-        help="keep glibc's default of returning freed memory to the OS (by default the benchmark "
-             "calls jpeft.retain_host_memory() first, as python -m jpeft.cli does)")
+        help="keep glibc's default of returning freed memory to the OS (by default importing "
+             "jpeft keeps it for reuse on CPU; the same as JPEFT_HOST_MEMORY=release)")
 
 
 def host_memory(args) -> str:
-    """Call :func:`jpeft.retain_host_memory` unless ``--release-host-memory``; the mode, for the
-    results: ``"retained"`` or ``"released"`` (glibc's default, or not glibc)."""
-    import jpeft
-    if not args.release_host_memory and jpeft.retain_host_memory():
-        return "retained"
-    return "released"
+    """The process's host-memory mode for the results, ``"retained"`` (``import jpeft``'s default
+    on CPU) or ``"released"``; ``--release-host-memory`` starts the benchmark again with
+    ``JPEFT_HOST_MEMORY=release`` when the import kept freed memory."""
+    from jpeft.core import host_memory as host
+    if args.release_host_memory and host.retained():
+        host.rerun_released(sys.argv)
+    return "retained" if host.retained() else "released"
 
 
 def loadavg() -> list[float] | None:

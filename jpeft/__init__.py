@@ -6,7 +6,13 @@ their module's namespace (``jpeft.methods.far.far_select``, ``jpeft.methods.adal
 its aliases apart from its building blocks.
 """
 
-from jpeft import checkpoint
+# First, before anything computes: keep freed host memory for reuse on CPU (the process default,
+# jpeft/core/host_memory.py; JPEFT_HOST_MEMORY=release keeps glibc's).
+from jpeft.core import host_memory as _host_memory
+
+_host_memory.apply_default()
+
+from jpeft import checkpoint  # noqa: E402
 from jpeft import methods
 from jpeft import multi
 from jpeft import nnx

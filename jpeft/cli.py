@@ -113,9 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jpeft", description=__doc__)
     parser.add_argument(
         "--release-host-memory", action="store_true",
-        help="keep glibc's default of returning freed memory to the OS (by default the command "
-             "calls jpeft.retain_host_memory() first: XLA:CPU's temporaries are reused, not "
-             "faulted in again every step)")
+        help="keep glibc's default of returning freed memory to the OS (by default importing "
+             "jpeft keeps it for reuse on CPU: XLA:CPU's temporaries are reused, not faulted in "
+             "again every step); the same as JPEFT_HOST_MEMORY=release")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("presets", help="list the method presets, their stages and options")
     d = sub.add_parser("demo", help="fine-tune the embedded MiniLM on movie-review sentiment")
@@ -170,10 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if not args.release_host_memory and not host_memory.backend_started():
-        # The process's own entry point: keep XLA's freed temporaries for the next step
-        # (jpeft.retain_host_memory). Called in-process after JAX has started, it cannot apply.
-        host_memory.retain_host_memory()
+    if args.release_host_memory and host_memory.retained():
+        # importing jpeft kept freed host memory (the default); only a fresh process undoes it
+        host_memory.rerun_released(["-m", "jpeft.cli", *(sys.argv[1:] if argv is None else argv)])
     if args.command == "presets":
         return list_presets()
     if args.command == "decoder":

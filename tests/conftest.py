@@ -8,6 +8,9 @@ for _flag in _FLAGS:
     if _flag.split("=")[0] not in os.environ["XLA_FLAGS"]:
         os.environ["XLA_FLAGS"] += " " + _flag
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# The suite keeps glibc's malloc defaults (jpeft keeps freed host memory by default on CPU;
+# tests/core/test_host_memory.py checks that default in processes of its own).
+os.environ.setdefault("JPEFT_HOST_MEMORY", "release")
 
 # Shared fixtures: a tiny BERT, a padded batch for it, the embedded MiniLM and the movie reviews.
 # The environment lines above must run before anything imports jax.

@@ -5,9 +5,8 @@ equation. Which primitive an equation binds and how its parameters are laid out 
 public API: names change between JAX releases (``pjit`` became ``jit``, ``checkpoint`` became
 ``remat2``, ``custom_vjp_call_jaxpr`` became ``custom_vjp_call``) and so do parameter names. This
 module is the only one that knows them; everything else asks it through the functions below.
-Public modules only: ``jax.extend.core`` for jaxprs and primitives, ``jax.lax`` for the ops. The
-one exception is :func:`backend_started`: JAX has no public read of whether a backend has started
-(jax-ml/jax#23320), so it reads ``jax._src.xla_bridge`` here and nowhere else.
+Public modules only: ``jax.extend.core`` for jaxprs and primitives, ``jax.lax`` for the ops;
+nothing from ``jax._src``.
 
 The oldest versions ``pyproject.toml`` admits (its floors) are exercised by CI in a second
 environment (``make test-oldest``); code for releases older than the floors does not belong here.
@@ -15,6 +14,7 @@ environment (``make test-oldest``); code for releases older than the floors does
 
 from __future__ import annotations
 
+import os
 from typing import Any, Iterator, NamedTuple
 
 import jax
@@ -360,11 +360,23 @@ def custom_primal(eqn) -> Any:
 # Runtime state
 
 
-def backend_started() -> bool:
-    """Whether a JAX backend (and with it XLA's threads) has started in this process, without
-    starting one. No public API says so (``jax.extend.backend.backends()`` and ``jax.devices()``
-    start the backends they report; jax-ml/jax#23320 asks for one): this is jpeft's only read of
-    a JAX-private module, kept here so that a JAX release that moves it breaks one function."""
-    from jax._src import xla_bridge    # the one private read (module docstring)
-
-    return xla_bridge.backends_are_initialized()
+def accelerators_configured() -> bool:
+    """Whether JAX will (or may) run on an accelerator in this process, read without starting a
+    backend: ``JAX_PLATFORMS`` when set (anything but ``cpu``), else whether an accelerator plugin
+    is installed (the ``jax_plugins`` entry points and namespace JAX discovers them by, or
+    ``libtpu``)."""
+    import importlib.metadata
+    import importlib.util
+    import pkgutil
+    platforms = os.environ.get("JAX_PLATFORMS", "").strip().lower()
+    if platforms:
+        return any(p.strip() not in ("cpu", "") for p in platforms.split(","))
+    if list(importlib.metadata.entry_points(group="jax_plugins")):
+        return True
+    try:
+        import jax_plugins
+        if any(True for _ in pkgutil.iter_modules(jax_plugins.__path__)):
+            return True
+    except ImportError:
+        pass
+    return importlib.util.find_spec("libtpu") is not None

@@ -24,16 +24,26 @@ from one arena (XLA allocates a few large buffers per step; a process doing heav
 small allocations could see contention).
 Measured in ``benchmarks/README.md``.
 
-It is a process setting, not a per-program one: call it once, first thing, before the first JAX
-computation (a thread keeps the arena it first allocated from, and XLA:CPU starts its threads
-when the backend starts). ``python -m jpeft.cli`` and the benchmarks call it unless told not to.
+It is a process setting, not a per-program one, and it must come before other threads allocate:
+a thread keeps the malloc arena it first allocated from, and XLA:CPU's threads start with the
+backend. **It is the default** (:func:`apply_default`, run when ``jpeft`` is imported): on a
+CPU-only setup (``JAX_PLATFORMS=cpu``, or no accelerator plugin installed), with glibc, while no
+thread but the main one has allocated (one malloc arena, read from glibc's ``malloc_info``: so
+``import jpeft`` before the first JAX computation). ``JPEFT_HOST_MEMORY=release`` in the
+environment keeps glibc's defaults (returned memory, page faults per step);
+``JPEFT_HOST_MEMORY=retain`` asks for it on accelerator setups too. When the default could not
+apply (JAX computed before ``jpeft`` was imported), :func:`status` says why and the train step
+compiles for returned memory (:mod:`jpeft.core.xla_options`).
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import os
 import platform
+import sys
+from typing import NoReturn
 
 from jpeft.core import compat
 
@@ -54,6 +64,10 @@ def _glibc() -> ctypes.CDLL | None:
 
 
 _RETAINED = [False]
+_STATUS = ["not applied: jpeft.core.host_memory.apply_default() has not run"]
+
+#: The environment variable that chooses the default: ``retain`` or ``release``.
+ENV = "JPEFT_HOST_MEMORY"
 
 
 def retained() -> bool:
@@ -62,32 +76,101 @@ def retained() -> bool:
     return _RETAINED[0]
 
 
-def backend_started() -> bool:
-    """Whether a JAX backend has started (after which :func:`retain_host_memory` refuses)."""
-    return compat.backend_started()
+def status() -> str:
+    """What this process does with freed host memory, and why (a line for logs)."""
+    return _STATUS[0]
+
+
+def _arenas(libc) -> int:
+    """The number of malloc arenas (glibc's ``malloc_info``): more than one once another thread
+    has allocated (XLA's threads, after a JAX backend started)."""
+    buf, size = ctypes.c_char_p(), ctypes.c_size_t()
+    libc.open_memstream.restype = ctypes.c_void_p
+    libc.open_memstream.argtypes = (ctypes.c_void_p, ctypes.c_void_p)
+    libc.malloc_info.argtypes = (ctypes.c_int, ctypes.c_void_p)
+    libc.fclose.argtypes = (ctypes.c_void_p,)
+    libc.free.argtypes = (ctypes.c_void_p,)
+    stream = libc.open_memstream(ctypes.byref(buf), ctypes.byref(size))
+    if not stream:
+        raise RuntimeError("open_memstream failed: cannot read glibc's malloc_info")
+    try:
+        libc.malloc_info(0, stream)
+    finally:
+        libc.fclose(stream)
+    try:
+        return ctypes.string_at(buf, size.value).count(b"<heap nr=")
+    finally:
+        libc.free(buf)
+
+
+def threads_hold_arenas() -> bool:
+    """Whether threads other than the main one already allocate from arenas of their own (after
+    which :func:`retain_host_memory` refuses: the setting would not reach them). ``False`` where
+    the C library is not glibc."""
+    libc = _glibc()
+    return libc is not None and _arenas(libc) > 1
 
 
 def retain_host_memory() -> bool:
-    """Make glibc keep freed host memory for reuse (module docstring): ``True`` when set,
-    ``False`` where the C library is not glibc (nothing to do: other allocators have their own
-    policies).
+    """Make glibc keep freed host memory for reuse (module docstring): ``True`` when set (or
+    already set), ``False`` where the C library is not glibc (nothing to do: other allocators have
+    their own policies).
 
     Raises:
-      RuntimeError: a JAX backend has already started (its threads already hold their arenas,
-        so the setting would not reach the buffers it is for), or glibc refused a setting.
+      RuntimeError: other threads already allocate from their own arenas (a JAX backend has
+        started, and its threads keep the arenas they hold, so the setting would not reach the
+        buffers it is for), or glibc refused a setting.
     """
-    if backend_started():
-        raise RuntimeError(
-            "retain_host_memory() must run before the first JAX computation: a JAX backend has "
-            "already started and its threads keep the malloc arenas they hold. Call it at the "
-            "top of the program, after the imports.")
+    if _RETAINED[0]:
+        return True
     libc = _glibc()
     if libc is None:
+        _STATUS[0] = "released: the C library is not glibc"
         return False
+    if _arenas(libc) > 1:
+        raise RuntimeError(
+            "retain_host_memory() must run before the first JAX computation: other threads "
+            "(a JAX backend's) already allocate from malloc arenas of their own, which the "
+            "setting would not reach. Import jpeft (it applies it by default on CPU) or call "
+            "this at the top of the program, before JAX computes anything.")
     libc.mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
     libc.mallopt.restype = ctypes.c_int
     for param, value in SETTINGS:
         if libc.mallopt(param, value) != 1:
             raise RuntimeError(f"glibc mallopt({param}, {value}) failed")
     _RETAINED[0] = True
+    _STATUS[0] = "retained: freed host memory is kept for reuse (JPEFT_HOST_MEMORY=release: off)"
     return True
+
+
+def rerun_released(argv: list[str]) -> NoReturn:
+    """Replace this process with ``python *argv`` under ``JPEFT_HOST_MEMORY=release``: how an
+    entry point's ``--release-host-memory`` flag undoes the default once ``import jpeft`` has
+    applied it (a process setting that only a fresh process can drop)."""
+    os.execve(sys.executable, [sys.executable, *argv], {**os.environ, ENV: "release"})
+
+
+def apply_default() -> str:
+    """The process default, run by ``import jpeft``: :func:`retain_host_memory` where it applies
+    (module docstring), per :data:`ENV`; returns :func:`status`.
+
+    Raises:
+      ValueError: :data:`ENV` set to something other than ``retain`` or ``release``.
+    """
+    choice = os.environ.get(ENV, "").strip().lower()
+    if choice not in ("", "retain", "release"):
+        raise ValueError(f"{ENV}={os.environ[ENV]!r}: use 'retain' (keep freed host memory for "
+                         f"reuse) or 'release' (glibc's default)")
+    if choice == "release":
+        _STATUS[0] = f"released: {ENV}=release"
+    elif choice == "" and compat.accelerators_configured():
+        _STATUS[0] = (f"released: an accelerator is configured ({ENV}=retain keeps freed host "
+                      f"memory anyway)")
+    elif _RETAINED[0]:
+        pass
+    elif threads_hold_arenas():
+        _STATUS[0] = ("released: JAX computed before jpeft was imported (other threads hold "
+                      "malloc arenas); import jpeft first to keep freed host memory for reuse")
+    else:
+        retain_host_memory()
+    return _STATUS[0]

@@ -130,15 +130,18 @@ def test_cli_demo_reaches_the_recipe_for_every_preset(monkeypatch, tmp_path, cap
     assert all(o == presets.resolve(n, {"steps": 2}) and q == "none" for n, o, q in calls)
 
 
-@pytest.mark.parametrize("flags, expected", [((), ["retain"]), (("--release-host-memory",), [])])
-def test_cli_retains_host_memory_unless_told_not_to(monkeypatch, flags, expected):
-    """The command line is the process's entry point: it calls ``retain_host_memory`` before any
-    JAX computation (jpeft/core/host_memory.py), unless ``--release-host-memory``."""
+@pytest.mark.parametrize("retained, flags, expected", [
+    (True, (), []), (True, ("--release-host-memory",), ["rerun"]),
+    (False, ("--release-host-memory",), [])])
+def test_cli_release_host_memory_starts_a_released_process(monkeypatch, retained, flags,
+                                                          expected):
+    """``import jpeft`` keeps freed host memory on CPU (jpeft/core/host_memory.py); the command
+    line's ``--release-host-memory`` then starts itself again with JPEFT_HOST_MEMORY=release."""
     from jpeft import cli
     from jpeft.core import host_memory
     calls = []
-    monkeypatch.setattr(host_memory, "backend_started", lambda: False)
-    monkeypatch.setattr(host_memory, "retain_host_memory", lambda: calls.append("retain"))
+    monkeypatch.setattr(host_memory, "retained", lambda: retained)
+    monkeypatch.setattr(host_memory, "rerun_released", lambda argv: calls.append("rerun"))
     monkeypatch.setattr(cli, "list_presets", lambda: 0)
     assert cli.main([*flags, "presets"]) == 0
     assert calls == expected
