@@ -446,12 +446,12 @@ def main(argv: list[str] | None = None) -> int:
         except ImportError as e:
             qwix_skipped = f"qwix not importable ({e}); pip install 'qwix==0.1.8'"
             print(f"qwix configurations skipped: {qwix_skipped}", flush=True)
-    if qwix_skipped:
-        names = [n for n in names if CONFIGS[n]["framework"] != "qwix"]
     for n in list(names):                               # a qwix row needs its jpeft peer
         peer = CONFIGS[n].get("peer")
         if peer and peer not in names:
             names.insert(names.index(n), peer)
+    if qwix_skipped:                                    # the peers stay
+        names = [n for n in names if CONFIGS[n]["framework"] != "qwix"]
     out = pathlib.Path(args.out) if args.out else (None if args.quick else DEFAULT_OUT)
     machine = {**dc._machine(), "host_memory": host_memory,
                "proc_loadavg_start": pathlib.Path("/proc/loadavg").read_text().strip()}
