@@ -130,6 +130,26 @@ def _permute(x: jax.Array, spec: str, to: str) -> jax.Array:
     return x if spec == to else jnp.transpose(x, [spec.index(c) for c in to])
 
 
+def _reshape(x: jax.Array, shape) -> jax.Array:
+    shape = tuple(shape)
+    return x if x.shape == shape else x.reshape(shape)
+
+
+def _product(x3: jax.Array, w3: jax.Array, nb: int, precision, preferred_element_type
+             ) -> jax.Array:
+    """``x3 [*b, rows, k] @ w3 [*b, k, cols]`` (``nb`` batch axes, 0 or 1)."""
+    w_contract = nb
+    if w3.shape[-2] > w3.shape[-1]:
+        # A tall operand (``A [in, r]``): contract with its transpose ``[r, in]`` held behind an
+        # optimization barrier, so the gradient ``dW^T = dy^T x`` is computed wide (``[r, in]``,
+        # then transposed) instead of ``x^T dy [in, r]``, the form XLA:CPU otherwise folds the
+        # transpose into and runs 2-5x slower (``benchmarks/README.md``, LoRA's products).
+        w3, w_contract = jax.lax.optimization_barrier(jnp.swapaxes(w3, -1, -2)), nb + 1
+    batch_dims = (tuple(range(nb)), tuple(range(nb)))
+    return jax.lax.dot_general(x3, w3, (((nb + 1,), (w_contract,)), batch_dims),
+                               precision=precision, preferred_element_type=preferred_element_type)
+
+
 def matmul(x: jax.Array, x_spec: str, w: jax.Array, w_spec: str, out_spec: str, *,
            precision=None, preferred_element_type=None) -> jax.Array:
     """``einsum(f"{x_spec},{w_spec}->{out_spec}", x, w)`` as one matrix product.
@@ -150,23 +170,13 @@ def matmul(x: jax.Array, x_spec: str, w: jax.Array, w_spec: str, out_spec: str, 
     size = dict(zip(x_spec, x.shape)) | dict(zip(w_spec, w.shape))
     n = lambda letters: math.prod(size[c] for c in letters)
     lead = (n(batch),) if batch else ()
-    x3 = _permute(x, x_spec, "".join(batch + x_free + contracted)).reshape(
-        *lead, n(x_free), n(contracted))
-    w3 = _permute(w, w_spec, "".join(batch + contracted + w_free)).reshape(
-        *lead, n(contracted), n(w_free))
-    nb = len(lead)
-    w_contract = nb
-    if n(contracted) > n(w_free):
-        # A tall operand (``A [in, r]``): contract with its transpose ``[r, in]`` held behind an
-        # optimization barrier, so the gradient ``dW^T = dy^T x`` is computed wide (``[r, in]``,
-        # then transposed) instead of ``x^T dy [in, r]``, the form XLA:CPU otherwise folds the
-        # transpose into and runs 2-5x slower (``benchmarks/README.md``, LoRA's products).
-        w3, w_contract = jax.lax.optimization_barrier(jnp.swapaxes(w3, -1, -2)), nb + 1
-    batch_dims = (tuple(range(nb)), tuple(range(nb)))
-    y = jax.lax.dot_general(x3, w3, (((nb + 1,), (w_contract,)), batch_dims), precision=precision,
-                            preferred_element_type=preferred_element_type)
+    x3 = _reshape(_permute(x, x_spec, "".join(batch + x_free + contracted)),
+                  (*lead, n(x_free), n(contracted)))
+    w3 = _reshape(_permute(w, w_spec, "".join(batch + contracted + w_free)),
+                  (*lead, n(contracted), n(w_free)))
+    y = _product(x3, w3, len(lead), precision, preferred_element_type)
     y_spec = "".join(batch + x_free + w_free)
-    return _permute(y.reshape([size[c] for c in y_spec]), y_spec, out_spec)
+    return _permute(_reshape(y, [size[c] for c in y_spec]), y_spec, out_spec)
 
 
 def dense(x: jax.Array, w: jax.Array) -> jax.Array:
@@ -183,6 +193,8 @@ def dot_low_rank(call: sites_lib.ContractionCall, x: jax.Array, a: Factor, b: Fa
     a_spec = _factor_spec(a, letter, rank, "low rank A")
     b_spec = _factor_spec(b, letter, rank, "low rank B")
     _check_split(call, a_spec, b_spec, letter, rank)
+    if all(c in a_spec and c in b_spec for c in batch) and set(y_spec) <= set(x_spec + b_spec):
+        return _low_rank_flat(call, x, x_spec, a, a_spec, b, b_spec, y_spec, batch, rank)
     u_spec = "".join(c for c in batch if c in a_spec or c in x_spec) + "".join(xf) + rank
     u = matmul(x, x_spec, a.value.astype(x.dtype), a_spec, u_spec, **_precision(call, x.dtype))
     # Output axes that neither u nor B has (a weight axis made by a broadcast, which no factor
@@ -193,6 +205,29 @@ def dot_low_rank(call: sites_lib.ContractionCall, x: jax.Array, a: Factor, b: Fa
     for i in bare:
         y = jnp.expand_dims(y, i)
     return jnp.broadcast_to(y, call.y.shape)
+
+
+def _low_rank_flat(call, x, x_spec, a, a_spec, b, b_spec, y_spec, batch, rank):
+    """:func:`dot_low_rank` where ``A`` and ``B`` hold every batch axis and the output no axis
+    of their own: ``x`` flattened to ``[*b, rows, in]`` once, both products on it, one reshape
+    back (the rank-``r`` intermediate stays flat)."""
+    contracted = [c for c in x_spec if c in a_spec and c not in batch]
+    rows = [c for c in x_spec if c not in a_spec]
+    out = [c for c in b_spec if c != rank and c not in batch]
+    size = dict(zip(x_spec, x.shape)) | dict(zip(b_spec, b.value.shape))
+    n = lambda letters: math.prod(size[c] for c in letters)
+    lead = (n(batch),) if batch else ()
+    x3 = _reshape(_permute(x, x_spec, "".join(batch + rows + contracted)),
+                  (*lead, n(rows), n(contracted)))
+    r = a.value.shape[a_spec.index(rank)]
+    a3 = _reshape(_permute(a.value.astype(x.dtype), a_spec, "".join(batch + contracted) + rank),
+                  (*lead, n(contracted), r))
+    u3 = _product(x3, a3, len(lead), **_precision(call, x.dtype))
+    b3 = _reshape(_permute(b.value.astype(u3.dtype), b_spec, "".join(batch) + rank + "".join(out)),
+                  (*lead, r, n(out)))
+    y3 = _product(u3, b3, len(lead), **_precision(call, u3.dtype))
+    y_flat = "".join(batch + rows + out)
+    return _permute(_reshape(y3, [size[c] for c in y_flat]), y_flat, y_spec)
 
 
 def _check_split(call, a_spec, b_spec, letter, rank):

@@ -210,6 +210,12 @@ class _State:
                 return True
         return False
 
+    def inlines(self, eqn) -> bool:
+        """Whether ``eqn`` is a custom-derivative function whose rule is autodiff's own
+        (:func:`same_derivative`): followed, and differentiated by autodiff, as before it had a
+        rule (its weights' gradients then never formed)."""
+        return any(k[1] == SAME_DERIVATIVE_KIND for k in self.names_of(eqn))
+
     def no_taps_in(self, eqn, what: str) -> None:
         inside = [k for k in self.names_of(eqn) if k in self.taps]
         if inside:
@@ -308,9 +314,11 @@ def _eval(jaxpr, consts, args, tags, state: _State, scope: _Scope):
         kind = compat.kind(eqn)
         if kind == "name":
             outvals, outtags = _mark(eqn, invals, intags, state, scope)
-        elif any(t is not None for t in intags) or state.enters(eqn):
+        elif state.enters(eqn) or (any(t is not None for t in intags) and (
+                state.record or not compat.is_higher_order(eqn) or state.inlines(eqn)
+                or any(t is not None and t.path in state.edits for t in intags))):
             outvals, outtags = _RULES.get(kind, _other_use)(eqn, invals, intags, state, scope)
-        else:
+        else:      # nothing to change here (a call is entered only where an edit needs it)
             outvals, outtags = compat.bind(eqn, invals), [None] * len(eqn.outvars)
         if state.record:
             _follow_heads(kind, invals, intags, outvals, state)
@@ -744,7 +752,7 @@ def _custom(eqn, invals, intags, state, scope):
     contractions there shape the factors)."""
     closed = compat.custom_primal(eqn)
     names = state.names_of(eqn)
-    if any(k[1] == SAME_DERIVATIVE_KIND for k in names):
+    if state.inlines(eqn):
         return _inline_closed(closed, invals, intags, state, scope)
     what = f"{eqn.primitive.name} function"
     if state.record:
@@ -886,8 +894,12 @@ def _fold(rng, name: str, index: tuple):
 def _mark(eqn, invals, intags, state, scope):
     """A ``checkpoint_name``: record the mark, apply its edit, make it visible to later marks; a
     value named as a weight (:func:`weight`) becomes a view of that weight."""
-    key = marks_lib.parse(compat.name_of(eqn))
-    out = compat.bind(eqn, invals)[0]
+    name = compat.name_of(eqn)
+    key = marks_lib.parse(name)
+    if state.record or not name.startswith(marks_lib.PREFIX) or key in state.taps:
+        out = compat.bind(eqn, invals)[0]
+    else:        # jpeft's own marks are identities it placed itself: not re-emitted in a call
+        out = invals[0]
     if key[1] == SAME_DERIVATIVE_KIND:
         return [out], list(intags)
     if key[1] == WEIGHT_KIND:
