@@ -225,3 +225,23 @@ def hf_bert_pair(tiny_batch, monkeypatch):
     variables = {"params": params}
     sites = jpeft.probe(model.apply, variables, **tiny_batch)
     return torch, hf, model, variables, sites
+
+
+def tiny_classifier_env(tiny_config):
+    """A :class:`jpeft.recipes.classification.ClassifierEnv` on the tiny BERT classifier cut to
+    one layer and without dropout (recipe tests are compile-bound: about half the ops of
+    ``tiny_bert``, and no random bits in the train steps), on 8 random training and 6 dev
+    sentences, batches of 4."""
+    import dataclasses
+
+    import jpeft
+    from jpeft.recipes import classification as clf
+    config = dataclasses.replace(tiny_config, num_hidden_layers=1, hidden_dropout_prob=0.0,
+                                 attention_probs_dropout_prob=0.0)
+    model = BertForSequenceClassification(config)
+    variables = {"params": model.init(jax.random.key(0), np.ones((1, 4), np.int32))["params"]}
+    ids = np.ones((2, 5), np.int32)
+    sites = jpeft.probe(model.apply, variables, ids, ids, np.zeros_like(ids))
+    return clf.ClassifierEnv(model.apply, variables, sites, random_split(8, 8),
+                             random_split(6, 8, seed=1), batch=4, buckets=None,
+                             log=lambda _: None, eval_batch=8)

@@ -5,20 +5,17 @@ Each preset runs every stage it declares with tiny step counts; the recipe's che
 bit for bit the same, the merged model agrees), and the saved metadata rebuilds the method.
 """
 
-import dataclasses
 import json
 
 import jax
 import numpy as np
 import pytest
 
-from conftest import random_split
+from conftest import tiny_classifier_env
 
 import jpeft
 from jpeft import checkpoint, presets
 from jpeft.core import paths
-from jpeft.models.bert import BertForSequenceClassification
-from jpeft.recipes import classification as clf
 from jpeft.recipes import finetune
 
 #: Tiny options per preset: 2 training steps, the stages before them as short as they go.
@@ -49,23 +46,9 @@ TINY = {
 }
 
 
-def _split(n, t=8, seed=0):
-    return random_split(n, t, seed)
-
-
 @pytest.fixture(scope="module")
 def env(tiny_config):
-    """The tiny BERT classifier cut to one layer and without dropout (the file is compile-bound:
-    about half the ops of ``tiny_bert``, and no random bits in the train steps), on 8 random
-    training and 6 dev sentences, batches of 4."""
-    config = dataclasses.replace(tiny_config, num_hidden_layers=1, hidden_dropout_prob=0.0,
-                                 attention_probs_dropout_prob=0.0)
-    model = BertForSequenceClassification(config)
-    variables = {"params": model.init(jax.random.key(0), np.ones((1, 4), np.int32))["params"]}
-    ids = np.ones((2, 5), np.int32)
-    sites = jpeft.probe(model.apply, variables, ids, ids, np.zeros_like(ids))
-    return clf.ClassifierEnv(model.apply, variables, sites, _split(8), _split(6, seed=1), batch=4,
-                             buckets=None, log=lambda _: None, eval_batch=8)
+    return tiny_classifier_env(tiny_config)
 
 
 def test_every_preset_has_tiny_options():

@@ -2,36 +2,23 @@
 through the CLI (its reload and merge checks held on the quantized base), the checkpoint recording
 the quantization and a mismatch refused, presets that change the weights refused up front."""
 
-import dataclasses
 import types
 
 import jax
 import numpy as np
 import pytest
 
-from conftest import random_split
+from conftest import tiny_classifier_env
 
 import jpeft
 from jpeft import checkpoint, cli, presets
-from jpeft.models.bert import BertForSequenceClassification
-from jpeft.recipes import classification as clf
 from jpeft.recipes import finetune, movies
 from jpeft.recipes import quantization as quant
 
 
 @pytest.fixture(scope="module")
 def env(tiny_config):
-    """The tiny BERT cut to one layer, without dropout, on 8 random training and 6 dev sentences
-    (as tests/test_presets.py)."""
-    config = dataclasses.replace(tiny_config, num_hidden_layers=1, hidden_dropout_prob=0.0,
-                                 attention_probs_dropout_prob=0.0)
-    model = BertForSequenceClassification(config)
-    variables = {"params": model.init(jax.random.key(0), np.ones((1, 4), np.int32))["params"]}
-    ids = np.ones((2, 5), np.int32)
-    sites = jpeft.probe(model.apply, variables, ids, ids, np.zeros_like(ids))
-    return clf.ClassifierEnv(model.apply, variables, sites, random_split(8, 8),
-                             random_split(6, 8, seed=1), batch=4, buckets=None,
-                             log=lambda _: None, eval_batch=8)
+    return tiny_classifier_env(tiny_config)
 
 
 def test_demo_on_an_nf4_base_through_the_cli(env, monkeypatch, tmp_path, capsys):
