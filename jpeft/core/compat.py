@@ -373,10 +373,8 @@ def accelerators_configured() -> bool:
         return any(p.strip() not in ("cpu", "") for p in platforms.split(","))
     if list(importlib.metadata.entry_points(group="jax_plugins")):
         return True
-    try:
-        import jax_plugins
-        if any(True for _ in pkgutil.iter_modules(jax_plugins.__path__)):
-            return True
-    except ImportError:
-        pass
+    namespace = importlib.util.find_spec("jax_plugins")        # plugins' namespace package
+    if namespace is not None and any(
+            True for _ in pkgutil.iter_modules(namespace.submodule_search_locations or [])):
+        return True
     return importlib.util.find_spec("libtpu") is not None
