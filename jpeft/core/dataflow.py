@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import collections
 import itertools
-import math
 import zlib
 from typing import Any, Callable, Mapping, NamedTuple
 
@@ -65,7 +64,6 @@ cover = sites_lib.cover
 #: The mark kind :func:`weight` gives a value, and the one :func:`same_derivative` places.
 WEIGHT_KIND = "weight"
 SAME_DERIVATIVE_KIND = "same-derivative"
-_SILENT_KINDS = (WEIGHT_KIND, SAME_DERIVATIVE_KIND)      # not activation sites
 
 
 def weight(value: jax.Array, path: Path | str) -> jax.Array:
