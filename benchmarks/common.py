@@ -27,6 +27,13 @@ def write_jsonl(path: pathlib.Path, rows: list[dict[str, Any]]) -> None:
         raise
 
 
+def append_jsonl(path: pathlib.Path, row: dict[str, Any]) -> None:
+    """Append ``row`` as one JSON line to ``path`` (made with its folder if missing)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as fh:
+        fh.write(json.dumps(row) + "\n")
+
+
 def cost(compiled) -> dict[str, float | None]:
     """flops / transcendentals / bytes accessed of a compiled executable (dict or list of dicts)."""
     ca = compiled.cost_analysis()

@@ -33,7 +33,7 @@ import optax
 from flax import nnx
 
 import common  # noqa: F401  (benchmarks/common.py: the repository on the path)
-from common import cost, loadavg, machine, memory
+from common import append_jsonl, cost, loadavg, machine, memory
 
 import jpeft
 from jpeft.models.llama import LlamaConfig, LlamaForCausalLM
@@ -113,9 +113,7 @@ def main(argv=None):
            "loss_first": round(losses[0], 4), "loss_last": round(losses[-1], 4)}
     print(json.dumps(row))
     if not a.quick:
-        a.out.parent.mkdir(parents=True, exist_ok=True)
-        with open(a.out, "a") as fh:
-            fh.write(json.dumps(row) + "\n")
+        append_jsonl(a.out, row)
     return row
 
 

@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import common  # noqa: F401  (benchmarks/common.py: the repository on the path)
-from common import loadavg, machine
+from common import append_jsonl, loadavg, machine
 
 import jpeft
 
@@ -175,9 +175,7 @@ def main(argv=None):
            "eager_ratio_cached": round(ea["jpeft_cached"] / ea["hand"], 3)}
     print(json.dumps(row))
     if not a.quick:
-        a.out.parent.mkdir(parents=True, exist_ok=True)
-        with open(a.out, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        append_jsonl(a.out, row)
     return row
 
 
