@@ -14,13 +14,15 @@ Runners, timed in alternation in one process (both are JAX; nothing else shares 
   object each round (tracing plus lowering to StableHLO); for jpeft a fresh ``jpeft.wrap`` each
   round (``jpeft_lower``: the model is traced to a jaxpr, then evaluated with the edits) and the
   same wrapped function again (``jpeft_lower_cached``: the trace kept with it is reused);
+* ``cold``: the first ``lower`` of a process, each runner in a fresh process of its own
+  (``--cold`` repetitions, alternated): nothing cached yet but the probe's trace;
 * ``eager``: the first call of the forward pass without ``jit`` (op by op), after every
   primitive's executable is cached by a warm-up call; for jpeft on a fresh ``jpeft.wrap``
   (``jpeft_eager``, the trace included) and again (``jpeft_eager_cached``).
 
 Usage::
 
-    python benchmarks/trace_cost.py [--rounds 7 --layers 24] [--quick]
+    python benchmarks/trace_cost.py [--rounds 7 --cold 3 --layers 24] [--quick]
 
 Results go to ``benchmarks/results/trace_cost.jsonl`` (one line per run, appended).
 """
@@ -31,6 +33,8 @@ import argparse
 import json
 import pathlib
 import statistics
+import subprocess
+import sys
 import time
 
 import flax.linen as nn
@@ -153,22 +157,49 @@ def timed(fns: dict, rounds: int) -> dict:
     return {k: statistics.median(v) for k, v in times.items()}
 
 
+def first_lower(which: str, layers: int) -> float:
+    """Seconds of the first ``lower`` of runner ``which`` in this process (after the probe)."""
+    lower, _ = runners(layers)
+    t0 = time.perf_counter()
+    lower[which]()
+    return time.perf_counter() - t0
+
+
+def cold(layers: int, repeats: int) -> dict:
+    """Median first-lowering seconds of each runner, each in a fresh process, alternated."""
+    times = {"hand": [], "jpeft": []}
+    for r in range(repeats):
+        for which in (("hand", "jpeft") if r % 2 == 0 else ("jpeft", "hand")):
+            out = subprocess.run([sys.executable, __file__, "--first", which, "--layers",
+                                  str(layers)], check=True, capture_output=True, text=True)
+            times[which].append(float(out.stdout.strip().splitlines()[-1]))
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--cold", type=int, default=3, help="fresh-process repetitions")
+    ap.add_argument("--first", choices=("hand", "jpeft"), help=argparse.SUPPRESS)
     ap.add_argument("--layers", type=int, default=24)
     ap.add_argument("--quick", action="store_true", help="2 layers, 2 rounds (a smoke test)")
     ap.add_argument("--out", type=pathlib.Path, default=OUT)
     a = ap.parse_args(argv)
+    if a.first:
+        print(first_lower(a.first, a.layers))
+        return None
     if a.quick:
-        a.layers, a.rounds = 2, 2
+        a.layers, a.rounds, a.cold = 2, 2, 1
     load = loadavg()
+    co = cold(a.layers, a.cold)
     lower, eager = runners(a.layers)
     lo = timed(lower, a.rounds)
     ea = timed(eager, a.rounds)
     row = {"layers": a.layers, "rounds": a.rounds, "load_at_start": load, **machine(),
            **{f"{k}_lower_s": round(v, 4) for k, v in lo.items()},
            **{f"{k}_eager_s": round(v, 4) for k, v in ea.items()},
+           **{f"{k}_cold_lower_s": round(v, 4) for k, v in co.items()},
+           "cold_lower_ratio": round(co["jpeft"] / co["hand"], 3),
            "lower_ratio": round(lo["jpeft"] / lo["hand"], 3),
            "lower_ratio_cached": round(lo["jpeft_cached"] / lo["hand"], 3),
            "eager_ratio": round(ea["jpeft"] / ea["hand"], 3),

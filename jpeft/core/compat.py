@@ -104,6 +104,33 @@ def bind(eqn, invals) -> list:
     return out if eqn.primitive.multiple_results else [out]
 
 
+def staging() -> bool:
+    """Whether the current trace stages a program out (``jit``, ``eval_shape``, ``make_jaxpr``,
+    a transformation inside one), as opposed to running op by op on concrete arrays."""
+    under = getattr(jcore, "unsafe_am_i_under_a_jit_DO_NOT_USE", None)
+    return bool(under and under())
+
+
+def segment_fn(invars, outvars, eqns) -> Any:
+    """A function computing ``outvars`` from ``invars`` by ``eqns`` (equations of a traced
+    program, their own source names dropped: the caller's apply), as ``jax.jit(...,
+    inline=True)``: staged into the enclosing program as the equations themselves, while
+    transformations (``linearize``, ``vmap``) of it are computed once per input types and cached
+    by JAX, as for ``jax.numpy``'s own jitted functions. ``None`` where this JAX builds jaxprs
+    another way."""
+    def unnamed(eqn):
+        info = eqn.source_info
+        return eqn.replace(source_info=info.replace(name_stack=type(info.name_stack)()))
+    try:
+        info = jcore.DebugInfo("jpeft segment", "jpeft segment", (None,) * len(invars),
+                               (None,) * len(outvars))
+        closed = as_closed(Jaxpr((), list(invars), list(outvars), [unnamed(e) for e in eqns],
+                                 debug_info=info))
+    except TypeError:              # a JAX whose Jaxpr is built otherwise: bind one by one
+        return None
+    return jax.jit(jcore.jaxpr_as_fun(closed), inline=True)
+
+
 # --------------------------------------------------------------------------------------------
 # Parameter layouts
 

@@ -297,7 +297,8 @@ def _read(env, v):
 
 def _eval(jaxpr, consts, args, tags, state: _State, scope: _Scope):
     """Evaluate ``jaxpr`` on ``args`` (with :class:`View` tags or ``None``); returns
-    ``(outputs, output tags)``."""
+    ``(outputs, output tags)``. While staging a call (not a probe), each run of consecutive
+    equations that nothing edits is bound as one :func:`_segment`."""
     env: dict = {}
     tagenv: dict = {}
     for v, x in zip(jaxpr.constvars, consts):
@@ -306,13 +307,22 @@ def _eval(jaxpr, consts, args, tags, state: _State, scope: _Scope):
         env[v] = x
         if t is not None:
             tagenv[v] = t
-    for eqn in jaxpr.eqns:
-        invals = [_read(env, v) for v in eqn.invars]
+    staged = not state.record and compat.staging()
+    run = None                                  # start of the pending run of plain equations
+    for i, eqn in enumerate(jaxpr.eqns):
         intags = [None if isinstance(v, compat.Literal) else tagenv.get(v) for v in eqn.invars]
         kind = compat.kind(eqn)
+        tagged = any(t is not None for t in intags)
+        if staged and not tagged and not eqn.effects and kind != "name" and not state.enters(eqn):
+            run = i if run is None else run
+            continue
+        if run is not None:
+            _bind_run(jaxpr, run, i, env)
+            run = None
+        invals = [_read(env, v) for v in eqn.invars]
         if kind == "name":
             outvals, outtags = _mark(eqn, invals, intags, state, scope)
-        elif state.enters(eqn) or (any(t is not None for t in intags) and (
+        elif state.enters(eqn) or (tagged and (
                 state.record or not compat.is_higher_order(eqn) or state.inlines(eqn)
                 or any(t is not None and t.path in state.edits for t in intags))):
             outvals, outtags = _RULES.get(kind, _other_use)(eqn, invals, intags, state, scope)
@@ -326,9 +336,128 @@ def _eval(jaxpr, consts, args, tags, state: _State, scope: _Scope):
             env[v] = x
             if t is not None:
                 tagenv[v] = t
+    if run is not None:
+        _bind_run(jaxpr, run, len(jaxpr.eqns), env)
     outs = [_read(env, v) for v in jaxpr.outvars]
     out_tags = [None if isinstance(v, compat.Literal) else tagenv.get(v) for v in jaxpr.outvars]
     return outs, out_tags
+
+
+# --------------------------------------------------------------------------------------------
+# Segments: what the edits do not touch, bound as a whole
+
+
+class _Segment(NamedTuple):
+    """Equations ``start:end`` of a jaxpr as one function of the values they read from before
+    (``inputs``) to those read after them (``outputs``)."""
+    fn: Callable | None
+    inputs: tuple
+    outputs: tuple
+
+
+#: ``{(jaxpr, start, end): _Segment}``, and the segment functions by the structure of their
+#: equations (:func:`_structure`), so that the same run in every layer of a model shares one
+#: function, hence one linearization, as every layer shares ``jax.numpy``'s jitted functions.
+_SEGMENTS: collections.OrderedDict = collections.OrderedDict()
+_SEGMENT_FNS: collections.OrderedDict = collections.OrderedDict()
+SEGMENT_CACHE_SIZE = 4096
+#: Shorter runs are bound equation by equation.
+MIN_SEGMENT = 2
+
+
+def _bind_run(jaxpr, start: int, end: int, env: dict) -> None:
+    """Bind equations ``start:end`` of ``jaxpr`` (none of which an edit touches) on ``env``.
+
+    Bound one by one, each equation would be linearized on its own by ``jax.grad`` (JAX's
+    generic rule traces a JVP per equation: most of the cost of tracing a model's gradient);
+    bound as a segment, the run is linearized once and JAX caches that for every later trace.
+    The staged program is the same equations either way."""
+    seg = _segment(jaxpr, start, end) if end - start >= MIN_SEGMENT else None
+    if seg is None or seg.fn is None:
+        for eqn in jaxpr.eqns[start:end]:
+            outs = compat.bind(eqn, [_read(env, v) for v in eqn.invars])
+            for v, x in zip(eqn.outvars, outs):
+                if not isinstance(v, compat.DropVar):
+                    env[v] = x
+        return
+    if seg.outputs:
+        for v, x in zip(seg.outputs, seg.fn(*[env[v] for v in seg.inputs])):
+            env[v] = x
+
+
+def _last_uses(jaxpr) -> dict:
+    """``{var: index of the last equation reading it}`` (the output: ``len(eqns)``)."""
+    hit = _SEGMENTS.get((jaxpr, "last uses"))
+    if hit is None:
+        hit = {}
+        for i, eqn in enumerate(jaxpr.eqns):
+            for v in eqn.invars:
+                if not isinstance(v, compat.Literal):
+                    hit[v] = i
+        for v in jaxpr.outvars:
+            if not isinstance(v, compat.Literal):
+                hit[v] = len(jaxpr.eqns)
+        _remember(_SEGMENTS, (jaxpr, "last uses"), hit)
+    return hit
+
+
+def _remember(cache: collections.OrderedDict, key, value) -> None:
+    cache[key] = value
+    while len(cache) > SEGMENT_CACHE_SIZE:
+        cache.popitem(last=False)
+
+
+def _segment(jaxpr, start: int, end: int) -> _Segment:
+    key = (jaxpr, start, end)
+    hit = _SEGMENTS.get(key)
+    if hit is not None:
+        _SEGMENTS.move_to_end(key)
+        return hit
+    eqns = jaxpr.eqns[start:end]
+    last = _last_uses(jaxpr)
+    inputs, defined = [], set()
+    for eqn in eqns:
+        for v in eqn.invars:
+            if not isinstance(v, compat.Literal) and v not in defined:
+                defined.add(v)
+                inputs.append(v)
+        defined.update(eqn.outvars)
+    outputs = [v for eqn in eqns for v in eqn.outvars
+               if not isinstance(v, compat.DropVar) and last.get(v, -1) >= end]
+    structure = _structure(eqns, inputs, outputs)
+    try:
+        fn = _SEGMENT_FNS.get(structure)
+    except TypeError:                      # a parameter that cannot be hashed: not shared
+        structure, fn = None, None
+    if fn is None:
+        fn = compat.segment_fn(inputs, outputs, eqns)
+        if structure is not None:
+            _remember(_SEGMENT_FNS, structure, fn)
+    seg = _Segment(fn, tuple(inputs), tuple(outputs))
+    _remember(_SEGMENTS, key, seg)
+    return seg
+
+
+def _structure(eqns, inputs, outputs) -> tuple:
+    """What a segment computes, without its variables' identities: input types, then per
+    equation its primitive, parameters, operands (an input's or an earlier result's position, a
+    literal's value), result types and context, then the results' positions."""
+    where = {v: ("in", i) for i, v in enumerate(inputs)}
+    parts: list = [tuple(v.aval for v in inputs)]
+    for k, eqn in enumerate(eqns):
+        refs = tuple(("literal", _literal_key(v)) if isinstance(v, compat.Literal) else where[v]
+                     for v in eqn.invars)
+        parts.append((eqn.primitive, tuple(sorted(eqn.params.items())), refs,
+                      tuple(v.aval for v in eqn.outvars), eqn.ctx))
+        for j, v in enumerate(eqn.outvars):
+            where[v] = ("eqn", k, j)
+    parts.append(tuple(where[v] for v in outputs))
+    return tuple(parts)
+
+
+def _literal_key(v) -> tuple:
+    val = np.asarray(v.val)
+    return val.dtype.str, val.shape, val.tobytes(), v.aval
 
 
 def _follow_heads(kind: str, invals, intags, outvals, state: _State) -> None:

@@ -380,3 +380,49 @@ def test_traces_are_kept_and_shared_with_the_probe():
     f(v, delta, x, scale=2.0)                         # another static argument
     assert traced == [(2, 4), (3, 4), (2, 4)]
     np.testing.assert_allclose(f(v, delta, x, scale=2.0), 2.0 * f(v, delta, x), rtol=1e-6)
+
+
+def test_unedited_runs_are_staged_as_shared_segments_with_the_same_program(monkeypatch):
+    """While staging, runs of equations no edit touches are bound as one inlined ``jit`` each
+    (one linearization per run, cached by JAX), shared by every layer of the same structure;
+    the staged program holds the same equations as binding them one by one, and eager calls
+    bind op by op as before."""
+    def layer(x, w):
+        h = x @ w
+        return x + jax.nn.gelu(h) * jnp.tanh(h) / (1.0 + jnp.abs(h))
+
+    def apply(v, x):
+        for i in range(3):
+            x = layer(x, v[f"w{i}"])
+        return jnp.sum(jnp.cos(x) ** 2)
+
+    v = {f"w{i}": jax.random.normal(_key(i), (8, 8)) / 3 for i in range(3)}
+    x = jax.random.normal(_key(9), (4, 8))
+    sites = jpeft.probe(apply, v, x)
+    method = jpeft.lora(("w0", "w1", "w2"), rank=2)
+    delta = perturb(method.init(_key(1), v, sites))
+    f = jpeft.wrap(apply, method, sites)
+    loss = lambda d: f(v, d, x)
+
+    def program():
+        counts = {}
+        for eqn in jax.make_jaxpr(jax.grad(loss))(delta).jaxpr.eqns:
+            counts[eqn.primitive.name] = counts.get(eqn.primitive.name, 0) + 1
+        return counts
+
+    dataflow._SEGMENTS.clear()
+    dataflow._SEGMENT_FNS.clear()
+    segmented = program()
+    runs = [k for k in dataflow._SEGMENTS if k[1] != "last uses"]
+    assert len(runs) >= 3
+    assert len(dataflow._SEGMENT_FNS) < len(runs)          # the layers share their runs' function
+    g = jax.jit(jax.grad(loss))(delta)
+    monkeypatch.setattr(dataflow, "MIN_SEGMENT", 10 ** 9)  # every equation on its own
+    assert program() == segmented
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6),
+                 jax.jit(jax.grad(loss))(delta), g)
+    monkeypatch.undo()
+    dataflow._SEGMENTS.clear()
+    eager = f(v, delta, x)
+    assert not [k for k in dataflow._SEGMENTS if k[1] != "last uses"]   # eager: op by op
+    np.testing.assert_allclose(eager, jax.jit(f)(v, delta, x), rtol=1e-6)
