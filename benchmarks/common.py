@@ -86,8 +86,31 @@ def loadavg() -> list[float] | None:
         return None
 
 
+#: SIMD extensions worth recording: the kernels XLA:CPU, oneDNN and MKL pick depend on them.
+SIMD_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16",
+              "amx_tile", "amx_bf16")
+
+
+def cpu_info() -> dict[str, Any]:
+    """The CPU's model name, vendor and SIMD flags (:data:`SIMD_FLAGS` present), from
+    ``/proc/cpuinfo`` (empty where there is none): cross-framework CPU timings depend on them
+    (MKL, which torch's CPU wheel uses, takes slower paths on non-Intel CPUs)."""
+    try:
+        text = pathlib.Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return {}
+    fields = {}
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    flags = set(fields.get("flags", "").split())
+    return {"cpu_model": fields.get("model name"), "cpu_vendor": fields.get("vendor_id"),
+            "cpu_simd": [f for f in SIMD_FLAGS if f in flags]}
+
+
 def machine(**extra: Any) -> dict[str, Any]:
-    """Versions, devices, CPUs and the load average now (plus ``extra`` fields)."""
+    """Versions, devices, CPUs (:func:`cpu_info`) and the load average now (plus ``extra``
+    fields)."""
     import jax
     import optax
 
@@ -106,6 +129,7 @@ def machine(**extra: Any) -> dict[str, Any]:
         "device_count": jax.device_count(),
         "cpu_count": os.cpu_count(),
         "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        **cpu_info(),
         "platform": platform.platform(),
         "python": platform.python_version(),
         "loadavg_start": loadavg(),

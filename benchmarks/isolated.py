@@ -18,14 +18,22 @@ the harness adds: ``jpeft`` imported (its allocator settings; no JAX computation
 compiled and run during the warm-up (XLA's thread pools alive, idle while torch is timed): the
 causes, taken apart.
 
+``--data movies`` is the realistic loop: real sentences of the embedded movie reviews (the
+training split the demo uses), tokenized to ``--seq`` tokens with real padding, one new batch per
+step (cycled over ``warmup + steps`` batches), each copied from host memory by the step as a
+user's loop does (jpeft and the floor call their jitted step on numpy arrays; torch converts them
+with ``torch.from_numpy``), the loss read back every step. ``--data random`` (the default):
+``step_cost.py``'s one batch (32 x 64 random tokens, full mask) kept on the device.
+
 Usage::
 
     python benchmarks/isolated.py [--configs lora_qv,lora_all_linear,full] [--reps 3]
-        [--steps 15 --warmup 3] [--harness] [--torch-beside]
+        [--steps 15 --warmup 3] [--data random|movies] [--harness] [--torch-beside]
 
 Rows go to ``benchmarks/results/isolated.jsonl`` (appended: one per configuration and run, with
-every process's median, the load average and the machine). The batch: ``step_cost.py``'s (32 x 64
-random tokens, full mask), written once to a temporary ``.npz`` that every process reads.
+every process's median, the load average and the machine) and the targets are printed: jpeft's
+step at most 1.0x torch's (``jpeft_over_torch``, the median of the per-repetition ratios). The
+batches are written once to a temporary ``.npz`` that every process reads.
 """
 
 from __future__ import annotations
@@ -65,7 +73,7 @@ def _time(step, steps: int, warmup: int) -> dict:
             "loss_last": losses[-1]}
 
 
-def _torch_process(a, batch_np: dict, beside: str | None) -> dict:
+def _torch_process(a, batches: list[dict], beside: str | None) -> dict:
     """torch's step alone; ``beside``: ``jpeft_imported`` (``import jpeft`` first) or ``jax_ran``
     (a jpeft step of the same configuration compiled and run twice, then left idle)."""
     if beside == "jpeft_imported":
@@ -77,7 +85,7 @@ def _torch_process(a, batch_np: dict, beside: str | None) -> dict:
 
     import torch_step
     torch.set_num_threads(a.threads)
-    step, finish = torch_step.prepare(a.config_torch, pathlib.Path(a.model_dir), batch_np,
+    step, finish = torch_step.prepare(a.config_torch, pathlib.Path(a.model_dir), batches,
                                       a.warmup + a.steps)
     out = _time(step, a.steps, a.warmup)
     out.update({"torch_threads": torch.get_num_threads(), "torch_version": torch.__version__,
@@ -86,7 +94,9 @@ def _torch_process(a, batch_np: dict, beside: str | None) -> dict:
 
 
 def _jax_process_step(a, runner: str):
-    """The run_step of ``jpeft`` or ``floor`` for ``a.config``, built as ``step_cost.py`` does."""
+    """The run_step of ``jpeft`` or ``floor`` for ``a.config``, built as ``step_cost.py`` does
+    (compiled for the first batch's shapes; several batches: the realistic loop, each step takes
+    the next host batch)."""
     import jax.numpy as jnp
 
     import step_cost
@@ -95,13 +105,16 @@ def _jax_process_step(a, runner: str):
     loaded = load_hf_bert(pathlib.Path(a.model_dir), num_labels=step_cost.NUM_LABELS,
                           pooling="mean")
     model, variables = loaded.model, {"params": loaded.params}
-    batch = {k: jnp.asarray(v) for k, v in _load_batch(a.batch_file).items()}
+    batches = _load_batches(a.batch_file)
+    batch = {k: jnp.asarray(v) for k, v in batches[0].items()}
+    host = batches if len(batches) > 1 else None
     sites = jpeft.probe(model.apply, variables, batch["input_ids"], batch["attention_mask"])
     env = step_cost.BatchEnv(model, variables, sites, batch)
     if runner == "floor":
-        return step_cost._floor_prepare(step_cost.FLOOR[a.config], env, "flat")[1]
+        return step_cost._floor_prepare(step_cost.FLOOR[a.config], env, "flat",
+                                        batches=host)[1]
     return step_cost._jax_prepare(a.config, step_cost._configs()[a.config], env,
-                                  a.warmup + a.steps)[1]
+                                  a.warmup + a.steps, batches=host)[1]
 
 
 def _harness_process(a) -> dict:
@@ -116,7 +129,7 @@ def _harness_process(a) -> dict:
     for r in a.runners.split(","):
         if r == "torch":
             runners["torch"] = torch_step.prepare(a.config_torch, pathlib.Path(a.model_dir),
-                                                  _load_batch(a.batch_file),
+                                                  _load_batches(a.batch_file),
                                                   a.warmup + a.steps)[0]
         else:
             runners["jax" if r == "jpeft" else r] = _jax_process_step(a, r)
@@ -124,10 +137,36 @@ def _harness_process(a) -> dict:
     return {("jpeft" if k == "jax" else k): timed[f"{k}_step_ms"] for k in runners}
 
 
-def _load_batch(path: str) -> dict:
+def _load_batches(path: str) -> list[dict]:
+    """The batches of ``path`` (arrays stacked ``[S, ...]`` by :func:`_write_batches`)."""
     import numpy as np
     with np.load(path) as z:
-        return {k: z[k] for k in z.files}
+        stacked = {k: z[k] for k in z.files}
+    return [{k: v[i] for k, v in stacked.items()}
+            for i in range(len(next(iter(stacked.values()))))]
+
+
+def _write_batches(path: str, batches: list[dict]) -> None:
+    import numpy as np
+    np.savez(path, **{k: np.stack([b[k] for b in batches]) for k in batches[0]})
+
+
+def movie_batches(model_dir: pathlib.Path, count: int, batch: int, seq: int) -> list[dict]:
+    """``count`` batches of the movie reviews' training split (``jpeft.recipes``' split: seed 0,
+    10% dev), in order, tokenized with the model's tokenizer to ``seq`` tokens (truncated,
+    right-padded): ``input_ids``, ``attention_mask``, ``labels``, int32 numpy."""
+    from jpeft.data import load_movie_reviews, train_dev_split
+    from jpeft.models.tokenizer import encode, load_tokenizer
+    (texts, labels), _ = train_dev_split(*load_movie_reviews())
+    tok = load_tokenizer(model_dir / "tokenizer.json", max_length=seq)
+    need = count * batch
+    if need > len(texts):
+        raise SystemExit(f"--data movies: {count} batches of {batch} need {need} sentences; the "
+                         f"training split has {len(texts)} (lower --steps/--warmup/--batch)")
+    enc = encode(tok, texts[:need])
+    return [{"input_ids": enc["input_ids"][i * batch:(i + 1) * batch],
+             "attention_mask": enc["attention_mask"][i * batch:(i + 1) * batch],
+             "labels": labels[i * batch:(i + 1) * batch].astype("int32")} for i in range(count)]
 
 
 def child(a) -> None:
@@ -136,7 +175,7 @@ def child(a) -> None:
         out = _harness_process(a)
     elif a.child.startswith("torch"):
         beside = None if a.child == "torch" else a.child[len("torch_"):]
-        out = _torch_process(a, _load_batch(a.batch_file), beside)
+        out = _torch_process(a, _load_batches(a.batch_file), beside)
     else:
         out = _time(_jax_process_step(a, a.child), a.steps, a.warmup)
         from jpeft.core import host_memory
@@ -224,6 +263,10 @@ def main(argv=None):
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--seq", type=int, default=64)
+    ap.add_argument("--data", choices=("random", "movies"), default="random",
+                    help="random: one batch of random tokens kept on the device (step_cost.py's); "
+                         "movies: the realistic loop, a new padded batch of real reviews each "
+                         "step, copied from the host, the loss read back")
     ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
                     help="torch's intra-op threads (default: the usable cores)")
     ap.add_argument("--harness", action="store_true",
@@ -241,27 +284,48 @@ def main(argv=None):
         return child(a)
 
     sys.path.insert(0, str(HERE))
-    import numpy as np
-
     import common
     import torch_step
     from jpeft.data import minilm_dir
-    model_dir = str(minilm_dir())
-    vocab = json.loads((pathlib.Path(model_dir) / "config.json").read_text())["vocab_size"]
+    model_dir = pathlib.Path(minilm_dir())
+    if a.data == "movies":
+        batches = movie_batches(model_dir, a.warmup + a.steps, a.batch, a.seq)
+    else:
+        vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
+        batches = [torch_step.benchmark_batch(vocab, a.batch, a.seq)]
+    pad = 1.0 - sum(float(b["attention_mask"].mean()) for b in batches) / len(batches)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        batch_file = str(pathlib.Path(tmp) / "batch.npz")
-        np.savez(batch_file, **torch_step.benchmark_batch(vocab, a.batch, a.seq))
+        batch_file = str(pathlib.Path(tmp) / "batches.npz")
+        _write_batches(batch_file, batches)
         for config in a.configs.split(","):
             load = common.loadavg()
-            row = race(config, a, batch_file, model_dir)
-            row.update({"batch": a.batch, "seq": a.seq, "load_at_start": load,
-                        "load_at_end": common.loadavg(), **common.machine()})
+            row = race(config, a, batch_file, str(model_dir))
+            row.update({"batch": a.batch, "seq": a.seq, "data": a.data,
+                        "batches": len(batches), "padding_fraction": round(pad, 4),
+                        "load_at_start": load, "load_at_end": common.loadavg(),
+                        **common.machine()})
+            row["targets"] = targets(row)
             rows.append(row)
             common.append_jsonl(a.out, row)
             print(json.dumps({k: v for k, v in row.items() if "over" in k or k.endswith("_ms")
                               or k == "harness_agrees"}), flush=True)
+    print("\nTargets (each runner in a process of its own; medians of per-repetition ratios)")
+    for row in rows:
+        for t in row["targets"]:
+            print(f"  {'PASS' if t['passed'] else 'MISS'}  {row['config']} ({a.data}): "
+                  f"{t['check']} ({t['value']:.3f})")
     return rows
+
+
+def targets(row: dict) -> list[dict]:
+    """The step-time targets of a row: jpeft at most 1.0x torch (and at most 1.05x the floor)."""
+    out = []
+    for key, limit, what in (("jpeft_over_torch", 1.0, "jpeft step <= 1.0x Hugging Face PEFT"),
+                             ("jpeft_over_floor", 1.05, "jpeft step <= 1.05x the JAX floor")):
+        if row.get(key) is not None:
+            out.append({"check": what, "value": row[key], "passed": row[key] <= limit})
+    return out
 
 
 if __name__ == "__main__":

@@ -13,6 +13,12 @@ Usage::
 
 Kernel times overlap (XLA:CPU runs independent kernels on its threads at once), so the sums can
 exceed the step's wall time; compare kinds within a step and one runner with another.
+
+``--torch`` also profiles Hugging Face PEFT's step of each configuration with ``torch.profiler``,
+in a process of its own (``torch_step.py --profile``), and prints both frameworks' time per
+category side by side: the products (matrix multiplications; on XLA:CPU the kernels whose HLO
+operation is a ``dot_general``, fused epilogues included), GELU, the attention core, layer norm,
+the optimizer, copies, and the rest.
 """
 
 from __future__ import annotations
@@ -22,8 +28,10 @@ import collections
 import glob
 import gzip
 import json
+import os
 import pathlib
 import re
+import subprocess
 import sys
 import tempfile
 
@@ -40,6 +48,63 @@ from jpeft.models import load_hf_bert  # noqa: E402
 
 def _kind(name: str) -> str:
     return re.sub(r"\.\d+$", "", name)
+
+
+#: Host-side events of a JAX step (dispatch and the executable's launch), not kernels.
+HOST_EVENTS = ("PjitFunction", "CommonPjRtLoadedExecutable")
+
+
+def _category(kernel: str, op: str) -> str:
+    """A JAX kernel's category for the side-by-side table with torch (``torch_step.py``)."""
+    if kernel.startswith(HOST_EVENTS):
+        return "dispatch (host)"
+    if op.endswith("dot_general") or _kind(kernel) in ("dot", "ynn_fusion"):
+        return "products"
+    if "erf" in kernel:
+        return "GELU"
+    return "other"
+
+
+def _categories(events: list[dict], label: str, ops: dict[str, str]) -> dict[str, float]:
+    span = next(e for e in events if e["name"] == label)
+    lo, hi = span["ts"], span["ts"] + span["dur"]
+    out: dict[str, float] = {}
+    for e in events:
+        if lo <= e["ts"] <= hi and not e["name"].startswith(
+                ("$", "Thunk", "Threadpool", "SlinkyThreadPool", "end: ", "Wait", "RUN_")):
+            c = _category(e["name"], ops.get(e["name"], ""))
+            out[c] = out.get(c, 0.0) + e["dur"] / 1e3
+    return out
+
+
+def _torch_profile(kind: str, batch: int, seq: int) -> dict:
+    """``torch_step.profile`` in a process of its own (no JAX in it)."""
+    here = pathlib.Path(__file__).resolve().parent
+    threads = len(os.sched_getaffinity(0))
+    p = subprocess.run([sys.executable, str(here / "torch_step.py"), "--profile", kind,
+                        str(minilm_dir()), str(batch), str(seq), str(threads)],
+                       capture_output=True, text=True)
+    lines = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
+    if p.returncode or not lines:
+        raise RuntimeError(f"torch profile of {kind} failed:\n{p.stderr[-3000:]}")
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def _side_by_side(name: str, jax_wall: float, jax_cats: dict, torch_prof: dict) -> None:
+    cats = ["products", "attention core", "GELU", "layer norm", "optimizer", "copies", "other",
+            "dispatch (host)"]
+    print(f"== {name}: ms per category (JAX: XLA kernels summed, they overlap; torch: self CPU "
+          f"time); step wall: jpeft {jax_wall:.0f} ms, torch {torch_prof['wall_ms']:.0f} ms "
+          f"(profiled steps)")
+    tc = torch_prof["categories_ms"]
+    for c in cats:
+        j, t = jax_cats.get(c), tc.get(c)
+        if j is None and t is None:
+            continue
+        fmt = lambda v: "-" if v is None else f"{v:.0f}"
+        print(f"   {c:<16} jpeft {fmt(j):>6}   torch {fmt(t):>6}")
+    print("   torch's slowest operators: " + ", ".join(
+        f"{k} {v:.0f}" for k, v in list(torch_prof["ops_ms"].items())[:6]))
 
 
 def _summarise(events: list[dict], label: str, top: int, ops: dict[str, str]) -> None:
@@ -75,6 +140,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--seq", type=int, default=64)
     p.add_argument("--hlo-dir", default=None, help="write each optimised HLO module here")
+    p.add_argument("--torch", action="store_true",
+                   help="also profile Hugging Face PEFT's step (own process) and compare")
     common.add_host_memory_flag(p)
     args = p.parse_args(argv)
     print(f"host memory: {common.host_memory(args)}")    # before the first JAX computation
@@ -113,6 +180,16 @@ def main(argv: list[str] | None = None) -> int:
         events = [e for e in json.load(gzip.open(trace))["traceEvents"] if e.get("ph") == "X"]
     for name in runners:
         _summarise(events, f"RUN_{name}", args.top, _op_names(ops[name]))
+    if args.torch:
+        print()
+        for name in args.configs:
+            if configs[name].torch is None:
+                print(f"== {name}: no Hugging Face PEFT counterpart")
+                continue
+            label = f"RUN_{name}"
+            wall = next(e for e in events if e["name"] == label)["dur"] / 1e3
+            _side_by_side(name, wall, _categories(events, label, _op_names(ops[name])),
+                          _torch_profile(configs[name].torch, args.batch, args.seq))
     return 0
 
 

@@ -9,16 +9,20 @@ records, in one run:
 * XLA FLOPs of the compiled train step (``cost_analysis()``) and their ratio to full fine-tuning;
 * XLA memory of the compiled step (``memory_analysis()``: temporaries, arguments, outputs);
 * optimizer-state bytes and their ratio to the trainable bytes (Adam: 2x, plus a step counter);
-* median (and minimum) wall time of a step (after warm-up), and, when torch + transformers +
-  peft import, the median step time of the equivalent Hugging Face set-up on the same batch and
-  their ratio (where Hugging Face PEFT has the method: full, BitFit, LoRA, AdaLoRA; FAR, FishMask
-  and diff pruning have no PEFT counterpart);
+* median (and minimum) wall time of a step (after warm-up);
+* when torch + transformers + peft import, the trainable parameters and optimizer-state bytes of
+  the equivalent Hugging Face set-up (where Hugging Face PEFT has the method: full, BitFit, LoRA,
+  AdaLoRA; FAR, FishMask and diff pruning have no PEFT counterpart). Its step time is not taken
+  here by default: two frameworks in one process slow each other (torch ran up to 2.2x slower
+  in this harness than in a process of its own on one machine). ``isolated.py`` times every
+  runner in a process of its own; ``--torch-in-process`` times torch here too, as a diagnostic;
 * for full fine-tuning, BitFit and LoRA (q,v and all-linear), the JAX floor: the same step
   written by hand in plain JAX (``benchmarks/floor.py``, no jpeft; tokens flattened to
   ``[B*T, H]``, and the naive ``[B, T, H]`` form as a second row), and jpeft's ratio to it.
 
-Every runner of a configuration (jpeft, jpeft without the non-finite check, the floors, torch)
-is timed in alternation, one step each per round, so a burst of load hits all alike.
+Every runner of a configuration (jpeft, jpeft without the non-finite check, the floors, and
+torch with ``--torch-in-process``) is timed in alternation, one step each per round, so a burst
+of load hits all alike.
 
 Configurations are method presets (``jpeft.presets``: each row is a preset, its options and a
 forward mode; the stages before a preset's main training stage, such as FAR's column selection or
@@ -45,6 +49,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import itertools
 import os
 import pathlib
 import resource
@@ -345,12 +350,15 @@ def _fmt(x: float | None, spec: str) -> str:
 
 def _jax_prepare(name: str, spec: Row, env: BatchEnv, run_steps: int,
                  skip_nonfinite: bool = True, *, with_compiled: bool = False,
-                 compiler_options: dict | None = None):
+                 compiler_options: dict | None = None, batches: list[dict] | None = None):
     """Compile the jpeft train step of one configuration (the preset's main stage, its method's
     penalty and optimizer wrapper folded in): ``(row, run_step)`` (and the compiled executable
     with ``with_compiled``). ``run_steps``: how many updates the benchmark will run (AdaLoRA's
     schedule is sized from it). ``compiler_options``: as ``jpeft.make_train_step``'s (``None``:
-    jpeft's defaults)."""
+    jpeft's defaults). ``batches``: host (numpy) batches of ``env.batch``'s shapes, taken in turn
+    by the steps through the jitted step as a user's loop calls it (the realistic loop: each step
+    copies its batch to the device); ``None``: every step runs the compiled executable on
+    ``env.batch``, already on the device."""
     model, variables, sites, batch = env.model, env.params, env.sites, env.batch
     options, state, stage = _prepared(spec, env, run_steps)
     method = stage.method(state)
@@ -413,10 +421,12 @@ def _jax_prepare(name: str, spec: Row, env: BatchEnv, run_steps: int,
     state = {"delta": delta, "opt_state": opt_state}
     del delta, opt_state
 
+    run, feed = _feeder(compiled, step, batch, batches)
+
     def run_step() -> float:
         """One step (outputs replace the donated inputs); returns the loss (penalty included)."""
-        state["delta"], state["opt_state"], metrics = compiled(
-            variables, state["delta"], state["opt_state"], batch, key)
+        state["delta"], state["opt_state"], metrics = run(
+            variables, state["delta"], state["opt_state"], feed(), key)
         jax.block_until_ready((state["delta"], state["opt_state"], metrics))
         return float(metrics["loss"])
 
@@ -428,9 +438,19 @@ FLOOR = {"full": "full", "bitfit": "bitfit", "lora_qv": "lora_qv",
          "lora_all_linear": "lora_all_linear"}
 
 
-def _floor_prepare(config: str, env: BatchEnv, layout: str, *, with_compiled: bool = False):
+def _feeder(compiled, jitted, batch, batches: list[dict] | None):
+    """``(run, next_batch)`` of a timed step: the compiled executable on the device batch, or
+    (``batches``) the jitted function on each host batch in turn, cycled."""
+    if batches is None:
+        return compiled, lambda: batch
+    turn = itertools.count()
+    return jitted, lambda: batches[next(turn) % len(batches)]
+
+
+def _floor_prepare(config: str, env: BatchEnv, layout: str, *, with_compiled: bool = False,
+                   batches: list[dict] | None = None):
     """The hand-written step of ``config`` (``floor.make_step``): ``(row fields, run_step)``
-    (and the compiled executable with ``with_compiled``)."""
+    (and the compiled executable with ``with_compiled``); ``batches`` as :func:`_jax_prepare`'s."""
     loaded_config = env.model.config
     frozen, trainable = floor_lib.init(config, env.params["params"], rank=RANK)
     trainable = jax.tree.map(jnp.copy, trainable)      # donated: never the base's own buffers
@@ -446,9 +466,11 @@ def _floor_prepare(config: str, env: BatchEnv, layout: str, *, with_compiled: bo
            f"{prefix}_temp_bytes": _memory(compiled)["temp_bytes"],
            f"{prefix}_trainable_params": int(sum(np.size(x) for x in jax.tree.leaves(trainable)))}
 
+    run, feed = _feeder(compiled, step, env.batch, batches)
+
     def run_step() -> float:
-        state["trainable"], state["opt_state"], loss = compiled(
-            frozen, state["trainable"], state["opt_state"], env.batch)
+        state["trainable"], state["opt_state"], loss = run(
+            frozen, state["trainable"], state["opt_state"], feed())
         return float(jax.block_until_ready(loss))
     return (row, run_step, compiled) if with_compiled else (row, run_step)
 
@@ -686,7 +708,8 @@ def _checks(train: dict[str, dict], inference: list[dict]) -> list[dict[str, Any
         if r.get("jax_over_torch_paired") is not None:
             v = r["jax_over_torch_paired"]
             out.append({"check": f"{name}: jpeft step <= 1.0x Hugging Face PEFT (torch) "
-                                 f"({PAIRED})",
+                                 f"({PAIRED}; in one process, a diagnostic: isolated.py "
+                                 f"gives the figure)",
                         "value": v, "passed": v <= 1.0})
     r = train.get("lora_all_linear", {})
     if r.get("time_ratio_to_full_paired") is not None:
@@ -715,7 +738,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=2, help="untimed steps before timing (2)")
     p.add_argument("--batch", type=int, default=32, help="batch size (32)")
     p.add_argument("--seq", type=int, default=64, help="sequence length (64)")
-    p.add_argument("--no-torch", action="store_true", help="skip the PyTorch comparison")
+    p.add_argument("--no-torch", action="store_true",
+                   help="skip PyTorch altogether (by default torch only counts the trainable "
+                        "parameters and optimizer state of Hugging Face PEFT's set-up)")
+    p.add_argument("--torch-in-process", action="store_true",
+                   help="also time torch in this process, alternated with the JAX runners (a "
+                        "diagnostic: two frameworks in one process slow each other; the "
+                        "cross-framework figures come from isolated.py, a process per runner)")
     p.add_argument("--no-floor", action="store_true", help="skip the hand-written JAX floor")
     p.add_argument("--only", default=None,
                    help="comma-separated subset of: " + ", ".join(list(configs) + ["inference"]))
@@ -804,8 +833,11 @@ def main(argv: list[str] | None = None) -> int:
         row["torch_config"] = spec.torch if use_torch else None
         if use_torch and spec.torch is not None:
             print(f"[{name}] torch: load", flush=True)
-            runners["torch"], finish = torch_step.prepare(spec.torch, model_dir, batch_np,
-                                                      run_steps)
+            torch_run, finish = torch_step.prepare(spec.torch, model_dir, [batch_np],
+                                                   run_steps)
+            if args.torch_in_process:
+                runners["torch"] = torch_run
+            del torch_run
         print(f"[{name}] {' + '.join(runners)}: {args.warmup} warm-up + {args.steps} timed steps"
               + (" each, alternating" if len(runners) > 1 else ""), flush=True)
         row.update(_timed(args.steps, args.warmup, runners))
@@ -826,6 +858,8 @@ def main(argv: list[str] | None = None) -> int:
                                                / row["floor_step_ms"])
         if finish is not None:
             row.update(finish())
+        if "torch" in runners:
+            row["torch_timed"] = "in-process (--torch-in-process)"
             row["jax_over_torch"] = row["jax_step_ms"] / row["torch_step_ms"]
             row["jax_over_torch_min"] = row["jax_step_ms_min"] / row["torch_step_ms_min"]
             if "floor" in runners:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pathlib
 import warnings
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -52,9 +52,14 @@ def available() -> str | None:
     return None
 
 
-def prepare(kind: str, model_dir: pathlib.Path, batch_np: dict[str, np.ndarray],
-                   run_steps: int) -> tuple[Callable[[], float], Callable[[], dict[str, Any]]]:
-    """The Hugging Face counterpart of one configuration: ``(run_step, finish)``."""
+def prepare(kind: str, model_dir: pathlib.Path, batches: Sequence[dict[str, np.ndarray]],
+            run_steps: int) -> tuple[Callable[[], float], Callable[[], dict[str, Any]]]:
+    """The Hugging Face counterpart of one configuration: ``(run_step, finish)``.
+
+    ``batches``: host batches (``input_ids``, ``attention_mask``, ``labels``; numpy), taken in
+    turn by the steps (cycled). One batch: it is converted to tensors once. Several (the
+    realistic loop): each step converts its batch from numpy, as a user's loop over a data
+    loader does. ``run_step`` returns the loss as a Python float (read back every step)."""
     import peft
     import torch
     import transformers
@@ -104,11 +109,15 @@ def prepare(kind: str, model_dir: pathlib.Path, batch_np: dict[str, np.ndarray],
     pooler = int(sum(p.numel() for n, p in model.named_parameters()
                      if p.requires_grad and ".pooler." in f".{n}"))
     opt = torch.optim.AdamW(params, lr=LR, weight_decay=WEIGHT_DECAY)
-    inputs = {k: torch.from_numpy(np.asarray(v)).long() for k, v in batch_np.items()}
+    as_tensors = lambda b: {k: torch.from_numpy(np.asarray(v)).long() for k, v in b.items()}
+    if not batches:
+        raise ValueError("prepare: no batches")
+    fixed = as_tensors(batches[0]) if len(batches) == 1 else None
 
     count = [0]
 
     def step():
+        inputs = fixed if fixed is not None else as_tensors(batches[count[0] % len(batches)])
         opt.zero_grad(set_to_none=True)
         # With labels, AdaLoraModel.forward adds its orthogonality penalty to out.loss itself.
         out = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
@@ -141,3 +150,64 @@ def prepare(kind: str, model_dir: pathlib.Path, batch_np: dict[str, np.ndarray],
         return out
 
     return step, finish
+
+
+#: torch operators by what they compute (self CPU time is summed per category).
+OP_CATEGORIES = (
+    ("products", ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")),
+    ("attention core", ("aten::_scaled_dot_product", "aten::_softmax")),
+    ("GELU", ("aten::gelu",)),
+    ("layer norm", ("aten::native_layer_norm",)),
+    ("optimizer", ("Optimizer.", "aten::_foreach_", "aten::_fused_adamw")),
+    ("copies", ("aten::copy_", "aten::clone", "aten::contiguous")),
+)
+
+
+def op_category(name: str) -> str:
+    """The :data:`OP_CATEGORIES` category of a torch operator name (``"other"`` if none)."""
+    for category, prefixes in OP_CATEGORIES:
+        if name.startswith(prefixes):
+            return category
+    return "other"
+
+
+def profile(kind: str, model_dir: pathlib.Path, batch_np: dict[str, np.ndarray], *,
+            warmup: int = 3, threads: int | None = None) -> dict[str, Any]:
+    """One step of ``kind`` under ``torch.profiler`` (CPU) after ``warmup`` steps: the step's wall
+    time, self CPU time per :data:`OP_CATEGORIES` category and per operator (ms)."""
+    import time
+
+    import torch
+    from torch.profiler import ProfilerActivity
+    if threads is not None:
+        torch.set_num_threads(threads)
+    step, _ = prepare(kind, model_dir, [batch_np], warmup + 1)
+    for _ in range(warmup):
+        step()
+    with torch.profiler.profile(activities=[ProfilerActivity.CPU]) as prof:
+        t0 = time.perf_counter()
+        step()
+        wall = time.perf_counter() - t0
+    ops: dict[str, float] = {}
+    for e in prof.key_averages():
+        if e.self_cpu_time_total > 0:
+            ops[e.key] = e.self_cpu_time_total / 1e3
+    by: dict[str, float] = {}
+    for name, ms in ops.items():
+        by[op_category(name)] = by.get(op_category(name), 0.0) + ms
+    return {"wall_ms": 1e3 * wall, "categories_ms": by,
+            "ops_ms": dict(sorted(ops.items(), key=lambda kv: -kv[1])),
+            "threads": torch.get_num_threads()}
+
+
+if __name__ == "__main__":      # python benchmarks/torch_step.py --profile KIND MODEL_DIR [B T]
+    import json
+    import sys
+    if len(sys.argv) < 4 or sys.argv[1] != "--profile":
+        raise SystemExit("usage: torch_step.py --profile KIND MODEL_DIR [BATCH SEQ THREADS]")
+    kind, model_dir = sys.argv[2], pathlib.Path(sys.argv[3])
+    given = [int(x) for x in sys.argv[4:7]]
+    b, t, threads = given + [32, 64, 2][len(given):]
+    vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
+    print("RESULT " + json.dumps(profile(kind, model_dir, benchmark_batch(vocab, b, t),
+                                         threads=threads)))

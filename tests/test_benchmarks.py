@@ -89,3 +89,45 @@ def test_qlora_decoder_quick_runs_both_frameworks(tmp_path):
     assert q["trainable_params"] == j["trainable_params"] and q["quantized_weights"] == 14
     assert q["base_bytes"]["logical"] == j["base_bytes"]["logical"]      # same int8 layout
     assert any("dequantized weights" in c["check"] for c in checks["checks"])
+
+
+def test_isolated_movie_batches_are_real_padded_and_round_trip(tmp_path):
+    """``isolated.py --data movies``: batches of real reviews (in the training split's order, with
+    their labels), padded to the sequence length, written and read back unchanged; the feeder of
+    the realistic loop cycles through them."""
+    import isolated
+    import step_cost
+    from jpeft.data import load_movie_reviews, minilm_dir, train_dev_split
+
+    batches = isolated.movie_batches(minilm_dir(), 3, 4, 16)
+    (texts, labels), _ = train_dev_split(*load_movie_reviews())
+    assert [b["input_ids"].shape for b in batches] == [(4, 16)] * 3
+    np.testing.assert_array_equal(np.concatenate([b["labels"] for b in batches]), labels[:12])
+    masks = np.stack([b["attention_mask"] for b in batches])
+    assert 0 < masks.mean() < 1                       # real padding, not a full mask
+    assert ((masks == 0) == (np.stack([b["input_ids"] for b in batches]) == 0)).all()
+    path = str(tmp_path / "b.npz")
+    isolated._write_batches(path, batches)
+    back = isolated._load_batches(path)
+    assert len(back) == 3
+    for a, b in zip(batches, back):
+        assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+    run, feed = step_cost._feeder("compiled", "jitted", "device batch", back)
+    assert run == "jitted" and [feed()["labels"][0] for _ in range(4)] == [
+        b["labels"][0] for b in back + back[:1]]
+    assert step_cost._feeder("compiled", "jitted", "device batch", None)[0] == "compiled"
+    with pytest.raises(SystemExit, match="training split has"):
+        isolated.movie_batches(minilm_dir(), 10**6, 4, 16)
+
+
+def test_isolated_targets_and_torch_categories():
+    import isolated
+    import torch_step
+    rows = isolated.targets({"jpeft_over_torch": 0.98, "jpeft_over_floor": 1.07})
+    assert [(r["check"], r["passed"]) for r in rows] == [
+        ("jpeft step <= 1.0x Hugging Face PEFT", True),
+        ("jpeft step <= 1.05x the JAX floor", False)]
+    assert torch_step.op_category("aten::addmm") == "products"
+    assert torch_step.op_category("aten::gelu_backward") == "GELU"
+    assert torch_step.op_category("Optimizer.step#AdamW.step") == "optimizer"
+    assert torch_step.op_category("aten::view") == "other"
