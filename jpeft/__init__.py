@@ -28,8 +28,8 @@ from jpeft.core.sharding import (delta_shardings, opt_state_shardings, shard_by_
                                  shardings_of)
 from jpeft.core.sites import Contraction, Sites, probe
 from jpeft.core.sparse import sparse_finetune
-from jpeft.core.train import (NonFiniteError, TrainStep, init_opt_state, make_train_step,
-                              method_optimizer, partition)
+from jpeft.core.train import (DonatedBufferError, NonFiniteError, TrainStep, init_opt_state,
+                              make_train_step, method_optimizer, partition)
 from jpeft.core.tree import (ParamReport, combine, num_bytes, num_params, param_report, split,
                               trainable_count)
 from jpeft.methods.adalora import adalora
@@ -69,7 +69,7 @@ __all__ = [
     "init_opt_state", "make_train_step", "mark", "method_optimizer", "num_bytes", "num_params",
     "observe", "opt_state_shardings", "param_report", "partition", "probe", "quantize_params",
     "retain_host_memory", "same_derivative", "select", "shard_by_rules", "shardings_of", "split",
-    "trainable_count", "weight", "NonFiniteError", "TrainStep", "load", "save", "Loaded", "wrap",
+    "trainable_count", "weight", "NonFiniteError", "DonatedBufferError", "TrainStep", "load", "save", "Loaded", "wrap",
     # types and namespaces
     "Context", "Contraction", "Method", "ParamReport", "QuantizedArray", "Selection", "Sites",
     "checkpoint", "marks", "methods", "multi", "nnx", "presets", "sparse",

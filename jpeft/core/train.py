@@ -81,10 +81,17 @@ class TrainStep:
     compile options, which only a top-level ``jax.jit`` takes) and returns the per-step
     ``"skipped"`` flags only. ``step.jitted`` is the top-level ``jax.jit`` function
     (``step.lower(...)`` lowers it).
+
+    With ``donate`` (``make_train_step``'s default) the ``delta`` and ``opt_state`` passed in are
+    donated: their buffers are reused for the outputs and deleted, so keep only the returned
+    ones (``delta, opt_state, metrics = step(params, delta, opt_state, batch, key)``). A call
+    given an already donated delta or state raises :class:`DonatedBufferError` naming the
+    argument and its leaf.
     """
 
     def __init__(self, jitted: Callable, skip_nonfinite: bool, max_skips_in_row: int | None,
-                 nested: Callable | None = None):
+                 nested: Callable | None = None, donate: bool = False):
+        self.donate = donate
         self.jitted = jitted
         self.nested = jitted if nested is None else nested
         self.skip_nonfinite = skip_nonfinite
@@ -101,7 +108,20 @@ class TrainStep:
             # Traced (inside jit/scan): the step without its own compile options (only a
             # top-level jit takes them), and the per-step flags only.
             return self.nested(*args)
-        delta, opt_state, metrics = self.jitted(*args)
+        try:
+            delta, opt_state, metrics = self.jitted(*args)
+        except (ValueError, RuntimeError) as e:
+            deleted = _deleted_leaf(args)
+            if deleted is None:
+                raise
+            raise DonatedBufferError(
+                f"train step: {deleted} has been deleted"
+                + (" (donated to an earlier call of this step: its buffers were reused for that "
+                   "call's outputs)" if self.donate else "")
+                + ". Pass the delta and optimizer state the previous step returned "
+                "(delta, opt_state, metrics = step(params, delta, opt_state, batch, key)); to "
+                "keep the inputs alive, make_train_step(..., donate=False) (no in-place update: "
+                "the step then holds both copies)") from e
         if not self.skip_nonfinite:
             return delta, opt_state, metrics
         skipped = bool(metrics["skipped"])
@@ -117,6 +137,22 @@ class TrainStep:
                 f"for NaN/inf in the data, a learning rate that diverges, or a low-precision "
                 f"overflow", delta, opt_state, metrics)
         return delta, opt_state, metrics
+
+
+class DonatedBufferError(ValueError):
+    """A train step was given an array whose buffer was deleted (donated to an earlier step)."""
+
+
+ARGUMENTS = ("params", "delta", "opt_state", "batch", "key")
+
+
+def _deleted_leaf(args: tuple) -> str | None:
+    """``"<argument><key path>"`` of the first deleted array among a step's ``args``."""
+    for name, arg in zip(ARGUMENTS, args):
+        for path, leaf in jax.tree_util.tree_leaves_with_path(arg):
+            if isinstance(leaf, jax.Array) and leaf.is_deleted():
+                return f"{name}{jax.tree_util.keystr(path)}"
+    return None
 
 
 def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
@@ -135,7 +171,9 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
         loss (reported as ``metrics["penalty"]``) and its ``optimizer`` wrapper wraps
         ``optimizer`` (:func:`method_optimizer`; give the same ``method`` to
         :func:`init_opt_state`).
-      donate: donate the delta and optimizer-state buffers (updated in place on accelerators).
+      donate: donate the delta and optimizer-state buffers (updated in place): the arrays
+        passed in are deleted by the call, use the returned ones; a later call given them raises
+        :class:`DonatedBufferError`. ``False`` keeps them (the step then holds two copies).
       skip_nonfinite: skip a step whose loss or gradients are not all finite (module docstring);
         ``metrics["skipped"]`` says whether it was.
       max_skips_in_row: raise :class:`NonFiniteError` after this many skipped steps in a row
@@ -192,7 +230,7 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
                                   batch_shardings, None)
         kwargs["out_shardings"] = (delta_shardings, opt_state_shardings, None)
     return TrainStep(jax.jit(step, **kwargs, compiler_options=options or None), skip_nonfinite,
-                     max_skips_in_row, nested=jax.jit(step, **kwargs))
+                     max_skips_in_row, nested=jax.jit(step, **kwargs), donate=donate)
 
 
 def init_opt_state(optimizer: optax.GradientTransformation, delta: Any,

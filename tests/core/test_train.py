@@ -196,3 +196,27 @@ def test_skipping_off_lets_the_nan_through():
     delta, _, m = step({"w": W0}, delta, jpeft.init_opt_state(opt, delta),
                        _ls_batch(0, "nan_input"), jax.random.key(0))
     assert "skipped" not in m and np.all(np.isnan(np.asarray(delta["w"])))
+
+
+def test_a_donated_delta_or_state_passed_again_is_a_clear_error():
+    """The step donates the delta and optimizer state: passing the old ones again names the
+    argument and leaf and says to use the returned ones (or donate=False), not XLA's
+    'Buffer has been deleted or donated'; with donate=False the inputs stay usable."""
+    opt = optax.adam(1e-1)
+    step = jpeft.make_train_step(_ls_loss, opt)
+    delta = {"w": jnp.zeros((6, 4), jnp.float32)}
+    state = jpeft.init_opt_state(opt, delta)
+    new_delta, new_state, _ = step({"w": W0}, delta, state, _ls_batch(0), jax.random.key(0))
+    with pytest.raises(jpeft.DonatedBufferError,
+                       match=r"delta\['w'\] has been deleted \(donated to an earlier call.*"
+                             r"donate=False"):
+        step({"w": W0}, delta, new_state, _ls_batch(1), jax.random.key(1))
+    with pytest.raises(jpeft.DonatedBufferError, match=r"opt_state\S* has been deleted"):
+        step({"w": W0}, new_delta, state, _ls_batch(1), jax.random.key(1))
+    kept = jpeft.make_train_step(_ls_loss, opt, donate=False)
+    delta = {"w": jnp.zeros((6, 4), jnp.float32)}
+    state = jpeft.init_opt_state(opt, delta)
+    d1, _, _ = kept({"w": W0}, delta, state, _ls_batch(0), jax.random.key(0))
+    d2, _, _ = kept({"w": W0}, delta, state, _ls_batch(0), jax.random.key(0))
+    np.testing.assert_array_equal(d1["w"], d2["w"])
+    assert not delta["w"].is_deleted()
