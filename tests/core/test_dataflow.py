@@ -110,6 +110,24 @@ def test_fused_qkv_split_and_reshaped_heads():
     assert delta["qkv"]["lora_B"].shape == (RANK, 3 * nh * h)
 
 
+@pytest.mark.parametrize("perm, contract, free, merge", [
+    ((1, 2, 0), (1,), (0, 2), "kr,rac->akc"),
+    ((2, 0, 1), (2,), (0, 1), "kr,rab->abk")])
+def test_transposed_three_axis_weight_keeps_its_axes(perm, contract, free, merge):
+    """``jnp.transpose(W, perm)`` of a ``[4, 5, 6]`` weight before the contraction: the factors
+    follow the weight's own axes (``A`` over the contracted one, ``B`` over the other two in the
+    weight's order), and the forward and gradients equal ``W + s A . B`` put back by hand."""
+    def apply(v, x):
+        return jnp.einsum("tk,kio->tio", x, jnp.transpose(v["w"], perm))
+    v = {"w": jax.random.normal(_key(0), (4, 5, 6))}
+    x = jax.random.normal(_key(1), (3, v["w"].shape[contract[0]]))
+    merged = lambda v, d: {"w": v["w"] + _dw(d["w"], merge)}
+    sites, _, delta = _lora(apply, v, (x,), ("w",), merged)
+    c = sites.contractions[("w",)]
+    assert (c.contract, c.free) == (contract, free)
+    assert delta["w"]["lora_B"].shape == (RANK, *(v["w"].shape[i] for i in free))
+
+
 def test_index_broadcast_reverse_and_expand():
     """``W[0]`` of a ``[1, in, out]`` weight, ``broadcast_to`` over a batch axis and a reversed
     weight each reach their contraction with the factors taken the same way."""

@@ -175,6 +175,42 @@ def test_composed_edits_of_one_mark_apply_in_order():
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("order", ["seq_par", "par_seq"])
+def test_sequential_and_parallel_adapters_on_one_mark_see_each_others_edits(order):
+    """A sequential adapter (``v + relu(v W1) W2``, reading the mark's value) and a parallel one
+    (``v + tanh(x Wp)``, reading the sublayer's input) composed on one output mark: the later
+    part sees the value the earlier part left, in composition order, against ``nn.intercept``."""
+    s = zoo.build("linen_mha")
+    sites = jpeft.probe(s.apply, s.params, *s.args)
+    key_in, key_out = (("attn",), "in"), (("attn",), "out")
+    ks = jax.random.split(jax.random.key(7), 3)
+    w1, w2, wp = (jax.random.normal(k, (16, 16)) * 0.4 for k in ks)
+    seq_fn = lambda v: v + jax.nn.relu(v @ w1) @ w2
+    par_fn = lambda v, x: v + jnp.tanh(x @ wp)
+    seq = _method(lambda d: {key_out: sites_lib.MarkEdit(
+        {"w1": d["w1"], "w2": d["w2"]},
+        lambda c, a: c.value + jax.nn.relu(c.value @ a["w1"]) @ a["w2"])}, name="seq")
+    par = _method(lambda d: {key_out: sites_lib.MarkEdit(
+        {"wp": d["wp"]}, lambda c, a: c.value + jnp.tanh(c.seen[key_in] @ a["wp"]))},
+        name="par")
+    parts = {"seq": seq, "par": par}
+    names = order.split("_")
+    method = jpeft.compose(**{n: parts[n] for n in names})
+    delta = {"seq": {"w1": w1, "w2": w2}, "par": {"wp": wp}}
+    got = jax.jit(jpeft.wrap(s.apply, method, sites))(s.params, {n: delta[n] for n in names},
+                                                       *s.args)
+
+    def reference(next_fun, args, kwargs, context):
+        out = next_fun(*args, **kwargs)
+        if context.module.path == ("attn",) and context.method_name == "__call__":
+            for n in names:
+                out = seq_fn(out) if n == "seq" else par_fn(out, args[0])
+        return out
+    with nn.intercept_methods(reference):
+        want = s.apply(s.params, *s.args)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
 def test_explicit_marks_in_raw_jax_and_foreign_names():
     """Raw JAX code marks its own values (``marks.mark``) or already names them with
     ``checkpoint_name`` (kind ``"named"``)."""

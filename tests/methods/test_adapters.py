@@ -29,6 +29,8 @@ METHODS = {
     "pfeiffer": lambda: adapters.pfeiffer(reduction_factor=4, ln_before=True),
     "parallel": lambda: adapters.parallel((adapters.ATTENTION_PARALLEL, adapters.FFN_PARALLEL),
                                           bottleneck_size=6, activation="gelu"),
+    "parallel_x4": lambda: adapters.parallel((adapters.ATTENTION_PARALLEL, adapters.FFN_PARALLEL),
+                                             bottleneck_size=6, activation="gelu", scaling=4.0),
     "scaled_parallel": lambda: adapters.scaled_parallel(bottleneck_size=8),
     "learned_scale": lambda: adapters.scaled_parallel(bottleneck_size=8, scaling="learned"),
     "multihead": lambda: adapters.multihead_parallel(bottleneck_size=8, activation="silu"),
@@ -61,9 +63,10 @@ def test_zero_init_is_the_base_model_and_counts_follow_the_formula(bert, name):
 def test_houlsby_and_parallel_equal_flax_interception(bert):
     """Trained-looking (random) adapters: the wrapped forward equals the base model with the
     adapters added by ``nn.intercept_methods`` on the output projections (Houlsby) and from the
-    attention / intermediate inputs (parallel)."""
+    attention / intermediate inputs (parallel; and with a fixed ``scaling`` of 4, applied to the
+    adapter's output)."""
     s, sites = bert
-    for name in ("houlsby", "parallel"):
+    for name in ("houlsby", "parallel", "parallel_x4"):
         method = METHODS[name]()
         delta = perturb(method.init(jax.random.key(0), s.params, sites), scale=0.3)
         got = jpeft.wrap(s.apply, method, sites)(s.params, delta, *s.args)
@@ -71,7 +74,9 @@ def test_houlsby_and_parallel_equal_flax_interception(bert):
         act = jax.nn.relu if name == "houlsby" else jax.nn.gelu
         inputs = {}
 
-        def icpt(next_fun, args, kwargs, context, flat=flat, act=act, name=name):
+        scale = 4.0 if name == "parallel_x4" else 1.0
+
+        def icpt(next_fun, args, kwargs, context, flat=flat, act=act, name=name, scale=scale):
             path = context.module.path
             if context.method_name != "__call__":
                 return next_fun(*args, **kwargs)
@@ -81,7 +86,7 @@ def test_houlsby_and_parallel_equal_flax_interception(bert):
             a = flat.get(path + ("out",))
             if a is not None:
                 x = out if name == "houlsby" else inputs[path[:4]]
-                out = out + _adapter_ref(x, a, act)
+                out = out + _adapter_ref(x, a, act, scale)
             return out
         with nn.intercept_methods(icpt):
             want = s.apply(s.params, *s.args)

@@ -305,3 +305,32 @@ def test_layers_to_transform_indexes_stacked_layers():
     with pytest.raises(ValueError, match=r"layers_to_transform \[5\] out of range for the stacked "
                                          r"weight params/layers/up/kernel with 3 layers"):
         jpeft.lora(("up",), layers_to_transform=[5]).init(jax.random.key(0), s.params, sites)
+
+
+def test_dropout_under_scan_draws_a_mask_per_layer():
+    """LoRA dropout on a ``[L, in, out]`` weight read by a ``lax.scan`` over layers: each layer
+    draws its own mask. Every layer gets the same input, weight and factors, so the layers'
+    outputs differ only by their masks: equal without dropout, all different with it."""
+    layers, d = 3, 8
+
+    def apply(p, x):
+        return jax.lax.scan(lambda c, w: (c, x @ w), 0.0, p["w"])[1]     # [L, T, d]
+    w = jnp.broadcast_to(jax.random.normal(jax.random.key(0), (d, d)), (layers, d, d))
+    params = {"w": w}
+    x = jax.random.normal(jax.random.key(1), (16, d))
+    sites = jpeft.probe(apply, params, x)
+    method = jpeft.lora(("w",), rank=4, alpha=4, dropout=0.5)
+    delta = method.init(jax.random.key(2), params, sites)
+    a = jax.random.normal(jax.random.key(3), delta["w"]["lora_A"].shape[1:])
+    b = jax.random.normal(jax.random.key(4), delta["w"]["lora_B"].shape[1:])
+    delta = {"w": {"lora_A": jnp.broadcast_to(a, (layers, *a.shape)),
+                   "lora_B": jnp.broadcast_to(b, (layers, *b.shape))}}
+    f = jax.jit(jpeft.wrap(apply, method, sites))
+    plain = f(params, delta, x)
+    for i in range(1, layers):
+        np.testing.assert_allclose(plain[i], plain[0], rtol=1e-6)
+    dropped = f(params, delta, x, delta_rng=jax.random.key(5))
+    assert not np.allclose(dropped[0], plain[0])
+    for i in range(layers):
+        for j in range(i):
+            assert not np.allclose(dropped[i], dropped[j]), (i, j)
