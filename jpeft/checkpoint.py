@@ -7,14 +7,21 @@ JSON item with ``step``, the user's ``metadata`` and, per array, its shape, dtyp
 bytes (``entries``).
 
 **Nothing is lost** (:func:`save`). Every save, overwrites included, writes a complete checkpoint
-under a temporary sibling name (``.<name>.jpeft-tmp-<id>``) and only then puts it in place:
-a new checkpoint by one ``rename``; an overwrite by renaming the old one aside
-(``.<name>.jpeft-old-<id>``), the new one in, and deleting the old one. A save killed at any
+under a temporary sibling folder named after its owner (``.<name>.jpeft-tmp-<host>-<pid>-<start>-
+<id>``) and only then puts it in place: a new checkpoint by a rename that refuses an existing one
+(two racing saves: exactly one wins, the other raises ``FileExistsError``); an overwrite by an
+atomic exchange of the two folders (where the file system has none: the old one renamed aside into
+the temporary, the new one in, the old one back if that fails), then the old one is deleted. A
+save that fails (full disk, any I/O error) deletes all it wrote, orbax's own temporary included,
+and raises one :class:`CheckpointError`; the old checkpoint is untouched. A save killed at any
 moment leaves either the old checkpoint or the new one complete; the next :func:`save`,
-:func:`restore`, :func:`metadata` or :func:`stored_like` of that path finishes or undoes the
-interrupted one (:func:`recover`: the newest complete version goes in place, leftovers are deleted)
-and never takes a partial temporary for a checkpoint. Local (POSIX) file systems, one writer per
-path, one process (multi-host saves: use :class:`Manager`, which lets orbax coordinate hosts).
+:func:`restore`, :func:`metadata` or :func:`stored_like` of that path finishes or undoes it
+(:func:`recover`: the newest complete version goes in place, leftovers are deleted), and never
+takes a partial temporary for a checkpoint. Only temporaries whose process is provably gone (same
+host, pid no longer alive with the same start time) are touched: a save running in another process
+is never disturbed by readers or writers, and leftovers of another host are reported
+(:class:`CheckpointWarning`), not deleted. Local (POSIX) file systems; multi-host saves: use
+:class:`Manager`, which lets orbax coordinate hosts.
 
 **Nothing is half-loaded** (:func:`restore`). Before reading, every entry's shape and dtype are
 compared with the tree to restore into; after reading, every array's CRC-32 with the one recorded
@@ -28,10 +35,19 @@ Training runs: :class:`Manager` (orbax's ``CheckpointManager``: keep the last ``
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
+import functools
+import hashlib
+import json
 import logging
 import os
+import re
 import shutil
+import socket
+import time
 import uuid
+import warnings
 import zlib
 from pathlib import Path
 from typing import Any, Iterator
@@ -42,11 +58,13 @@ import orbax.checkpoint as ocp
 
 FORMAT = "jpeft-checkpoint/2"
 ITEMS = ("delta", "opt_state")
-_TMP, _OLD = ".jpeft-tmp-", ".jpeft-old-"
+_TMP = ".jpeft-tmp-"
+_LEGACY_OLD = ".jpeft-old-"   # where earlier versions set an overwritten checkpoint aside
 
 
 class CheckpointError(ValueError):
-    """A checkpoint that cannot be restored as asked: missing, damaged, or not fitting the tree."""
+    """A checkpoint that cannot be restored as asked (missing, damaged, or not fitting the tree),
+    or a save that failed (and left nothing behind)."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -166,13 +184,200 @@ def _restore_items(directory: Path, meta: dict, wanted: dict[str, Any],
             else:
                 out = restore(args)
     except Exception as e:      # noqa: BLE001
-        raise CheckpointError(f"checkpoint {directory} is damaged: {', '.join(wanted)} cannot be "
-                              f"read ({type(e).__name__}: "
-                              f"{str(e).splitlines()[0][:200] if str(e) else ''}); nothing was "
-                              f"restored") from None
+        raise CheckpointError(_read_failure(directory, meta, wanted, e)) from None
     for item in wanted:
         _verify(meta["entries"][item], out[item], item, directory)
     return {item: out[item] for item in wanted}
+
+
+def _read_failure(directory: Path, meta: dict, wanted: dict[str, Any], e: Exception) -> str:
+    """The message for items that orbax cannot read: the entries tensorstore names (by the tree
+    path of the array, e.g. ``delta/layer/lora_a``), or else the items, and the cleaned cause."""
+    text = " ".join(str(e).split())
+    names = {}                                  # orbax's key ("a.b") -> "item/a/b"
+    for item in wanted:
+        for name in meta["entries"].get(item, {}):
+            names.setdefault((item, name.replace("/", ".")), f"{item}/{name}")
+    found = []
+    for key, db in re.findall(r'Error reading "([^"]*)" in OCDBT database at local file '
+                              r'"([^"]*)"', text):
+        key = key.rpartition("/")[0] if "/" in key else key
+        entry = names.get((Path(db).name, key))
+        if entry and entry not in found:
+            found.append(entry)
+    cause = _clean(_tensorstore_cause(text)) or type(e).__name__
+    what = ", ".join(found) if found else ", ".join(wanted)
+    return (f"checkpoint {directory} is damaged: {what} cannot be read ({cause}); nothing was "
+            f"restored")
+
+
+# --------------------------------------------------------------------------------------------
+# Temporaries and their owners
+#
+# A save writes under ``.<name>.jpeft-tmp-<owner>`` with ``<owner>`` = ``<host>-<pid>-<start>-<rand>``
+# (``host``: a hash of hostname, boot id and pid namespace; ``start``: the process's start time in
+# clock ticks since boot, so a reused pid is not taken for the owner). The owner is part of the
+# name, so it is known from the moment the folder exists. Inside: ``owner.json`` (who, for
+# messages), ``ckpt`` (orbax's output; orbax's own temporary lies beside it, inside the
+# temporary) and, during an overwrite without an atomic exchange, ``old`` (the old checkpoint).
+
+_CKPT, _ASIDE, _OWNER_FILE = "ckpt", "old", "owner.json"
+_OWNER_RE = re.compile(r"^(?P<host>[0-9a-f]{8})-(?P<pid>\d+)-(?P<start>\d+)-[0-9a-f]+$")
+
+
+class CheckpointWarning(UserWarning):
+    """A leftover of a save that may still be running elsewhere: left in place, and said so."""
+
+
+def _read_text(path: str) -> str:
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+def _host_key() -> str:
+    """This host, boot and pid namespace: pids are comparable only between equal keys."""
+    try:
+        pidns = os.readlink("/proc/self/ns/pid")
+    except OSError:
+        pidns = ""
+    ident = "|".join((socket.gethostname(), _read_text("/proc/sys/kernel/random/boot_id"), pidns))
+    return hashlib.sha1(ident.encode()).hexdigest()[:8]
+
+
+def _start_time(pid: int) -> int | None:
+    """When process ``pid`` started (clock ticks since boot; 0 where ``/proc`` is missing), or
+    ``None`` if there is no such live process (zombies count as gone)."""
+    if os.path.isdir("/proc/self"):
+        fields = _read_text(f"/proc/{pid}/stat").rpartition(")")[2].split()
+        if len(fields) < 20 or fields[0] in ("Z", "X"):
+            return None
+        return int(fields[19])
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:
+        pass
+    return 0
+
+
+def _owner_token() -> str:
+    pid = os.getpid()
+    return f"{_host_key()}-{pid}-{_start_time(pid) or 0}-{uuid.uuid4().hex[:8]}"
+
+
+def _owner_state(temp: Path, prefix: str) -> str:
+    """``"running"`` (its owner lives here), ``"gone"`` (its owner provably ended: same host,
+    no live process with that pid and start time), ``"elsewhere"`` (another host, boot or
+    container: unknowable from here) or ``"unknown"`` (no owner in the name: an older jpeft)."""
+    m = _OWNER_RE.match(temp.name[len(prefix):])
+    if m is None:
+        return "unknown"
+    if m["host"] != _host_key():
+        return "elsewhere"
+    now = _start_time(int(m["pid"]))
+    if now is None or (now and int(m["start"]) and now != int(m["start"])):
+        return "gone"
+    return "running"
+
+
+def _new_temporary(directory: Path) -> Path:
+    """Create this process's temporary for a save of ``directory``, with its owner record."""
+    temp = directory.parent / f".{directory.name}{_TMP}{_owner_token()}"
+    temp.mkdir()
+    owner = {"host": socket.gethostname(), "pid": os.getpid(), "created": time.time()}
+    (temp / _OWNER_FILE).write_text(json.dumps(owner))
+    return temp
+
+
+def _left_alone_message(temp: Path, directory: Path, state: str) -> str:
+    try:
+        owner = json.loads((temp / _OWNER_FILE).read_text())
+        who = f"process {owner['pid']} on host {owner['host']!r}"
+    except (OSError, ValueError, KeyError, TypeError):
+        who = "a process that cannot be identified"
+    why = ("another host or container, whose processes cannot be checked from here"
+           if state == "elsewhere" else "an older jpeft, which does not record the owner")
+    return (f"{temp}: left by a save of {directory} by {who} ({why}); it is not removed "
+            f"automatically, as that save may still be running. Once it is not, delete it by hand"
+            f" (if {directory} is missing, first move a complete checkpoint in it to {directory})")
+
+
+# Atomic renames: renameat2(2) flags; without renameat2 (not Linux, old libc, some file systems)
+# a checked os.rename is used instead.
+_RENAME_NOREPLACE, _RENAME_EXCHANGE, _AT_FDCWD = 1, 2, -100
+
+
+@functools.lru_cache(maxsize=None)
+def _libc_renameat2():
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+def _renameat2(src: Path, dst: Path, flags: int) -> bool:
+    """``renameat2(src, dst, flags)``: ``True`` when done, ``False`` when this system or file
+    system does not offer it; any other failure raises its ``OSError`` (``FileExistsError``
+    when ``RENAME_NOREPLACE`` meets an existing ``dst``)."""
+    fn = _libc_renameat2()
+    if fn is None:
+        return False
+    if fn(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), flags) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(src), None, str(dst))
+
+
+def _rename_noreplace(src: Path, dst: Path) -> None:
+    """Rename ``src`` to ``dst``; ``FileExistsError`` if ``dst`` exists, decided atomically by
+    the kernel (without renameat2: ``os.rename`` of a non-empty folder fails on any existing
+    non-empty ``dst``)."""
+    if _renameat2(src, dst, _RENAME_NOREPLACE):
+        return
+    if os.path.lexists(dst):
+        raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(dst))
+    try:
+        os.rename(src, dst)
+    except OSError as e:
+        if e.errno in (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR, errno.EISDIR):
+            raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(dst)) from None
+        raise
+
+
+def _install(new: Path, directory: Path, aside: Path, overwrite: bool) -> None:
+    """Put the complete checkpoint ``new`` at ``directory``. Without ``overwrite``, refuse an
+    existing ``directory`` atomically (``FileExistsError``). With it, swap them in one atomic
+    exchange (``new`` then holds the old checkpoint), or, where there is none, rename the old one
+    to ``aside`` and ``new`` in, renaming the old one back if that fails."""
+    if not overwrite or not os.path.lexists(directory):
+        try:
+            return _rename_noreplace(new, directory)
+        except FileExistsError:
+            if not overwrite:
+                raise
+    if _renameat2(new, directory, _RENAME_EXCHANGE):
+        return
+    os.rename(directory, aside)
+    try:
+        _rename_noreplace(new, directory)
+    except BaseException:
+        os.rename(aside, directory)
+        raise
+
+
+def _remove(path: Path) -> bool:
+    """Delete ``path`` (a folder); whether it is gone."""
+    shutil.rmtree(path, ignore_errors=True)
+    return not os.path.lexists(path)
 
 
 # --------------------------------------------------------------------------------------------
@@ -180,16 +385,26 @@ def _restore_items(directory: Path, meta: dict, wanted: dict[str, Any],
 
 
 def _siblings(directory: Path, marker: str) -> list[Path]:
+    """The leftovers ``.<name><marker>*`` beside ``directory``, oldest first."""
     prefix = f".{directory.name}{marker}"
-    if not directory.parent.is_dir():
+
+    def mtime(p: Path) -> int:
+        try:
+            return p.stat().st_mtime_ns
+        except OSError:
+            return 0
+    try:
+        found = [p for p in directory.parent.iterdir() if p.name.startswith(prefix)]
+    except OSError:
         return []
-    return sorted((p for p in directory.parent.iterdir() if p.name.startswith(prefix)),
-                  key=lambda p: p.stat().st_mtime_ns)
+    return sorted(found, key=mtime)
 
 
 def _complete(path: Path) -> bool:
     """A finished save: the orbax directory is in place (orbax renames it there last) and its
     meta item parses."""
+    if not path.is_dir():
+        return False
     try:
         _read_meta(path)
         return True
@@ -206,29 +421,89 @@ def _fsync_dir(path: Path) -> None:
 
 
 def recover(directory: str | os.PathLike) -> bool:
-    """Finish or undo a save of ``directory`` that was killed: if ``directory`` is missing, the
-    newest complete temporary (else the old version set aside) is renamed into place; every
-    other leftover temporary is deleted. Returns whether anything was left over. Called by every
-    function here that touches a checkpoint path."""
+    """Finish or undo saves of ``directory`` whose process is provably gone (killed): each such
+    temporary is first claimed (renamed to one of this process, so that two recovering processes
+    never work on the same one); if ``directory`` is missing, the newest complete checkpoint in
+    them (a new one before an old one set aside) is renamed into place; then they are deleted.
+
+    Temporaries of a save still running (on this host: its pid lives with the same start time)
+    are never touched, so readers and other writers cannot disturb it. Those of another host or
+    container, or of an older jpeft that did not record its owner, are left too, with a
+    :class:`CheckpointWarning` saying what to do. Returns whether anything was recovered or
+    removed. Called by every function here that touches a checkpoint path."""
     directory = Path(directory).absolute()
-    leftovers = _siblings(directory, _TMP) + _siblings(directory, _OLD)
-    if not leftovers:
-        return False
-    if not directory.exists():
-        for candidate in _siblings(directory, _TMP)[::-1] + _siblings(directory, _OLD)[::-1]:
+    prefix = f".{directory.name}{_TMP}"
+    gone = []
+    for temp in _siblings(directory, _TMP) + _siblings(directory, _LEGACY_OLD):
+        state = _owner_state(temp, prefix) if temp.name.startswith(prefix) else "unknown"
+        if state == "gone":
+            gone.append(temp)
+        elif state != "running":
+            warnings.warn(_left_alone_message(temp, directory, state), CheckpointWarning,
+                          stacklevel=3)
+    claimed = []
+    for temp in gone:
+        mine = directory.parent / f"{prefix}{_owner_token()}"
+        with contextlib.suppress(OSError):       # another process claimed it first
+            os.rename(temp, mine)
+            claimed.append(mine)
+    if claimed and not os.path.lexists(directory):
+        for candidate in [t / name for t in claimed[::-1] for name in (_CKPT, _ASIDE)]:
             if _complete(candidate):
-                os.rename(candidate, directory)
-                _fsync_dir(directory.parent)
-                break
-    for p in leftovers:
-        if p.exists():
-            shutil.rmtree(p, ignore_errors=True)
-    return True
+                with contextlib.suppress(OSError):
+                    _rename_noreplace(candidate, directory)
+                    _fsync_dir(directory.parent)
+                    break
+    for temp in claimed:
+        _remove(temp)
+    return bool(claimed)
+
+
+def _cause(e: BaseException) -> str:
+    """A one-line description of ``e`` for a message: an OS error as its text and code (also when
+    tensorstore reports one), else its type and text without the debris of the C++ libraries
+    (file and key prefixes, source locations, pybind11's bound methods)."""
+    code = e.errno if isinstance(e, OSError) else None
+    found = re.search(r"os_error_code='?(\d+)", str(e))
+    code = int(found[1]) if code is None and found else code
+    if code in errno.errorcode:
+        return f"{os.strerror(code)} ({errno.errorcode[code]})"
+    return _clean(_tensorstore_cause(str(e))) or type(e).__name__
+
+
+def _tensorstore_cause(text: str) -> str:
+    """``"CODE: Error reading "k" in ... file "f": detail"`` -> ``"CODE: detail"``."""
+    text = " ".join(text.split())
+    code, rest = re.match(r"([A-Z_]+: )?", text)[0], text.rsplit('": ', 1)[-1]
+    return code + rest if not rest.startswith(code) else rest
+
+
+def _clean(text: str) -> str:
+    text = re.sub(r"<bound method [^>]*>|<built-in method [^>]*>|\[source locations=[^\]]*\]"
+                  r"|\[tensorstore_spec=[^\]]*\]|\[os_error_code=[^\]]*\]|pybind11\S*", "", text)
+    return " ".join(text.split())[:300].strip(" :;,")
+
+
+def _save_failed(directory: Path, e: BaseException, temp: Path, existed: bool) -> str:
+    if (temp / _ASIDE).exists():            # an overwrite whose undo failed
+        state = (f"the previous checkpoint is at {temp / _ASIDE}: move it back to {directory} "
+                 f"(the next access after this process ends does so)")
+    else:
+        left = ("nothing was left behind" if not os.path.lexists(temp) else
+                f"its temporary {temp} could not be removed: delete it by hand")
+        state = left + (f"; the checkpoint already at {directory} is intact" if existed else "")
+    return f"saving {directory} failed: {_cause(e)}; {state}"
 
 
 def save(directory: str | os.PathLike, delta: Any, *, opt_state: Any = None,
          step: int | None = None, metadata: dict | None = None, overwrite: bool = False) -> Path:
     """Write ``delta`` (and optionally ``opt_state`` and ``step``) to ``directory``, atomically.
+
+    The checkpoint is written complete under this process's temporary, then put in place: a new
+    one by a rename that refuses an existing ``directory`` (so of two racing saves without
+    ``overwrite`` exactly one succeeds); an overwrite by an atomic exchange (or, where the file
+    system has none, by renaming the old one aside and back on failure). A failed save removes
+    everything it created and leaves the old checkpoint as it was.
 
     Args:
       directory: target directory; must not exist unless ``overwrite``.
@@ -239,33 +514,43 @@ def save(directory: str | os.PathLike, delta: Any, *, opt_state: Any = None,
       overwrite: replace an existing checkpoint (the old one stays until the new one is complete).
 
     Raises:
-      FileExistsError: ``directory`` exists and ``overwrite`` is false.
+      FileExistsError: ``directory`` exists (or another save put it there first) and
+        ``overwrite`` is false.
+      CheckpointError: the write failed (full disk, file too large, any I/O error); the message
+        names the cause and what was left (nothing; the old checkpoint intact).
     """
     directory = Path(directory).absolute()
     recover(directory)
-    if directory.exists() and not overwrite:
-        raise FileExistsError(f"{directory} exists; pass overwrite=True to replace it")
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    token = uuid.uuid4().hex[:12]
-    tmp = directory.parent / f".{directory.name}{_TMP}{token}"
+    if os.path.lexists(directory) and not overwrite:
+        raise FileExistsError(_exists_message(directory))
     meta = _meta(delta, opt_state, step, metadata)
+    existed = os.path.lexists(directory)
     try:
-        with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
-            ckptr.save(tmp, args=_items_args(delta, opt_state, meta))
-        _fsync_dir(directory.parent)
-        if directory.exists():
-            old = directory.parent / f".{directory.name}{_OLD}{token}"
-            os.rename(directory, old)
-            os.rename(tmp, directory)
-            _fsync_dir(directory.parent)
-            shutil.rmtree(old)
-        else:
-            os.rename(tmp, directory)
-            _fsync_dir(directory.parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        temp = _new_temporary(directory)
+    except OSError as e:
+        raise CheckpointError(f"saving {directory} failed: {_cause(e)}; nothing was written")
+    try:
+        with _quiet(), ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
+            ckptr.save(temp / _CKPT, args=_items_args(delta, opt_state, meta))
+        _fsync_dir(temp)
+        _install(temp / _CKPT, directory, temp / _ASIDE, overwrite)
+    except BaseException as e:
+        if not (temp / _ASIDE).exists():
+            _remove(temp)
+        if isinstance(e, FileExistsError) and not overwrite:
+            raise FileExistsError(_exists_message(directory, raced=True)) from None
+        if not isinstance(e, Exception):
+            raise
+        raise CheckpointError(_save_failed(directory, e, temp, existed)) from None
+    _remove(temp)                          # the old checkpoint, after an overwrite
+    _fsync_dir(directory.parent)
     return directory
+
+
+def _exists_message(directory: Path, raced: bool = False) -> str:
+    how = "another save wrote it first; " if raced else ""
+    return f"{directory} exists; {how}pass overwrite=True to replace it"
 
 
 def _checked_dir(directory: str | os.PathLike) -> Path:

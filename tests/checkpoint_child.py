@@ -6,6 +6,10 @@
 ``RUN_DIR/export`` with :func:`jpeft.checkpoint.save`. It resumes from the manager's latest step
 when there is one, and prints ``step N`` after each step's saves. The data of step ``i`` depends
 only on ``i``, so an interrupted and resumed run computes what an uninterrupted one does.
+
+``python checkpoint_child.py save PATH VALUE [overwrite]`` saves ``value_tree(VALUE)`` at ``PATH``
+and pauses in the middle of the save (orbax has written the arrays, not yet finalized): it prints
+``writing``, waits for a line on stdin, finishes and prints ``saved``.
 """
 
 import sys
@@ -63,5 +67,25 @@ def main(run_dir: str, steps: int) -> None:
     manager.close()
 
 
+def value_tree(value: float) -> dict:
+    return {"w": W0 * value, "b": np.full((4,), value, np.float32)}
+
+
+def paused_save(path: str, value: float, overwrite: bool) -> None:
+    import orbax.checkpoint as ocp
+    finalize = ocp.CompositeCheckpointHandler.finalize
+
+    def paused(self, directory):
+        print("writing", flush=True)
+        sys.stdin.readline()
+        return finalize(self, directory)
+    ocp.CompositeCheckpointHandler.finalize = paused
+    checkpoint.save(path, value_tree(value), metadata={"v": value}, overwrite=overwrite)
+    print("saved", flush=True)
+
+
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]))
+    if sys.argv[1] == "save":
+        paused_save(sys.argv[2], float(sys.argv[3]), sys.argv[4:] == ["overwrite"])
+    else:
+        main(sys.argv[1], int(sys.argv[2]))

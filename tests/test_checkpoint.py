@@ -8,12 +8,14 @@ import shutil
 import signal
 import subprocess
 import sys
+import errno
 import time
 from pathlib import Path
 
 import jax
 import numpy as np
 import optax
+import orbax.checkpoint as ocp
 import pytest
 
 import jpeft
@@ -114,7 +116,15 @@ def _which(path):
     return checkpoint.restore(path, TREE)["metadata"]["v"]
 
 
-@pytest.mark.parametrize("point", ["writing", "written", "old_aside", "new_in", "deleting_old"])
+def _dead_owner():
+    """The owner part of a temporary's name for a process of this host that has ended."""
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return f"{checkpoint._host_key()}-{proc.pid}-0-1234"
+
+
+@pytest.mark.parametrize("point", ["writing", "written", "old_aside", "new_in", "exchanged",
+                                   "deleting_old"])
 def test_overwrite_killed_at_any_point_keeps_a_complete_checkpoint(tmp_path, point):
     """The states a SIGKILL can leave while ``save(ck, new, overwrite=True)`` replaces ``old``,
     built on disk; the next access finds a complete checkpoint (the new one once it was complete
@@ -122,21 +132,25 @@ def test_overwrite_killed_at_any_point_keeps_a_complete_checkpoint(tmp_path, poi
     old, new = _versions(tmp_path)
     ck = tmp_path / "ck"
     shutil.copytree(old, ck)
-    tmp, aside = tmp_path / ".ck.jpeft-tmp-1234", tmp_path / ".ck.jpeft-old-1234"
+    tmp = tmp_path / f".ck.jpeft-tmp-{_dead_owner()}"
+    tmp.mkdir()
     if point == "writing":             # orbax still writing the temporary: no meta yet
-        shutil.copytree(new, tmp)
-        shutil.rmtree(tmp / "meta")
+        shutil.copytree(new, tmp / "ckpt.orbax-checkpoint-tmp")
+        shutil.rmtree(tmp / "ckpt.orbax-checkpoint-tmp" / "meta")
     elif point == "written":           # temporary complete, nothing renamed yet
-        shutil.copytree(new, tmp)
-    elif point == "old_aside":         # old renamed aside, new not yet in place
-        shutil.copytree(new, tmp)
-        os.rename(ck, aside)
-    elif point == "new_in":            # new in place, old not yet deleted
-        os.rename(ck, aside)
+        shutil.copytree(new, tmp / "ckpt")
+    elif point == "old_aside":         # no exchange: old renamed aside, new not yet in place
+        shutil.copytree(new, tmp / "ckpt")
+        os.rename(ck, tmp / "old")
+    elif point == "new_in":            # no exchange: new in place, old not yet deleted
+        os.rename(ck, tmp / "old")
+        shutil.copytree(new, ck)
+    elif point == "exchanged":         # exchanged: the temporary holds the old one
+        os.rename(ck, tmp / "ckpt")
         shutil.copytree(new, ck)
     else:                              # old half deleted
-        shutil.copytree(old, aside)
-        shutil.rmtree(aside / "delta")
+        shutil.copytree(old, tmp / "ckpt")
+        shutil.rmtree(tmp / "ckpt" / "delta")
         shutil.rmtree(ck)
         shutil.copytree(new, ck)
     want = "a" if point in ("writing", "written") else "b"
@@ -146,11 +160,12 @@ def test_overwrite_killed_at_any_point_keeps_a_complete_checkpoint(tmp_path, poi
 
 def test_a_partial_temporary_is_never_taken_for_a_checkpoint(tmp_path):
     _, new = _versions(tmp_path)
-    shutil.copytree(new, tmp_path / ".ck.jpeft-tmp-1")
-    shutil.rmtree(tmp_path / ".ck.jpeft-tmp-1" / "meta")
+    tmp = tmp_path / f".ck.jpeft-tmp-{_dead_owner()}"
+    shutil.copytree(new, tmp / "ckpt")
+    shutil.rmtree(tmp / "ckpt" / "meta")
     with pytest.raises(FileNotFoundError, match="no jpeft checkpoint"):
         checkpoint.restore(tmp_path / "ck", TREE)
-    assert not (tmp_path / ".ck.jpeft-tmp-1").exists()
+    assert not tmp.exists()
 
 
 def _data_files(path):
@@ -194,7 +209,7 @@ def test_truncated_file_and_damaged_meta_are_one_clear_error(tmp_path):
     ck = checkpoint.save(tmp_path / "ck", TREE)
     f = _data_files(ck)[0]
     f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
-    with pytest.raises(checkpoint.CheckpointError, match="is damaged: delta cannot be read"):
+    with pytest.raises(checkpoint.CheckpointError, match="is damaged: delta/w cannot be read"):
         checkpoint.restore(ck, TREE)
     ck2 = checkpoint.save(tmp_path / "ck2", TREE)
     meta = next(p for p in (ck2 / "meta").iterdir() if p.name == "metadata")
@@ -279,3 +294,216 @@ def test_manager_deletes_by_renaming_and_survives_a_killed_deletion(tmp_path):
         m.save(4, TREE)
         assert m.steps() == [3, 4] and not trash.exists()
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["3", "4"]
+
+
+# --------------------------------------------------------------------------------------------
+# Concurrent saves and failed writes
+
+NESTED = {"layer": {"0": {"query": {"lora_a": np.linspace(0, 1, 4096, dtype=np.float32
+                                                            ).reshape(64, 64),
+                                    "lora_b": np.ones((64, 2), np.float32)}}}}
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+@pytest.mark.parametrize("damage", ["truncate", "flip"])
+def test_an_unreadable_array_names_its_entry_without_debris(tmp_path, damage):
+    """Truncated or flipped bytes in an array's data file: one CheckpointError naming the entry
+    by its tree path, with a clean cause."""
+    ck = checkpoint.save(tmp_path / "ck", NESTED)
+    f = _data_files(ck)[0]
+    data = f.read_bytes()
+    f.write_bytes(data[: len(data) // 2] if damage == "truncate"
+                  else bytes([data[0] ^ 0x5A]) + data[1:])
+    with pytest.raises(checkpoint.CheckpointError) as info:
+        checkpoint.restore(ck, NESTED)
+    msg = str(info.value)
+    assert "delta/layer/0/query/lora_a" in msg and "nothing was restored" in msg, msg
+    assert "pybind11" not in msg and "<bound method" not in msg and "source locations" not in msg
+
+
+def _child(*args):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join(sys.path))
+    return subprocess.Popen([sys.executable, str(CHILD), *map(str, args)], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+
+
+def _temporaries(path):
+    return sorted(p.name for p in path.iterdir() if ".jpeft-tmp-" in p.name)
+
+
+def test_a_save_running_in_another_process_is_never_disturbed(tmp_path):
+    """While another process is in the middle of overwriting ``ck``, this one reads ``ck``
+    (metadata, restore), refuses to save it without overwrite, and saves and restores another
+    checkpoint in the same folder; the other save then completes and its checkpoint restores."""
+    sys.path.insert(0, str(CHILD.parent))
+    import checkpoint_child as child
+    ck = checkpoint.save(tmp_path / "ck", child.value_tree(1.0), metadata={"v": 1.0})
+    proc = _child("save", ck, 2.0, "overwrite")
+    try:
+        assert proc.stdout.readline() == b"writing\n", proc.stderr.read()
+        assert len(_temporaries(tmp_path)) == 1
+        assert checkpoint.metadata(ck)["metadata"] == {"v": 1.0}
+        got = checkpoint.restore(ck, child.value_tree(0.0))
+        jax.tree.map(np.testing.assert_array_equal, got["delta"], child.value_tree(1.0))
+        with pytest.raises(FileExistsError):
+            checkpoint.save(ck, TREE)
+        checkpoint.save(tmp_path / "other", TREE)
+        jax.tree.map(np.testing.assert_array_equal,
+                     checkpoint.restore(tmp_path / "other", TREE)["delta"], TREE)
+        assert len(_temporaries(tmp_path)) == 1
+        out, err = proc.communicate(b"go\n", timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0 and out == b"saved\n", err.decode()[-2000:]
+    got = checkpoint.restore(ck, child.value_tree(0.0))
+    assert got["metadata"] == {"v": 2.0}
+    jax.tree.map(np.testing.assert_array_equal, got["delta"], child.value_tree(2.0))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck", "other"]
+
+
+def test_a_temporary_of_a_killed_process_is_removed(tmp_path):
+    proc = _child("save", tmp_path / "ck", 2.0)
+    try:
+        assert proc.stdout.readline() == b"writing\n", proc.stderr.read()
+    finally:
+        proc.kill()
+        proc.wait()
+    assert len(_temporaries(tmp_path)) == 1
+    with pytest.raises(FileNotFoundError, match="no jpeft checkpoint"):
+        checkpoint.metadata(tmp_path / "ck")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_temporary_of_another_host_is_reported_not_removed(tmp_path):
+    host = "0" * 8 if checkpoint._host_key() != "0" * 8 else "1" * 8
+    tmp = tmp_path / f".ck.jpeft-tmp-{host}-1-1-abcd"
+    tmp.mkdir()
+    (tmp / "owner.json").write_text('{"host": "node7", "pid": 1, "created": 0}')
+    with pytest.warns(checkpoint.CheckpointWarning,
+                      match="by process 1 on host 'node7'.*not removed automatically"):
+        with pytest.raises(FileNotFoundError):
+            checkpoint.restore(tmp_path / "ck", TREE)
+    assert tmp.exists()
+
+
+def test_racing_saves_without_overwrite_one_wins(tmp_path):
+    """Two processes save ``ck`` without overwrite, both past the existence check and done
+    writing the arrays before either puts its checkpoint in place: exactly one succeeds, the other
+    raises FileExistsError, and ``ck`` is the winner's, intact."""
+    sys.path.insert(0, str(CHILD.parent))
+    import checkpoint_child as child
+    procs = {v: _child("save", tmp_path / "ck", v) for v in (1.0, 2.0)}
+    try:
+        for p in procs.values():
+            assert p.stdout.readline() == b"writing\n", p.stderr.read()
+        for p in procs.values():
+            p.stdin.write(b"go\n")
+            p.stdin.flush()
+        done = {v: p.communicate(timeout=120) for v, p in procs.items()}
+    finally:
+        for p in procs.values():
+            p.kill()
+    winners = [v for v, p in procs.items() if p.returncode == 0]
+    assert len(winners) == 1, {v: err.decode()[-500:] for v, (_, err) in done.items()}
+    (loser,) = set(procs) - set(winners)
+    assert "FileExistsError" in done[loser][1].decode()
+    assert "another save wrote it first" in done[loser][1].decode()
+    got = checkpoint.restore(tmp_path / "ck", child.value_tree(0.0))
+    assert got["metadata"] == {"v": winners[0]}
+    jax.tree.map(np.testing.assert_array_equal, got["delta"], child.value_tree(winners[0]))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]
+
+
+def _fail_finalize(monkeypatch):
+    """orbax fails after writing the arrays into its temporary, as on a full disk."""
+    def finalize(self, directory):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(directory))
+    monkeypatch.setattr(ocp.CompositeCheckpointHandler, "finalize", finalize)
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_a_failed_write_leaves_nothing_and_says_so(tmp_path, monkeypatch, overwrite):
+    old = checkpoint.save(tmp_path / "ck", TREE, metadata={"v": "a"}) if overwrite else None
+    _fail_finalize(monkeypatch)
+    kept = "; the checkpoint already at .*ck is intact" if overwrite else ""
+    with pytest.raises(checkpoint.CheckpointError,
+                       match=f"saving .*ck failed: No space left on device \\(ENOSPC\\); "
+                             f"nothing was left behind{kept}"):
+        checkpoint.save(tmp_path / "ck", jax.tree.map(lambda x: x + 1, TREE),
+                        metadata={"v": "b"}, overwrite=overwrite)
+    assert sorted(p.name for p in tmp_path.iterdir()) == (["ck"] if overwrite else [])
+    if overwrite:
+        monkeypatch.undo()
+        assert _which(old) == "a"
+
+
+def test_a_real_file_size_error_leaves_nothing(tmp_path):
+    """tensorstore itself fails to write (EFBIG under RLIMIT_FSIZE): one CheckpointError, no
+    files left."""
+    resource = pytest.importorskip("resource")
+    big = {"w": np.random.default_rng(0).normal(size=(100_000,)).astype(np.float32)}
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (65536, hard))
+    try:
+        with pytest.raises(checkpoint.CheckpointError,
+                           match=r"saving .*ck failed: File too large \(EFBIG\); nothing was "
+                                 r"left behind$"):
+            checkpoint.save(tmp_path / "ck", big)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, handler)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("swap", ["exchange", "rename"])
+@pytest.mark.parametrize("stage", ["before_write", "during_write", "after_write", "swap",
+                                   "after_swap"])
+def test_an_overwrite_failing_at_any_stage_keeps_old_or_new(tmp_path, monkeypatch, stage, swap):
+    """``save(ck, new, overwrite=True)`` fails at each stage (with the atomic exchange, and with
+    the rename-aside fallback): afterwards ``ck`` restores completely as the old or, once the new
+    one was in place, the new checkpoint, never neither nor a mix, and nothing else is left."""
+    old, new = _versions(tmp_path)
+    ck = checkpoint.save(tmp_path / "ck", TREE, metadata={"v": "a"})
+    new_tree = jax.tree.map(lambda x: x + 1, TREE)
+    if swap == "rename":
+        monkeypatch.setattr(checkpoint, "_renameat2", lambda src, dst, flags: False)
+    fail = OSError(errno.EIO, os.strerror(errno.EIO))
+    if stage == "before_write":
+        monkeypatch.setattr(ocp.Checkpointer, "save", lambda *a, **k: (_ for _ in ()).throw(fail))
+    elif stage == "during_write":
+        _fail_finalize(monkeypatch)
+    elif stage == "after_write":
+        monkeypatch.setattr(checkpoint, "_fsync_dir", lambda p: (_ for _ in ()).throw(fail))
+    elif stage == "swap":
+        rename, renameat2 = os.rename, checkpoint._renameat2
+
+        def failing_rename(src, dst, *a, **k):
+            if Path(dst) == ck and Path(src).name == "ckpt":
+                raise fail
+            return rename(src, dst, *a, **k)
+
+        def failing_renameat2(src, dst, flags):
+            if Path(dst) == ck:
+                raise fail
+            return renameat2(src, dst, flags)
+        monkeypatch.setattr(os, "rename", failing_rename)
+        if swap == "exchange":
+            monkeypatch.setattr(checkpoint, "_renameat2", failing_renameat2)
+    else:
+        remove = checkpoint._remove
+        monkeypatch.setattr(checkpoint, "_remove", lambda p: shutil.rmtree(p / "ckpt" / "delta")
+                            if (p / "ckpt").exists() else remove(p))
+    try:
+        checkpoint.save(ck, new_tree, metadata={"v": "b"}, overwrite=True)
+        saved = True
+    except checkpoint.CheckpointError as e:
+        saved = False
+        assert "nothing was left behind; the checkpoint already at" in str(e), e
+    monkeypatch.undo()
+    got = checkpoint.restore(ck, TREE)
+    want = "b" if saved else "a"
+    assert got["metadata"] == {"v": want} and saved == (stage == "after_swap")
+    jax.tree.map(np.testing.assert_array_equal, got["delta"], new_tree if saved else TREE)
+    leftovers = sorted(p.name for p in tmp_path.iterdir())
+    assert leftovers == ["a", "b", "ck"] or stage == "after_swap", leftovers
