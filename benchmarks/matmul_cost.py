@@ -5,12 +5,13 @@ H = 384, intermediate I = 1,536, 6 layers): forward ``x @ W``, the input gradien
 the weight gradient ``x^T @ g`` (only full fine-tuning forms it) and LoRA's rank-8 products
 (for ``[H, H]``, ``[H, I]`` and ``[I, H]`` kernels; the gradient of ``A`` both as XLA forms
 ``x^T gu`` by default and in the wide form jpeft computes, :data:`WIDE`);
-each timed in JAX and in torch in alternating blocks (per round: one untimed call, then
-``--block`` timed calls of one framework, then of the other), so the two see the same load. Not
-one call each in turn: torch's OpenMP threads spin for several milliseconds after every parallel
-region before they sleep (libgomp's spin count), and a JAX call right after a torch call runs on
-the core they hold; per-call alternation made XLA's 384x384 product look 1.75x torch's, blocks
-about 1.2x. With the number of times each configuration's step runs each product,
+each timed in JAX and in torch, each framework in a process of its own (the processes
+alternated, ``--reps`` of each; a process times every product in blocks: one untimed call, then
+``--block`` timed calls, ``--rounds`` times): two frameworks in one process slow each other
+(torch's OpenMP threads spin for several milliseconds after every parallel region before they
+sleep, taking a core from whatever runs next; alternated call by call in one process, XLA's
+384x384 product looked 1.75x torch's). Every product's output is checked across the frameworks
+(its sum and a sample of entries). With the number of times each configuration's step runs each product,
 the script estimates how much of a step's time is matrix products in each framework: the part of
 the gap to PyTorch that XLA:CPU's kernels account for. JAX runs each product compiled with the
 two CPU compile options of the train step (``jpeft.core.xla_options``): XLA's defaults
@@ -27,7 +28,7 @@ unpadded batch) and against the eager form (``softmax(q @ k^T * s) @ v``).
 
 Usage::
 
-    python benchmarks/matmul_cost.py [--rounds 6 --block 10]
+    python benchmarks/matmul_cost.py [--reps 3 --rounds 6 --block 10]
 
 Results go to ``benchmarks/results/matmul_cost.jsonl`` (rewritten each run).
 """
@@ -35,9 +36,12 @@ Results go to ``benchmarks/results/matmul_cost.jsonl`` (rewritten each run).
 from __future__ import annotations
 
 import argparse
+import json
 import math
+import os
 import pathlib
 import statistics
+import subprocess
 import sys
 import time
 
@@ -119,9 +123,7 @@ COUNTS = {
 
 
 def _time_block(fn, block: int) -> list[float]:
-    """One untimed call, then ``block`` timed ones: the untimed call absorbs what the other
-    framework left running (torch's OpenMP threads spin for several ms after each parallel
-    region before they sleep, taking a core from whatever runs next)."""
+    """One untimed call, then ``block`` timed ones."""
     fn()
     out = []
     for _ in range(block):
@@ -140,32 +142,34 @@ def _alternate(runners: dict, rounds: int, block: int) -> dict[str, list[float]]
     return times
 
 
-def _summary(times: dict[str, list[float]]) -> dict[str, float]:
-    out = {**{f"{w}_ms": 1e3 * statistics.median(t) for w, t in times.items()},
-           **{f"{w}_ms_min": 1e3 * min(t) for w, t in times.items()}}
-    step = "jax_xla_default" if not xla_options.train_step_options() else "jax_ynn_off"
-    out["jax_ms"], out["jax_ms_min"] = out[f"{step}_ms"], out[f"{step}_ms_min"]
-    out["jax_over_torch"] = out["jax_ms"] / out["torch_ms"]
-    return out
+def _inputs(rng: np.random.Generator) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Every product's operands, drawn in :data:`PRODUCTS` order (the same in every process)."""
+    return {name: tuple(rng.standard_normal(s).astype(np.float32) for s in (ls, rs))
+            for name, (ls, rs, _, _) in PRODUCTS.items()}
 
 
-def _product_runners(lhs: np.ndarray, rhs: np.ndarray, lt: bool, rt: bool,
-                     wide: bool = False) -> dict:
-    """``op(lhs) @ op(rhs)`` in each runner; ``wide``: ``lhs^T @ rhs`` as ``(rhs^T @ lhs)^T``
-    (:data:`WIDE`)."""
-    import torch
+def _fingerprint(y: np.ndarray) -> list[float]:
+    """The sum and 8 fixed entries of an output: compared across the frameworks' processes."""
+    flat = np.asarray(y, np.float64).ravel()
+    return [float(flat.sum())] + [float(flat[i]) for i in np.linspace(0, flat.size - 1, 8,
+                                                                       dtype=int)]
+
+
+def _jax_product(lhs, rhs, lt: bool, rt: bool, wide: bool) -> dict:
+    """``op(lhs) @ op(rhs)`` under each of :data:`OPTIONS`; ``wide``: ``lhs^T @ rhs`` as
+    ``(rhs^T @ lhs)^T`` (:data:`WIDE`)."""
     fn = lambda x, y: (x.T if lt else x) @ (y.T if rt else y)
-    ja, jb = jnp.asarray(lhs), jnp.asarray(rhs)
-    ta, tb = torch.from_numpy(lhs), torch.from_numpy(rhs)
     jfn = (lambda x, y: jax.lax.optimization_barrier(y.T @ x).T) if wide else fn
-    runners = {w: jax.jit(jfn, compiler_options=o) for w, o in OPTIONS.items()}
-    runners = {w: (lambda f=f: f(ja, jb).block_until_ready()) for w, f in runners.items()}
-    runners["torch"] = (lambda: (tb.T @ ta).T) if wide else (lambda: fn(ta, tb))
-    want = runners["torch"]().numpy()
-    for w in OPTIONS:
-        np.testing.assert_allclose(np.asarray(runners[w]()), want, rtol=2e-3, atol=2e-2,
-                                   err_msg=w)
-    return runners
+    ja, jb = jnp.asarray(lhs), jnp.asarray(rhs)
+    return {w: (lambda f=jax.jit(jfn, compiler_options=o): f(ja, jb).block_until_ready())
+            for w, o in OPTIONS.items()}
+
+
+def _torch_product(lhs, rhs, lt: bool, rt: bool, wide: bool) -> dict:
+    import torch
+    ta, tb = torch.from_numpy(lhs), torch.from_numpy(rhs)
+    fn = lambda: (ta.T if lt else ta) @ (tb.T if rt else tb)
+    return {"torch": (lambda: (tb.T @ ta).T) if wide else fn}
 
 
 def _jax_attention(q, k, v, bias):
@@ -174,75 +178,153 @@ def _jax_attention(q, k, v, bias):
     return jnp.einsum("bnqk,bknd->bqnd", jax.nn.softmax(s, axis=-1), v)
 
 
-def _attention_runners(rng: np.random.Generator) -> dict:
-    """Forward + gradients of ``q, k, v`` for one layer's attention core, each runner."""
-    import torch
+def _attention_inputs(rng: np.random.Generator) -> list[np.ndarray]:
     d = H // NH
-    q, k, v, g = (rng.standard_normal((B, T, NH, d)).astype(np.float32) for _ in range(4))
+    return [rng.standard_normal((B, T, NH, d)).astype(np.float32) for _ in range(4)]
+
+
+def _jax_attention_runners(q, k, v, g) -> dict:
+    """Forward + gradients of ``q, k, v`` for one layer's attention core (returns dq, dk, dv)."""
     bias = np.zeros((B, 1, 1, T), np.float32)      # the all-ones mask of step_cost's batch
 
     def fwd_bwd(q, k, v, g):
-        y, vjp = jax.vjp(lambda q, k, v: _jax_attention(q, k, v, bias), q, k, v)
-        return y, vjp(g)
+        _, vjp = jax.vjp(lambda q, k, v: _jax_attention(q, k, v, bias), q, k, v)
+        return vjp(g)
     args = [jnp.asarray(x) for x in (q, k, v, g)]
-    runners = {w: jax.jit(fwd_bwd, compiler_options=o) for w, o in OPTIONS.items()}
-    runners = {w: (lambda f=f: jax.block_until_ready(f(*args))) for w, f in runners.items()}
-    # Hugging Face's BERT views [B, T, H] as [B, T, N, D] and transposes: strided [B, N, T, D].
+    return {w: (lambda f=jax.jit(fwd_bwd, compiler_options=o): jax.block_until_ready(f(*args)))
+            for w, o in OPTIONS.items()}
+
+
+def _torch_attention_runners(q, k, v, g) -> dict:
+    """torch's SDPA (Hugging Face BERT's default) and the eager form, on the strided
+    ``[B, N, T, D]`` views Hugging Face's BERT passes; each returns dq, dk, dv as ``[B, T, N, D]``."""
+    import torch
+    d = H // NH
     tq, tk, tv = (torch.from_numpy(x).transpose(1, 2).requires_grad_() for x in (q, k, v))
     tg = torch.from_numpy(g).transpose(1, 2)
 
     def torch_run(core):
         def run():
             core(tq, tk, tv).backward(tg)
-            grads = [t.grad for t in (tq, tk, tv)]
+            grads = [t.grad.transpose(1, 2) for t in (tq, tk, tv)]
             tq.grad = tk.grad = tv.grad = None
             return grads
         return run
     sdpa = lambda q, k, v: torch.nn.functional.scaled_dot_product_attention(q, k, v)
     eager = lambda q, k, v: torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(d), -1) @ v
-    runners["torch"], runners["torch_eager"] = torch_run(sdpa), torch_run(eager)
-    want = [np.asarray(x) for x in runners["jax_xla_default"]()[1]]          # dq, dk, dv
-    for w in ("jax_ynn_off", "torch", "torch_eager"):
-        got = runners[w]()
-        got = [x.transpose(1, 2).numpy() for x in got] if w.startswith("torch") else got[1]
-        for x, y in zip(got, want):
-            np.testing.assert_allclose(np.asarray(x), y, rtol=1e-3, atol=1e-4, err_msg=w)
-    return runners
+    return {"torch": torch_run(sdpa), "torch_eager": torch_run(eager)}
+
+
+def child(framework: str, rounds: int, block: int, threads: int) -> dict:
+    """Every product and the attention core in one framework: medians, minima, fingerprints."""
+    if framework == "torch":
+        import torch
+        torch.set_num_threads(threads)
+        product, attention = _torch_product, _torch_attention_runners
+        as_np = lambda y: [t.detach().numpy() for t in y] if isinstance(y, list) else y.numpy()
+    else:
+        product, attention = _jax_product, _jax_attention_runners
+        as_np = lambda y: [np.asarray(t) for t in y] if isinstance(y, (list, tuple)) else (
+            np.asarray(y))
+    rng = np.random.default_rng(0)
+    out = {}
+    for name, (a, b) in _inputs(rng).items():
+        _, _, lt, rt = PRODUCTS[name]
+        runners = product(a, b, lt, rt, name in WIDE)
+        prints = {w: _fingerprint(as_np(fn())) for w, fn in runners.items()}
+        out[name] = {"times": _alternate(runners, rounds, block), "prints": prints}
+    runners = attention(*_attention_inputs(rng))
+    prints = {w: [_fingerprint(x) for x in as_np(fn())] for w, fn in runners.items()}
+    out[ATTENTION] = {"times": _alternate(runners, rounds, block), "prints": prints}
+    for r in out.values():
+        r["times"] = {w: [round(1e3 * t, 4) for t in ts] for w, ts in r["times"].items()}
+    return out
+
+
+ATTENTION = "attention fwd+bwd [B,T,N,D]"
+
+
+def _run_child(framework: str, a) -> dict:
+    cmd = [sys.executable, __file__, "--child", framework, "--rounds", str(a.rounds),
+           "--block", str(a.block), "--threads", str(a.threads)]
+    if a.release_host_memory:
+        cmd.append("--release-host-memory")
+    p = subprocess.run(cmd, capture_output=True, text=True)
+    lines = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
+    if p.returncode or not lines:
+        raise RuntimeError(f"{framework} process failed:\n{p.stderr[-3000:]}")
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def _check_same(results: dict[str, list[dict]]) -> None:
+    """Every runner's fingerprints equal the first JAX runner's (float32 rounding apart)."""
+    ref_fw = results["jax"][0]
+    for fw, runs in results.items():
+        for name, r in runs[0].items():
+            want = np.asarray(ref_fw[name]["prints"]["jax_xla_default"])
+            for w, got in r["prints"].items():
+                np.testing.assert_allclose(np.asarray(got), want, rtol=2e-3, atol=5e-2,
+                                           err_msg=f"{name}: {w}")
+
+
+def _summary(runs: dict[str, list[dict]], name: str) -> dict[str, float]:
+    """Medians (of every timed call of every process) and ratios of one product."""
+    times: dict[str, list[float]] = {}
+    for fw_runs in runs.values():
+        for r in fw_runs:
+            for w, ts in r[name]["times"].items():
+                times.setdefault(w, []).extend(ts)
+    out = {**{f"{w}_ms": statistics.median(t) for w, t in times.items()},
+           **{f"{w}_ms_min": min(t) for w, t in times.items()}}
+    step = "jax_xla_default" if not xla_options.train_step_options() else "jax_ynn_off"
+    out["jax_ms"], out["jax_ms_min"] = out[f"{step}_ms"], out[f"{step}_ms_min"]
+    out["jax_over_torch"] = out["jax_ms"] / out["torch_ms"]
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--reps", type=int, default=3, help="processes per framework, alternated")
     p.add_argument("--rounds", type=int, default=6, help="rounds of one block per runner")
     p.add_argument("--block", type=int, default=10, help="timed calls per block")
+    p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
+                   help="torch's threads (default: the usable cores)")
     p.add_argument("--out", default=str(DEFAULT_OUT))
+    p.add_argument("--child", choices=("jax", "torch"), help=argparse.SUPPRESS)
     common.add_host_memory_flag(p)
     args = p.parse_args(argv)
+    if args.child == "torch":               # no JAX computation in a torch process
+        print("RESULT " + json.dumps(child("torch", args.rounds, args.block, args.threads)))
+        return 0
     host_memory = common.host_memory(args)    # before the first JAX computation
-    import torch
-    torch.set_num_threads(machine()["cpus_usable"] or 1)
-    rng = np.random.default_rng(0)
+    if args.child == "jax":
+        print("RESULT " + json.dumps(child("jax", args.rounds, args.block, args.threads)))
+        return 0
+    runs: dict[str, list[dict]] = {"jax": [], "torch": []}
+    for rep in range(args.reps):
+        for fw in (("jax", "torch") if rep % 2 == 0 else ("torch", "jax")):
+            runs[fw].append(_run_child(fw, args))
+            print(f"  rep {rep + 1}/{args.reps}: {fw} done", flush=True)
+    _check_same(runs)
     rows = []
     for name, (ls, rs, lt, rt) in PRODUCTS.items():
-        a, b = (rng.standard_normal(s).astype(np.float32) for s in (ls, rs))
-        times = _alternate(_product_runners(a, b, lt, rt, wide=name in WIDE), args.rounds,
-                           args.block)
         m, k = (ls[1], ls[0]) if lt else ls
         n = rs[0] if rt else rs[1]
         rows.append({"kind": "product", "product": name, "m": m, "k": k, "n": n,
-                     "wide": name in WIDE,
-                     "gflop": 2 * m * k * n / 1e9, **_summary(times)})
-    times = _alternate(_attention_runners(rng), args.rounds, args.block)
-    rows.append({"kind": "attention", "product": "attention fwd+bwd [B,T,N,D]",
-                 "shape": [B, T, NH, H // NH],
+                     "wide": name in WIDE, "gflop": 2 * m * k * n / 1e9,
+                     **_summary(runs, name)})
+    rows.append({"kind": "attention", "product": ATTENTION, "shape": [B, T, NH, H // NH],
                  "gflop": 3 * 2 * 2 * B * NH * T * T * (H // NH) / 1e9,
-                 **_summary(times)})
+                 **_summary(runs, ATTENTION)})
     by = {r["product"]: r for r in rows}
     totals = []
     for part, counts in COUNTS.items():
         j = sum(c * by[k]["jax_ms"] for k, c in counts.items())
         t = sum(c * by[k]["torch_ms"] for k, c in counts.items())
         totals.append({"part": part, "jax_ms": j, "torch_ms": t, "jax_minus_torch_ms": j - t})
-    info = machine(loadavg_end=loadavg(), host_memory=host_memory)
+    info = machine(loadavg_end=loadavg(), host_memory=host_memory, reps=args.reps,
+                   rounds=args.rounds, block=args.block, torch_threads=args.threads,
+                   timing="each framework in a process of its own, processes alternated")
     write_jsonl(pathlib.Path(args.out), [{**r, "machine": info} for r in rows]
                 + [{"kind": "per_step", **t, "machine": info} for t in totals])
     print(f"{'product':<31} {'GFLOP':>6} {'XLA dflt':>8} {'YNN off':>8} {'torch ms':>9} "
