@@ -149,6 +149,10 @@ def main(argv: list[str] | None = None) -> int:
     if bad:
         p.error(f"unknown configurations {bad}")
 
+    # torch first, in processes of their own, before this process runs any JAX computation
+    # (its XLA threads then exist but are idle): nothing of JAX's runs beside torch's step.
+    torch_profiles = {name: _torch_profile(configs[name].torch, args.batch, args.seq)
+                      for name in args.configs if args.torch and configs[name].torch}
     loaded = load_hf_bert(minilm_dir(), num_labels=step_cost.NUM_LABELS, pooling="mean")
     model, variables = loaded.model, {"params": loaded.params}
     batch = {k: jnp.asarray(v) for k, v in step_cost.benchmark_batch(
@@ -183,13 +187,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.torch:
         print()
         for name in args.configs:
-            if configs[name].torch is None:
+            if name not in torch_profiles:
                 print(f"== {name}: no Hugging Face PEFT counterpart")
                 continue
             label = f"RUN_{name}"
             wall = next(e for e in events if e["name"] == label)["dur"] / 1e3
             _side_by_side(name, wall, _categories(events, label, _op_names(ops[name])),
-                          _torch_profile(configs[name].torch, args.batch, args.seq))
+                          torch_profiles[name])
     return 0
 
 
