@@ -12,10 +12,12 @@ names) is one :class:`jpeft.checkpoint.CheckpointError` naming the entries.
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
+import typing
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import numpy as np
@@ -23,6 +25,7 @@ import numpy as np
 from jpeft import checkpoint
 from jpeft.core import method as method_lib
 from jpeft.core import paths as paths_lib
+from jpeft.core import schema
 
 KIND = "jpeft-method"
 
@@ -80,13 +83,105 @@ def read(directory: str | os.PathLike) -> Loaded:
         raise checkpoint.CheckpointError(
             f"{directory} was not written by jpeft.save (no method config in its metadata); "
             f"restore it with jpeft.checkpoint.restore")
+    where = f"checkpoint {Path(directory).absolute()} (jpeft.save's method config)"
+    config = check_config(info.get("config"), where)
     stored = checkpoint.restore(directory, checkpoint.stored_like(directory))["delta"]
     data = stored.get("data")
     if data is not None:
         data = jax.tree_util.tree_map(np.asarray, data)
     from jpeft.methods import from_config
-    return Loaded(from_config(info["config"], data), stored["delta"], meta["step"],
+    return Loaded(from_config(config, data), stored["delta"], meta["step"],
                   info.get("user", {}))
+
+
+# --------------------------------------------------------------------------------------------
+# The saved config, checked against each method's declared fields
+
+
+#: JSON forms of parameters annotated ``Any`` (or not at all) that every method stores alike.
+_JSON_FORMS = {"dtype": str | None, "compute_dtype": str | None}
+
+
+def _declared() -> dict[str, tuple[Callable, tuple[str, ...], dict[str, Any]]]:
+    """``{kind: (factory, parameters not stored, stored keys that are not parameters (or are
+    stored in another form) with their types)}`` for every ``method.config["method"]``."""
+    from jpeft.core import sparse
+    from jpeft.methods import (adalora, adapters, bitfit, diff_pruning, far, fishmask, full, ia3,
+                               intrinsic, lora, prefix, prompt)
+    derived = {"scaling": float}                            # alpha / r, recomputed
+    projection = {"projection": str, "permutation": str}    # "fastfood", "feistel-<rounds>"
+    counts = {"entries": int, "tensors": int}               # informative; the data defines it
+    return {
+        "lora": (lora.lora, (), derived),
+        "adalora": (adalora.adalora, (), derived),
+        "bitfit": (bitfit.bitfit, (), {}),
+        "full": (full.full_finetune, (), {}),
+        "diff_pruning": (diff_pruning.diff_pruning, (), {}),
+        "did": (intrinsic.did, ("rounds",), projection),
+        "said": (intrinsic.said, ("rounds",), projection),
+        "bottleneck": (adapters.bottleneck, (), {}),
+        "sparse_adapter": (adapters.bottleneck, (), {"masks": dict[str, dict]}),
+        "ia3": (ia3.ia3, (), {}),
+        "prefix": (prefix.prefix_tuning, (), {}),
+        "prompt": (prompt.prompt_tuning, (), {"inputs": list[tuple[int | str, int]] | None}),
+        "far": (far.far, ("columns",), {"columns_kept": dict[str, int]}),
+        "sparse": (sparse.sparse_finetune, ("indices",), counts),
+        "fishmask": (fishmask.fishmask, ("indices",), counts),
+        "sparse_stored": (sparse.stored_method, (), {}),
+    }
+
+
+def method_fields(kind: str) -> dict[str, schema.Field]:
+    """The fields (all required) of a saved ``kind`` config: its factory's parameters with their
+    annotated types (a module-path target's string is a regular expression:
+    :data:`~jpeft.core.schema.Pattern`), the ``method`` key, and the declared extra keys.
+
+    Raises:
+      KeyError: an unknown ``kind``.
+    """
+    factory, skip, extra = _declared()[kind]
+    hints = typing.get_type_hints(factory)
+    fields = {"method": schema.Field(str)}
+    for name, param in inspect.signature(factory).parameters.items():
+        if name in skip or param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
+            continue
+        hint = hints.get(name, Any)
+        if hint == paths_lib.Targets:
+            hint = schema.Pattern | Sequence[str] | None
+        elif hint is Any:
+            hint = _JSON_FORMS.get(name, Any)
+        fields[name] = schema.Field(hint)
+    fields.update({k: schema.Field(t) for k, t in extra.items()})
+    return fields
+
+
+def check_config(config: Any, where: str, prefix: str = "") -> dict:
+    """A saved ``method.config`` checked against its method's fields (:func:`method_fields`),
+    part by part for ``compose`` / ``active``.
+
+    Raises:
+      CheckpointError: not a JSON object, an unknown method, a key missing, unknown or of the
+        wrong type; naming ``where``, the key, the value and the type expected.
+    """
+    if not isinstance(config, dict):
+        raise checkpoint.CheckpointError(f"{where}: the config{f' {prefix[:-1]!r}' if prefix else ''}"
+                                         f" is {schema.shown(config)}; expected a JSON object")
+    for key in ("compose", "active"):
+        if key in config:
+            parts = schema.check(config, {key: schema.Field(dict[str, dict])}, where,
+                                 checkpoint.CheckpointError, refuse_unknown=True,
+                                 key_prefix=prefix)[key]
+            return {key: {n: check_config(c, where, f"{prefix}{key}.{n}.")
+                          for n, c in parts.items()}}
+    kind = schema.check(config, {"method": schema.Field(str)}, where, checkpoint.CheckpointError,
+                        key_prefix=prefix)["method"]
+    declared = _declared()
+    if kind not in declared:
+        raise checkpoint.CheckpointError(
+            f"{where}: key {prefix + 'method'!r} is {kind!r}, which no jpeft method is (known: "
+            f"{sorted(declared)})")
+    return schema.check(config, method_fields(kind), where, checkpoint.CheckpointError,
+                        refuse_unknown=True, key_prefix=prefix)
 
 
 def load(directory: str | os.PathLike, params: Any, sites: Any = None) -> Loaded:

@@ -116,3 +116,79 @@ def test_load_needs_a_saved_method(tmp_path):
 def test_an_empty_delta_is_refused(tmp_path):
     with pytest.raises(ValueError, match="the delta of 'bitfit' holds no arrays"):
         jpeft.save(tmp_path / "m", jpeft.bitfit(), {})
+
+
+# A config read back is checked against the method's declared fields: one clear error.
+
+
+def _lora_config(**changes):
+    config = json.loads(json.dumps(jpeft.lora(("query", "value"), rank=2, alpha=16.0).config))
+    config.update(changes)
+    return config
+
+
+def _without(config, key):
+    return {k: v for k, v in config.items() if k != key}
+
+
+def _write(path, config, variables, sites):
+    """A checkpoint as jpeft.save writes one, holding ``config`` as the method's config."""
+    delta = jpeft.lora(("query", "value"), rank=2).init(jax.random.key(0), variables, sites)
+    checkpoint.save(path, {"delta": delta},
+                    metadata={"kind": "jpeft-method", "config": config, "user": {}})
+
+
+@pytest.mark.parametrize("config,key,value,expected", [
+    (_lora_config(rank="abc"), "rank", r"'abc' \(str\)", "expected an int"),
+    (_lora_config(rank=2.0), "rank", r"2\.0 \(float\)", "expected an int"),
+    (_lora_config(rank=True), "rank", r"True \(bool\)", "expected an int"),
+    (_lora_config(targets=123), "targets", r"123 \(int\)",
+     r"expected a regular expression \(str, RE2 syntax\) or a list of str or null"),
+    (_lora_config(use_rslora="false"), "use_rslora", r"'false' \(str\)",
+     r"expected a bool \(true or false\)"),
+    (_lora_config(alpha="16"), "alpha", r"'16' \(str\)", "expected a number"),
+    (_lora_config(layers_to_transform={"0": 1}), "layers_to_transform", r"{'0': 1} \(object\)",
+     "expected an int or a list of int or null"),
+    (_lora_config(exclude=[1, 2]), "exclude", r"\[1, 2\] \(list\)", "expected"),
+    (_lora_config(targets="(?=q)query"), "targets", r"'\(\?=q\)query' \(str\)",
+     r"expected a regular expression .*not RE2 syntax \(invalid perl operator"),
+    ({"compose": {"lora": _lora_config(rank="abc")}}, "compose.lora.rank", r"'abc' \(str\)",
+     "expected an int"),
+    ({"compose": [_lora_config()]}, "compose", r"\[\{.*\(list\)", "expected an object {str: an object}"),
+    ([_lora_config()], None, r"\[\{'method': 'lora'.*\(list\)", "expected a JSON object"),
+])
+def test_a_config_value_of_the_wrong_type_is_one_clear_error(bert, tmp_path, config, key, value,
+                                                             expected):
+    model, variables, sites, batch = bert
+    _write(tmp_path / "m", config, variables, sites)
+    import re
+    where = re.escape(f"checkpoint {tmp_path / 'm'} (jpeft.save's method config): ")
+    named = rf"key '{re.escape(key)}' is " if key else "the config is "
+    with pytest.raises(checkpoint.CheckpointError, match=rf"^{where}{named}{value}; {expected}"):
+        jpeft.load(tmp_path / "m", variables, sites)
+
+
+@pytest.mark.parametrize("config,message", [
+    (_without(_lora_config(), "alpha"), r"required key 'alpha' is missing \(expected a number\)"),
+    (_without(_lora_config(), "use_rslora"), "required key 'use_rslora' is missing"),
+    ({"compose": {"lora": _without(_lora_config(), "rank")}},
+     "required key 'compose.lora.rank' is missing"),
+    (_lora_config(rank_pattern={"value": 4}), r"unknown keys \['rank_pattern'\]"),
+    (_lora_config(method="loha"), "key 'method' is 'loha', which no jpeft method is"),
+])
+def test_a_missing_or_unknown_key_is_an_error_not_a_default(bert, tmp_path, config, message):
+    """jpeft.save writes every field: a saved alpha of 16 never comes back as the default 8."""
+    model, variables, sites, batch = bert
+    _write(tmp_path / "m", config, variables, sites)
+    with pytest.raises(checkpoint.CheckpointError, match=message):
+        jpeft.load(tmp_path / "m", variables, sites)
+    _write(tmp_path / "ok", _lora_config(), variables, sites)
+    assert jpeft.load(tmp_path / "ok", variables, sites).method.config["alpha"] == 16.0
+
+
+def test_a_pathological_target_pattern_from_a_file_does_not_hang(bert, tmp_path):
+    from deadline import within
+    model, variables, sites, batch = bert
+    _write(tmp_path / "m", _lora_config(targets="(.*.*)*Z"), variables, sites)
+    with pytest.raises(ValueError, match=r"targets '\(\.\*\.\*\)\*Z' matched none of the"):
+        within(5.0, jpeft.load, tmp_path / "m", variables, sites)

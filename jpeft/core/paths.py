@@ -9,7 +9,9 @@ for any model written in any JAX library: nothing here knows about a particular 
 Target forms (as in Hugging Face PEFT's ``target_modules``):
 
 * a ``str``: a regular expression that must *fully* match the module path, written with ``/`` or ``.``
-    between components (``r".*attention/self/(query|value)"`` or ``r".*attention\\.self\\.query"``);
+    between components (``r".*attention/self/(query|value)"`` or ``r".*attention\\.self\\.query"``),
+    in RE2 syntax (:func:`fullmatch`: linear time in the path's length whatever the pattern, so a
+    pattern read from a file cannot hang the process; no backreferences or lookaround);
 * a sequence of ``str``: suffixes of the module path, component-wise (``"query"`` matches
     ``.../self/query``; ``"self/query"`` or ``"self.query"`` matches the last two components);
 * ``None``: every candidate leaf.
@@ -18,6 +20,7 @@ Target forms (as in Hugging Face PEFT's ``target_modules``):
 from __future__ import annotations
 
 import difflib
+import functools
 import re
 from typing import Any, Callable, Iterable, NamedTuple, Sequence
 
@@ -104,17 +107,54 @@ def layer_index(path: Path, layers_pattern: str | None = None) -> int | None:
     return None
 
 
+@functools.lru_cache(maxsize=1024)
+def compile_pattern(pattern: str):
+    """``pattern`` compiled by RE2 (``google-re2``), which matches in time linear in the text
+    whatever the pattern (Python's ``re`` backtracks: ``"(.*.*)*Z"`` takes minutes on a long
+    module path). Cached.
+
+    Raises:
+      ValueError: a pattern RE2 cannot compile (a backreference such as ``\\1``, lookaround such
+        as ``(?=...)``, a syntax error), naming it.
+    """
+    import re2
+    options = re2.Options()
+    options.log_errors = False
+    try:
+        return re2.compile(pattern, options)
+    except re2.error as e:
+        why = e.args[0].decode() if e.args and isinstance(e.args[0], bytes) else str(e)
+        raise ValueError(f"the pattern {pattern!r} is not RE2 syntax ({why}): jpeft matches "
+                         f"regular expressions with RE2 (linear time), which has no "
+                         f"backreferences or lookaround; rewrite it in RE2 syntax, or give the "
+                         f"module names as a list of suffixes") from None
+
+
+def fullmatch(pattern: str, text: str) -> bool:
+    """Whether the regular expression ``pattern`` matches all of ``text`` (``re.fullmatch``
+    semantics, RE2 syntax: :func:`compile_pattern`).
+
+    Raises:
+      ValueError: a pattern RE2 cannot compile.
+    """
+    return compile_pattern(pattern).fullmatch(text) is not None
+
+
 def _as_components(s: str) -> Path:
     return tuple(c for c in re.split(r"[/.]", s) if c)
 
 
 def matches(module_path: Path, targets: Targets) -> bool:
-    """Whether a module path is selected by ``targets`` (see module docstring)."""
+    """Whether a module path is selected by ``targets`` (see module docstring).
+
+    Raises:
+      ValueError: a regular expression RE2 cannot compile (:func:`compile_pattern`).
+    """
     if targets is None:
         return True
     if isinstance(targets, str):
-        return bool(re.fullmatch(targets, path_str(module_path, "/")) or
-                                re.fullmatch(targets, path_str(module_path, ".")))
+        return (fullmatch(targets, path_str(module_path, "/"))
+                or fullmatch(targets, path_str(module_path, ".")))
     for t in targets:
         comps = _as_components(t)
         if comps and module_path[-len(comps):] == comps:

@@ -5,9 +5,15 @@ read and written all or nothing, with one clear error per problem.
   (an existing adapter is set aside first and deleted only once the new one is complete).
 * :func:`read` returns ``(config, tensors)``; a missing file, JSON that does not parse, a
   truncated or damaged safetensors file is a :class:`AdapterFileError` naming the file.
-* :func:`need` reads a config key (a missing one is an error naming the key and the file);
-  :class:`Tensors` hands out tensors by key and, at :meth:`Tensors.finish`, refuses any the reader
-  did not take (naming them), so that nothing in a file is silently dropped.
+* :func:`checked` checks the config keys a reader reads against their types
+  (:mod:`jpeft.core.schema`: a bool must be a JSON bool, an int not a bool, a regular expression
+  RE2 syntax, ...) and fills in the defaults of missing optional ones; a missing required key or
+  a value of the wrong type is an :class:`AdapterFileError` naming the file, the key, the value and
+  the type expected. :class:`Tensors` hands out tensors by key and, at :meth:`Tensors.finish`,
+  refuses any the reader did not take (naming them), so that nothing in a file is silently
+  dropped.
+* ``target_modules`` / ``exclude_modules`` strings are regular expressions matched with RE2
+  (:func:`jpeft.core.paths.fullmatch`): linear time, so a file cannot hang the process.
 """
 
 from __future__ import annotations
@@ -21,6 +27,9 @@ from pathlib import Path
 from typing import Any, Iterable
 
 import numpy as np
+
+from jpeft.core import schema
+from jpeft.core.schema import Field, Pattern
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -78,8 +87,8 @@ def read(directory: str | os.PathLike) -> tuple[dict, dict[str, np.ndarray]]:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise AdapterFileError(f"{directory / CONFIG_FILE} is not valid JSON ({e})") from None
     if not isinstance(config, dict):
-        raise AdapterFileError(f"{directory / CONFIG_FILE} holds {type(config).__name__}, not a "
-                               f"JSON object")
+        raise AdapterFileError(f"{directory / CONFIG_FILE}: the config is {schema.shown(config)}; "
+                               f"expected a JSON object")
     try:
         tensors = load_file(str(directory / WEIGHTS_FILE))
     except Exception as e:      # noqa: BLE001 - safetensors raises several kinds for bad files
@@ -88,11 +97,24 @@ def read(directory: str | os.PathLike) -> tuple[dict, dict[str, np.ndarray]]:
     return config, tensors
 
 
-def need(config: dict, key: str, where: str | os.PathLike) -> Any:
-    """``config[key]``, or an :class:`AdapterFileError` naming the key and the file."""
-    if key not in config or config[key] is None:
-        raise AdapterFileError(f"{Path(where) / CONFIG_FILE}: required key {key!r} is missing")
-    return config[key]
+#: The keys every adapter type reads.
+COMMON = {"peft_type": Field(str), "modules_to_save": Field(list[str] | None, None)}
+#: PEFT's module selection (:func:`selected_modules`), read by the tuner types.
+SELECTION = {"target_modules": Field(Pattern | list[str]),
+             "exclude_modules": Field(Pattern | list[str] | None, None),
+             "layers_to_transform": Field(int | list[int] | None, None),
+             "layers_pattern": Field(str | list[str] | None, None)}
+
+
+def checked(config: dict, fields: dict[str, Field], directory: str | os.PathLike) -> dict:
+    """``config`` with the keys of ``fields`` checked (:func:`jpeft.core.schema.check`) and the
+    defaults of missing optional ones filled in; other keys are left as they are.
+
+    Raises:
+      AdapterFileError: a required key missing, or a value not of its key's type, naming the
+        file, the key, the value and the type expected.
+    """
+    return schema.check(config, fields, str(Path(directory) / CONFIG_FILE), AdapterFileError)
 
 
 class Tensors:
@@ -159,32 +181,36 @@ def linear_modules(variables: Any, sites: Any, collection: str = "params"
 
 
 def targets_match(spec: str | list[str], name: str) -> bool:
-    """PEFT's ``target_modules`` / ``exclude_modules`` match: a full regex match for a string, the
-    name or a ``.``-separated suffix of it for a list."""
-    import re
+    """PEFT's ``target_modules`` / ``exclude_modules`` match: a full regex match for a string
+    (RE2: :func:`jpeft.core.paths.fullmatch`), the name or a ``.``-separated suffix of it for a
+    list."""
+    from jpeft.core import paths as paths_lib
     if isinstance(spec, str):
-        return re.fullmatch(spec, name) is not None
+        return paths_lib.fullmatch(spec, name)
     return any(name == t or name.endswith("." + t) for t in spec)
 
 
 def selected_modules(config: dict, names: Iterable[str], directory: str | os.PathLike
                      ) -> list[str]:
     """The module names PEFT's ``target_modules``, ``exclude_modules`` and
-    ``layers_to_transform`` / ``layers_pattern`` select among ``names``.
+    ``layers_to_transform`` / ``layers_pattern`` select among ``names``; ``config`` is checked
+    against :data:`SELECTION` here.
 
     Raises:
-      AdapterFileError: no ``target_modules``, or a selection of nothing.
+      AdapterFileError: no ``target_modules``, a key of the wrong type, or a selection of
+        nothing.
     """
     from jpeft.core import paths as paths_lib
+    config = checked(config, SELECTION, directory)
     names = sorted(names)
-    targets = need(config, "target_modules", directory)
-    exclude = config.get("exclude_modules")
+    targets = config["target_modules"]
+    exclude = config["exclude_modules"]
     chosen = [n for n in names
               if targets_match(targets, n) and not (exclude and targets_match(exclude, n))]
-    layers = config.get("layers_to_transform")
+    layers = config["layers_to_transform"]
     if layers is not None:
         layers = {layers} if isinstance(layers, int) else set(layers)
-        pattern = config.get("layers_pattern")
+        pattern = config["layers_pattern"]
         if isinstance(pattern, list):
             pattern = pattern[0] if len(pattern) == 1 else None
         chosen = [n for n in chosen

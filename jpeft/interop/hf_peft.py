@@ -17,9 +17,10 @@ the LoRA factors are stored as PEFT stores them (``lora_A.weight [r, in]``, ``lo
 weight is ``[in, out]`` (GPT-2's ``Conv1D``): pass ``fan_in_fan_out=True`` for such models.
 
 Loading is all or nothing: a file that does not fit (a factor missing, a tensor no reader knows,
-a shape that does not fit the base, a module the base lacks, a required config key missing, an
-option jpeft has no form for) raises one :class:`AdapterFileError` (a ``ValueError``) naming the
-key, before anything is returned.
+a shape that does not fit the base, a module the base lacks, a required config key missing, a
+config value of the wrong type (:func:`jpeft.interop.hf_files.checked`), an option jpeft has no
+form for) raises one :class:`AdapterFileError` (a ``ValueError``) naming the key, before anything
+is returned.
 
 Each adapter type lives in its own module with an ``export`` / ``load`` pair (the contract below);
 this module dispatches on ``method.config["method"]`` when saving and on ``peft_type`` when loading.
@@ -29,8 +30,10 @@ this module dispatches on ``method.config["method"]`` when saving and on ``peft_
   different ranks); ``fields`` the ``adapter_config.json`` entries of the type (``peft_type``
   included), ``tensors`` its safetensors entries by full key.
 * ``load(config, tensors, variables, sites, *, collection) -> (method, delta)``: ``config`` the
-  parsed JSON, ``tensors`` a :class:`jpeft.interop.hf_files.Tensors` from which the type takes
-  every tensor it reads (leftovers are refused afterwards).
+  parsed JSON (its :data:`~jpeft.interop.hf_files.COMMON` keys checked; the type checks the keys
+  it reads with :func:`~jpeft.interop.hf_files.checked`), ``tensors`` a
+  :class:`jpeft.interop.hf_files.Tensors` from which the type takes every tensor it reads
+  (leftovers are refused afterwards).
 """
 
 from __future__ import annotations
@@ -140,7 +143,8 @@ def load(directory: str | os.PathLike, variables: Any, *, sites: Any = None,
     """
     directory = Path(directory)
     config, raw = hf_files.read(directory)
-    peft_type = hf_files.need(config, "peft_type", directory)
+    config = hf_files.checked(config, hf_files.COMMON, directory)
+    peft_type = config["peft_type"]
     if peft_type not in BY_PEFT_TYPE:
         raise AdapterFileError(f"{directory / hf_files.CONFIG_FILE}: peft_type {peft_type!r} has "
                                f"no jpeft reader (known: {sorted(BY_PEFT_TYPE)})")
@@ -149,7 +153,7 @@ def load(directory: str | os.PathLike, variables: Any, *, sites: Any = None,
     adapter, adapter_delta = module.load(config, tensors, variables, sites, collection=collection)
     prefix = PROMPT_PREFIX if peft_type in PROMPT_LEARNING else TUNER_PREFIX
     head, head_delta = hf_files.load_saved_modules(tensors, variables,
-                                                   config.get("modules_to_save") or (), prefix,
+                                                   config["modules_to_save"] or (), prefix,
                                                    collection)
     tensors.finish()
     if head is None:

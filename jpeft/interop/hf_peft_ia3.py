@@ -24,7 +24,6 @@ vectors; the file's values are what is loaded.
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 import jax.numpy as jnp
@@ -33,11 +32,15 @@ import numpy as np
 from jpeft.core import method as method_lib
 from jpeft.core import paths as paths_lib
 from jpeft.interop import hf_files
-from jpeft.interop.hf_files import AdapterFileError, need
+from jpeft.core.schema import Field, Pattern
+from jpeft.interop.hf_files import AdapterFileError
 from jpeft.methods import ia3 as ia3_lib
 
 PREFIX = "base_model.model."
 LEAF = ia3_lib.LEAF                      # "ia3_l", in jpeft's delta and in PEFT's keys
+#: The ``adapter_config.json`` keys the reader reads (and ``hf_files.SELECTION``), checked.
+FIELDS = {"feedforward_modules": Field(Pattern | list[str]),
+          "fan_in_fan_out": Field(bool, False), "init_ia3_weights": Field(bool, True)}
 
 
 # --------------------------------------------------------------------------------------------
@@ -89,10 +92,11 @@ def export(variables: Any, adapters: dict, sites: Any = None, *, collection: str
 
 
 def _feedforward(spec: str | list[str], name: str) -> bool:
-    """PEFT's ``feedforward_modules`` match: a full regex match for a string; for a list, the name
-    ends with an entry (plain string suffix, as ``IA3Model._check_target_module_feedforward``)."""
+    """PEFT's ``feedforward_modules`` match: a full regex match for a string (RE2,
+    :func:`jpeft.core.paths.fullmatch`); for a list, the name ends with an entry (plain string
+    suffix, as ``IA3Model._check_target_module_feedforward``)."""
     if isinstance(spec, str):
-        return re.fullmatch(spec, name) is not None
+        return paths_lib.fullmatch(spec, name)
     return any(name.endswith(t) for t in spec)
 
 
@@ -116,9 +120,10 @@ def load(config: dict, tensors: hf_files.Tensors, variables: Any, sites: Any = N
     """The IA3 method (targets: the file's modules, by exact path) and its delta ``{kernel path +
     ("ia3_l",): l}``, ``l`` of the kernel's dtype."""
     directory = tensors.where.parent
+    config = hf_files.checked(config, FIELDS, directory)
     linears = hf_files.linear_modules(variables, sites, collection)
     chosen = hf_files.selected_modules(config, linears, directory)
-    feedforward = need(config, "feedforward_modules", directory)
+    feedforward = config["feedforward_modules"]
     _refuse_strays(tensors, linears, chosen)
     flat, targets, ff_targets = {}, [], []
     for m in chosen:

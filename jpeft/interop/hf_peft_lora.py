@@ -17,14 +17,18 @@ and the file must hold nothing else.
 AdaLoRA (``peft_type`` ``ADALORA``): ``<m>.lora_A [r, in]`` (``P^T``), ``<m>.lora_E [r, 1]``
 (``lam``), ``<m>.lora_B [out, r]`` (``Q^T``), ``r = init_r``; PEFT scales by
 ``lora_alpha / (r + 1e-5)``, jpeft by ``alpha / r``. A file with a ``rank_pattern`` (PEFT's
-state after its budget schedule: a bool mask over the ``init_r`` triplets per module, tensors
-holding only the kept ones) is expanded back to ``init_r`` triplets with zeros in the dropped
-slots, which computes the same.
+state after its budget schedule: ``{"<m>.lora_E": [bool] * init_r}``, a mask over each module's
+triplets, the tensors holding only the kept ones, possibly none) is expanded back to ``init_r``
+triplets with zeros in the dropped slots, which computes the same. jpeft writes all ``init_r``
+triplets (its pruned ones zero) and no ``rank_pattern``.
+
+The config keys each type reads are checked against their types (:data:`LORA_FIELDS`,
+:data:`ADALORA_FIELDS`, :func:`jpeft.interop.hf_files.checked`): ``"use_rslora": "false"`` is
+refused, not read as true.
 """
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 import jax.numpy as jnp
@@ -33,7 +37,8 @@ import numpy as np
 from jpeft.core import method as method_lib
 from jpeft.core import paths as paths_lib
 from jpeft.interop import hf_files
-from jpeft.interop.hf_files import AdapterFileError, need
+from jpeft.core.schema import Field, Pattern
+from jpeft.interop.hf_files import AdapterFileError
 from jpeft.methods.adalora import adalora
 from jpeft.methods.lora import lora
 
@@ -132,39 +137,56 @@ def export(variables: Any, adapters: dict, sites: Any = None, *, collection: str
 # Load
 
 
+#: Options of both types, checked (and some refused: :data:`UNSUPPORTED`).
+_OPTIONS = {"use_dora": Field(bool, False), "lora_bias": Field(bool, False),
+            "use_qalora": Field(bool, False), "bias": Field(str, "none"),
+            "fan_in_fan_out": Field(bool, False)}
+#: The ``adapter_config.json`` keys the LoRA reader reads (and ``hf_files.SELECTION``).
+LORA_FIELDS = {"r": Field(int), "lora_alpha": Field(float), "use_rslora": Field(bool, False),
+               "lora_dropout": Field(float, 0.0),
+               "rank_pattern": Field(dict[Pattern, int] | None, None),
+               "alpha_pattern": Field(dict[Pattern, float] | None, None), **_OPTIONS}
+#: The keys the AdaLoRA reader reads; its ``rank_pattern`` is ``{"<module>.lora_E": [bool] *
+#: init_r}`` (:func:`_rank_masks`).
+ADALORA_FIELDS = {"init_r": Field(int), "lora_alpha": Field(float),
+                  "rank_pattern": Field(dict[str, list[bool]] | None, None),
+                  "target_r": Field(int, 8), "total_step": Field(int | None, None),
+                  "tinit": Field(int, 0), "tfinal": Field(int, 0), "deltaT": Field(int, 1),
+                  "beta1": Field(float, 0.85), "beta2": Field(float, 0.85),
+                  "orth_reg_weight": Field(float, 0.5), **_OPTIONS}
+
+
 def _pattern_value(pattern: dict | None, module: str, default):
-    """PEFT's ``rank_pattern`` / ``alpha_pattern`` lookup: the first key matching the end of the
-    module name (after a ``.``), else ``default``."""
+    """PEFT's LoRA ``rank_pattern`` / ``alpha_pattern`` lookup: the first key matching the end of
+    the module name (after a ``.``; RE2, :func:`jpeft.core.paths.fullmatch`), else ``default``."""
     for key, value in (pattern or {}).items():
-        if re.match(rf"(.*\.)?({key})$", module):
+        if paths_lib.fullmatch(rf"(.*\.)?({key})", module):
             return value
     return default
 
 
 def _refuse(config: dict, where) -> None:
     for key, bad in UNSUPPORTED:
-        if config.get(key) == bad:
+        if config[key] == bad:
             raise AdapterFileError(f"{where}: {key}={bad} has no jpeft form")
-    if config.get("bias", "none") != "none":
+    if config["bias"] != "none":
         raise AdapterFileError(f"{where}: bias={config['bias']!r} (trained biases) has no jpeft "
                                f"form in a LoRA file; train them with jpeft.bitfit instead")
 
 
 def _load_lora(config, tensors, kernels, modules, where, collection):
-    r = int(need(config, "r", where.parent))
-    alpha = float(need(config, "lora_alpha", where.parent))
+    r, alpha = config["r"], float(config["lora_alpha"])
     groups: dict[tuple[int, float], dict] = {}
     for m in modules:
         path, d_in, d_out, dtype = kernels[m]
-        rm = int(_pattern_value(config.get("rank_pattern"), m, r))
-        am = float(_pattern_value(config.get("alpha_pattern"), m, alpha))
+        rm = _pattern_value(config["rank_pattern"], m, r)
+        am = float(_pattern_value(config["alpha_pattern"], m, alpha))
         a = tensors.take(f"{PREFIX}{m}.lora_A.weight", (rm, d_in), f"lora_A of {m}, r={rm}")
         b = tensors.take(f"{PREFIX}{m}.lora_B.weight", (d_out, rm), f"lora_B of {m}, r={rm}")
         group = groups.setdefault((rm, am), {})
         group[path + ("lora_A",)] = a.T.astype(dtype)
         group[path + ("lora_B",)] = b.T.astype(dtype)
-    rslora = bool(config.get("use_rslora"))
-    dropout = float(config.get("lora_dropout") or 0.0)
+    rslora, dropout = config["use_rslora"], float(config["lora_dropout"])
     parts, deltas = {}, {}
     for (rm, am), flat in sorted(groups.items()):
         targets = sorted({"/".join(p[:-2]) for p in flat})
@@ -176,21 +198,48 @@ def _load_lora(config, tensors, kernels, modules, where, collection):
     return method_lib.compose(**parts), deltas
 
 
+def _rank_masks(pattern: dict | None, modules: list[str], init_r: int, where
+                ) -> dict[str, np.ndarray]:
+    """``{module: keep}`` (``[init_r]`` bools) of PEFT's AdaLoRA ``rank_pattern``, whose keys name
+    each module's ``lora_E`` parameter: ``<module>.lora_E`` as ``save_pretrained`` writes them,
+    ``<module>.lora_E.<adapter>`` as the model holds them in memory (a leading
+    ``base_model.model.`` is dropped). A module it does not name keeps all ``init_r`` triplets.
+
+    Raises:
+      AdapterFileError: a key that names no ``lora_E``, or a module the file does not adapt; a
+        mask of other than ``init_r`` entries.
+    """
+    masks = {}
+    for key, keep in (pattern or {}).items():
+        parts = key.split(".")
+        at = len(parts) - 1 - parts[::-1].index("lora_E") if "lora_E" in parts else -1
+        if at < 1 or at < len(parts) - 2:
+            raise AdapterFileError(f"{where}: rank_pattern key {key!r} does not name a module's "
+                                   f"lora_E (PEFT writes '<module>.lora_E')")
+        module = ".".join(parts[:at])
+        module = module[len(PREFIX):] if module.startswith(PREFIX) else module
+        if module not in modules:
+            raise AdapterFileError(f"{where}: rank_pattern key {key!r} is for module "
+                                   f"{module!r}, which the file does not adapt (its "
+                                   f"target_modules select {modules[:4]}...)")
+        if len(keep) != init_r:
+            raise AdapterFileError(f"{where}: rank_pattern[{key!r}] has {len(keep)} entries, "
+                                   f"expected init_r = {init_r}")
+        masks[module] = np.asarray(keep, bool)
+    return masks
+
+
 def _load_adalora(config, tensors, kernels, modules, where):
-    init_r = int(need(config, "init_r", where.parent))
-    alpha = float(need(config, "lora_alpha", where.parent))
-    pattern = config.get("rank_pattern") or {}
+    init_r, alpha = config["init_r"], float(config["lora_alpha"])
+    masks = _rank_masks(config["rank_pattern"], modules, init_r, where)
     flat = {}
     for m in modules:
         path, d_in, d_out, dtype = kernels[m]
-        keep = np.asarray(pattern.get(m, [True] * init_r), bool)
-        if keep.shape != (init_r,):
-            raise AdapterFileError(f"{where}: rank_pattern[{m!r}] has {keep.size} entries, "
-                                   f"expected init_r = {init_r}")
+        keep = masks.get(m, np.ones(init_r, bool))
         k = int(keep.sum())
-        p = tensors.take(f"{PREFIX}{m}.lora_A", (k, d_in), f"P^T of {m}")
-        e = tensors.take(f"{PREFIX}{m}.lora_E", (k, 1), f"lam of {m}")
-        q = tensors.take(f"{PREFIX}{m}.lora_B", (d_out, k), f"Q^T of {m}")
+        p = tensors.take(f"{PREFIX}{m}.lora_A", (k, d_in), f"P^T of {m}, {k} of init_r kept")
+        e = tensors.take(f"{PREFIX}{m}.lora_E", (k, 1), f"lam of {m}, {k} of init_r kept")
+        q = tensors.take(f"{PREFIX}{m}.lora_B", (d_out, k), f"Q^T of {m}, {k} of init_r kept")
         full_p = np.zeros((d_in, init_r), dtype)
         full_q = np.zeros((init_r, d_out), dtype)
         full_e = np.zeros((init_r,), dtype)
@@ -199,13 +248,13 @@ def _load_adalora(config, tensors, kernels, modules, where):
         flat[path + ("lora_E",)] = full_e
     targets = sorted({"/".join(p[:-2]) for p in flat})
     kw = {}
-    if config.get("total_step"):
-        kw = dict(target_r=int(config.get("target_r", 8)), total_steps=int(config["total_step"]),
-                  t_init=int(config.get("tinit", 0)), t_final=int(config.get("tfinal", 0)),
-                  delta_t=int(config.get("deltaT", 1)))
+    if config["total_step"]:
+        kw = dict(target_r=config["target_r"], total_steps=config["total_step"],
+                  t_init=config["tinit"], t_final=config["tfinal"], delta_t=config["deltaT"])
     try:
-        method = adalora(targets, init_r=init_r, alpha=alpha,
-                         orth_reg_weight=float(config.get("orth_reg_weight", 0.5)), **kw)
+        method = adalora(targets, init_r=init_r, alpha=alpha, beta1=float(config["beta1"]),
+                         beta2=float(config["beta2"]),
+                         orth_reg_weight=float(config["orth_reg_weight"]), **kw)
     except ValueError as e:
         raise AdapterFileError(f"{where}: {e}") from None
     return method, paths_lib.unflatten({p: jnp.asarray(x) for p, x in flat.items()})
@@ -213,11 +262,19 @@ def _load_adalora(config, tensors, kernels, modules, where):
 
 def load(config: dict, tensors: hf_files.Tensors, variables: Any, sites: Any = None, *,
          collection: str = "params") -> tuple[method_lib.Method, Any]:
-    """The LoRA (one part per rank and alpha) or AdaLoRA method and delta of a PEFT file."""
+    """The LoRA (one part per rank and alpha) or AdaLoRA method and delta of a PEFT file.
+
+    Raises:
+      AdapterFileError: a key of :data:`LORA_FIELDS` / :data:`ADALORA_FIELDS` missing or of the
+        wrong type, an option jpeft has no form for, tensors that do not fit.
+    """
     where = tensors.directory / hf_files.CONFIG_FILE
+    adalora_file = config["peft_type"] == "ADALORA"
+    config = hf_files.checked(config, ADALORA_FIELDS if adalora_file else LORA_FIELDS,
+                              tensors.directory)
     _refuse(config, where)
     kernels = hf_files.linear_modules(variables, sites, collection)
     modules = hf_files.selected_modules(config, kernels, tensors.directory)
-    if config["peft_type"] == "ADALORA":
+    if adalora_file:
         return _load_adalora(config, tensors, kernels, modules, where)
     return _load_lora(config, tensors, kernels, modules, where, collection)

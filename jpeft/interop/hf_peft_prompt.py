@@ -32,12 +32,21 @@ from jpeft.core import method as method_lib
 from jpeft.core import paths as paths_lib
 from jpeft.core import sites as sites_lib
 from jpeft.interop import hf_files
-from jpeft.interop.hf_files import AdapterFileError, need
+from jpeft.core.schema import Field
+from jpeft.interop.hf_files import AdapterFileError
 from jpeft.methods import prefix as prefix_lib
 from jpeft.methods import prompt as prompt_lib
 
 KEY = "prompt_embeddings"
 KEYS, VALUES = "prefix_keys", "prefix_values"
+#: The ``adapter_config.json`` keys each type reads, checked (:func:`hf_files.checked`).
+FIELDS = {
+    "PROMPT_TUNING": {"num_virtual_tokens": Field(int), "token_dim": Field(int),
+                      "num_transformer_submodules": Field(int | None, None)},
+    "PREFIX_TUNING": {"num_virtual_tokens": Field(int), "token_dim": Field(int),
+                      "num_layers": Field(int), "num_attention_heads": Field(int),
+                      "num_transformer_submodules": Field(int | None, None)},
+}
 
 
 def _need_sites(sites: Any, what: str) -> None:
@@ -162,23 +171,23 @@ def export(variables: Any, adapters: dict, sites: Any = None, *, collection: str
 
 
 def _check(config: dict, key: str, want: int, directory, why: str) -> None:
-    """``config[key]`` (required) must be ``want``."""
-    got = need(config, key, directory)
+    """``config[key]`` (checked: :data:`FIELDS`) must be ``want``."""
+    got = config[key]
     if got != want:
         raise AdapterFileError(f"{directory / hf_files.CONFIG_FILE}: {key} is {got!r} but the base "
                                f"model has {want} ({why}): a file for another model?")
 
 
 def _submodules(config: dict, directory) -> None:
-    n = config.get("num_transformer_submodules")
+    n = config["num_transformer_submodules"]
     if n not in (None, 1):
         raise AdapterFileError(f"{directory / hf_files.CONFIG_FILE}: num_transformer_submodules="
                                f"{n!r} (an encoder-decoder model's); jpeft reads 1")
 
 
 def _virtual_tokens(config: dict, directory) -> int:
-    l = need(config, "num_virtual_tokens", directory)
-    if not isinstance(l, int) or l < 1:
+    l = config["num_virtual_tokens"]
+    if l < 1:
         raise AdapterFileError(f"{directory / hf_files.CONFIG_FILE}: num_virtual_tokens={l!r} is "
                                f"not a positive int")
     return l
@@ -223,12 +232,13 @@ def load(config: dict, tensors: hf_files.Tensors, variables: Any, sites: Any = N
 
     Raises:
       ValueError: no ``sites``.
-      AdapterFileError: a required key missing; ``num_layers``, ``num_attention_heads`` or
+      AdapterFileError: a required key missing or of the wrong type; ``num_layers``, ``num_attention_heads`` or
         ``token_dim`` not those of the base; ``num_transformer_submodules`` not 1; a missing or
         misshapen ``prompt_embeddings``.
     """
     del variables, collection
     directory = tensors.where.parent
+    config = hf_files.checked(config, FIELDS[config["peft_type"]], directory)
     _submodules(config, directory)
     if config["peft_type"] == "PROMPT_TUNING":
         return _load_prompt(config, tensors, sites, directory)

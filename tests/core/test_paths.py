@@ -88,3 +88,42 @@ def test_flatten_unflatten_round_trip():
     assert jax.tree.structure(back) == jax.tree.structure(tree)
     jax.tree.map(np.testing.assert_array_equal, back, tree)
     assert list(paths.flatten(back)) == list(flat)
+
+
+# Regular expressions are matched with RE2: linear time, whatever the pattern.
+
+#: Module paths of TREE and of a deeper model, as "/"-joined strings.
+MODULES = sorted({paths.path_str(p[:-1]) for p in paths.flatten(TREE)} | {
+    "params/model/layers/11/self_attn/q_proj", "params/model/layers/11/mlp/down_proj",
+    "params/bert/encoder/layer/10/attention/output/dense"})
+
+
+@pytest.mark.parametrize("pattern", [
+    r".*attention/self/(query|value)", r".*attention\.self\.query", r"(.*/)?(key|value|down_proj)",
+    r".*layer/[0-9]+/.*", r".*layers_?\d+/mlp/.*", r"params/classifier", r"[a-z]+/encoder/.*",
+    r"(?i).*Q_PROJ", r".*(?:self_attn|attention)/[qkv].*"])
+def test_patterns_select_what_python_re_selects(pattern):
+    import re
+    for module in MODULES:
+        comps = tuple(module.split("/"))
+        want = bool(re.fullmatch(pattern, module) or re.fullmatch(pattern, ".".join(comps)))
+        assert paths.matches(comps, pattern) == want, (pattern, module)
+
+
+def test_a_pathological_pattern_is_matched_in_linear_time():
+    from deadline import within
+    module = tuple(f"layer{i}" for i in range(40))      # Python's re: hours on this
+    assert within(2.0, paths.matches, module, "(.*.*)*Z") is False
+    sel = paths.Selection(targets="(.*.*)*Z", leaf_names=("kernel",))
+    with pytest.raises(ValueError, match="matched none of the"):
+        within(2.0, paths.select, TREE, sel)
+
+
+@pytest.mark.parametrize("pattern,why", [(r"(query)\1", r"invalid escape sequence: \\1"),
+                                         (r"(?=q)query", r"invalid perl operator: \(\?=")])
+def test_a_pattern_re2_cannot_compile_is_one_clear_error(pattern, why):
+    import re
+    with pytest.raises(ValueError, match=rf"the pattern {re.escape(repr(pattern))} is not RE2 "
+                                         rf"syntax \({why}\)"
+                                         rf".*no backreferences or lookaround"):
+        paths.select(TREE, paths.Selection(targets=pattern, leaf_names=("kernel",)))

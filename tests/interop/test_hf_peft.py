@@ -3,6 +3,8 @@
 
 import copy
 import json
+import re
+import warnings
 
 import jax
 import numpy as np
@@ -107,6 +109,48 @@ def test_adalora_both_directions(hf_bert_pair, tiny_batch, tmp_path):
                                want, atol=1e-4, rtol=1e-4)
 
 
+def test_adalora_after_peft_budget_schedule_both_directions(hf_bert_pair, tiny_batch, tmp_path):
+    """A file PEFT wrote after its budget schedule pruned triplets: ``rank_pattern`` keys
+    ``<module>.lora_E``, tensors holding the kept triplets only (none for a module)."""
+    torch, hf, model, variables, sites = hf_bert_pair
+    import peft
+    torch.manual_seed(0)
+    peft_model = peft.get_peft_model(hf, peft.AdaLoraConfig(
+        init_r=4, target_r=2, lora_alpha=8, target_modules=["query", "value", "dense"],
+        total_step=8, tinit=2, tfinal=2, deltaT=1, beta1=0.5, beta2=0.5))
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_E" in name:
+                p.normal_(0.0, 0.5)
+    opt = torch.optim.SGD(peft_model.parameters(), lr=0.05)
+    batch = {k: torch.from_numpy(v.astype(np.int64)) for k, v in tiny_batch.items()}
+    for step in range(8):
+        peft_model(**batch, labels=torch.tensor([0, 1, 0])).loss.backward()
+        opt.step()
+        peft_model.base_model.update_and_allocate(step)
+        opt.zero_grad()
+    peft_model.eval()
+    with warnings.catch_warnings():                # PEFT warns of the zero-sized tensors
+        warnings.simplefilter("ignore")
+        peft_model.save_pretrained(str(tmp_path / "hf"))
+    pattern = json.loads((tmp_path / "hf" / "adapter_config.json").read_text())["rank_pattern"]
+    assert "bert.encoder.layer.0.attention.self.query.lora_E" in pattern
+    kept = sorted(sum(keep) for keep in pattern.values())
+    assert kept[0] < 4 and any(0 < k < 4 for k in kept), kept         # pruned, some partly
+    want = torch_logits(torch, peft_model, tiny_batch)
+
+    method, delta = hf_peft.load(tmp_path / "hf", variables, sites=sites)
+    got = jpeft.wrap(model.apply, method, sites)(variables, delta, **tiny_batch)
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
+    base = model.apply(variables, **tiny_batch)          # tiny logits: HF's 0.02-scale head
+    assert np.abs(got - base).max() > 10 * np.abs(got - want).max()
+
+    out = hf_peft.save(tmp_path / "ours", variables, method, delta, sites=sites)
+    reloaded = peft.PeftModel.from_pretrained(copy.deepcopy(hf_bert_pair[1]), str(out)).eval()
+    np.testing.assert_allclose(torch_logits(torch, reloaded, tiny_batch), want, atol=1e-4,
+                               rtol=1e-4)
+
+
 @pytest.fixture
 def saved(hf_bert_pair, tiny_batch, tmp_path):
     _, _, model, variables, sites = hf_bert_pair
@@ -166,6 +210,52 @@ def test_a_file_that_does_not_fit_is_one_clear_error(saved, fault, message):
     _edit(path, **fault)
     with pytest.raises(AdapterFileError, match=message):
         hf_peft.load(path, variables, sites=sites)
+
+
+@pytest.mark.parametrize("key,value,expected", [
+    ("r", "abc", "an int"),
+    ("r", True, "an int"),
+    ("r", 2.5, "an int"),
+    ("lora_alpha", "16", "a number"),
+    ("use_rslora", "false", "a bool (true or false)"),
+    ("use_dora", 0, "a bool (true or false)"),
+    ("rank_pattern", [1, 2], "an object {regular expression: int} or null"),
+    ("rank_pattern", {"query": "2"}, "an object {regular expression: int} or null"),
+    ("alpha_pattern", {"query": True}, "an object {regular expression: number} or null"),
+    ("target_modules", 123, "a regular expression (str, RE2 syntax) or a list of str"),
+    ("target_modules", ["query", 1], "a regular expression (str, RE2 syntax) or a list of str"),
+    ("target_modules", r"(query)\1", "a regular expression (str, RE2 syntax) or a list of str "
+                                     "(the pattern '(query)\\\\1' is not RE2 syntax"),
+    ("layers_to_transform", "0", "an int or a list of int or null"),
+    ("peft_type", 1, "a str"),
+    ("modules_to_save", "classifier", "a list of str or null"),
+])
+def test_a_config_value_of_the_wrong_type_is_one_clear_error(saved, key, value, expected):
+    """Naming the file, the key, the value and the type expected; never read as something else
+    (``"use_rslora": "false"`` is not true)."""
+    path, model, variables, sites, method, delta = saved
+    _edit(path, config=lambda c: {**c, key: value})
+    shown = {dict: "object", list: "list"}.get(type(value), type(value).__name__)
+    message = (f"{path / 'adapter_config.json'}: key {key!r} is {value!r} ({shown}); expected "
+               f"{expected}")
+    with pytest.raises(AdapterFileError, match="^" + re.escape(message)):
+        hf_peft.load(path, variables, sites=sites)
+
+
+def test_a_config_that_is_not_an_object_is_one_clear_error(saved):
+    path, model, variables, sites, method, delta = saved
+    _edit(path, config=lambda c: [c["r"]])
+    with pytest.raises(AdapterFileError, match=re.escape(
+            f"{path / 'adapter_config.json'}: the config is [2] (list); expected a JSON object")):
+        hf_peft.load(path, variables, sites=sites)
+
+
+def test_a_pathological_target_pattern_from_a_file_does_not_hang(saved):
+    from deadline import within
+    path, model, variables, sites, method, delta = saved
+    _edit(path, config=lambda c: {**c, "target_modules": "(.*.*)*Z"})
+    with pytest.raises(AdapterFileError, match=r"target_modules '\(\.\*\.\*\)\*Z' select none"):
+        within(5.0, hf_peft.load, path, variables, sites=sites)
 
 
 def test_another_base_is_one_clear_error(saved):
