@@ -710,6 +710,8 @@ def load_hf_llama(source: Mapping[str, Any] | str | os.PathLike, config: LlamaCo
     ``embed_tokens`` and ``-> scale`` for norms; ``bias -> bias``. ``*.rotary_emb.inv_freq``
     buffers are ignored, and so is ``lm_head.weight`` of a tied model when it equals the
     embedding. Tensors are cast to ``param_dtype``; parameters are never randomly initialised.
+    Every tensor is read whole onto the default device; to read each device's slice straight onto
+    a mesh (bfloat16 kept), see :func:`jpeft.models.sharded_loading.load_hf_llama_sharded`.
 
     Raises:
       ValueError: naming the key, on a shape mismatch, on any missing or unexpected key (all of
