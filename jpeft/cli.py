@@ -6,6 +6,8 @@ preset (:mod:`jpeft.presets`) through the one recipe (:func:`jpeft.recipes.finet
 ``python -m jpeft.cli decoder [--method lora,prefix,ia3,houlsby,prompt]`` runs the decoder example
 (:mod:`jpeft.recipes.decoder`). Both take ``--quantize {none,nf4,int8}``: the base stored quantized
 after loading (QLoRA, :mod:`jpeft.recipes.quantization`).
+``python -m jpeft.cli plan --model llama-3-8b --mesh fsdp=16,tp=4 --batch 256 --seq 4096`` sizes a
+sharded run by compiling its train step on forced host devices (:mod:`jpeft.plan`).
 """
 
 from __future__ import annotations
@@ -164,7 +166,92 @@ def build_parser() -> argparse.ArgumentParser:
                                                           "(default per method)")
     g.add_argument("--seed", type=int, default=0)
     add_quantize_flag(g)
+    add_plan_parser(sub)
     return parser
+
+
+PLAN_FLAGS = ("model", "method", "targets", "mesh", "batch", "seq", "remat", "rank", "alpha",
+              "device_memory", "dtype")
+
+
+def add_plan_parser(sub) -> None:
+    """``jpeft plan``: size a sharded run by compiling its train step (:mod:`jpeft.plan`)."""
+    from jpeft import plan as plan_lib
+    p = sub.add_parser(
+        "plan", help="size a sharded fine-tuning run: compile its train step for a mesh of "
+                     "forced host devices (no weights) and print per-device memory and FLOPs")
+    p.add_argument("--model", default="tiny",
+                   help=f"{', '.join(plan_lib.MODELS)}, or a path to a Hugging Face LLaMA "
+                        f"config.json (default: tiny)")
+    p.add_argument("--method", default="lora", help=f"{', '.join(plan_lib.METHODS)} (qlora: NF4 "
+                                                    f"base, LoRA on top; default: lora)")
+    p.add_argument("--targets", default="all-linear",
+                   help="LoRA targets: all-linear or comma-separated module names, e.g. "
+                        "q_proj,v_proj (default: all-linear)")
+    p.add_argument("--mesh", default="fsdp=8",
+                   help="mesh axes and sizes, e.g. fsdp=16,tp=4 or dp=8 (axes dp, fsdp, tp; "
+                        "default: fsdp=8)")
+    p.add_argument("--batch", type=int, default=8, help="global batch (sequences per step)")
+    p.add_argument("--seq", type=int, default=16, help="sequence length")
+    p.add_argument("--remat", default="none", help=f"{', '.join(plan_lib.REMAT)} (default: none)")
+    p.add_argument("--rank", type=int, default=16, help="LoRA rank (default: 16)")
+    p.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default: 2 x rank)")
+    p.add_argument("--device-memory", default=None,
+                   help=f"memory per device to check against: {', '.join(plan_lib.DEVICE_MEMORY)}"
+                        f" (decimal GB), or any size such as 24GiB")
+    p.add_argument("--dtype", default="bfloat16", help=f"base weights and computation: "
+                                                       f"{', '.join(plan_lib.DTYPES)}")
+    p.add_argument("--no-reexec", action="store_true",
+                   help="fail when this process's device count differs from the mesh size "
+                        "instead of re-running with XLA_FLAGS=--xla_force_host_platform_device_"
+                        "count=N JAX_PLATFORMS=cpu")
+
+
+def plan_command(args: argparse.Namespace) -> int:
+    """``jpeft plan``: validate the flags (a one-line error naming the flag, exit 2), make sure
+    the process has exactly as many devices as the mesh (else re-run itself with that many forced
+    host devices, unless ``--no-reexec``), then compile and print :func:`jpeft.plan.format_plan`."""
+    from jpeft import plan as plan_lib
+    targets = args.targets if args.targets == "all-linear" else tuple(
+        t.strip() for t in args.targets.split(",") if t.strip())
+    kw = dict(targets=targets, mesh=args.mesh, batch=args.batch, seq=args.seq, remat=args.remat,
+              rank=args.rank, alpha=args.alpha, device_memory=args.device_memory,
+              dtype=args.dtype)
+    try:
+        _, sizes, _ = plan_lib.check(args.model, args.method, args.mesh, args.batch, args.seq,
+                                     args.remat, args.device_memory, args.dtype, args.rank)
+        n = plan_lib.mesh_size(sizes)
+        import jax
+        have = jax.device_count()
+        if have != n:
+            if args.no_reexec or os.environ.get("JPEFT_PLAN_CHILD"):
+                raise plan_lib.PlanError(
+                    "--mesh", f"the mesh has {n} devices, this process has {have} (run without "
+                              f"--no-reexec, or set XLA_FLAGS=--xla_force_host_platform_device_"
+                              f"count={n} JAX_PLATFORMS=cpu)")
+            return _rerun_plan(args, n)
+        result = plan_lib.plan(args.model, args.method, **kw)
+    except plan_lib.PlanError as e:
+        print(f"jpeft plan: error: {e}", file=sys.stderr)
+        return 2
+    print(plan_lib.format_plan(result))
+    return 0
+
+
+def _rerun_plan(args: argparse.Namespace, n: int) -> int:
+    """Run ``jpeft plan`` with the same flags in a new process with ``n`` forced host devices."""
+    import subprocess
+    argv = [sys.executable, "-m", "jpeft.cli", "plan"]
+    for name in PLAN_FLAGS:
+        value = getattr(args, name)
+        if value is not None:
+            argv += ["--" + name.replace("_", "-"), str(value)]
+    flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
+             if not f.startswith("--xla_force_host_platform_device_count")]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "JPEFT_PLAN_CHILD": "1",
+           "XLA_FLAGS": " ".join(flags + [f"--xla_force_host_platform_device_count={n}"])}
+    sys.stdout.flush()
+    return subprocess.run(argv, env=env).returncode
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -177,6 +264,8 @@ def main(argv: list[str] | None = None) -> int:
         return list_presets()
     if args.command == "decoder":
         return decoder_example(args)
+    if args.command == "plan":
+        return plan_command(args)
     try:
         options = preset_options(args)
         from jpeft.recipes import finetune

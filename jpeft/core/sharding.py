@@ -9,7 +9,6 @@ delta's shardings; scalars are replicated.
 
 from __future__ import annotations
 
-import re
 from typing import Any, Callable, Sequence
 
 import jax
@@ -24,27 +23,39 @@ def shardings_of(tree: Any) -> Any:
     return jax.tree_util.tree_map(lambda x: x.sharding, tree)
 
 
-def shard_by_rules(tree: Any, mesh: Mesh, rules: Sequence[tuple[str, PartitionSpec]],
-                   default: PartitionSpec = PartitionSpec()) -> Any:
-    """``NamedSharding`` per leaf: the first rule whose regex fully matches the '/'-joined path.
+def rule_sharding(mesh: Mesh, rules: Sequence[tuple[str, PartitionSpec]],
+                  default: PartitionSpec = PartitionSpec()
+                  ) -> Callable[[str, tuple[int, ...]], NamedSharding]:
+    """``(path, shape) -> NamedSharding``: the spec of the first rule whose regex fully matches
+    the '/'-joined ``path`` (RE2, :func:`jpeft.core.paths.fullmatch`), else ``default``.
 
     A spec with more entries than the leaf has dimensions, or an axis that does not divide the
-    dimension, raises a ``ValueError`` naming the leaf.
+    dimension, raises a ``ValueError`` naming the leaf. (Per leaf, so a checkpoint loader can
+    place each tensor before the tree exists: :func:`jpeft.models.load_hf_llama_sharded`.)
     """
-    def one(kp, x):
-        path = paths_lib.path_str(paths_lib.to_path(kp))
-        spec = next((s for pat, s in rules if re.fullmatch(pat, path)), default)
-        if len(spec) > x.ndim:
-            raise ValueError(f"shard_by_rules: spec {spec} has more axes than {path} {x.shape}")
-        for dim, axis in zip(x.shape, spec):
+    def one(path: str, shape: tuple[int, ...]) -> NamedSharding:
+        spec = next((s for pat, s in rules if paths_lib.fullmatch(pat, path)), default)
+        if len(spec) > len(shape):
+            raise ValueError(f"shard_by_rules: spec {spec} has more axes than {path} {shape}")
+        for i, (dim, axis) in enumerate(zip(shape, spec)):
             size = 1
             for a in (axis if isinstance(axis, tuple) else (axis,)):
                 size *= mesh.shape[a] if a is not None else 1
             if dim % size:
-                raise ValueError(f"shard_by_rules: {path} dim {dim} not divisible by mesh axes "
-                                 f"{axis} of size {size}")
+                raise ValueError(f"shard_by_rules: {path} {tuple(shape)}: dimension {i} (size "
+                                 f"{dim}) not divisible by mesh axes {axis!r} of size {size}; "
+                                 f"replicate that dimension (None in the rule's spec) or use "
+                                 f"mesh axes whose size divides {dim}")
         return NamedSharding(mesh, spec)
-    return jax.tree_util.tree_map_with_path(one, tree)
+    return one
+
+
+def shard_by_rules(tree: Any, mesh: Mesh, rules: Sequence[tuple[str, PartitionSpec]],
+                   default: PartitionSpec = PartitionSpec()) -> Any:
+    """``NamedSharding`` per leaf of ``tree`` by :func:`rule_sharding`."""
+    one = rule_sharding(mesh, rules, default)
+    return jax.tree_util.tree_map_with_path(
+        lambda kp, x: one(paths_lib.path_str(paths_lib.to_path(kp)), tuple(x.shape)), tree)
 
 
 def delta_shardings(method: method_lib.Method, param_shardings: Any, delta: Any,

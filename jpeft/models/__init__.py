@@ -10,7 +10,7 @@ from jpeft.models.llama import (KVCache, LlamaConfig, LlamaForCausalLM, LlamaMod
                                 init_cache, llama_to_hf_state, load_hf_llama)
 from jpeft.models.loading import (LoadReport, LoadedBert, flax_to_hf_state, hf_state_to_flax,
                                   load_hf_bert)
-from jpeft.models.sharded_loading import load_hf_llama_sharded, rule_shardings
+from jpeft.models.sharded_loading import load_hf_llama_sharded
 from jpeft.models.tokenizer import encode, load_tokenizer
 
 __all__ = [
@@ -20,5 +20,5 @@ __all__ = [
     "LlamaForCausalLM", "LlamaModel", "LoadReport", "LoadedBert", "attention_bias", "encode",
     "flax_to_hf_state", "generate", "get_activation", "hf_state_to_flax", "init_cache",
     "llama_to_hf_state", "load_hf_bert", "load_hf_llama", "load_hf_llama_sharded",
-    "load_tokenizer", "masked_mean", "rule_shardings",
+    "load_tokenizer", "masked_mean",
 ]

@@ -33,14 +33,13 @@ import json
 import math
 import os
 import pathlib
-import re
 from typing import Any, Callable, Iterator, Mapping, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec, Sharding
+from jax.sharding import Mesh, NamedSharding, Sharding
 
 from jpeft.models.llama import (IGNORED_HF_SUFFIXES, LlamaConfig, LlamaForCausalLM, _hf_targets,
                                 _param_variables, _Target)
@@ -197,18 +196,6 @@ def read_block(info: TensorInfo, key: str, ranges: Ranges, out: np.ndarray, *,
 # --------------------------------------------------------------------------- shardings
 
 
-def rule_shardings(mesh: Mesh, rules: Sequence[tuple[str, PartitionSpec]],
-                   default: PartitionSpec = PartitionSpec()) -> Callable[[str, tuple], Sharding]:
-    """``(path, shape) -> NamedSharding(mesh, spec)`` with the spec of the first rule whose regular
-    expression fully matches the ``'/'``-joined path (as :func:`jpeft.shard_by_rules`), else
-    ``default``. E.g. FSDP over a mesh axis ``"fsdp"``: ``[(r".*(kernel|embedding)",
-    P("fsdp", None))]`` (``P(None, "fsdp", None)`` for a scanned stack's ``[L, in, out]``)."""
-    def sharding(path: str, shape: tuple) -> Sharding:
-        spec = next((s for pattern, s in rules if re.fullmatch(pattern, path)), default)
-        return NamedSharding(mesh, spec)
-    return sharding
-
-
 def _axis_size(mesh: Mesh, axis: Any) -> int:
     axes = axis if isinstance(axis, tuple) else (axis,)
     return math.prod(mesh.shape[a] for a in axes if a is not None)
@@ -362,8 +349,9 @@ def load_hf_llama_sharded(source: str | os.PathLike, config: LlamaConfig | None 
       config: the model's config; read from ``config.json`` next to ``source`` when ``None``.
       shardings: a ``jax.sharding.Sharding`` for every parameter, a function ``(path, shape)
         -> Sharding`` of the ``'/'``-joined parameter path and its jpeft shape (e.g.
-        :func:`rule_shardings`), or ``{path: Sharding}`` covering every parameter (see
-        :data:`ShardingSpec`). Every device reads only its own block from the file.
+        :func:`jpeft.models.sharding_rules.sharding_fn` for a named layout, or
+        :func:`jpeft.core.sharding.rule_sharding` for regex rules), or ``{path: Sharding}``
+        covering every parameter (see :data:`ShardingSpec`). Every device reads only its own block from the file.
       dtype: the computation dtype.
       param_dtype: cast every parameter to this dtype; ``None`` keeps each tensor's dtype in the
         file (bfloat16 stays bfloat16; a scanned stack takes the promoted dtype of its layers).
@@ -418,6 +406,6 @@ def load_hf_llama_sharded(source: str | os.PathLike, config: LlamaConfig | None 
 
 __all__ = [
     "CHUNK_BYTES", "SAFETENSORS_DTYPES", "ShardingSpec", "TensorInfo", "check_sharding",
-    "checkpoint_files", "load_hf_llama_sharded", "place", "read_block", "rule_shardings",
+    "checkpoint_files", "load_hf_llama_sharded", "place", "read_block",
     "tensor_index",
 ]

@@ -16,26 +16,48 @@ delta and optimizer state then follow the weights (:func:`jpeft.delta_shardings`
 * ``"fsdp_tp"``: both. The tensor-parallel axis as in ``"tp"``, the other axis of each matrix
   split over ``"data"``; the batch over ``"data"``.
 
+A :class:`Layout` on other axis names works the same (the planner's ``("dp", "fsdp", "tp")``
+mesh: ``Layout(fsdp="fsdp", tp="tp", batch=("dp", "fsdp"))``).
+
 Rules match by module name (Hugging Face's names, as both models use them) and apply to a
 leaf's trailing axes: a ``scan``-stacked ``[L, in, out]`` kernel gets the spec of its
 ``[in, out]`` matrix with the layer axis replicated. Norm scales and biases are replicated (they
-are small). Every spec is checked against the mesh before use (:func:`jpeft.shard_by_rules`:
-an axis that does not divide is an error naming the leaf).
+are small). Every spec is checked against the mesh (:func:`sharding_fn`: an axis that does not
+divide is an error naming the leaf); the same function places each slice of a checkpoint read
+straight onto the mesh (:func:`jpeft.models.load_hf_llama_sharded`).
 """
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+import math
+from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jpeft.core import paths as paths_lib
 
-LAYOUTS = ("dp", "fsdp", "tp", "fsdp_tp")
-#: Mesh axis names the layouts use.
+#: Mesh axis names of the named layouts.
 DATA, MODEL = "data", "model"
 ALL = (DATA, MODEL)
+
+
+class Layout(NamedTuple):
+    """Which mesh axes split what: ``fsdp`` (axis or axes) splits each matrix along its hidden
+    axis, ``tp`` (an axis) splits the projections by column or row, ``batch`` (axes) splits the
+    batch's leading axis; ``None``: not split that way."""
+    fsdp: str | tuple[str, ...] | None
+    tp: str | None
+    batch: tuple[str, ...]
+
+
+#: The named layouts on a ``("data", "model")`` mesh (module docstring).
+LAYOUTS = {
+    "dp": Layout(fsdp=None, tp=None, batch=ALL),
+    "fsdp": Layout(fsdp=ALL, tp=None, batch=ALL),
+    "tp": Layout(fsdp=None, tp=MODEL, batch=(DATA,)),
+    "fsdp_tp": Layout(fsdp=DATA, tp=MODEL, batch=(DATA,)),
+}
 
 #: Per model: name pattern -> the role of the matrix (``"column"``: split by output column
 #: under tensor parallelism; ``"row"``: by input row; ``"embed"``: ``[vocab, hidden]``;
@@ -60,27 +82,32 @@ ROLES = {
 }
 
 
-def matrix_spec(role: str, layout: str) -> P:
+def layout_of(layout: str | Layout) -> Layout:
+    """``layout`` itself, or the named one (:data:`LAYOUTS`)."""
+    if isinstance(layout, Layout):
+        return layout
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}; choose from {tuple(LAYOUTS)} or give a "
+                         f"Layout(fsdp=..., tp=..., batch=...)")
+    return LAYOUTS[layout]
+
+
+def matrix_spec(role: str, layout: str | Layout) -> P:
     """The ``PartitionSpec`` of a 2-D weight of ``role`` (:data:`ROLES`) under ``layout``:
     ``[in, out]`` kernels, ``[vocab, hidden]`` embeddings."""
-    if layout not in LAYOUTS:
-        raise ValueError(f"unknown layout {layout!r}; choose from {LAYOUTS}")
-    fsdp = {"dp": None, "fsdp": ALL, "tp": None, "fsdp_tp": DATA}[layout]
-    tp = MODEL if layout in ("tp", "fsdp_tp") else None
+    lay = layout_of(layout)
     return {
-        "column": P(fsdp, tp),          # [hidden, out]: hidden over fsdp, columns over tp
-        "row": P(tp, fsdp),             # [in, hidden]: rows over tp, hidden over fsdp
-        "embed": P(None, fsdp),         # [vocab, hidden]: hidden over fsdp
-        "head": P(fsdp, None),          # [hidden, out]
+        "column": P(lay.fsdp, lay.tp),      # [hidden, out]: hidden over fsdp, columns over tp
+        "row": P(lay.tp, lay.fsdp),         # [in, hidden]: rows over tp, hidden over fsdp
+        "embed": P(None, lay.fsdp),         # [vocab, hidden]: hidden over fsdp
+        "head": P(lay.fsdp, None),          # [hidden, out]
     }[role]
 
 
-def batch_spec(layout: str) -> P:
-    """Where the batch's leading axis lives: every device for ``dp``/``fsdp``, ``"data"``
-    otherwise (tensor parallelism replicates the batch over ``"model"``)."""
-    if layout not in LAYOUTS:
-        raise ValueError(f"unknown layout {layout!r}; choose from {LAYOUTS}")
-    return P(ALL) if layout in ("dp", "fsdp") else P(DATA)
+def batch_spec(layout: str | Layout) -> P:
+    """Where the batch's leading axis lives: :attr:`Layout.batch` (every device for ``dp`` and
+    ``fsdp``, ``"data"`` when tensor parallelism replicates the batch over ``"model"``)."""
+    return P(layout_of(layout).batch)
 
 
 def _role(model: str, path: str) -> str | None:
@@ -89,37 +116,71 @@ def _role(model: str, path: str) -> str | None:
     return next((role for pat, role in ROLES[model] if paths_lib.fullmatch(pat, path)), None)
 
 
-def param_shardings(params: Any, mesh: Mesh, model: str, layout: str) -> Any:
-    """``NamedSharding`` per leaf of ``params`` (concrete or ``jax.ShapeDtypeStruct``) for
-    ``model`` (``"llama"`` or ``"bert"``) under ``layout`` on ``mesh`` (axes ``"data"``,
-    ``"model"``): :func:`matrix_spec` on a matrix's last two axes (leading stacked axes
-    replicated), replicated for every other leaf. A mesh axis that does not divide its dimension
-    is an error naming the leaf."""
-    missing = [a for a in ALL if a not in mesh.axis_names]
-    if missing:
-        raise ValueError(f"param_shardings: the mesh needs axes {ALL}; it has {mesh.axis_names}")
+def _axes_in(spec_axes) -> tuple[str, ...]:
+    out = []
+    for a in spec_axes:
+        out += [] if a is None else list(a if isinstance(a, tuple) else (a,))
+    return tuple(out)
 
-    def one(kp, x):
-        path = paths_lib.path_str(paths_lib.to_path(kp))
-        role = _role(model, path) if len(x.shape) >= 2 else None
-        axes = () if role is None else (*(None,) * (len(x.shape) - 2), *matrix_spec(role, layout))
-        while axes and axes[-1] is None:            # P(None, None) is written P()
-            axes = axes[:-1]
-        spec = P(*axes)
-        for dim, axes in zip(x.shape, spec):
-            size = 1
-            for a in (axes if isinstance(axes, tuple) else (axes,)):
-                size *= mesh.shape[a] if a is not None else 1
+
+def spec_of(model: str, layout: str | Layout, path: str, shape: tuple[int, ...]) -> P:
+    """The ``PartitionSpec`` of the leaf at ``path`` (``'/'``-joined) of ``shape``:
+    :func:`matrix_spec` on a matrix's last two axes (leading stacked axes replicated),
+    replicated for every other leaf."""
+    role = _role(model, path) if len(shape) >= 2 else None
+    axes = () if role is None else (*(None,) * (len(shape) - 2), *matrix_spec(role, layout))
+    while axes and axes[-1] is None:            # P(None, None) is written P()
+        axes = axes[:-1]
+    return P(*axes)
+
+
+def sharding_fn(mesh: Mesh, model: str, layout: str | Layout
+                ) -> Callable[[str, tuple[int, ...]], NamedSharding]:
+    """``(path, shape) -> NamedSharding`` of :func:`spec_of` on ``mesh``, checked: a mesh axis
+    the layout names but the mesh lacks, or one that does not divide its dimension, is an error
+    naming the leaf (what :func:`jpeft.models.load_hf_llama_sharded` takes)."""
+    lay = layout_of(layout)
+    missing = sorted({a for a in _axes_in((lay.fsdp, lay.tp, lay.batch))
+                      if a not in mesh.axis_names})
+    if missing:
+        raise ValueError(f"layout {layout!r} names mesh axes {missing} that the mesh (axes "
+                         f"{mesh.axis_names}) lacks")
+
+    def one(path: str, shape: tuple[int, ...]) -> NamedSharding:
+        spec = spec_of(model, lay, path, shape)
+        for dim, axes in zip(shape, spec):
+            size = math.prod(mesh.shape[a] for a in _axes_in((axes,)))
             if dim % size:
                 raise ValueError(
-                    f"param_shardings({model!r}, {layout!r}): {path} {tuple(x.shape)}: dimension "
-                    f"{dim} is not divisible by mesh axes {axes} of size {size}; use a mesh whose "
-                    f"axes divide the model's sizes, or another layout")
+                    f"sharding {model!r} {layout!r}: {path} {tuple(shape)}: dimension {dim} is "
+                    f"not divisible by mesh axes {axes} of size {size}; use a mesh whose axes "
+                    f"divide the model's sizes, or another layout")
         return NamedSharding(mesh, spec)
-    return jax.tree_util.tree_map_with_path(one, params)
+    return one
 
 
-def batch_shardings(batch: Any, mesh: Mesh, layout: str) -> Any:
+def param_shardings(params: Any, mesh: Mesh, model: str, layout: str | Layout) -> Any:
+    """``NamedSharding`` per leaf of ``params`` (concrete or ``jax.ShapeDtypeStruct``) for
+    ``model`` (``"llama"`` or ``"bert"``) under ``layout`` (:func:`sharding_fn`). A quantized
+    weight (:class:`jpeft.QuantizedArray`) stores flat arrays: each is split on its first axis
+    over the layout's ``fsdp`` and ``tp`` axes where they divide it, replicated otherwise (its
+    LoRA factors follow the full-precision layout: give :func:`jpeft.delta_shardings` the
+    shardings of the unquantized tree)."""
+    one = sharding_fn(mesh, model, layout)
+    lay = layout_of(layout)
+    flat = _axes_in((lay.fsdp, lay.tp))
+    n_flat = math.prod(mesh.shape[a] for a in flat)
+
+    def leaf(kp, x):
+        if paths_lib.is_array_node(x):          # a QuantizedArray: its stored arrays
+            return jax.tree_util.tree_map(
+                lambda a: NamedSharding(mesh, P(flat) if flat and a.ndim and
+                                        a.shape[0] % n_flat == 0 else P()), x)
+        return one(paths_lib.path_str(paths_lib.to_path(kp)), tuple(x.shape))
+    return jax.tree_util.tree_map_with_path(leaf, params, is_leaf=paths_lib.is_array_node)
+
+
+def batch_shardings(batch: Any, mesh: Mesh, layout: str | Layout) -> Any:
     """``NamedSharding`` per leaf of ``batch``: its leading (example) axis by
     :func:`batch_spec`, the rest replicated."""
     spec = batch_spec(layout)

@@ -19,7 +19,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from safetensors.numpy import save_file
 
 from jpeft.models.llama import LlamaConfig, hf_param_shapes, load_hf_llama
-from jpeft.models.sharded_loading import (load_hf_llama_sharded, read_block, rule_shardings,
+from jpeft.core.sharding import rule_sharding as rule_shardings
+from jpeft.models.sharded_loading import (load_hf_llama_sharded, read_block,
                                           tensor_index)
 
 
@@ -197,10 +198,14 @@ def test_sharding_that_does_not_divide_names_the_tensor(tiny_dir, mesh8):
     _write(path, _random_state(config), config)
     # vocab 130 is not a multiple of the 4 "model" devices of the embedding's rule (checked
     # before anything is read)
+    with pytest.raises(ValueError, match=r"model/embed_tokens/embedding \(130, \d+\): dimension"
+                                         r" 0 \(size 130\).*'model'.*size 4.*replicate"):
+        load_hf_llama_sharded(path, shardings=_rules(mesh8, False))
+    whole = NamedSharding(mesh8, P("model"))        # one sharding for all: the loader's check
     with pytest.raises(ValueError, match=r"'model/embed_tokens/embedding' \(from 'model.embed_"
                                          r"tokens.weight'.*dimension 0 \(size 130\).*'model'.*"
                                          r"size 4.*replicate"):
-        load_hf_llama_sharded(path, shardings=_rules(mesh8, False))
+        load_hf_llama_sharded(path, shardings=whole)
     with pytest.raises(ValueError, match="more entries than the parameter has dimensions"):
         load_hf_llama_sharded(path, shardings=NamedSharding(mesh8, P(None, None, "data")))
 
@@ -229,7 +234,8 @@ import json, os, resource, sys, time
 import jax, numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from safetensors import safe_open
-from jpeft.models.sharded_loading import load_hf_llama_sharded, rule_shardings, tensor_index
+from jpeft.core.sharding import rule_sharding as rule_shardings
+from jpeft.models.sharded_loading import load_hf_llama_sharded, tensor_index
 
 def status():
     out = {}

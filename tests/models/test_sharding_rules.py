@@ -137,11 +137,17 @@ def test_specs_of_each_layout_on_both_models_and_stacked_layers(mesh):
                                          r"divisible by mesh axes data of size 8"):
         rules.param_shardings({"model": {"layers": {"self_attn": {"q_proj": {"kernel": (
             jax.ShapeDtypeStruct((3, 12, 64), jnp.float32))}}}}}, tall, "llama", "fsdp_tp")
-    with pytest.raises(ValueError, match=r"the mesh needs axes \('data', 'model'\)"):
+    with pytest.raises(ValueError, match=r"names mesh axes \['data', 'model'\] that the mesh"):
         rules.param_shardings(flat, jax.sharding.Mesh(np.array(jax.devices()[:8]), ("x",)),
                               "llama", "fsdp")
     with pytest.raises(ValueError, match="unknown layout 'zero3'"):
         rules.batch_spec("zero3")
+    # A layout on other axis names (the planner's dp x fsdp x tp mesh).
+    mine = rules.Layout(fsdp="fsdp", tp="tp", batch=("dp", "fsdp"))
+    m3 = jax.sharding.Mesh(np.array(jax.devices()[:8]).reshape(1, 4, 2), ("dp", "fsdp", "tp"))
+    sh3 = rules.param_shardings(params, m3, "llama", mine)["model"]["layers"]
+    assert sh3["self_attn"]["o_proj"]["kernel"].spec == P(None, "tp", "fsdp")
+    assert rules.batch_spec(mine) == P(("dp", "fsdp"))
 
 
 @pytest.mark.parametrize("shape", ["1x8", "2x4", "8x1"])
