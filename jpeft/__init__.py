@@ -13,6 +13,7 @@ from jpeft.core import host_memory as _host_memory
 _host_memory.apply_default()
 
 from jpeft import checkpoint  # noqa: E402
+from jpeft import distributed
 from jpeft import methods
 from jpeft import multi
 from jpeft import nnx
@@ -69,8 +70,9 @@ __all__ = [
     "init_opt_state", "make_train_step", "mark", "method_optimizer", "num_bytes", "num_params",
     "observe", "opt_state_shardings", "param_report", "partition", "probe", "quantize_params",
     "retain_host_memory", "same_derivative", "select", "shard_by_rules", "shardings_of", "split",
-    "trainable_count", "weight", "NonFiniteError", "DonatedBufferError", "TrainStep", "load", "save", "Loaded", "wrap",
+    "trainable_count", "weight", "NonFiniteError", "DonatedBufferError", "TrainStep", "load",
+    "save", "Loaded", "wrap",
     # types and namespaces
     "Context", "Contraction", "Method", "ParamReport", "QuantizedArray", "Selection", "Sites",
-    "checkpoint", "marks", "methods", "multi", "nnx", "presets", "sparse",
+    "checkpoint", "distributed", "marks", "methods", "multi", "nnx", "presets", "sparse",
 ]
