@@ -417,11 +417,20 @@ def plan(model: str = "tiny", method: str = "lora", *, mesh: str = "fsdp=8", bat
       PlanError: a bad argument (:func:`check`), too few devices or an indivisible weight
         (``--mesh``).
     """
-    import jpeft
     config, sizes, memory = check(model, method, mesh, batch, seq, remat, device_memory, dtype,
                                   rank)
-    dt = jnp.dtype(dtype)
     the_mesh = make_mesh(sizes)
+    # Traced (probe, lowering) with the activations' batch axis pinned: XLA then gathers the
+    # FSDP-sharded weights per layer rather than the activations (sharding_rules.constrain).
+    with sharding_rules.activation_sharding(the_mesh, LAYOUT):
+        return _plan_on(the_mesh, config, model, method, sizes, memory, targets, rank, alpha,
+                        batch, seq, remat, dtype, learning_rate)
+
+
+def _plan_on(the_mesh, config, model, method, sizes, memory, targets, rank, alpha, batch, seq,
+             remat, dtype, learning_rate) -> Plan:
+    import jpeft
+    dt = jnp.dtype(dtype)
     apply, params = abstract_model(config, dtype=dt, remat=remat)
     ids = jax.ShapeDtypeStruct((batch, seq), jnp.int32)
     sites = jpeft.probe(apply, params, ids)

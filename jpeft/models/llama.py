@@ -44,6 +44,7 @@ import numpy as np
 from flax import nnx
 
 from jpeft.core.marks import mark
+from jpeft.models.sharding_rules import constrain
 from jpeft.models.bert import get_activation
 from jpeft.models.hf_config import HFConfig
 
@@ -468,7 +469,7 @@ class LlamaModel(_LlamaModule):
         cos, sin = rope_cos_sin(mark(positions, self, "positions"), c.head_dim, c.rope_theta)
         allowed = causal_mask(index + jnp.arange(t), key_mask)
 
-        hidden = mark(self.embed_tokens(input_ids), self, "embeddings")
+        hidden = constrain(mark(self.embed_tokens(input_ids), self, "embeddings"))
         kv = None if cache is None else LayerKV(cache.keys, cache.values)
         if c.scan_layers:
             hidden, kv = self._scan_layers(hidden, cos, sin, allowed, kv, index)
@@ -487,6 +488,7 @@ class LlamaModel(_LlamaModule):
         for i, layer in enumerate(self.layers):
             layer_kv = None if kv is None else LayerKV(kv.keys[i], kv.values[i])
             hidden, layer_kv = layer(hidden, cos, sin, allowed, layer_kv, index)
+            hidden = constrain(hidden)
             if kv is not None:
                 kv = LayerKV(kv.keys.at[i].set(layer_kv.keys), kv.values.at[i].set(layer_kv.values))
         return hidden, kv
@@ -495,7 +497,8 @@ class LlamaModel(_LlamaModule):
         """``nnx.scan`` over the stacked layer and the ``[L, ...]`` cache (hidden state carried)."""
         @nnx.scan(in_axes=(nnx.Carry, 0, 0, None, None, None, None), out_axes=(nnx.Carry, 0))
         def run(h, layer, layer_kv, cos, sin, allowed, index):
-            return layer(h, cos, sin, allowed, layer_kv, index)
+            h, layer_kv = layer(h, cos, sin, allowed, layer_kv, index)
+            return constrain(h), layer_kv
 
         return run(hidden, self.layers, kv, cos, sin, allowed, index)
 
@@ -528,6 +531,7 @@ class LlamaForCausalLM(_LlamaModule):
             logits = self.model.embed_tokens.attend(hidden)
         else:
             logits = self.lm_head(hidden)
+        logits = constrain(logits)
         return logits if cache is None else (logits, new_cache)
 
 

@@ -29,8 +29,10 @@ straight onto the mesh (:func:`jpeft.models.load_hf_llama_sharded`).
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any, Callable, Iterator, NamedTuple, Sequence
 
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
@@ -185,6 +187,32 @@ def batch_shardings(batch: Any, mesh: Mesh, layout: str | Layout) -> Any:
     :func:`batch_spec`, the rest replicated."""
     spec = batch_spec(layout)
     return jax.tree_util.tree_map(lambda _: NamedSharding(mesh, spec), batch)
+
+
+_ACTIVATIONS: contextvars.ContextVar[NamedSharding | None] = contextvars.ContextVar(
+    "jpeft_activation_sharding", default=None)
+
+
+@contextlib.contextmanager
+def activation_sharding(mesh: Mesh, layout: str | Layout) -> Iterator[None]:
+    """While tracing in this context, the reference models pin their activations' leading
+    (batch) axis to ``layout``'s batch axes (:func:`constrain`), so XLA's partitioner keeps the
+    batch split and gathers the FSDP-sharded weights, layer by layer, instead of gathering the
+    activations (which it may pick otherwise: a 4096-token LLaMA-8B step then holds every
+    sequence's attention scores on every device). Probe and lower the model inside it: a trace
+    made outside carries no constraints."""
+    token = _ACTIVATIONS.set(NamedSharding(mesh, batch_spec(layout)))
+    try:
+        yield
+    finally:
+        _ACTIVATIONS.reset(token)
+
+
+def constrain(x: jax.Array) -> jax.Array:
+    """``x`` ``[B, ...]`` with its leading axis on the batch axes of the enclosing
+    :func:`activation_sharding` (unchanged outside one)."""
+    sharding = _ACTIVATIONS.get()
+    return x if sharding is None else jax.lax.with_sharding_constraint(x, sharding)
 
 
 def meshes(devices: Sequence[Any] | None = None) -> dict[str, Mesh]:

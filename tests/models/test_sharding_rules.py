@@ -210,3 +210,18 @@ def _baseline_gathers(mesh, extra: int) -> int:
     base = jpeft.full_finetune(("model/layers/input_layernorm",))
     _, _, text = _run(apply, params, longer, base, mesh, "fsdp_tp", steps=1)
     return _weight_gathers(text, params)
+
+
+def test_activation_sharding_pins_the_batch_axis_only_inside_its_context(mesh):
+    x = jnp.ones((8, 4, 16))
+    assert rules.constrain(x) is x                              # no context: unchanged
+    apply, params, batch = _decoder(scan=True)
+    f = jax.jit(lambda p, ids: apply(p, ids))
+    plain = f.lower(params, batch["input_ids"]).as_text()
+    with rules.activation_sharding(mesh, "fsdp_tp"):
+        pinned = jax.jit(lambda p, ids: apply(p, ids)).lower(params, batch["input_ids"]).as_text()
+    count = lambda t: t.count("sharding_constraint") + t.count("@Sharding")
+    assert count(plain) == 0 and count(pinned) >= 3     # embeddings, the layer body, the logits
+    with pytest.raises(ValueError, match="unknown layout"):
+        with rules.activation_sharding(mesh, "zero3"):
+            pass
