@@ -2,9 +2,13 @@
 
 Only the delta is written, never the frozen base: a LoRA checkpoint of MiniLM is a few hundred KB.
 
-A checkpoint is a directory with the orbax items ``delta`` (and ``opt_state``), plus ``meta``: a
-JSON item with ``step``, the user's ``metadata`` and, per array, its shape, dtype and CRC-32 of its
-bytes (``entries``).
+A checkpoint is a directory with the orbax items ``delta`` (and ``opt_state``, and ``data``: the
+arrays that define a method, such as FAR's columns), plus ``meta``: a JSON item with ``step``, the
+user's ``metadata`` and, per array, its shape, dtype and CRC-32 of its bytes (``entries``). There
+is one layout: :func:`jpeft.save` writes the same items (the delta as ``delta``, the method's data
+as ``data``) with the method's name and config in ``metadata`` (``{"kind": KIND, "name",
+"config", "user"}``, :func:`written_by`), so :func:`restore` reads its delta with the method's
+template, and :func:`jpeft.load` says what a bare checkpoint holds.
 
 **Nothing is lost** (:func:`save`). Every save, overwrites included, writes a complete checkpoint
 under a temporary sibling folder named after its owner (``.<name>.jpeft-tmp-<host>-<pid>-<start>-
@@ -26,7 +30,10 @@ is never disturbed by readers or writers, and leftovers of another host are repo
 **Nothing is half-loaded** (:func:`restore`). Before reading, every entry's shape and dtype are
 compared with the tree to restore into; after reading, every array's CRC-32 with the one recorded
 at save. Any mismatch, a truncated or unreadable file, or a damaged ``meta`` raises one
-:class:`CheckpointError` naming the entries (or the item) and nothing is returned.
+:class:`CheckpointError` naming the entries (or the item) and nothing is returned. A template of
+another method (other leaf names than those stored) is one message naming the stored method and
+the template's, and a :func:`jpeft.save` directory that does not fit says to read it with
+:func:`jpeft.load`.
 
 Training runs: :class:`Manager` (orbax's ``CheckpointManager``: keep the last ``N``, save every
 ``K`` steps, resume the latest complete step; same items and checks).
@@ -57,7 +64,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 FORMAT = "jpeft-checkpoint/2"
-ITEMS = ("delta", "opt_state")
+ITEMS = ("delta", "opt_state", "data")
 _TMP = ".jpeft-tmp-"
 _LEGACY_OLD = ".jpeft-old-"   # where earlier versions set an overwritten checkpoint aside
 
@@ -92,7 +99,9 @@ def _describe(tree: Any) -> dict[str, dict]:
             for k, v in _entries(tree).items()}
 
 
-def _check_layout(stored: dict[str, dict], like: Any, item: str) -> None:
+def _layout_problems(stored: dict[str, dict], like: Any, item: str) -> list[str]:
+    """Every entry of ``like`` missing from ``stored`` (the checkpoint's entries of ``item``),
+    every stored entry ``like`` lacks, and every shape or dtype that differs; sorted."""
     want = {k: (tuple(np.shape(v)), np.dtype(v.dtype)) for k, v in _entries(like).items()}
     problems = [f"missing in checkpoint: {item}/{k}" for k in want if k not in stored]
     problems += [f"not expected: {item}/{k} {tuple(s['shape'])}" for k, s in stored.items()
@@ -103,9 +112,96 @@ def _check_layout(stored: dict[str, dict], like: Any, item: str) -> None:
             problems.append(f"{item}/{k}: checkpoint has shape {shape}, expected {want[k][0]}")
         elif dtype != want[k][1]:
             problems.append(f"{item}/{k}: checkpoint has dtype {dtype}, expected {want[k][1]}")
-    if problems:
-        raise CheckpointError("checkpoint does not fit the tree to restore into:\n  "
-                              + "\n  ".join(sorted(problems)[:20]))
+    return sorted(problems)
+
+
+#: Leaf names that one kind of method makes (for messages only: what a tree looks like).
+_SIGNATURE_LEAVES = {"lora_E": "adalora", "gate": "unipelt (gated lora)", "lora_A": "lora",
+                     "ia3_l": "ia3", "prefix_keys": "prefix", "prompt": "prompt",
+                     "theta_d": "said/did", "phm_rule": "compacter", "down": "adapter",
+                     "alpha": "diff_pruning"}
+
+
+def _leaf_names(names: Any) -> set[str]:
+    return {n.rsplit("/", 1)[-1] for n in names}
+
+
+def looks_like(names: Any) -> str:
+    """What a delta with entries ``names`` (``"a/b/leaf"`` paths) looks like, for messages: the
+    method its leaf names suggest (``"lora"``, ``"ia3"``, ...) and the leaf names, e.g.
+    ``"lora (leaves lora_A, lora_B)"``, with the top-level parts of a composition."""
+    names = list(names)
+    leaves = _leaf_names(names)
+    kinds = [k for leaf, k in _SIGNATURE_LEAVES.items() if leaf in leaves]
+    tops = sorted({n.split("/", 1)[0] for n in names})
+    kind = kinds[0] if kinds else "a method without adapter leaves (full, bitfit, sparse, far)"
+    parts = f", top-level keys {', '.join(tops)}" if len(tops) > 1 or tops[:1] != ["params"] else ""
+    return f"{kind} (leaves {', '.join(sorted(leaves)[:8])}{parts})"
+
+
+#: ``metadata["kind"]`` of a checkpoint written by :func:`jpeft.save`: the delta as the ``delta``
+#: item, the method's data as ``data``; ``metadata`` holds the method's ``name`` and ``config``
+#: and the user's metadata (``user``).
+KIND = "jpeft-method/2"
+#: ``metadata["kind"]`` of one written by jpeft.save before the one layout: ``{"delta": delta,
+#: "data": data}`` stored as the ``delta`` item. :func:`jpeft.load` still reads it.
+NESTED_KIND = "jpeft-method"
+
+
+def _config_name(config: Any) -> str:
+    """A method's name from its saved config: ``"a+b"`` for a composition of parts ``a``, ``b``."""
+    if isinstance(config, dict):
+        for key in ("compose", "active"):
+            if isinstance(config.get(key), dict):
+                return "+".join(config[key])
+        return str(config.get("method"))
+    return "?"
+
+
+def written_by(meta: dict) -> dict | None:
+    """What rebuilds the method of a checkpoint written by :func:`jpeft.save`: ``{"name",
+    "config", "user", "nested"}`` (``nested``: the layout before, :data:`NESTED_KIND`), or
+    ``None`` for a bare :func:`save`."""
+    info = meta.get("metadata")
+    if not isinstance(info, dict) or info.get("kind") not in (KIND, NESTED_KIND):
+        return None
+    user = info.get("user")
+    return {"name": info.get("name") or _config_name(info.get("config")),
+            "config": info.get("config"), "user": user if isinstance(user, dict) else {},
+            "nested": info["kind"] == NESTED_KIND}
+
+
+def holds(meta: dict) -> str:
+    """What a checkpoint holds, in words: ``"method 'lora+head' (written by jpeft.save)"``, or
+    a bare delta with its number of arrays and what they look like (:func:`looks_like`)."""
+    method = written_by(meta)
+    if method is not None:
+        return f"method {method.get('name')!r} (written by jpeft.save)"
+    delta = meta["entries"].get("delta", {})
+    return (f"a bare delta of {len(delta)} arrays that looks like {looks_like(delta)} (written "
+            f"by jpeft.checkpoint.save, without a method config)")
+
+
+def _misfit(directory: Path, meta: dict, item: str, like: Any, problems: list[str]) -> str:
+    """The message for a tree ``like`` that does not fit ``item`` of the checkpoint: another
+    method (its leaf names differ: both methods named, no list), or the entries that differ,
+    with the reader that fits a :func:`jpeft.save` directory."""
+    stored, wanted = meta["entries"][item], list(_entries(like))
+    method = written_by(meta)
+    if method is not None:
+        way = (f"this directory was written by jpeft.save (method {method.get('name')!r}); read "
+               f"it with jpeft.load(path, params, sites), which rebuilds the method and checks "
+               f"its delta against the base")
+    else:
+        way = ("restore it with a template of the stored method's delta "
+               "(jax.eval_shape(lambda k: method.init(k, params, sites), key))")
+    if item == "delta" and _leaf_names(stored) != _leaf_names(wanted):
+        what = (f"method {method.get('name')!r} (leaves {', '.join(sorted(_leaf_names(stored)))})"
+                if method is not None else f"a delta that looks like {looks_like(stored)}")
+        return (f"checkpoint {directory} holds {what}; the template is of another method: "
+                f"{looks_like(wanted)}. {way[0].upper()}{way[1:]}")
+    return (f"checkpoint {directory} does not fit the tree to restore into ({way}):\n  "
+            + "\n  ".join(problems[:20]))
 
 
 def _verify(stored: dict[str, dict], restored: Any, item: str, directory: Path) -> None:
@@ -138,18 +234,21 @@ def _quiet() -> Iterator[None]:
             lg.setLevel(lv)
 
 
-def _items_args(delta: Any, opt_state: Any, meta: dict) -> ocp.args.Composite:
-    items = {"delta": ocp.args.StandardSave(delta), "meta": ocp.args.JsonSave(meta)}
-    if opt_state is not None:
-        items["opt_state"] = ocp.args.StandardSave(opt_state)
-    return ocp.args.Composite(**items)
+def _items_args(trees: dict[str, Any], meta: dict) -> ocp.args.Composite:
+    """The orbax items: each tree of ``trees`` (``delta`` and those given of :data:`ITEMS`) and
+    the JSON ``meta``."""
+    items = {name: ocp.args.StandardSave(tree) for name, tree in trees.items()}
+    return ocp.args.Composite(**items, meta=ocp.args.JsonSave(meta))
 
 
-def _meta(delta: Any, opt_state: Any, step: int | None, metadata: dict | None) -> dict:
-    entries = {"delta": _describe(delta)}
-    if opt_state is not None:
-        entries["opt_state"] = _describe(opt_state)
-    return {"format": FORMAT, "step": step, "metadata": dict(metadata or {}), "entries": entries}
+def _trees(delta: Any, **items: Any) -> dict[str, Any]:
+    """``{"delta": delta}`` plus the other items of :data:`ITEMS` that are not ``None``."""
+    return {"delta": delta, **{k: v for k, v in items.items() if v is not None}}
+
+
+def _meta(trees: dict[str, Any], step: int | None, metadata: dict | None) -> dict:
+    return {"format": FORMAT, "step": step, "metadata": dict(metadata or {}),
+            "entries": {name: _describe(tree) for name, tree in trees.items()}}
 
 
 def _read_meta(directory: Path) -> dict:
@@ -172,8 +271,11 @@ def _restore_items(directory: Path, meta: dict, wanted: dict[str, Any],
     """Check layouts, read ``wanted`` items, verify checksums: the restored items."""
     for item, like in wanted.items():
         if item not in meta["entries"]:
-            raise CheckpointError(f"checkpoint {directory} holds no {item}")
-        _check_layout(meta["entries"][item], like, item)
+            raise CheckpointError(f"checkpoint {directory} holds no {item} (it holds "
+                                  f"{holds(meta)})")
+        problems = _layout_problems(meta["entries"][item], like, item)
+        if problems:
+            raise CheckpointError(_misfit(directory, meta, item, like, problems))
     args = ocp.args.Composite(**{item: ocp.args.StandardRestore(_abstract(like))
                                  for item, like in wanted.items()})
     try:
@@ -495,7 +597,7 @@ def _save_failed(directory: Path, e: BaseException, temp: Path, existed: bool) -
     return f"saving {directory} failed: {_cause(e)}; {state}"
 
 
-def save(directory: str | os.PathLike, delta: Any, *, opt_state: Any = None,
+def save(directory: str | os.PathLike, delta: Any, *, opt_state: Any = None, data: Any = None,
          step: int | None = None, metadata: dict | None = None, overwrite: bool = False) -> Path:
     """Write ``delta`` (and optionally ``opt_state`` and ``step``) to ``directory``, atomically.
 
@@ -509,8 +611,10 @@ def save(directory: str | os.PathLike, delta: Any, *, opt_state: Any = None,
       directory: target directory; must not exist unless ``overwrite``.
       delta: the delta tree.
       opt_state: optimizer state, to resume training exactly.
+      data: arrays that define the method (``method.data``: FAR's columns, sparse indices),
+        stored as the item ``data``; :func:`jpeft.save` passes them.
       step: training step.
-      metadata: JSON-serialisable extra information (e.g. ``method.config``).
+      metadata: JSON-serialisable extra information (e.g. the task, the data version).
       overwrite: replace an existing checkpoint (the old one stays until the new one is complete).
 
     Raises:
@@ -523,7 +627,8 @@ def save(directory: str | os.PathLike, delta: Any, *, opt_state: Any = None,
     recover(directory)
     if os.path.lexists(directory) and not overwrite:
         raise FileExistsError(_exists_message(directory))
-    meta = _meta(delta, opt_state, step, metadata)
+    trees = _trees(delta, opt_state=opt_state, data=data)
+    meta = _meta(trees, step, metadata)
     existed = os.path.lexists(directory)
     try:
         directory.parent.mkdir(parents=True, exist_ok=True)
@@ -532,7 +637,7 @@ def save(directory: str | os.PathLike, delta: Any, *, opt_state: Any = None,
         raise CheckpointError(f"saving {directory} failed: {_cause(e)}; nothing was written")
     try:
         with _quiet(), ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
-            ckptr.save(temp / _CKPT, args=_items_args(delta, opt_state, meta))
+            ckptr.save(temp / _CKPT, args=_items_args(trees, meta))
         _fsync_dir(temp)
         _install(temp / _CKPT, directory, temp / _ASIDE, overwrite)
     except BaseException as e:
@@ -562,9 +667,12 @@ def _checked_dir(directory: str | os.PathLike) -> Path:
 
 
 def metadata(directory: str | os.PathLike) -> dict:
-    """``{"step": ..., "metadata": ...}`` as written by :func:`save`."""
+    """``{"step": ..., "metadata": ..., "method": ..., "holds": ...}`` as written by :func:`save`:
+    ``method`` the method record (``None`` for a bare checkpoint, :func:`written_by`), ``holds``
+    what the directory holds in words (:func:`holds`)."""
     meta = _read_meta(_checked_dir(directory))
-    return {"step": meta["step"], "metadata": meta["metadata"]}
+    return {"step": meta["step"], "metadata": meta["metadata"], "method": written_by(meta),
+            "holds": holds(meta)}
 
 
 def stored_like(directory: str | os.PathLike, item: str = "delta") -> Any:
@@ -583,9 +691,9 @@ def stored_like(directory: str | os.PathLike, item: str = "delta") -> Any:
         tuple(e["shape"]), np.dtype(e["dtype"])) for k, e in entries[item].items()})
 
 
-def restore(directory: str | os.PathLike, delta_like: Any, *, opt_state_like: Any = None
-            ) -> dict[str, Any]:
-    """Read a checkpoint written by :func:`save`, all or nothing.
+def restore(directory: str | os.PathLike, delta_like: Any, *, opt_state_like: Any = None,
+            data_like: Any = None) -> dict[str, Any]:
+    """Read a checkpoint written by :func:`save` (or :func:`jpeft.save`), all or nothing.
 
     Args:
       directory: checkpoint directory.
@@ -593,24 +701,27 @@ def restore(directory: str | os.PathLike, delta_like: Any, *, opt_state_like: An
         ``jax.ShapeDtypeStruct``, e.g. ``jax.eval_shape(method.init, key, params)``); shardings on it
         place the restored arrays.
       opt_state_like: likewise for the optimizer state, when it is wanted.
+      data_like: likewise for the method's data (``stored_like(path, "data")``), when wanted.
 
     Returns:
-      ``{"delta": ..., "step": ..., "metadata": ...}`` plus ``"opt_state"`` when asked for.
+      ``{"delta": ..., "step": ..., "metadata": ...}`` plus ``"opt_state"`` and ``"data"`` when
+      asked for.
 
     Raises:
       FileNotFoundError: no checkpoint at ``directory``.
-      CheckpointError (a ``ValueError``): every missing, unexpected, mis-shaped or mis-typed entry;
-        or damaged files (an unreadable item, an array whose bytes differ from those saved).
+      CheckpointError (a ``ValueError``): a template of another method (naming the stored method
+        and the template's); every missing, unexpected, mis-shaped or mis-typed entry (for a
+        :func:`jpeft.save` directory, with the advice to read it with :func:`jpeft.load`); or
+        damaged files (an unreadable item, an array whose bytes differ from those saved).
     """
-    return _restore_dir(_checked_dir(directory), delta_like, opt_state_like)
+    return _restore_dir(_checked_dir(directory), _trees(delta_like, opt_state=opt_state_like,
+                                                        data=data_like))
 
 
-def _restore_dir(directory: Path, delta_like: Any, opt_state_like: Any) -> dict[str, Any]:
-    """:func:`restore` of one complete checkpoint directory (a save's, or a Manager step's)."""
+def _restore_dir(directory: Path, wanted: dict[str, Any]) -> dict[str, Any]:
+    """:func:`restore` of the items ``wanted`` (their templates) of one complete checkpoint
+    directory (a save's, or a Manager step's)."""
     meta = _read_meta(directory)
-    wanted = {"delta": delta_like}
-    if opt_state_like is not None:
-        wanted["opt_state"] = opt_state_like
     out = _restore_items(directory, meta, wanted)
     return {**out, "step": meta["step"], "metadata": meta["metadata"]}
 
@@ -659,8 +770,9 @@ class Manager:
         """Save ``step`` if it is due (``step % every == 0``) or ``force``; whether it saved."""
         if not force and step % self.every:
             return False
-        meta = _meta(delta, opt_state, step, metadata)
-        saved = bool(self._mngr.save(step, args=_items_args(delta, opt_state, meta), force=True))
+        trees = _trees(delta, opt_state=opt_state)
+        saved = bool(self._mngr.save(step, args=_items_args(trees, _meta(trees, step, metadata)),
+                                     force=True))
         self._empty_trash()
         return saved
 
@@ -683,7 +795,8 @@ class Manager:
         step = self.latest() if step is None else step
         if step is None:
             raise FileNotFoundError(f"no complete checkpoint under {self.directory}")
-        return _restore_dir(self.directory / str(step), delta_like, opt_state_like)
+        return _restore_dir(self.directory / str(step), _trees(delta_like,
+                                                               opt_state=opt_state_like))
 
     def close(self) -> None:
         self._mngr.close()

@@ -1,13 +1,26 @@
 """A trained method saved with its delta and loaded back by name, as Hugging Face PEFT's
 ``save_pretrained`` / ``from_pretrained`` do.
 
-``jpeft.save(path, method, delta)`` writes a :mod:`jpeft.checkpoint` (atomic, checksummed) whose
-stored tree is ``{"delta": delta}`` plus ``{"data": method.data}`` for a method defined by data
-(FAR's columns, sparse entries), with ``method.config`` in its metadata. ``jpeft.load(path,
-params, sites)`` rebuilds the method from that config and data alone
-(:func:`jpeft.methods.from_config`) and returns it with the delta, after checking that the delta
-fits the method on ``params``: a checkpoint made for another base (other shapes, other module
-names) is one :class:`jpeft.checkpoint.CheckpointError` naming the entries.
+``jpeft.save(path, method, delta, model=record)`` writes a :mod:`jpeft.checkpoint` (atomic,
+checksummed) in its one layout: the delta as its ``delta`` item, ``method.data`` (FAR's columns,
+sparse entries) as its ``data`` item, and ``{"kind", "name", "config", "user"}`` as its metadata
+(the method's name and config, the user's metadata; :func:`jpeft.checkpoint.written_by`):
+:func:`jpeft.checkpoint.restore` reads that delta with the method's template.
+``jpeft.load(path, params, sites, model=record)`` rebuilds the method from that config and data
+alone (:func:`jpeft.methods.from_config`) and returns it with the delta, after checking
+
+* the **model record**: what the delta was trained on beyond the weights' shapes (a BERT's
+  pooling, its head and number of labels, the config, the dtypes: the JSON object of
+  :func:`jpeft.models.loading.model_record`; ``load_hf_bert(...).record``). It is stored as the
+  user metadata's ``"model"`` (the recipes record it there), and a base whose record differs is
+  one :class:`jpeft.checkpoint.CheckpointError` naming each key, the saved value and the value
+  found, and how to build the recorded base (:func:`check_model`): an adapter trained with mean
+  pooling never runs silently on a CLS-pooling base;
+* that the delta fits the method on ``params``: a checkpoint made for another base (other shapes,
+  other module names) is one ``CheckpointError`` naming the entries.
+
+A directory written by :func:`jpeft.checkpoint.save` (no method record) is one error saying what
+it holds and to read it with :func:`jpeft.checkpoint.restore`.
 """
 
 from __future__ import annotations
@@ -27,27 +40,56 @@ from jpeft.core import method as method_lib
 from jpeft.core import paths as paths_lib
 from jpeft.core import schema
 
-KIND = "jpeft-method"
+KIND = checkpoint.KIND
+#: The user metadata key that holds the model record (:func:`save`'s ``model``).
+MODEL_KEY = "model"
 
 
 class Loaded(NamedTuple):
     """What :func:`load` returns: the rebuilt ``method``, its ``delta``, and the checkpoint's
-    ``step`` and user ``metadata``."""
+    ``step`` and user ``metadata`` (``model``: the model record saved with it, or ``None``)."""
     method: method_lib.Method
     delta: Any
     step: int | None
     metadata: dict
 
+    @property
+    def model(self) -> dict | None:
+        """The model record the delta was trained on (:func:`save`'s ``model``), or ``None``."""
+        return self.metadata.get(MODEL_KEY)
+
+
+def _record(model: Any, where: str) -> dict:
+    """``model`` as a model record: a JSON object of JSON scalars (str, number, bool, null).
+
+    Raises:
+      TypeError: anything else, naming ``where`` and the value.
+    """
+    scalar = (str, int, float, bool, type(None))
+    if not isinstance(model, dict) or not all(
+            isinstance(k, str) and isinstance(v, scalar) for k, v in model.items()):
+        raise TypeError(f"{where}: the model record is {schema.shown(model)}; expected a JSON "
+                        f"object of str, number, bool or null values, such as "
+                        f"jpeft.models.loading.model_record(model) (load_hf_bert(...).record)")
+    return dict(model)
+
 
 def save(directory: str | os.PathLike, method: method_lib.Method, delta: Any, *,
-         step: int | None = None, metadata: dict | None = None,
+         model: dict | None = None, step: int | None = None, metadata: dict | None = None,
          overwrite: bool = False) -> Path:
     """Write ``delta`` with what rebuilds ``method`` (its config and data) to ``directory``.
 
+    ``model`` is the record of the model the delta was trained on (:func:`jpeft.models.loading.
+    model_record`: pooling, head, config, dtypes), stored as ``metadata["model"]``; :func:`load`
+    refuses a base whose record differs. Pass it: without it nothing guards the choices that
+    change the function but not the weights' shapes (a BERT's pooling).
+
     Raises:
       FileExistsError: ``directory`` exists and ``overwrite`` is false.
-      TypeError: a ``method.config`` that is not JSON-serialisable (the method could not be rebuilt).
-      ValueError: a delta without arrays (nothing to save).
+      TypeError: a ``method.config`` that is not JSON-serialisable (the method could not be
+        rebuilt); a ``model`` that is not a record.
+      ValueError: a delta without arrays (nothing to save); ``model`` and a different
+        ``metadata["model"]``.
     """
     if not jax.tree_util.tree_leaves(delta):
         raise ValueError(f"save: the delta of {method.name!r} holds no arrays; there is nothing to "
@@ -57,11 +99,18 @@ def save(directory: str | os.PathLike, method: method_lib.Method, delta: Any, *,
     except TypeError as e:
         raise TypeError(f"save: the config of method {method.name!r} is not JSON-serialisable "
                         f"({e}); it could not be rebuilt from the checkpoint") from None
-    tree = {"delta": delta}
-    if method.data is not None:
-        tree["data"] = jax.tree_util.tree_map(np.asarray, method.data)
-    meta = {"kind": KIND, "config": config, "user": dict(metadata or {})}
-    return checkpoint.save(directory, tree, step=step, metadata=meta, overwrite=overwrite)
+    user = dict(metadata or {})
+    if model is not None:
+        if user.get(MODEL_KEY, model) != model:
+            raise ValueError(f"save: model={model!r} and metadata['model']="
+                             f"{user[MODEL_KEY]!r} differ; pass the record once")
+        user[MODEL_KEY] = model
+    if MODEL_KEY in user:
+        user[MODEL_KEY] = _record(user[MODEL_KEY], "save")
+    data = None if method.data is None else jax.tree_util.tree_map(np.asarray, method.data)
+    meta = {"kind": KIND, "name": method.name, "config": config, "user": user}
+    return checkpoint.save(directory, delta, data=data, step=step, metadata=meta,
+                           overwrite=overwrite)
 
 
 def _layout(tree: Any) -> dict[str, tuple]:
@@ -78,20 +127,48 @@ def read(directory: str | os.PathLike) -> Loaded:
       CheckpointError: not a :func:`save` checkpoint, or damaged files.
     """
     meta = checkpoint.metadata(directory)
-    info = meta["metadata"]
-    if not isinstance(info, dict) or info.get("kind") != KIND:
+    if meta["method"] is None:
         raise checkpoint.CheckpointError(
-            f"{directory} was not written by jpeft.save (no method config in its metadata); "
-            f"restore it with jpeft.checkpoint.restore")
+            f"{directory} was not written by jpeft.save: it holds {meta['holds']}; there is no "
+            f"method to rebuild. Restore it with jpeft.checkpoint.restore(path, template), the "
+            f"template being the delta's tree (jax.eval_shape of its method's init)")
     where = f"checkpoint {Path(directory).absolute()} (jpeft.save's method config)"
-    config = check_config(info.get("config"), where)
-    stored = checkpoint.restore(directory, checkpoint.stored_like(directory))["delta"]
+    config = check_config(meta["method"].get("config"), where)
+    if meta["method"].get("nested"):
+        return _read_nested(directory, config, meta)
+    user = meta["method"]["user"]
+    if MODEL_KEY in user:
+        try:
+            _record(user[MODEL_KEY], where)
+        except TypeError as e:
+            raise checkpoint.CheckpointError(str(e)) from None
+    stored = checkpoint.restore(directory, checkpoint.stored_like(directory),
+                                data_like=_stored_data(directory))
     data = stored.get("data")
     if data is not None:
         data = jax.tree_util.tree_map(np.asarray, data)
     from jpeft.methods import from_config
+    return Loaded(from_config(config, data), stored["delta"], meta["step"], user)
+
+
+def _read_nested(directory, config: dict, meta: dict) -> Loaded:
+    """A checkpoint of jpeft.save's layout before the one layout
+    (:data:`jpeft.checkpoint.NESTED_KIND`): ``{"delta": delta, "data": data}`` stored as the
+    delta item, the user's metadata under ``metadata["user"]``."""
+    stored = checkpoint.restore(directory, checkpoint.stored_like(directory))["delta"]
+    data = stored.get("data")
+    data = None if data is None else jax.tree_util.tree_map(np.asarray, data)
+    from jpeft.methods import from_config
     return Loaded(from_config(config, data), stored["delta"], meta["step"],
-                  info.get("user", {}))
+                  meta["method"]["user"])
+
+
+def _stored_data(directory) -> Any:
+    """The abstract tree of the checkpoint's ``data`` item, or ``None`` when it has none."""
+    try:
+        return checkpoint.stored_like(directory, "data")
+    except FileNotFoundError:
+        return None
 
 
 # --------------------------------------------------------------------------------------------
@@ -184,21 +261,27 @@ def check_config(config: Any, where: str, prefix: str = "") -> dict:
                         refuse_unknown=True, key_prefix=prefix)
 
 
-def load(directory: str | os.PathLike, params: Any, sites: Any = None) -> Loaded:
+def load(directory: str | os.PathLike, params: Any, sites: Any = None, *,
+         model: dict | None = None) -> Loaded:
     """The method saved at ``directory`` (by :func:`save`), rebuilt, and its delta, checked
-    against the base ``params``.
+    against the base: its model record, then its ``params``.
 
     Args:
       directory: a checkpoint written by :func:`save`.
       params: the base weights the delta is for (only their structure, shapes and dtypes are read).
       sites: the model's sites (:func:`jpeft.probe`) for methods that need them.
+      model: the record of the base model (:func:`jpeft.models.loading.model_record`,
+        ``load_hf_bert(...).record``); required when the checkpoint records one
+        (:func:`check_model`).
 
     Raises:
       FileNotFoundError: no checkpoint at ``directory``.
-      CheckpointError: not a :func:`save` checkpoint, damaged files, or a delta that does not fit
-        the rebuilt method on ``params`` (naming the entries).
+      CheckpointError: not a :func:`save` checkpoint (saying what it holds), damaged files, a
+        model record that differs from the saved one or is missing (:func:`check_model`), or a
+        delta that does not fit the rebuilt method on ``params`` (naming the entries).
     """
     loaded = read(directory)
+    check_model(loaded.model, model, directory)
     method, delta = loaded.method, loaded.delta
     want = _layout(jax.eval_shape(lambda k, p: method.init(k, p, sites), jax.random.key(0),
                                   params))
@@ -214,6 +297,43 @@ def load(directory: str | os.PathLike, params: Any, sites: Any = None) -> Loaded
             f"the delta at {directory} does not fit method {method.name!r} on the given params "
             f"(another base model?):\n  " + "\n  ".join(problems[:20]))
     return loaded._replace(delta=_across_dtypes(delta, want, directory, method.name))
+
+
+def check_model(saved: dict | None, found: dict | None, where: Any) -> None:
+    """Check the model record ``found`` (of the base about to run a delta) against the one
+    ``saved`` with the delta. Nothing to check when nothing was saved.
+
+    Raises:
+      CheckpointError: a saved record and no ``found`` one; or records that differ: each key
+        with the saved value and the value found, and the call that builds the recorded base
+        (:func:`jpeft.models.loading.rebuild_hint`, e.g. ``load_hf_bert(model_dir,
+        pooling='mean')``).
+    """
+    if saved is None:
+        return
+    if found is None:
+        raise checkpoint.CheckpointError(
+            f"{where} records the model its delta was trained on ({_shown_record(saved)}); pass "
+            f"model= the record of the base you load it onto (jpeft.models.loading.model_record"
+            f"(model), or load_hf_bert(...).record), so that a base that computes another "
+            f"function is refused instead of predicting silently wrong")
+    found = _record(found, "model")
+    missing = object()
+    diffs = [k for k in sorted(saved.keys() | found.keys())
+             if saved.get(k, missing) != found.get(k, missing)]
+    if not diffs:
+        return
+    shown = lambda r, k: repr(r[k]) if k in r else "(absent)"
+    lines = [f"{k}: saved {shown(saved, k)}, found {shown(found, k)}" for k in diffs]
+    from jpeft.models.loading import rebuild_hint
+    raise checkpoint.CheckpointError(
+        f"{where} was trained on another model than the base given: its delta would compute "
+        f"another function (wrong predictions, no error):\n  " + "\n  ".join(lines)
+        + f"\nbuild the base as recorded: {rebuild_hint(saved, diffs)}")
+
+
+def _shown_record(record: dict) -> str:
+    return ", ".join(f"{k}={v!r}" for k, v in record.items())
 
 
 def _across_dtypes(delta: Any, want: dict, directory, name: str) -> Any:

@@ -507,3 +507,62 @@ def test_an_overwrite_failing_at_any_stage_keeps_old_or_new(tmp_path, monkeypatc
     jax.tree.map(np.testing.assert_array_equal, got["delta"], new_tree if saved else TREE)
     leftovers = sorted(p.name for p in tmp_path.iterdir())
     assert leftovers == ["a", "b", "ck"] or stage == "after_swap", leftovers
+
+
+# One layout for jpeft.checkpoint and jpeft.save; a directory that does not fit says what it holds.
+
+
+def _shapes(method, variables, sites):
+    return jax.eval_shape(lambda k: method.init(k, variables, sites), jax.random.key(0))
+
+
+def _lora_head():
+    return jpeft.compose(lora=jpeft.lora(("query", "value"), rank=2),
+                         head=jpeft.full_finetune(("classifier",)))
+
+
+def test_restore_reads_what_jpeft_save_writes(lora_setup, tmp_path):
+    _, variables, _, _, _, sites = lora_setup
+    method = _lora_head()
+    delta = jax.tree.map(lambda x: x + 0.5, method.init(jax.random.key(0), variables, sites))
+    jpeft.save(tmp_path / "m", method, delta, step=3)
+    got = checkpoint.restore(tmp_path / "m", _shapes(method, variables, sites))
+    jax.tree.map(np.testing.assert_array_equal, got["delta"], delta)
+    assert got["step"] == 3 and got["metadata"]["name"] == "lora+head"
+
+
+def test_restore_of_a_jpeft_save_directory_that_does_not_fit_says_to_use_jpeft_load(
+        lora_setup, tmp_path):
+    _, variables, _, _, _, sites = lora_setup
+    method = _lora_head()
+    jpeft.save(tmp_path / "m", method, method.init(jax.random.key(0), variables, sites))
+    other_rank = jpeft.compose(lora=jpeft.lora(("query", "value"), rank=3),
+                               head=jpeft.full_finetune(("classifier",)))
+    with pytest.raises(checkpoint.CheckpointError, match=re.escape(
+            "does not fit the tree to restore into (this directory was written by jpeft.save "
+            "(method 'lora+head'); read it with jpeft.load(path, params, sites)") + r".*\n  delta/"
+            r"lora/params/bert/encoder/layer/0/attention/self/query/kernel/lora_A: checkpoint "
+            r"has shape \(32, 2\), expected \(32, 3\)"):
+        checkpoint.restore(tmp_path / "m", _shapes(other_rank, variables, sites))
+
+
+def test_a_template_of_another_method_names_both_methods(lora_setup, tmp_path):
+    """Not a list of 20 missing entries: the stored method and the template's."""
+    _, variables, _, delta, _, sites = lora_setup
+    method = _lora_head()
+    jpeft.save(tmp_path / "m", method, method.init(jax.random.key(0), variables, sites))
+    ia3 = _shapes(jpeft.ia3(), variables, sites)
+    with pytest.raises(checkpoint.CheckpointError) as raised:
+        checkpoint.restore(tmp_path / "m", ia3)
+    assert str(raised.value) == (
+        f"checkpoint {tmp_path / 'm'} holds method 'lora+head' (leaves bias, kernel, lora_A, "
+        f"lora_B); the template is of another method: ia3 (leaves ia3_l). This directory was "
+        f"written by jpeft.save (method 'lora+head'); read it with jpeft.load(path, params, "
+        f"sites), which rebuilds the method and checks its delta against the base")
+    checkpoint.save(tmp_path / "bare", delta)            # a bare LoRA delta: no method record
+    with pytest.raises(checkpoint.CheckpointError, match=re.escape(
+            "holds a delta that looks like lora (leaves lora_A, lora_B); the template is of "
+            "another method: ia3 (leaves ia3_l). Restore it with a template of the stored "
+            "method's delta")) as raised:
+        checkpoint.restore(tmp_path / "bare", ia3)
+    assert "missing in checkpoint" not in str(raised.value)

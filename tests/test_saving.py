@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import re
 
 import jax
 import numpy as np
@@ -10,11 +11,12 @@ import pytest
 from conftest import perturb
 
 import jpeft
-from jpeft import checkpoint
+from jpeft import checkpoint, saving
 from jpeft.core import sparse
 from jpeft.methods import adapters, far, prefix, prompt, sparse_adapter, unipelt
 
 from jpeft.models.bert import BertForSequenceClassification
+from jpeft.models.loading import model_record
 
 
 def _far(v, sites):
@@ -134,8 +136,8 @@ def _without(config, key):
 def _write(path, config, variables, sites):
     """A checkpoint as jpeft.save writes one, holding ``config`` as the method's config."""
     delta = jpeft.lora(("query", "value"), rank=2).init(jax.random.key(0), variables, sites)
-    checkpoint.save(path, {"delta": delta},
-                    metadata={"kind": "jpeft-method", "config": config, "user": {}})
+    checkpoint.save(path, delta, metadata={"kind": saving.KIND, "name": "lora", "config": config,
+                                           "user": {}})
 
 
 @pytest.mark.parametrize("config,key,value,expected", [
@@ -192,3 +194,136 @@ def test_a_pathological_target_pattern_from_a_file_does_not_hang(bert, tmp_path)
     _write(tmp_path / "m", _lora_config(targets="(.*.*)*Z"), variables, sites)
     with pytest.raises(ValueError, match=r"targets '\(\.\*\.\*\)\*Z' matched none of the"):
         within(5.0, jpeft.load, tmp_path / "m", variables, sites)
+
+
+# The model record: what the delta was trained on beyond the weights' shapes (issue: an adapter
+# trained with mean pooling ran silently on a CLS-pooling base, logits off by up to 3.94).
+
+
+def _head_lora(variables, sites):
+    method = jpeft.compose(lora=jpeft.lora(("query", "value"), rank=2),
+                           head=jpeft.full_finetune(("classifier",)))
+    return method, perturb(method.init(jax.random.key(0), variables, sites), scale=0.2)
+
+
+def _cls_base(config):
+    """The tiny classifier with ``pooling="cls"`` (the default of load_hf_bert): the same
+    encoder and head shapes as the mean-pooled one, plus a pooler."""
+    model = BertForSequenceClassification(dataclasses.replace(config, pooling="cls"))
+    return model, {"params": model.init(jax.random.key(0), np.ones((1, 4), np.int32))["params"]}
+
+
+def test_a_mean_pooled_adapter_refuses_a_cls_base(bert, tiny_config, tmp_path):
+    model, variables, sites, batch = bert
+    method, delta = _head_lora(variables, sites)
+    jpeft.save(tmp_path / "m", method, delta, model=model_record(model))
+    cls_model, cls_variables = _cls_base(tiny_config)
+    # The delta fits the CLS base (same shapes), and would run there with other logits.
+    run = lambda m, v: jpeft.wrap(m.apply, method, sites)(v, delta, **batch)
+    assert not np.allclose(run(cls_model, cls_variables), run(model, variables), atol=1e-2)
+    with pytest.raises(checkpoint.CheckpointError, match=(
+            r"was trained on another model than the base given: its delta would compute another"
+            r" function .*\n  pooling: saved 'mean', found 'cls'\nbuild the base as recorded: "
+            r"jpeft\.models\.load_hf_bert\(model_dir, pooling='mean'\)$")):
+        jpeft.load(tmp_path / "m", cls_variables, sites, model=model_record(cls_model))
+    with pytest.raises(checkpoint.CheckpointError, match=(
+            r"records the model its delta was trained on \(loader='load_hf_bert', with_head=True"
+            r".*pooling='mean'.*\); pass model= the record of the base")):
+        jpeft.load(tmp_path / "m", cls_variables, sites)
+
+    loaded = jpeft.load(tmp_path / "m", variables, sites, model=model_record(model))
+    assert loaded.model == model_record(model) and loaded.metadata == {"model": loaded.model}
+    np.testing.assert_array_equal(jpeft.wrap(model.apply, loaded.method, sites)(
+        variables, loaded.delta, **batch), run(model, variables))
+
+
+@pytest.mark.parametrize("change,line", [
+    (dict(num_labels=3), "num_labels: saved 2, found 3"),
+    (dict(hidden_act="relu"), "hidden_act: saved 'gelu', found 'relu'"),
+    (dict(layer_norm_eps=1e-6), "layer_norm_eps: saved 1e-12, found 1e-06"),
+    (dict(hidden_size=64, intermediate_size=128), "hidden_size: saved 32, found 64"),
+    (dict(num_hidden_layers=3), "num_hidden_layers: saved 2, found 3"),
+    (dict(vocab_size=90), "vocab_size: saved 100, found 90"),
+])
+def test_every_recorded_choice_is_checked(bert, tiny_config, tmp_path, change, line):
+    model, variables, sites, batch = bert
+    method, delta = _head_lora(variables, sites)
+    jpeft.save(tmp_path / "m", method, delta, model=model_record(model))
+    other = BertForSequenceClassification(dataclasses.replace(tiny_config, **change))
+    hint = ", ".join(f"{k}={getattr(tiny_config, k)!r}" for k in sorted(change))
+    with pytest.raises(checkpoint.CheckpointError,
+                       match="(?s)" + re.escape(line) + ".*"
+                       + re.escape(f"load_hf_bert(model_dir, {hint})")):
+        jpeft.load(tmp_path / "m", variables, sites, model=model_record(other))
+
+
+def test_the_record_holds_what_changes_the_function_only(tiny_config):
+    import jax.numpy as jnp
+    from jpeft.models.bert import BertModel
+    record = model_record(BertForSequenceClassification(tiny_config))
+    assert record["pooling"] == "mean" and record["num_labels"] == 2 and record["with_head"]
+    assert record["dtype"] == record["param_dtype"] == "float32"
+    # Dropout acts in training only: the record (and the check) ignore it.
+    no_dropout = dataclasses.replace(tiny_config, hidden_dropout_prob=0.0,
+                                     attention_probs_dropout_prob=0.0, classifier_dropout=0.0)
+    assert model_record(BertForSequenceClassification(no_dropout)) == record
+    assert model_record(BertForSequenceClassification(tiny_config, dtype=jnp.bfloat16))[
+        "dtype"] == "bfloat16"
+    encoder = model_record(BertModel(tiny_config))
+    assert not encoder["with_head"] and "num_labels" not in encoder
+    saving.check_model(record, dict(record), "x")        # equal records pass
+    saving.check_model(None, record, "x")                # nothing recorded: nothing to check
+
+
+def test_a_record_that_is_not_one_is_refused(bert, tmp_path):
+    model, variables, sites, batch = bert
+    method, delta = _head_lora(variables, sites)
+    with pytest.raises(TypeError, match="the model record is .*expected a JSON object of str"):
+        jpeft.save(tmp_path / "m", method, delta, model={"pooling": ["mean"]})
+    with pytest.raises(ValueError, match="model=.* and metadata\\['model'\\]=.* differ"):
+        jpeft.save(tmp_path / "m", method, delta, model={"pooling": "mean"},
+                   metadata={"model": {"pooling": "cls"}})
+
+
+# One on-disk layout: jpeft.checkpoint.restore reads what jpeft.save writes, and each reader says
+# what a directory holds when it does not fit.
+
+
+def test_checkpoint_restore_reads_a_jpeft_save_directory(bert, tmp_path):
+    model, variables, sites, batch = bert
+    method = _far(variables, sites)
+    delta = perturb(method.init(jax.random.key(0), variables, sites))
+    jpeft.save(tmp_path / "m", method, delta, metadata={"task": "x"})
+    like = jax.eval_shape(lambda k: method.init(k, variables, sites), jax.random.key(0))
+    got = checkpoint.restore(tmp_path / "m", like)
+    jax.tree.map(np.testing.assert_array_equal, got["delta"], delta)
+    assert got["metadata"]["user"] == {"task": "x"} and got["metadata"]["name"] == "far"
+    data = checkpoint.restore(tmp_path / "m", like,
+                              data_like=checkpoint.stored_like(tmp_path / "m", "data"))["data"]
+    jax.tree.map(np.testing.assert_array_equal, data, method.data)
+
+
+def test_jpeft_load_of_a_bare_checkpoint_says_what_it_holds(bert, tmp_path):
+    model, variables, sites, batch = bert
+    method = jpeft.lora(("query", "value"), rank=2)
+    checkpoint.save(tmp_path / "bare", method.init(jax.random.key(0), variables, sites))
+    with pytest.raises(checkpoint.CheckpointError, match=re.escape(
+            f"{tmp_path / 'bare'} was not written by jpeft.save: it holds a bare delta of 8 arrays "
+            f"that looks like lora (leaves lora_A, lora_B) (written by jpeft.checkpoint.save, "
+            f"without a method config); there is no method to rebuild. Restore it with "
+            f"jpeft.checkpoint.restore(path, template)")):
+        jpeft.load(tmp_path / "bare", variables, sites)
+
+
+def test_a_checkpoint_of_the_layout_before_still_loads(bert, tmp_path):
+    """jpeft.save wrote ``{"delta": delta, "data": data}`` as the delta item before."""
+    model, variables, sites, batch = bert
+    method = _far(variables, sites)
+    delta = perturb(method.init(jax.random.key(0), variables, sites))
+    config = json.loads(json.dumps(method.config))
+    checkpoint.save(tmp_path / "old", {"delta": delta, "data": method.data},
+                    metadata={"kind": checkpoint.NESTED_KIND, "config": config,
+                              "user": {"task": "x"}})
+    loaded = jpeft.load(tmp_path / "old", variables, sites)
+    jax.tree.map(np.testing.assert_array_equal, loaded.delta, delta)
+    assert loaded.metadata == {"task": "x"} and loaded.method.name == "far"

@@ -16,6 +16,11 @@ the LoRA factors are stored as PEFT stores them (``lora_A.weight [r, in]``, ``lo
 [out, r]``) whatever the kernel's layout, and ``fan_in_fan_out`` records whether the torch
 weight is ``[in, out]`` (GPT-2's ``Conv1D``): pass ``fan_in_fan_out=True`` for such models.
 
+Only what PEFT's torch model computes alike is written: a BERT classifier that pools otherwise
+than torch's ``BertForSequenceClassification`` (always ``tanh(W h[:, 0] + b)``, its pooler; jpeft's
+``pooling="mean"`` has no pooler) is refused (:func:`check_same_function`), as its adapter
+would give other predictions in torch; ``allow_function_change=True`` writes it anyway.
+
 Loading is all or nothing: a file that does not fit (a factor missing, a tensor no reader knows,
 a shape that does not fit the base, a module the base lacks, a required config key missing, a
 config value of the wrong type (:func:`jpeft.interop.hf_files.checked`), an option jpeft has no
@@ -41,7 +46,7 @@ from __future__ import annotations
 import importlib
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 from jpeft.core import method as method_lib
 from jpeft.interop import hf_files
@@ -89,9 +94,40 @@ def _split(method: method_lib.Method, delta: Any) -> tuple[dict[str, tuple[dict,
     return adapters, heads
 
 
+def check_same_function(variables: Any, model: dict | None, collection: str = "params") -> None:
+    """Refuse a base whose torch counterpart computes another function: a BERT classifier (a
+    ``bert`` encoder and a ``classifier``) that does not pool through BERT's pooler, known from
+    its ``model`` record (``pooling`` other than ``"cls"``, :func:`jpeft.models.loading.
+    model_record`) or from its parameters (no ``bert/pooler``: mean pooling). Torch's
+    ``BertForSequenceClassification`` always pools ``tanh(W h[:, 0] + b)``.
+
+    Raises:
+      ValueError: naming the pooling, why torch's predictions would differ, and the ways out.
+    """
+    params = variables.get(collection, {}) if isinstance(variables, Mapping) else {}
+    classifier = (isinstance(params, Mapping) and "classifier" in params and "bert" in params
+                  and isinstance(params["bert"], Mapping))
+    if model is not None and model.get("loader") == "load_hf_bert" and model.get("with_head"):
+        other = model.get("pooling") != "cls"
+        pooling = f"pooling={model.get('pooling')!r}"
+    else:
+        other = classifier and "pooler" not in params["bert"]
+        pooling = "pooling='mean' (its parameters have no bert/pooler)"
+    if other:
+        raise ValueError(
+            f"hf_peft.save: this BERT classifier was trained with {pooling}; torch's "
+            f"BertForSequenceClassification, which PEFT loads the adapter onto, always pools "
+            f"tanh(W h[:, 0] + b) through its pooler, so the exported adapter would give other "
+            f"logits and labels. Train the classifier with pooling='cls' (load_hf_bert(..., "
+            f"pooling='cls')) to export it, or keep it in jpeft's format (jpeft.save); pass "
+            f"allow_function_change=True only to write it anyway, knowing that torch's "
+            f"predictions will differ from jpeft's")
+
+
 def save(directory: str | os.PathLike, variables: Any, method: method_lib.Method, delta: Any, *,
          sites: Any = None, base_model_name_or_path: str | None = None,
          task_type: str | None = None, fan_in_fan_out: bool = False, collection: str = "params",
+         model: dict | None = None, allow_function_change: bool = False,
          overwrite: bool = False) -> Path:
     """Write ``method``'s ``delta`` as a Hugging Face PEFT adapter directory (atomically).
 
@@ -104,11 +140,19 @@ def save(directory: str | os.PathLike, variables: Any, method: method_lib.Method
         weights not stored ``[in, out]``.
       base_model_name_or_path, task_type: recorded in ``adapter_config.json``.
       fan_in_fan_out: the torch model stores these weights ``[in, out]`` (LoRA, IA3).
+      model: the base's model record (:func:`jpeft.models.loading.model_record`), checked by
+        :func:`check_same_function` (without it, the parameters are).
+      allow_function_change: write an adapter whose torch model computes another function than
+        jpeft's (a mean-pooled BERT classifier): torch's predictions then differ.
 
     Raises:
-      ValueError: a method without a PEFT form, naming the part.
+      ValueError: a method without a PEFT form, naming the part; a base whose torch counterpart
+        computes another function (:func:`check_same_function`) without
+        ``allow_function_change``.
       FileExistsError: ``directory`` exists and ``overwrite`` is false.
     """
+    if not allow_function_change:
+        check_same_function(variables, model, collection)
     adapters, heads = _split(method, delta)
     kind = next(iter(adapters.values()))[0]["method"]
     module = importlib.import_module(BY_METHOD[kind])

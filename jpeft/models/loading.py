@@ -21,6 +21,7 @@ skipped. A checkpoint of a bare encoder (keys ``embeddings...``) loads into a mo
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import pathlib
 from typing import Any, Callable, Mapping, NamedTuple
@@ -183,12 +184,94 @@ def flax_to_hf_state(params: Any) -> dict[str, np.ndarray]:
 
 
 class LoadedBert(NamedTuple):
-    """What :func:`load_hf_bert` returns: the config, the module and its ``'params'`` tree."""
+    """What :func:`load_hf_bert` returns: the config, the module and its ``'params'`` tree;
+    ``record`` is the model record to save with a delta trained on it (:func:`model_record`)."""
 
     config: BertConfig
     model: nn.Module
     params: dict
     report: LoadReport
+
+    @property
+    def record(self) -> dict:
+        """:func:`model_record` of ``model``: pass it to ``jpeft.save(..., model=)`` and
+        ``jpeft.load(..., model=)``."""
+        return model_record(self.model)
+
+
+# --------------------------------------------------------------------------------------------
+# Model records: the choices that change the function a delta was trained on
+
+
+#: Config fields that do not change the function of a loaded model (dropout acts in training
+#: only; the initialiser's scale and ``scan_layers``' layout leave the computed values alone;
+#: BERT's ``pad_token_id`` is read by nothing), left out of the record.
+NOT_RECORDED = {"BertConfig": ("hidden_dropout_prob", "attention_probs_dropout_prob",
+                               "classifier_dropout", "initializer_range", "pad_token_id"),
+                "LlamaConfig": ("initializer_range", "scan_layers")}
+#: Fields of a BERT classifier's head, left out of the record of a :class:`BertModel`.
+HEAD_FIELDS = ("num_labels",)
+
+
+def model_record(model: Any) -> dict:
+    """What a delta trained on ``model`` depends on beyond the shapes of its weights, as a flat
+    JSON object: ``loader`` (the function that builds such a base), every config field that
+    changes the function (a BERT's ``pooling``, ``num_labels``, ``hidden_size``, layers, vocab,
+    activation, epsilon, ...; not those of :data:`NOT_RECORDED`), ``with_head`` for a BERT, and
+    the computation ``dtype`` and ``param_dtype``. Save it with the delta
+    (``jpeft.save(..., model=)``); ``jpeft.load(..., model=)`` refuses a base whose record
+    differs.
+
+    ``model``: a :class:`BertForSequenceClassification` or :class:`BertModel` (linen), or a
+    :class:`jpeft.models.llama.LlamaForCausalLM` (NNX); any module with ``config`` (a dataclass),
+    ``dtype`` and ``param_dtype`` otherwise (``loader`` then its class name).
+
+    Raises:
+      TypeError: a model without a dataclass ``config``.
+    """
+    config = getattr(model, "config", None)
+    if not dataclasses.is_dataclass(config):
+        raise TypeError(f"model_record: {type(model).__name__} has no dataclass config; expected "
+                        f"a jpeft.models BERT or LLaMA module")
+    skip = set(NOT_RECORDED.get(type(config).__name__, ()))
+    record: dict[str, Any] = {}
+    if isinstance(model, (BertForSequenceClassification, BertModel)):
+        with_head = isinstance(model, BertForSequenceClassification)
+        record.update(loader="load_hf_bert", with_head=with_head)
+        skip |= set() if with_head else set(HEAD_FIELDS)
+    else:
+        record["loader"] = ("load_hf_llama" if type(config).__name__ == "LlamaConfig"
+                            else type(model).__name__)
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        if field.name not in skip:
+            record[field.name] = value if isinstance(value, (str, int, float, bool, type(None))) \
+                else repr(value)
+    record["dtype"] = _dtype_name(getattr(model, "dtype", None))
+    record["param_dtype"] = _dtype_name(getattr(model, "param_dtype", None))
+    return record
+
+
+def _dtype_name(dtype: Any) -> str | None:
+    return None if dtype is None else jnp.dtype(dtype).name
+
+
+def rebuild_hint(record: dict, keys: Any) -> str:
+    """The call that builds the base ``record`` describes, with the values of ``keys`` (those
+    that differed), e.g. ``load_hf_bert(model_dir, pooling='mean', num_labels=2)``."""
+    keys = [k for k in keys if k in record and k != "loader"]
+    dtypes = {"dtype", "param_dtype"}
+    shown = lambda k: f"jnp.{record[k]}" if k in dtypes and record[k] else repr(record[k])
+    loader = record.get("loader")
+    if loader == "load_hf_bert":
+        args = ", ".join(f"{k}={shown(k)}" for k in keys)
+        return f"jpeft.models.load_hf_bert(model_dir, {args})"
+    if loader == "load_hf_llama":
+        fields = ", ".join(f"{k}={shown(k)}" for k in keys if k not in dtypes)
+        config = f"config=dataclasses.replace(config, {fields})" if fields else "config=config"
+        rest = "".join(f", {k}={shown(k)}" for k in keys if k in dtypes)
+        return f"jpeft.models.load_hf_llama(source, {config}{rest})"
+    return f"a {loader} with " + ", ".join(f"{k}={shown(k)}" for k in keys)
 
 
 def load_hf_bert(model_dir: str | os.PathLike, *, num_labels: int | None = None,
@@ -204,6 +287,11 @@ def load_hf_bert(model_dir: str | os.PathLike, *, num_labels: int | None = None,
 
     ``num_labels=None`` keeps the file's value (``num_labels`` or ``len(id2label)``, else 2);
     ``config_overrides`` are further :class:`BertConfig` fields.
+
+    ``pooling``, the head, ``num_labels``, the config and the dtypes change the function a delta
+    is trained on without changing the shapes of what it adapts: save the result's ``record``
+    (:func:`model_record`) with the delta (``jpeft.save(..., model=loaded.record)``) and pass it
+    to ``jpeft.load(..., model=)``, which refuses a base built otherwise.
     """
     model_dir = pathlib.Path(model_dir)
     weights = model_dir / "model.safetensors"

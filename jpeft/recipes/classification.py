@@ -231,7 +231,9 @@ class ClassifierEnv(NamedTuple):
     the head modules trained alongside every method. ``reload() -> params`` reads the base weights
     again from their source (default: a host copy of ``params``). ``quantize`` says how ``params``
     is stored (:mod:`jpeft.recipes.quantization`: ``"none"``, ``"nf4"``, ``"int8"``;
-    :meth:`quantized` sets it).
+    :meth:`quantized` sets it). ``model_record`` is the base model's record
+    (:func:`jpeft.models.loading.model_record`: pooling, head, config, dtypes), saved with the
+    result and checked when it is loaded again (``None``: not recorded).
     """
     apply_fn: Callable[..., Any]
     params: Any
@@ -246,6 +248,7 @@ class ClassifierEnv(NamedTuple):
     reload: Callable[[], Any] | None = None
     eval_batch: int = 128
     quantize: str = "none"
+    model_record: dict | None = None
 
     def fit(self, method: method_lib.Method, delta: Any, *, steps: int,
             optimizer: optax.GradientTransformation, mode: str = "factored",

@@ -5,8 +5,11 @@ those that ask for it), then checks what a user relies on:
 
 1. *reload*: the result is saved (:func:`jpeft.presets.save`: only the delta, with the method's
    config and data, such as FAR's kept columns or a sparse delta's indices, and the preset and its
-   options as metadata); the base weights are read again from their source, the method is rebuilt
-   from the checkpoint alone (:func:`jpeft.presets.load`), and
+   options as metadata, and the task's model record, :attr:`Task.model_record`, as ``"model"``:
+   what :func:`jpeft.load` checks the base against, e.g. the pooling); the base weights are read
+   again from their source, the method is rebuilt from the checkpoint alone
+   (:func:`jpeft.presets.load`), the recorded model is checked against the task's
+   (:func:`jpeft.saving.check_model`), and
 
    * the restored delta equals the saved one, leaf for leaf, and so does the method's data;
    * the rebuilt method has the trained method's config, and its ``init`` has the restored delta's
@@ -34,7 +37,7 @@ from typing import Any, Callable, Mapping, NamedTuple, Protocol
 import jax
 import numpy as np
 
-from jpeft import presets, quantized
+from jpeft import presets, quantized, saving
 from jpeft.core import method as method_lib
 from jpeft.core import paths as paths_lib
 from jpeft.recipes import quantization as quant_lib
@@ -57,6 +60,10 @@ class Task(presets.Env, Protocol):
 
     #: How ``params`` is stored: ``"none"`` (full precision), ``"nf4"`` or ``"int8"``.
     quantize: str
+
+    #: The base model's record (:func:`jpeft.models.loading.model_record`), saved with the
+    #: result; ``None``: not recorded.
+    model_record: dict | None
 
     def quantized(self, scheme: str) -> "Task":
         """This task on its base stored as ``scheme`` (:func:`jpeft.recipes.quantization.prepare`;
@@ -103,6 +110,7 @@ def check_reload(task: Task, trained: method_lib.Method, dev_logits: np.ndarray,
     """The reload checks of the module docstring (``saved``: the delta written to ``ckpt``)."""
     loaded = presets.load(ckpt)
     quant_lib.check_recorded(loaded.metadata.get("base"), task.quantize, ckpt)
+    saving.check_model(loaded.metadata.get(saving.MODEL_KEY), task.model_record, ckpt)
     base = task.base_params()
     restored_same = (_same_trees(loaded.delta, saved)
                      and _same_trees(loaded.method.data, trained.data))
@@ -195,8 +203,9 @@ def run(preset: presets.Preset | str, task: Task, options: Mapping[str, Any] | N
         f"{100 * acc:.2f}% (before: {100 * before:.2f}%); stages took "
         + ", ".join(f"{n} {t:.1f} s" for n, t in state["seconds"].items()))
 
+    recorded = {} if task.model_record is None else {saving.MODEL_KEY: task.model_record}
     ckpt = presets.save(Path(out).absolute() / "delta", preset, options, state, task.sites,
-                        extra={"base": quant_lib.config(task.quantize)})
+                        extra={"base": quant_lib.config(task.quantize), **recorded})
     size = sum(f.stat().st_size for f in ckpt.rglob("*") if f.is_file())
     log(f"saved the delta (only the delta: {size / 1e6:.2f} MB on disk; base weights "
         f"{stored.stored / 1e6:.1f} MB stored, quantize {task.quantize}) to {ckpt}")

@@ -32,6 +32,13 @@ class Task(NamedTuple):
     buckets: tuple[int, ...]
     sites: Any
 
+    @property
+    def model_record(self) -> dict:
+        """The base's model record (:func:`jpeft.models.loading.model_record`: mean pooling, the
+        2-way head, MiniLM's config), saved with every result of the task."""
+        from jpeft.models.loading import model_record
+        return model_record(self.model)
+
 
 def load_task(seq: int = 64, seed: int = 0, dev_limit: int = 0, dev_fraction: float = 0.1) -> Task:
     """MiniLM with mean pooling and a 2-way head; sentences tokenised to ``seq`` tokens; a seeded
@@ -71,11 +78,13 @@ make_optimizer = presets.default_optimizer
 def env(task: Task, *, batch: int = 32, progress: bool = True,
         log: Callable[[str], None] = print) -> clf.ClassifierEnv:
     """``task`` as the environment of a method preset (:class:`jpeft.presets.Env`): the head is
-    ``("classifier",)``, batches of ``batch`` cut to the task's length buckets, and the reload
-    check reads the base weights again from the model files (:func:`fresh_variables`)."""
+    ``("classifier",)``, batches of ``batch`` cut to the task's length buckets, the reload
+    check reads the base weights again from the model files (:func:`fresh_variables`), and the
+    result records the model (:attr:`Task.model_record`)."""
     return clf.ClassifierEnv(task.model.apply, task.variables, task.sites, task.train, task.dev,
                              batch=batch, buckets=task.buckets, head=("classifier",),
-                             progress=progress, log=log, reload=lambda: fresh_variables(task))
+                             progress=progress, log=log, reload=lambda: fresh_variables(task),
+                             model_record=task.model_record)
 
 
 def single_shape(task: Task) -> Task:

@@ -2,6 +2,7 @@
 (both directions, logits to 1e-4), and the files that do not fit."""
 
 import copy
+import dataclasses
 import json
 import re
 import warnings
@@ -16,6 +17,8 @@ from conftest import hf_llama, torch_logits, torch_transformers
 import jpeft
 from jpeft.interop import hf_peft
 from jpeft.interop.hf_files import AdapterFileError
+from jpeft.models.bert import BertForSequenceClassification
+from jpeft.models.loading import model_record
 
 pytestmark = pytest.mark.torch
 
@@ -42,7 +45,8 @@ def test_export_loads_in_hugging_face_peft(hf_bert_pair, tiny_batch, tmp_path):
                                       v=jpeft.lora(("value",), rank=4, alpha=16.0))}.items():
         delta = _perturbed(method, variables, sites)
         ours = jpeft.wrap(model.apply, method, sites)(variables, delta, **tiny_batch)
-        out = hf_peft.save(tmp_path / name, variables, method, delta, sites=sites)
+        out = hf_peft.save(tmp_path / name, variables, method, delta, sites=sites,
+                           model=model_record(model))          # pooling="cls": torch's pooling
         config = json.loads((out / "adapter_config.json").read_text())
         loaded = peft.PeftModel.from_pretrained(copy.deepcopy(hf), str(out)).eval()
         np.testing.assert_allclose(torch_logits(torch, loaded, tiny_batch), ours, atol=1e-4,
@@ -50,6 +54,35 @@ def test_export_loads_in_hugging_face_peft(hf_bert_pair, tiny_batch, tmp_path):
         assert not np.allclose(ours, model.apply(variables, **tiny_batch), atol=1e-3)
     assert config["r"] == 2 and set(config["rank_pattern"].values()) == {4}
     assert set(config["alpha_pattern"].values()) == {16.0}
+
+
+def test_a_mean_pooled_classifier_is_not_exported(hf_bert_pair, tiny_batch, tmp_path):
+    """Torch's BertForSequenceClassification always pools h[:, 0] through its pooler: the adapter
+    of a classifier trained with mean pooling would give other predictions there."""
+    torch, hf, model, variables, sites = hf_bert_pair
+    import peft
+    mean = BertForSequenceClassification(dataclasses.replace(model.config, pooling="mean"))
+    bert = {k: v for k, v in variables["params"]["bert"].items() if k != "pooler"}
+    mean_variables = {"params": {**variables["params"], "bert": bert}}
+    method = jpeft.compose(lora=jpeft.lora(("query", "value"), rank=4, alpha=8),
+                           head=jpeft.full_finetune(("classifier",)))
+    delta = _perturbed(method, mean_variables, sites)
+    refused = (r"this BERT classifier was trained with pooling='mean'.*; torch's "
+               r"BertForSequenceClassification, which PEFT loads the adapter onto, always pools "
+               r"tanh\(W h\[:, 0\] \+ b\) through its pooler.*pass allow_function_change=True "
+               r"only to write it anyway")
+    with pytest.raises(ValueError, match=refused):
+        hf_peft.save(tmp_path / "a", mean_variables, method, delta, sites=sites,
+                     model=model_record(mean))
+    with pytest.raises(ValueError, match=refused):          # known from the params too
+        hf_peft.save(tmp_path / "a", mean_variables, method, delta, sites=sites)
+    assert not (tmp_path / "a").exists()
+    # The opt-out writes it; torch's predictions then differ from jpeft's, as documented.
+    out = hf_peft.save(tmp_path / "a", mean_variables, method, delta, sites=sites,
+                       model=model_record(mean), allow_function_change=True)
+    ours = jpeft.wrap(mean.apply, method, sites)(mean_variables, delta, **tiny_batch)
+    loaded = peft.PeftModel.from_pretrained(copy.deepcopy(hf), str(out)).eval()
+    assert np.abs(torch_logits(torch, loaded, tiny_batch) - ours).max() > 1e-2
 
 
 def test_import_from_hugging_face_peft(hf_bert_pair, tiny_batch, tmp_path):

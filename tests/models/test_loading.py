@@ -206,3 +206,36 @@ def test_tokenizer_pads_and_truncates_to_max_length(minilm):
     assert encode(tok, [])["input_ids"].shape == (0, 16)
     with pytest.raises(TypeError, match="encode expects a sequence of strings, not a single string"):
         encode(tok, "a single string")
+
+
+def test_model_record_of_bert_and_llama(cls_params, tmp_path):
+    """The record holds what changes the function (pooling, head, config, dtypes), not dropout
+    or the initialiser's scale; the hint rebuilds the recorded base."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from jpeft.models.llama import LlamaConfig, LlamaForCausalLM
+    from jpeft.models.loading import model_record, rebuild_hint
+    config = BertConfig.tiny(pooling="cls", num_labels=3)
+    (tmp_path / "config.json").write_text(json.dumps(dataclasses.asdict(config)))
+    save_file(flax_to_hf_state(cls_params), str(tmp_path / "model.safetensors"))
+    loaded = load_hf_bert(tmp_path, pooling="mean", num_labels=3)
+    record = loaded.record
+    assert record["loader"] == "load_hf_bert" and record["with_head"]
+    assert record["pooling"] == "mean" and record["num_labels"] == 3
+    assert "hidden_dropout_prob" not in record and "initializer_range" not in record
+    assert load_hf_bert(tmp_path, pooling="mean", num_labels=3,
+                        hidden_dropout_prob=0.0).record == record
+    assert load_hf_bert(tmp_path, pooling="cls", num_labels=3).record["pooling"] == "cls"
+    assert rebuild_hint(record, ["pooling", "num_labels"]) == (
+        "jpeft.models.load_hf_bert(model_dir, pooling='mean', num_labels=3)")
+
+    llama = nnx.eval_shape(lambda: LlamaForCausalLM(LlamaConfig.tiny(), dtype=jnp.bfloat16))
+    record = model_record(llama)
+    assert record["loader"] == "load_hf_llama" and record["dtype"] == "bfloat16"
+    assert "rope_theta" in record and "scan_layers" not in record
+    assert rebuild_hint(record, ["rope_theta", "dtype"]) == (
+        f"jpeft.models.load_hf_llama(source, config=dataclasses.replace(config, "
+        f"rope_theta={record['rope_theta']!r}), dtype=jnp.bfloat16)")
+    with pytest.raises(TypeError, match="has no dataclass config"):
+        model_record(object())

@@ -83,6 +83,14 @@ def test_demo_runs_end_to_end(minilm, movie_data, tmp_path, capsys):
     assert "100.00% of dev predictions equal" in out
     meta = checkpoint.metadata(tmp_path / "delta")["metadata"]["user"]
     assert meta["preset"] == "lora" and meta["options"]["steps"] == 3
+    # The saved adapter records mean pooling: on load_hf_bert's default (CLS) base it is refused
+    # (it predicted about 0.5 for everything there), on the recorded base it loads.
+    from jpeft.data.embedded import minilm_dir
+    from jpeft.models.loading import load_hf_bert
+    default = load_hf_bert(minilm_dir(), num_labels=2)
+    with pytest.raises(checkpoint.CheckpointError, match="pooling: saved 'mean', found 'cls'"):
+        jpeft.load(tmp_path / "delta", {"params": default.params}, model=default.record)
+    assert meta["model"] == load_hf_bert(minilm_dir(), num_labels=2, pooling="mean").record
 
 
 def test_cli_maps_flags_to_preset_options():
@@ -145,3 +153,31 @@ def test_cli_release_host_memory_starts_a_released_process(monkeypatch, retained
     monkeypatch.setattr(cli, "list_presets", lambda: 0)
     assert cli.main([*flags, "presets"]) == 0
     assert calls == expected
+
+def test_the_recipe_saves_the_model_record_and_loading_checks_it(tiny_config, tmp_path):
+    """A result trained with mean pooling records it; jpeft.load on a CLS-pooling base is an error
+    naming the pooling, on the recorded base it loads (issue: silently wrong predictions)."""
+    import dataclasses
+
+    from conftest import tiny_classifier_env
+    from jpeft import checkpoint
+    from jpeft.models.bert import BertForSequenceClassification
+    from jpeft.models.loading import model_record
+    from jpeft.recipes import finetune
+    one_layer = dataclasses.replace(tiny_config, num_hidden_layers=1)
+    record = model_record(BertForSequenceClassification(one_layer))
+    env = tiny_classifier_env(tiny_config)._replace(model_record=record)
+    out = finetune.run("bitfit", env, {"steps": 1}, out=tmp_path)
+    assert out.ok, out.checks
+    cls = model_record(BertForSequenceClassification(dataclasses.replace(one_layer,
+                                                                         pooling="cls")))
+    with pytest.raises(checkpoint.CheckpointError, match=(
+            r"pooling: saved 'mean', found 'cls'\nbuild the base as recorded: "
+            r"jpeft\.models\.load_hf_bert\(model_dir, pooling='mean'\)")):
+        jpeft.load(out.checkpoint, env.params, env.sites, model=cls)
+    loaded = jpeft.load(out.checkpoint, env.params, env.sites, model=record)
+    assert loaded.model == record
+    # The recipe's own reload check compares the recorded model with the task's.
+    with pytest.raises(checkpoint.CheckpointError, match="pooling: saved 'mean', found 'cls'"):
+        finetune.check_reload(env._replace(model_record=cls), out.state["method"], None,
+                              out.state["delta"], out.checkpoint, lambda _: None)
