@@ -90,7 +90,14 @@ def _name(keypath) -> str:
 
 
 def crc32(x: Any) -> int:
-    """CRC-32 of an array's bytes (C order; the array is brought to the host)."""
+    """CRC-32 of an array's bytes (C order; the array is brought to the host). A ``jax.Array``
+    sharded across processes (multi-host) is gathered to every host first
+    (``multihost_utils.process_allgather``, a collective: every process computes the checksums
+    of the same arrays in the same order, as :class:`Manager`'s save and restore do), one leaf
+    at a time: the host holds one whole leaf transiently."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        from jax.experimental import multihost_utils
+        x = multihost_utils.process_allgather(x, tiled=True)
     return zlib.crc32(np.ascontiguousarray(np.asarray(x)).view(np.uint8).reshape(-1)) & 0xFFFFFFFF
 
 
