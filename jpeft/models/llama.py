@@ -695,6 +695,11 @@ def _resolve_source(source: Mapping[str, Any] | str | os.PathLike,
     return state, config
 
 
+#: The error of a tied model's checkpoint whose head is not its embedding.
+TIED_HEAD_DIFFERS = ("'lm_head.weight' differs from 'model.embed_tokens.weight' but "
+                     "tie_word_embeddings=True; load with tie_word_embeddings=False")
+
+
 def load_hf_llama(source: Mapping[str, Any] | str | os.PathLike, config: LlamaConfig | None = None,
                   *, dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32,
                   scan_layers: bool | None = None) -> LlamaForCausalLM:
@@ -735,8 +740,7 @@ def load_hf_llama(source: Mapping[str, Any] | str | os.PathLike, config: LlamaCo
         if key == "lm_head.weight" and config.tie_word_embeddings and key not in targets:
             embed = state.get("model.embed_tokens.weight")
             if embed is not None and not np.array_equal(np.asarray(value), np.asarray(embed)):
-                raise ValueError("'lm_head.weight' differs from 'model.embed_tokens.weight' but "
-                                 "tie_word_embeddings=True; load with tie_word_embeddings=False")
+                raise ValueError(TIED_HEAD_DIFFERS)
             continue
         target = targets.get(key)
         if target is None:

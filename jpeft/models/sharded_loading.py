@@ -41,8 +41,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, Sharding
 
-from jpeft.models.llama import (IGNORED_HF_SUFFIXES, LlamaConfig, LlamaForCausalLM, _hf_targets,
-                                _param_variables, _Target)
+from jpeft.models.llama import (IGNORED_HF_SUFFIXES, TIED_HEAD_DIFFERS, LlamaConfig,
+                                LlamaForCausalLM, _hf_targets, _param_variables, _Target)
 
 Dtype = Any
 Ranges = tuple[tuple[int, int], ...]
@@ -298,8 +298,7 @@ def _match(index: Mapping[str, TensorInfo], targets: Mapping[str, _Target],
         if key == "lm_head.weight" and key not in targets and config.tie_word_embeddings:
             embed = "model.embed_tokens.weight"
             if embed in index and not _same_tensor(index, key, embed, chunk_bytes):
-                raise ValueError("'lm_head.weight' differs from 'model.embed_tokens.weight' but "
-                                 "tie_word_embeddings=True; load with tie_word_embeddings=False")
+                raise ValueError(TIED_HEAD_DIFFERS)
             continue
         target = targets.get(key)
         if target is None:
