@@ -57,13 +57,12 @@ Remat (``"none" | "dots" | "full"``): the layers run under ``nnx.scan``; with ``
 ``"full"`` the scanned layer body is wrapped in ``nnx.remat`` with
 ``jax.checkpoint_policies.dots_with_no_batch_dims_saveable`` (keep the projections' outputs,
 recompute the rest: norms, activations, attention scores and probabilities) or
-``nothing_saveable`` (keep only each layer's input). The model itself has no remat option; the
-planner builds the model with a remat-ing subclass of :class:`~jpeft.models.llama.LlamaModel`
-(same parameters, same paths).
+``nothing_saveable`` (keep only each layer's input): the model's own ``LlamaConfig.remat``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import re
@@ -78,7 +77,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from jpeft.models import sharding_rules
-from jpeft.models.llama import LlamaConfig, LlamaForCausalLM, LlamaModel
+from jpeft.models.llama import REMAT_POLICIES, LlamaConfig, LlamaForCausalLM
 
 #: Named configs: the public Hugging Face ``config.json`` numbers of Meta's LLaMA 3 models, and a
 #: tiny one for tests (``LlamaConfig.tiny``).
@@ -93,7 +92,7 @@ MODELS: dict[str, dict[str, Any]] = {
                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128),
 }
 METHODS = ("lora", "full", "qlora")
-REMAT = ("none", "dots", "full")
+REMAT = tuple(REMAT_POLICIES)
 MESH_AXES = ("dp", "fsdp", "tp")
 DTYPES = ("bfloat16", "float32")
 #: ``--device-memory`` shorthands (decimal GB: 16 GB = 16e9 bytes; ``GiB`` is 2^30).
@@ -250,45 +249,14 @@ def check(model: str, method: str, mesh: str, batch: int, seq: int, remat: str,
 # --------------------------------------------------------------------------- the model
 
 
-class _RematLlamaModel(LlamaModel):
-    """:class:`LlamaModel` whose scanned layer body runs under ``nnx.remat(policy=...)``."""
-
-    remat_policy: Any = None
-
-    def _scan_layers(self, hidden, cos, sin, allowed, kv, index):
-        @nnx.scan(in_axes=(nnx.Carry, 0, 0, None, None, None, None), out_axes=(nnx.Carry, 0))
-        @nnx.remat(policy=type(self).remat_policy)
-        def run(h, layer, layer_kv, cos, sin, allowed, index):
-            return layer(h, cos, sin, allowed, layer_kv, index)
-
-        return run(hidden, self.layers, kv, cos, sin, allowed, index)
-
-
-def remat_policy(remat: str):
-    """``"dots"`` -> ``dots_with_no_batch_dims_saveable``, ``"full"`` -> ``nothing_saveable``,
-    ``"none"`` -> ``None`` (no remat)."""
-    policies = jax.checkpoint_policies
-    return {"none": None, "dots": policies.dots_with_no_batch_dims_saveable,
-            "full": policies.nothing_saveable}[remat]
-
-
 def abstract_model(config: LlamaConfig, *, dtype: Any = jnp.bfloat16, remat: str = "none"):
     """``(apply, params)`` of :class:`LlamaForCausalLM` with ``jax.ShapeDtypeStruct`` parameters
-    (``nnx.eval_shape``: no weight is allocated); ``remat`` as in the module docstring (scanned
-    layers only)."""
-    policy = remat_policy(remat)
-    if policy is not None and not config.scan_layers:
-        raise ValueError("abstract_model: remat needs scan_layers=True")
-
-    def build():
-        m = LlamaForCausalLM(config, dtype=dtype, param_dtype=dtype)
-        if policy is not None:
-            cls = type("RematLlamaModel", (_RematLlamaModel,),
-                       {"remat_policy": staticmethod(policy)})
-            m.model = cls(config, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=dtype)
-        return m
+    (``nnx.eval_shape``: no weight is allocated), each layer under ``remat``
+    (``LlamaConfig.remat``)."""
+    config = dataclasses.replace(config, remat=remat)
     from jpeft import nnx as jnnx
-    return jnnx.split(nnx.eval_shape(build))
+    return jnnx.split(nnx.eval_shape(
+        lambda: LlamaForCausalLM(config, dtype=dtype, param_dtype=dtype)))
 
 
 def llama_param_count(config: LlamaConfig) -> int:

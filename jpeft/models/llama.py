@@ -67,6 +67,12 @@ def _rope_type(rope: Mapping[str, Any] | None) -> str:
     return str(rope.get("rope_type", rope.get("type", "default")))
 
 
+#: ``LlamaConfig.remat`` -> the ``jax.checkpoint`` policy each layer runs under (``None``: no
+#: rematerialisation).
+REMAT_POLICIES = {"none": None, "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+                  "full": jax.checkpoint_policies.nothing_saveable}
+
+
 @dataclasses.dataclass(frozen=True)
 class LlamaConfig(HFConfig):
     """Hyper-parameters of a LLaMA decoder, named as in a Hugging Face ``config.json``.
@@ -75,7 +81,11 @@ class LlamaConfig(HFConfig):
     ``head_dim=None`` means ``hidden_size // num_attention_heads``; both are filled in on
     construction. ``rope_scaling`` is accepted only when ``None`` or of type ``"default"`` (then
     stored as ``None``); any other scaling raises a ``ValueError``. ``scan_layers`` is not a Hugging
-    Face key: it selects the stacked, ``nnx.scan``-ned layer layout.
+    Face key: it selects the stacked, ``nnx.scan``-ned layer layout. Neither is ``remat``
+    (:data:`REMAT_POLICIES`): ``"none"`` keeps every activation for the backward pass, ``"dots"``
+    recomputes each layer but keeps its matrix products' outputs
+    (``dots_with_no_batch_dims_saveable``), ``"full"`` keeps only each layer's input
+    (``nothing_saveable``). It changes memory and time, never the values.
     """
 
     vocab_size: int = 32000
@@ -95,8 +105,11 @@ class LlamaConfig(HFConfig):
     attention_bias: bool = False
     mlp_bias: bool = False
     scan_layers: bool = False
+    remat: str = "none"
 
     def __post_init__(self):
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f"remat={self.remat!r}: choose one of {tuple(REMAT_POLICIES)}")
         if self.num_key_value_heads is None:
             object.__setattr__(self, "num_key_value_heads", self.num_attention_heads)
         if self.head_dim is None:
@@ -485,9 +498,10 @@ class LlamaModel(_LlamaModule):
 
     def _unrolled_layers(self, hidden, cos, sin, allowed, kv, index):
         """A Python loop over the ``nnx.List``; layer ``i`` reads and rewrites ``kv[:, i]``."""
+        call = self._layer_call()
         for i, layer in enumerate(self.layers):
             layer_kv = None if kv is None else LayerKV(kv.keys[i], kv.values[i])
-            hidden, layer_kv = layer(hidden, cos, sin, allowed, layer_kv, index)
+            hidden, layer_kv = call(layer, hidden, cos, sin, allowed, layer_kv, index)
             hidden = constrain(hidden)
             if kv is not None:
                 kv = LayerKV(kv.keys.at[i].set(layer_kv.keys), kv.values.at[i].set(layer_kv.values))
@@ -495,12 +509,22 @@ class LlamaModel(_LlamaModule):
 
     def _scan_layers(self, hidden, cos, sin, allowed, kv, index):
         """``nnx.scan`` over the stacked layer and the ``[L, ...]`` cache (hidden state carried)."""
+        call = self._layer_call()
+
         @nnx.scan(in_axes=(nnx.Carry, 0, 0, None, None, None, None), out_axes=(nnx.Carry, 0))
         def run(h, layer, layer_kv, cos, sin, allowed, index):
-            h, layer_kv = layer(h, cos, sin, allowed, layer_kv, index)
+            h, layer_kv = call(layer, h, cos, sin, allowed, layer_kv, index)
             return constrain(h), layer_kv
 
         return run(hidden, self.layers, kv, cos, sin, allowed, index)
+
+    def _layer_call(self):
+        """``(layer, hidden, cos, sin, allowed, kv, index) -> (hidden, kv)``: one layer, under
+        ``nnx.remat`` with the policy of ``config.remat`` (:data:`REMAT_POLICIES`)."""
+        def call(layer, hidden, cos, sin, allowed, kv, index):
+            return layer(hidden, cos, sin, allowed, kv, index)
+        policy = REMAT_POLICIES[self.config.remat]
+        return call if policy is None else nnx.remat(call, policy=policy)
 
 
 class LlamaForCausalLM(_LlamaModule):

@@ -434,3 +434,33 @@ def test_greedy_generate_matches_transformers(monkeypatch):
                           max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False,
                           pad_token_id=0).numpy()
     np.testing.assert_array_equal(np.asarray(generate(model, ids, mask, NEW_TOKENS)), ref)
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_remat_policies_change_memory_not_values(scan):
+    """``LlamaConfig.remat``: the loss and its gradient are the same under every policy, and the
+    compiled gradient's temporaries shrink from "none" to "full"."""
+    import optax
+
+    import jpeft
+    base = LlamaConfig.tiny(num_hidden_layers=3, scan_layers=scan)
+    ids = np.random.default_rng(0).integers(1, base.vocab_size, (4, 32)).astype(np.int32)
+    out, temps = {}, {}
+    for remat in ("none", "dots", "full"):
+        model = LlamaForCausalLM(dataclasses.replace(base, remat=remat), rngs=nnx.Rngs(0))
+        apply, params = jpeft.nnx.split(model)
+
+        def loss(p):
+            logits = apply(p, ids)
+            return optax.softmax_cross_entropy_with_integer_labels(
+                logits[:, :-1], ids[:, 1:]).mean()
+        g = jax.jit(jax.value_and_grad(loss))
+        out[remat] = g(params)
+        temps[remat] = g.lower(params).compile().memory_analysis().temp_size_in_bytes
+    for remat in ("dots", "full"):
+        np.testing.assert_allclose(out[remat][0], out["none"][0], rtol=1e-6)
+        for a, b in zip(jax.tree.leaves(out[remat][1]), jax.tree.leaves(out["none"][1])):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+    assert temps["full"] < temps["none"]
+    with pytest.raises(ValueError, match=r"remat='some'"):
+        LlamaConfig.tiny(remat="some")
