@@ -81,14 +81,8 @@ from jpeft.core import paths as paths_lib  # noqa: E402
 from jpeft.models.llama import LlamaConfig, LlamaForCausalLM, convert_layers  # noqa: E402
 
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "decoder_cost.jsonl"
-LR = 1e-4
-WEIGHT_DECAY = 1e-4
-RANK, ALPHA = 8, 16
-
-# ~25.0M parameters: 8 x (786,432 attention + 1,572,864 MLP + 1,024 norms) + 2 x 6000 x 512 + 512.
-MODEL = dict(vocab_size=6000, hidden_size=512, intermediate_size=1024, num_hidden_layers=8,
-             num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=2048,
-             tie_word_embeddings=False)
+# The decoder and its training settings, shared with the torch runner (no JAX in that module).
+from decoder_torch import ALPHA, LR, MODEL, RANK, WEIGHT_DECAY  # noqa: E402,F401
 QUICK_MODEL = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
                    tie_word_embeddings=False)

@@ -83,20 +83,43 @@ def _torch_process(a, batches: list[dict], beside: str | None) -> dict:
         jax_step(), jax_step()
     import torch
 
-    import torch_step
     torch.set_num_threads(a.threads)
-    step, finish = torch_step.prepare(a.config_torch, pathlib.Path(a.model_dir), batches,
-                                      a.warmup + a.steps)
+    if a.model == "decoder":
+        import decoder_torch
+        step, info = decoder_torch.prepare(a.config_torch, batches)
+    else:
+        import torch_step
+        step, _ = torch_step.prepare(a.config_torch, pathlib.Path(a.model_dir), batches,
+                                     a.warmup + a.steps)
+        info = {}
     out = _time(step, a.steps, a.warmup)
+    out.update(info)
     out.update({"torch_threads": torch.get_num_threads(), "torch_version": torch.__version__,
                 "jax_imported": "jax" in sys.modules})
     return out
 
 
+def _decoder_step(a):
+    """The jpeft run_step of ``a.config`` on the decoder, built as ``decoder_cost.py`` does
+    (random weights, unrolled layers, the first batch kept on the device)."""
+    import jax.numpy as jnp
+
+    import decoder_cost
+    import jpeft
+    model = decoder_cost._build_model(decoder_cost.MODEL, 0, "unrolled")
+    apply, params = jpeft.nnx.split(model)
+    batch = {k: jnp.asarray(v) for k, v in _load_batches(a.batch_file)[0].items()}
+    sites = jpeft.probe(apply, params, batch["input_ids"], batch["attention_mask"])
+    spec = decoder_cost._configs()[a.config]
+    return decoder_cost._jpeft_prepare(a.config, spec, apply, params, sites, batch).run
+
+
 def _jax_process_step(a, runner: str):
     """The run_step of ``jpeft`` or ``floor`` for ``a.config``, built as ``step_cost.py`` does
     (compiled for the first batch's shapes; several batches: the realistic loop, each step takes
-    the next host batch)."""
+    the next host batch); ``--model decoder``: :func:`_decoder_step`."""
+    if a.model == "decoder":
+        return _decoder_step(a)
     import jax.numpy as jnp
 
     import step_cost
@@ -192,7 +215,7 @@ def _run(which: str, config: str, a, batch_file: str, model_dir: str, torch_kind
     cmd = [sys.executable, __file__, "--child", which, "--config", config, "--steps",
            str(a.steps), "--warmup", str(a.warmup), "--batch-file", batch_file, "--model-dir",
            model_dir, "--threads", str(a.threads), "--config-torch", torch_kind or "",
-           "--runners", runners]
+           "--runners", runners, "--model", a.model]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
         [str(HERE.parent), str(HERE), os.environ.get("PYTHONPATH", "")]))
     p = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -205,11 +228,19 @@ def _run(which: str, config: str, a, batch_file: str, model_dir: str, torch_kind
 def race(config: str, a, batch_file: str, model_dir: str) -> dict:
     """Every runner of ``config`` in processes of their own, ``a.reps`` alternated repetitions."""
     sys.path.insert(0, str(HERE))
-    import step_cost
-    spec = step_cost._configs()[config]
-    runners = [r for r in a.runners.split(",")
-               if not (r == "floor" and config not in step_cost.FLOOR)
-               and not (r == "torch" and spec.torch is None)]
+    if a.model == "decoder":                     # no hand-written decoder floor
+        import decoder_torch
+        torch_kind = config if config in decoder_torch.TARGETS else None
+        runners = [r for r in a.runners.split(",")
+                   if r == "jpeft" or (r == "torch" and torch_kind is not None)]
+        if a.harness or a.torch_beside:
+            raise SystemExit("--harness and --torch-beside are for --model bert")
+    else:
+        import step_cost
+        torch_kind = step_cost._configs()[config].torch
+        runners = [r for r in a.runners.split(",")
+                   if not (r == "floor" and config not in step_cost.FLOOR)
+                   and not (r == "torch" and torch_kind is None)]
     if a.torch_beside and "torch" in runners:
         runners += list(BESIDE)
     per: dict[str, list[dict]] = {r: [] for r in runners}
@@ -217,17 +248,18 @@ def race(config: str, a, batch_file: str, model_dir: str) -> dict:
     for rep in range(a.reps):
         order = runners[rep % len(runners):] + runners[:rep % len(runners)]
         for r in order:
-            res = _run(r, config, a, batch_file, model_dir, spec.torch)
+            res = _run(r, config, a, batch_file, model_dir, torch_kind)
             per[r].append(res)
             print(f"  [{config}] rep {rep + 1}/{a.reps} {r}: {res['median_ms']:.1f} ms",
                   flush=True)
         if a.harness:
             inside = [r for r in runners if r in RUNNERS]
-            h = _run("harness", config, a, batch_file, model_dir, spec.torch, ",".join(inside))
+            h = _run("harness", config, a, batch_file, model_dir, torch_kind, ",".join(inside))
             harness.append(h)
             print(f"  [{config}] rep {rep + 1}/{a.reps} harness: "
                   + ", ".join(f"{k} {v:.1f} ms" for k, v in h.items()), flush=True)
-    row = {"config": config, "torch_config": spec.torch, "reps": a.reps, "steps": a.steps,
+    row = {"config": config, "model": a.model, "torch_config": torch_kind, "reps": a.reps,
+           "steps": a.steps,
            "warmup": a.warmup, "threads": a.threads}
     for r, results in per.items():
         row[f"{r}_ms"] = statistics.median(x["median_ms"] for x in results)
@@ -261,8 +293,13 @@ def main(argv=None):
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--steps", type=int, default=15)
     ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--seq", type=int, default=64)
+    ap.add_argument("--batch", type=int, default=None, help="32 (bert), 8 (decoder)")
+    ap.add_argument("--seq", type=int, default=None, help="64 (bert), 128 (decoder)")
+    ap.add_argument("--model", choices=("bert", "decoder"), default="bert",
+                    help="bert: the embedded MiniLM classifier (step_cost.py's); decoder: the "
+                         "~25M-parameter NNX LLaMA of decoder_cost.py against Hugging Face PEFT "
+                         "on transformers.LlamaForCausalLM, same config (random weights and "
+                         "tokens; --batch 8 --seq 128 by default; no floor)")
     ap.add_argument("--data", choices=("random", "movies"), default="random",
                     help="random: one batch of random tokens kept on the device (step_cost.py's); "
                          "movies: the realistic loop, a new padded batch of real reviews each "
@@ -288,7 +325,14 @@ def main(argv=None):
     import torch_step
     from jpeft.data import minilm_dir
     model_dir = pathlib.Path(minilm_dir())
-    if a.data == "movies":
+    default = {"bert": (32, 64), "decoder": (8, 128)}[a.model]
+    a.batch, a.seq = a.batch or default[0], a.seq or default[1]
+    if a.model == "decoder":
+        import decoder_torch
+        if a.data != "random":
+            raise SystemExit("--model decoder: only --data random")
+        batches = [decoder_torch.benchmark_batch(a.batch, a.seq)]
+    elif a.data == "movies":
         batches = movie_batches(model_dir, a.warmup + a.steps, a.batch, a.seq)
     else:
         vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
