@@ -23,6 +23,15 @@ def shardings_of(tree: Any) -> Any:
     return jax.tree_util.tree_map(lambda x: x.sharding, tree)
 
 
+def axis_size(mesh: Mesh, axes: Any) -> int:
+    """How many devices a ``PartitionSpec`` entry splits over: the product of the sizes of
+    ``axes`` (a mesh axis name, a tuple of them, or ``None``: 1) in ``mesh``."""
+    size = 1
+    for a in (axes if isinstance(axes, tuple) else (axes,)):
+        size *= mesh.shape[a] if a is not None else 1
+    return size
+
+
 def rule_sharding(mesh: Mesh, rules: Sequence[tuple[str, PartitionSpec]],
                   default: PartitionSpec = PartitionSpec()
                   ) -> Callable[[str, tuple[int, ...]], NamedSharding]:
@@ -38,9 +47,7 @@ def rule_sharding(mesh: Mesh, rules: Sequence[tuple[str, PartitionSpec]],
         if len(spec) > len(shape):
             raise ValueError(f"shard_by_rules: spec {spec} has more axes than {path} {shape}")
         for i, (dim, axis) in enumerate(zip(shape, spec)):
-            size = 1
-            for a in (axis if isinstance(axis, tuple) else (axis,)):
-                size *= mesh.shape[a] if a is not None else 1
+            size = axis_size(mesh, axis)
             if dim % size:
                 raise ValueError(f"shard_by_rules: {path} {tuple(shape)}: dimension {i} (size "
                                  f"{dim}) not divisible by mesh axes {axis!r} of size {size}; "

@@ -39,8 +39,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, Sharding
+from jax.sharding import NamedSharding, Sharding
 
+from jpeft.core.sharding import axis_size
 from jpeft.models.llama import (IGNORED_HF_SUFFIXES, TIED_HEAD_DIFFERS, LlamaConfig,
                                 LlamaForCausalLM, _hf_targets, _param_variables, _Target)
 
@@ -196,11 +197,6 @@ def read_block(info: TensorInfo, key: str, ranges: Ranges, out: np.ndarray, *,
 # --------------------------------------------------------------------------- shardings
 
 
-def _axis_size(mesh: Mesh, axis: Any) -> int:
-    axes = axis if isinstance(axis, tuple) else (axis,)
-    return math.prod(mesh.shape[a] for a in axes if a is not None)
-
-
 def check_sharding(path: str, hf_key: str, shape: tuple[int, ...], sharding: Sharding) -> None:
     """Raise a ``ValueError`` naming the parameter, its Hugging Face key and the way out when
     ``sharding`` cannot place an array of ``shape`` in equal blocks (a spec longer than the
@@ -213,7 +209,7 @@ def check_sharding(path: str, hf_key: str, shape: tuple[int, ...], sharding: Sha
                              "parameter has dimensions; give it a spec of at most "
                              f"{len(shape)} entries")
         for dim, (n, axis) in enumerate(zip(shape, spec)):
-            size = _axis_size(sharding.mesh, axis)
+            size = axis_size(sharding.mesh, axis)
             if n % size:
                 raise ValueError(f"the sharding of {where} splits dimension {dim} (size {n}) "
                                  f"over mesh axes {axis!r} of size {size}, which does not divide "

@@ -31,13 +31,13 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import math
 from typing import Any, Callable, Iterator, NamedTuple, Sequence
 
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jpeft.core import paths as paths_lib
+from jpeft.core.sharding import axis_size
 
 #: Mesh axis names of the named layouts.
 DATA, MODEL = "data", "model"
@@ -151,7 +151,7 @@ def sharding_fn(mesh: Mesh, model: str, layout: str | Layout
     def one(path: str, shape: tuple[int, ...]) -> NamedSharding:
         spec = spec_of(model, lay, path, shape)
         for dim, axes in zip(shape, spec):
-            size = math.prod(mesh.shape[a] for a in _axes_in((axes,)))
+            size = axis_size(mesh, axes)
             if dim % size:
                 raise ValueError(
                     f"sharding {model!r} {layout!r}: {path} {tuple(shape)}: dimension {dim} is "
@@ -171,7 +171,7 @@ def param_shardings(params: Any, mesh: Mesh, model: str, layout: str | Layout) -
     one = sharding_fn(mesh, model, layout)
     lay = layout_of(layout)
     flat = _axes_in((lay.fsdp, lay.tp))
-    n_flat = math.prod(mesh.shape[a] for a in flat)
+    n_flat = axis_size(mesh, flat)
 
     def leaf(kp, x):
         if paths_lib.is_array_node(x):          # a QuantizedArray: its stored arrays
