@@ -160,6 +160,11 @@ class _State:
         self.edits = dict(edits or {})
         self.taps = frozenset(taps)
         self.mark_edits = dict(marks or {})
+        read_only = [marks_lib.key_str(k) for k in self.mark_edits if k[1] in marks_lib.READ_ONLY]
+        if read_only:
+            raise ValueError(f"{what}: {read_only} are read-only hook points (the model computes "
+                             f"them for methods to read, not to use): an edit there would change "
+                             f"nothing; edit the values the model uses instead")
         self.record = record
         self.rng = rng
         self.what = what

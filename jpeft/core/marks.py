@@ -53,12 +53,21 @@ KINDS = {
     "query": "attention queries after projection and head split, [B, T, H, Dh]",
     "keys": "attention keys after projection and head split (and rotary), [B, S, Hkv, Dh]",
     "values": "attention values after projection and head split, [B, S, Hkv, Dh]",
-    "mask": "the additive attention bias (0 attend, very negative masked), broadcastable to "
-            "[B, H, T, S]",
+    "mask": "the attention mask: bool (True attends) or an additive bias (0 attends, very "
+            "negative masks), broadcastable to [B, H, T, S]",
+    "scores": "attention scores, scaled and masked, before the softmax, float32, [B, H, T, S] "
+              "(only where the model forms them: a fused attention has none)",
+    "lse": "read-only: log-sum-exp over the keys of the attention's masked scaled scores, "
+           "float32, [B, T, H] (the log of the softmax's normaliser)",
     "context": "attention output per head before the output projection, [B, T, H, Dh]",
     "hidden": "the feed-forward hidden activation after the non-linearity, [B, T, F]",
     "named": "a value the model names itself with jax.ad_checkpoint.checkpoint_name",
 }
+
+
+#: Kinds whose value the model computes for methods to read and does not use itself: an edit
+#: there would change nothing, so the backend refuses one.
+READ_ONLY = frozenset({"lse"})
 
 
 def scope_of(where: Any) -> Path:

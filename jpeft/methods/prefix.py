@@ -6,10 +6,11 @@ causal, with or without a KV cache)::
 
     out_t = softmax([q_t P_k^T, q_t k^T] * c + [0, bias]) [P_v; v]            (c = 1/sqrt(D))
 
-jpeft computes this without changing any shape in the model: with ``s`` the model's own masked
-scores of query ``t`` (the ``scores`` hook point), ``p = c q_t P_k^T`` the prefix scores and
-``ctx`` the model's own output (the ``context`` hook point), softmax over the concatenation splits
-exactly as (He et al., 2022, eq. 5)::
+jpeft computes this without changing any shape in the model: with ``logsumexp(s)`` the
+log-normaliser of the model's own masked scores of query ``t`` (the read-only ``lse`` hook point,
+which a model with a fused attention such as ``jax.nn.dot_product_attention`` computes beside
+it), ``p = c q_t P_k^T`` the prefix scores and ``ctx`` the model's own output (the ``context``
+hook point), softmax over the concatenation splits exactly as (He et al., 2022, eq. 5)::
 
     out_t = lam * ctx + (1 - lam) * softmax(p) P_v,   lam = sigmoid(logsumexp(s) - logsumexp(p))
 
@@ -17,7 +18,7 @@ exactly as (He et al., 2022, eq. 5)::
 the tokens, so the tokens' positions start at ``l`` (``shift_positions``; the ``positions`` hook
 point), as in the paper's and Hugging Face PEFT's implementation, where the prefix fills the first
 ``l`` slots of the key/value cache. So the prefix works wherever
-the model marks ``query``, ``scores`` and ``context`` (:mod:`jpeft.core.marks`; jpeft's BERT and
+the model marks ``query``, ``keys``, ``lse`` and ``context`` (:mod:`jpeft.core.marks`; jpeft's BERT and
 LLaMA do), the KV cache needs no room for it, and generation with a cache equals generation
 without. Grouped-query attention: query head ``n`` reads prefix head ``n // (N / K)``. A model's
 attention dropout (on its own probabilities) is not applied to the prefix share; in evaluation the
@@ -55,7 +56,7 @@ from jpeft.core import sharding as sharding_lib
 from jpeft.core import sites as sites_lib
 
 #: Hook points an attention needs for prefix tuning.
-NEEDS = ("query", "keys", "scores", "context")
+NEEDS = ("query", "keys", "lse", "context")
 GATE_NAME, GATE_BIAS_NAME = "prefix_gate", "prefix_gate_bias"
 
 
@@ -79,7 +80,7 @@ def attentions(sites: sites_lib.Sites | None, targets: paths_lib.Targets = None,
 
     Raises:
       ValueError: none selected (listing the hook points the model has), or a selected attention
-        without the ``query``/``keys``/``scores`` hook points.
+        without the ``query``/``keys``/``lse`` hook points.
     """
     ctxs = sites_lib.select_marks(sites, targets, "context", what=what, exclude=exclude)
     out = []
@@ -97,14 +98,14 @@ def attentions(sites: sites_lib.Sites | None, targets: paths_lib.Targets = None,
     return out
 
 
-def prefix_attention(q: jax.Array, scores: jax.Array, ctx: jax.Array, pk: jax.Array,
+def prefix_attention(q: jax.Array, lse: jax.Array, ctx: jax.Array, pk: jax.Array,
                      pv: jax.Array, scale: float | None = None) -> jax.Array:
-    """Attention output with a prefix, from the model's own scores and output.
+    """Attention output with a prefix, from the model's own log-normaliser and output.
 
     Args:
-      q: queries ``[B, T, N, D]``; scores: the model's masked scores ``[B, N, T, S]``; ctx: the
-        model's output ``softmax(scores) v``: ``[B, T, N, D]``; pk, pv: prefix ``[l, K, D]``, or
-        ``[B, l, K, D]`` per example (gated);
+      q: queries ``[B, T, N, D]``; lse: ``logsumexp`` of the model's masked scores over its keys
+        ``[B, T, N]``; ctx: the model's output ``softmax(scores) v``: ``[B, T, N, D]``; pk, pv:
+        prefix ``[l, K, D]``, or ``[B, l, K, D]`` per example (gated);
       scale: the scores' scale ``c`` (default ``1/sqrt(D)``).
 
     Returns ``lam * ctx + (1 - lam) * softmax(c q pk^T) pv`` (module docstring), ``[B, T, N, D]``.
@@ -117,8 +118,7 @@ def prefix_attention(q: jax.Array, scores: jax.Array, ctx: jax.Array, pk: jax.Ar
     p = jnp.einsum("btkgd,blkd->btkgl", qg, pk.astype(jnp.float32)) * c     # [B, T, K, G, l]
     lse_p = jax.nn.logsumexp(p, axis=-1)                                       # [B, T, K, G]
     cp = jnp.einsum("btkgl,blkd->btkgd", jax.nn.softmax(p, axis=-1), pv.astype(jnp.float32))
-    lse_s = jax.nn.logsumexp(scores.astype(jnp.float32), axis=-1)             # [B, N, T]
-    lse_s = jnp.transpose(lse_s, (0, 2, 1)).reshape(b, t, k, n // k)
+    lse_s = lse.astype(jnp.float32).reshape(b, t, k, n // k)
     lam = jax.nn.sigmoid(lse_s - lse_p)[..., None]
     out = lam * ctx.astype(jnp.float32).reshape(b, t, k, n // k, d) + (1.0 - lam) * cp
     return out.reshape(b, t, n, d).astype(ctx.dtype)
@@ -205,7 +205,7 @@ def prefix_tuning(num_virtual_tokens: int = 20, targets: paths_lib.Targets = Non
 
     def edit(call, arrays):
         q = call.seen[(call.scope, "query")]
-        s = call.seen[(call.scope, "scores")]
+        s = call.seen[(call.scope, "lse")]
         pk, pv = arrays["keys"], arrays["values"]
         if gate:
             g = gates_lib.example_gates(call.seen[(call.scope, "in")], arrays["gate"], arrays["gate_bias"])

@@ -283,7 +283,8 @@ class BertSelfAttention(_BertModule):
     output ``P v`` merged back to ``[B, T, H]``. ``bias`` is :func:`attention_bias` of the mask.
     Hook points (:mod:`jpeft.core.marks`, scoped by this module's path): ``query``, ``keys``,
     ``values`` ``[B, T, N, D]``, ``mask`` (the bias ``[B, 1, 1, T]``), ``scores`` (``[B, N, T, T]``,
-    float32, masked, before the softmax), ``context`` (``P v``, ``[B, T, N, D]``).
+    float32, masked, before the softmax), ``lse`` (read-only: ``logsumexp`` of the scores over
+    the keys, ``[B, T, N]``), ``context`` (``P v``, ``[B, T, N, D]``).
     """
 
     @nn.compact
@@ -297,6 +298,7 @@ class BertSelfAttention(_BertModule):
         bias = mark(attention_bias(attention_mask, jnp.float32), self, "mask")
         scores = jnp.einsum("bqnd,bknd->bnqk", q, k) / math.sqrt(c.head_dim)
         scores = mark(scores.astype(jnp.float32) + bias, self, "scores")
+        mark(jax.nn.logsumexp(scores, axis=-1).transpose(0, 2, 1), self, "lse")   # read-only
         probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
         probs = nn.Dropout(c.attention_probs_dropout_prob)(probs, deterministic=deterministic)
         ctx = mark(jnp.einsum("bnqk,bknd->bqnd", probs, v), self, "context")

@@ -231,25 +231,34 @@ def causal_mask(query_slots: Array, key_mask: Array) -> Array:
     return causal[None, :, :] & key_mask.astype(bool)[:, None, :]
 
 
-def grouped_attention(q: Array, k: Array, v: Array, allowed: Array, where: Any = None) -> Array:
+def grouped_attention(q: Array, k: Array, v: Array, allowed: Array) -> Array:
     """Grouped-query scaled dot-product attention: ``q [B, T, N, D], k, v [B, S, K, D],
-    allowed [B, T, S] -> [B, T, N, D]``.
+    allowed [B, T, S] -> [B, T, N, D]``, through :func:`jax.nn.dot_product_attention` (which
+    picks cuDNN's fused flash attention on a GPU where it applies, XLA's otherwise).
 
-    Query head ``h`` uses key/value head ``h // G`` (Hugging Face's ``repeat_kv``, done here by
-    viewing ``q`` as ``[B, T, K, G, D]`` instead of copying ``k`` and ``v``).
-    ``P = softmax(q k^T / sqrt(D))`` over the allowed keys (scores and softmax in float32; a
-    query with no allowed key gets uniform weights), output ``P v``. With ``where`` (a module or
-    scope), the masked scores are marked as the hook point ``scores`` ``[B, N, T, S]``.
+    Query head ``h`` uses key/value head ``h // (N / K)`` (Hugging Face's ``repeat_kv``, without
+    copying ``k`` and ``v``). ``P = softmax(q k^T / sqrt(D))`` over the allowed keys (scores and
+    softmax in float32; a query with no allowed key gets uniform weights), output ``P v`` in
+    ``v``'s dtype.
+    """
+    return jax.nn.dot_product_attention(q, k, v, mask=allowed[:, None, :, :])
+
+
+def attention_lse(q: Array, k: Array, allowed: Array) -> Array:
+    """The log-normaliser of :func:`grouped_attention`'s softmax: ``q [B, T, N, D], k [B, S, K, D],
+    allowed [B, T, S] -> logsumexp_s(q k_s / sqrt(D)) [B, T, N]`` over the allowed keys, float32
+    (a query with no allowed key gets about ``finfo.min``).
+
+    The model marks it as the read-only hook point ``lse`` for methods that extend the attention
+    (prefix tuning); a fused attention never forms it, so it is computed here, from the scores
+    again, and only where a method reads it (unused, the compiler removes it).
     """
     b, t, n, d = q.shape
-    kv_heads, s = k.shape[2], k.shape[1]
-    q = q.reshape(b, t, kv_heads, n // kv_heads, d)
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k).astype(jnp.float32) * (d ** -0.5)
-    scores = jnp.where(allowed[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
-    if where is not None:           # hook point: [B, N, T, S] (query head h = k G + g)
-        scores = mark(scores.reshape(b, n, t, s), where, "scores").reshape(scores.shape)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    return jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, n, d)
+    kv_heads = k.shape[2]
+    qg = q.reshape(b, t, kv_heads, n // kv_heads, d)
+    s = jnp.einsum("btkgd,bskd->btkgs", qg, k, preferred_element_type=jnp.float32) * (d ** -0.5)
+    s = jnp.where(allowed[:, :, None, None, :], s, jnp.finfo(jnp.float32).min)
+    return jax.nn.logsumexp(s, axis=-1).reshape(b, t, n)
 
 
 def last_real_index(attention_mask: Array) -> Array:
@@ -365,9 +374,11 @@ class LlamaAttention(_LlamaModule):
     :func:`apply_rope`; with a cache, ``k, v`` are written at slots ``index .. index + T - 1`` of
     the layer's ``[B, S, K, D]`` cache and attention runs over all ``S`` slots;
     ``out = grouped_attention(q, k, v, allowed) W_o``: ``[B, T, H] -> [B, T, H]``.
-    Hook points (:mod:`jpeft.core.marks`): ``query`` ``[B, T, N, D]``, ``keys``, ``values``
-    ``[B, T, K, D]`` (rotated, before the cache), ``mask`` (``allowed``, bool ``[B, T, S]``),
-    ``scores`` (``[B, N, T, S]``, float32, masked), ``context`` (``[B, T, N, D]``).
+    Hook points (:mod:`jpeft.core.marks`): ``query`` ``[B, T, N, D]``; ``keys``, ``values``
+    ``[B, S, K, D]`` and ``mask`` (``allowed``, bool ``[B, T, S]``): what the attention reads
+    (keys rotated; with a cache, the whole cache after this call's write, so an edit there
+    never enters the cache); ``lse`` (read-only, :func:`attention_lse`, ``[B, T, N]``);
+    ``context`` (``[B, T, N, D]``).
     """
 
     def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs, **kw: Any):
@@ -386,14 +397,16 @@ class LlamaAttention(_LlamaModule):
         k = self.k_proj(hidden).reshape(b, t, c.num_key_value_heads, c.head_dim)
         v = self.v_proj(hidden).reshape(b, t, c.num_key_value_heads, c.head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        q, k, v = mark(q, self, "query"), mark(k, self, "keys"), mark(v, self, "values")
-        allowed = mark(allowed, self, "mask")
+        q = mark(q, self, "query")
         if kv is not None:
             start = (0, index, 0, 0)
             kv = LayerKV(jax.lax.dynamic_update_slice(kv.keys, k.astype(kv.keys.dtype), start),
                          jax.lax.dynamic_update_slice(kv.values, v.astype(kv.values.dtype), start))
             k, v = kv.keys.astype(q.dtype), kv.values.astype(q.dtype)
-        out = mark(grouped_attention(q, k, v, allowed, self), self, "context")
+        k, v = mark(k, self, "keys"), mark(v, self, "values")
+        allowed = mark(allowed, self, "mask")
+        mark(attention_lse(q, k, allowed), self, "lse")           # read-only hook point
+        out = mark(grouped_attention(q, k, v, allowed), self, "context")
         return self.o_proj(out.reshape(b, t, c.num_attention_heads * c.head_dim)), kv
 
 

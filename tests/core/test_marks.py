@@ -93,8 +93,8 @@ def test_nnx_decoder_hook_points_scanned_equal_merged_weights():
     s = zoo.build("nnx_decoder_scan")
     sites = jpeft.probe(s.apply, s.params, *s.args)
     keys = {m.kind: m.key for m in sites.marks.values() if m.scope[-1:] == ("self_attn",)}
-    assert set(keys) >= {"query", "keys", "values", "mask", "scores", "context", "in", "out"}
-    assert sites.marks[keys["scores"]].shape == (2, 4, 6, 6)
+    assert set(keys) >= {"query", "keys", "values", "mask", "lse", "context", "in", "out"}
+    assert sites.marks[keys["lse"]].shape == (2, 6, 4)                       # [B, T, N]
     hidden = sites_lib.select_marks(sites, r".*mlp", "hidden", what="test")
     assert [m.scanned for m in hidden] == [(2,)]
     scale = 1.0 + 0.5 * jax.random.normal(jax.random.key(5), (2, 48))
@@ -116,7 +116,8 @@ def test_marks_cost_nothing_and_identity_edits_change_nothing():
     assert {"query", "keys", "values", "mask", "scores", "context", "hidden",
             "embeddings"} <= kinds
     base = jax.jit(s.apply)(s.params, *s.args)
-    every = {k: sites_lib.MarkEdit({}, lambda call, arr: call.value) for k in sites.marks}
+    every = {k: sites_lib.MarkEdit({}, lambda call, arr: call.value) for k in sites.marks
+             if k[1] not in marks_lib.READ_ONLY}
     out = jax.jit(jpeft.wrap(s.apply, _method(lambda d: every), sites))(s.params, {}, *s.args)
     np.testing.assert_array_equal(out, base)
     # the sites (marks included) survive a JSON round trip
@@ -156,6 +157,13 @@ def test_mark_errors_name_the_problem():
         {}, lambda c, a: c.value[..., :3])})
     with pytest.raises(ValueError, match=r"attn:out returned shape"):
         jpeft.wrap(s.apply, wrong_shape, sites)(s.params, {}, *s.args)
+    # a read-only hook point (the decoder's attention log-normaliser) refuses an edit
+    d = zoo.build("nnx_decoder_scan")
+    d_sites = jpeft.probe(d.apply, d.params, *d.args)
+    lse = next(k for k in d_sites.marks if k[1] == "lse")
+    edit_lse = _method(lambda _: {lse: sites_lib.MarkEdit({}, lambda c, a: c.value + 1.0)})
+    with pytest.raises(ValueError, match=r"read-only hook points.*change nothing"):
+        jpeft.wrap(d.apply, edit_lse, d_sites)(d.params, {}, *d.args)
 
 
 def test_composed_edits_of_one_mark_apply_in_order():

@@ -10,9 +10,9 @@ from conftest import hf_llama, torch_transformers
 from flax import nnx
 from safetensors.numpy import save_file
 
-from jpeft.models.llama import (KVCache, LlamaConfig, LlamaForCausalLM, apply_rope, causal_mask,
-                                convert_layers, generate, grouped_attention, hf_param_shapes,
-                                init_cache, llama_to_hf_state, load_hf_llama, positions_from_mask,
+from jpeft.models.llama import (KVCache, LlamaConfig, LlamaForCausalLM, apply_rope,
+                                attention_lse, causal_mask, convert_layers, generate,
+                                grouped_attention, hf_param_shapes, init_cache, llama_to_hf_state, load_hf_llama, positions_from_mask,
                                 rotate_half, select_token)
 
 PROMPT_LEN, NEW_TOKENS = 7, 6
@@ -130,6 +130,35 @@ def test_grouped_attention_equals_repeated_kv():
     # Hugging Face repeat_kv: query head h uses kv head h // 3.
     ref = attend(q, jnp.repeat(k, 3, axis=2), jnp.repeat(v, 3, axis=2), allowed)
     np.testing.assert_allclose(out, ref, atol=1e-6)
+
+
+def test_attention_and_its_lse_equal_plain_softmax_and_cost_nothing_unused():
+    """grouped_attention (jax.nn.dot_product_attention) and attention_lse equal softmax attention
+    written out with repeated key/value heads; the lse a model marks but does not use leaves the
+    compiled forward's FLOPs unchanged."""
+    rng = np.random.default_rng(1)
+    q = jnp.asarray(rng.normal(size=(2, 5, 6, 4)), jnp.float32)
+    k, v = (jnp.asarray(rng.normal(size=(2, 7, 2, 4)), jnp.float32) for _ in range(2))
+    key_mask = jnp.asarray([[1] * 7, [1, 1, 1, 1, 1, 0, 0]])
+    allowed = causal_mask(jnp.arange(2, 7), key_mask)
+    s = jnp.einsum("btnd,bsnd->bnts", q, jnp.repeat(k, 3, axis=2)) / 2.0
+    s = jnp.where(allowed[:, None], s, -jnp.inf)
+    want = jnp.einsum("bnts,bsnd->btnd", jax.nn.softmax(s, -1), jnp.repeat(v, 3, axis=2))
+    np.testing.assert_allclose(grouped_attention(q, k, v, allowed), want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(attention_lse(q, k, allowed),
+                               jax.nn.logsumexp(s, axis=-1).transpose(0, 2, 1), rtol=1e-5)
+    model = LlamaForCausalLM(LlamaConfig.tiny(), rngs=nnx.Rngs(0))
+    ids = jnp.ones((2, 6), jnp.int32)
+    flops = lambda f: jax.jit(f).lower(ids).compile().cost_analysis()["flops"]
+    with_lse = flops(lambda x: model(x))
+    import jpeft.models.llama as llama_lib
+    saved = llama_lib.attention_lse
+    try:
+        llama_lib.attention_lse = lambda q, k, allowed: jnp.zeros(q.shape[:3], jnp.float32)
+        without = flops(lambda x: model(x))
+    finally:
+        llama_lib.attention_lse = saved
+    assert with_lse == without
 
 
 def test_select_token_greedy_and_top_k():
