@@ -25,6 +25,11 @@ user's loop does (jpeft and the floor call their jitted step on numpy arrays; to
 with ``torch.from_numpy``), the loss read back every step. ``--data random`` (the default):
 ``step_cost.py``'s one batch (32 x 64 random tokens, full mask) kept on the device.
 
+``--model decoder`` runs the NNX LLaMA of ``decoder_cost.py`` (``lora_qv``, ``lora_all_linear``,
+``full``; unrolled layers, random weights, one batch of random tokens kept on the device): jpeft,
+its hand-written JAX floor (``decoder_floor.py``, the same weights and batch) and Hugging Face
+PEFT on ``transformers.LlamaForCausalLM`` of the same configuration (``decoder_torch.py``).
+
 Usage::
 
     python benchmarks/isolated.py [--configs lora_qv,lora_all_linear,full] [--reps 3]
@@ -99,16 +104,23 @@ def _torch_process(a, batches: list[dict], beside: str | None) -> dict:
     return out
 
 
-def _decoder_step(a):
-    """The jpeft run_step of ``a.config`` on the decoder, built as ``decoder_cost.py`` does
-    (random weights, unrolled layers, the first batch kept on the device)."""
+def _decoder_step(a, runner: str):
+    """The run_step of ``jpeft`` or ``floor`` for ``a.config`` on the decoder, built as
+    ``decoder_cost.py`` does (random weights, unrolled layers, the first batch kept on the
+    device); the floor (``decoder_floor.py``) starts from the same weights and compiles with the
+    options jpeft's step gets by default."""
     import jax.numpy as jnp
 
     import decoder_cost
     import jpeft
     model = decoder_cost._build_model(decoder_cost.MODEL, 0, "unrolled")
-    apply, params = jpeft.nnx.split(model)
     batch = {k: jnp.asarray(v) for k, v in _load_batches(a.batch_file)[0].items()}
+    if runner == "floor":
+        import decoder_floor
+        from jpeft.core import xla_options
+        return decoder_floor.prepare(a.config, model, batch,
+                                     compiler_options=xla_options.train_step_options())
+    apply, params = jpeft.nnx.split(model)
     sites = jpeft.probe(apply, params, batch["input_ids"], batch["attention_mask"])
     spec = decoder_cost._configs()[a.config]
     return decoder_cost._jpeft_prepare(a.config, spec, apply, params, sites, batch).run
@@ -119,7 +131,7 @@ def _jax_process_step(a, runner: str):
     (compiled for the first batch's shapes; several batches: the realistic loop, each step takes
     the next host batch); ``--model decoder``: :func:`_decoder_step`."""
     if a.model == "decoder":
-        return _decoder_step(a)
+        return _decoder_step(a, runner)
     import jax.numpy as jnp
 
     import step_cost
@@ -228,11 +240,13 @@ def _run(which: str, config: str, a, batch_file: str, model_dir: str, torch_kind
 def race(config: str, a, batch_file: str, model_dir: str) -> dict:
     """Every runner of ``config`` in processes of their own, ``a.reps`` alternated repetitions."""
     sys.path.insert(0, str(HERE))
-    if a.model == "decoder":                     # no hand-written decoder floor
+    if a.model == "decoder":
+        import decoder_floor
         import decoder_torch
         torch_kind = config if config in decoder_torch.TARGETS else None
         runners = [r for r in a.runners.split(",")
-                   if r == "jpeft" or (r == "torch" and torch_kind is not None)]
+                   if r == "jpeft" or (r == "floor" and config in decoder_floor.CONFIGS)
+                   or (r == "torch" and torch_kind is not None)]
         if a.harness or a.torch_beside:
             raise SystemExit("--harness and --torch-beside are for --model bert")
     else:
@@ -299,7 +313,8 @@ def main(argv=None):
                     help="bert: the embedded MiniLM classifier (step_cost.py's); decoder: the "
                          "~25M-parameter NNX LLaMA of decoder_cost.py against Hugging Face PEFT "
                          "on transformers.LlamaForCausalLM, same config (random weights and "
-                         "tokens; --batch 8 --seq 128 by default; no floor)")
+                         "tokens; --batch 8 --seq 128 by default), and its JAX floor "
+                         "(decoder_floor.py)")
     ap.add_argument("--data", choices=("random", "movies"), default="random",
                     help="random: one batch of random tokens kept on the device (step_cost.py's); "
                          "movies: the realistic loop, a new padded batch of real reviews each "

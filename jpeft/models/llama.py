@@ -72,6 +72,9 @@ def _rope_type(rope: Mapping[str, Any] | None) -> str:
 REMAT_POLICIES = {"none": None, "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
                   "full": jax.checkpoint_policies.nothing_saveable}
 
+#: ``LlamaConfig.attention``: the ``implementation`` of :func:`jax.nn.dot_product_attention`.
+ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn")
+
 
 @dataclasses.dataclass(frozen=True)
 class LlamaConfig(HFConfig):
@@ -85,7 +88,10 @@ class LlamaConfig(HFConfig):
     (:data:`REMAT_POLICIES`): ``"none"`` keeps every activation for the backward pass, ``"dots"``
     recomputes each layer but keeps its matrix products' outputs
     (``dots_with_no_batch_dims_saveable``), ``"full"`` keeps only each layer's input
-    (``nothing_saveable``). It changes memory and time, never the values.
+    (``nothing_saveable``). It changes memory and time, never the values. Nor is ``attention``,
+    the kernel of :func:`grouped_attention`: ``"xla"`` (the default; any device) or ``"cudnn"``
+    (cuDNN's fused flash attention on an NVIDIA GPU, for float16/bfloat16; JAX raises where it
+    does not apply).
     """
 
     vocab_size: int = 32000
@@ -106,10 +112,14 @@ class LlamaConfig(HFConfig):
     mlp_bias: bool = False
     scan_layers: bool = False
     remat: str = "none"
+    attention: str = "xla"
 
     def __post_init__(self):
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"remat={self.remat!r}: choose one of {tuple(REMAT_POLICIES)}")
+        if self.attention not in ATTENTION_IMPLEMENTATIONS:
+            raise ValueError(f"attention={self.attention!r}: choose one of "
+                             f"{ATTENTION_IMPLEMENTATIONS}")
         if self.num_key_value_heads is None:
             object.__setattr__(self, "num_key_value_heads", self.num_attention_heads)
         if self.head_dim is None:
@@ -231,17 +241,19 @@ def causal_mask(query_slots: Array, key_mask: Array) -> Array:
     return causal[None, :, :] & key_mask.astype(bool)[:, None, :]
 
 
-def grouped_attention(q: Array, k: Array, v: Array, allowed: Array) -> Array:
+def grouped_attention(q: Array, k: Array, v: Array, allowed: Array,
+                      implementation: str = "xla") -> Array:
     """Grouped-query scaled dot-product attention: ``q [B, T, N, D], k, v [B, S, K, D],
-    allowed [B, T, S] -> [B, T, N, D]``, through :func:`jax.nn.dot_product_attention` (which
-    picks cuDNN's fused flash attention on a GPU where it applies, XLA's otherwise).
+    allowed [B, T, S] -> [B, T, N, D]``, through :func:`jax.nn.dot_product_attention` with
+    ``implementation`` (``"xla"``, or ``"cudnn"``: cuDNN's fused flash attention on a GPU).
 
     Query head ``h`` uses key/value head ``h // (N / K)`` (Hugging Face's ``repeat_kv``, without
     copying ``k`` and ``v``). ``P = softmax(q k^T / sqrt(D))`` over the allowed keys (scores and
     softmax in float32; a query with no allowed key gets uniform weights), output ``P v`` in
     ``v``'s dtype.
     """
-    return jax.nn.dot_product_attention(q, k, v, mask=allowed[:, None, :, :])
+    return jax.nn.dot_product_attention(q, k, v, mask=allowed[:, None, :, :],
+                                        implementation=implementation)
 
 
 def attention_lse(q: Array, k: Array, allowed: Array) -> Array:
@@ -406,7 +418,7 @@ class LlamaAttention(_LlamaModule):
         k, v = mark(k, self, "keys"), mark(v, self, "values")
         allowed = mark(allowed, self, "mask")
         mark(attention_lse(q, k, allowed), self, "lse")           # read-only hook point
-        out = mark(grouped_attention(q, k, v, allowed), self, "context")
+        out = mark(grouped_attention(q, k, v, allowed, c.attention), self, "context")
         return self.o_proj(out.reshape(b, t, c.num_attention_heads * c.head_dim)), kv
 
 

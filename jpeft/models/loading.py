@@ -204,11 +204,12 @@ class LoadedBert(NamedTuple):
 
 
 #: Config fields that do not change the function of a loaded model (dropout acts in training
-#: only; the initialiser's scale, ``scan_layers``' layout and ``remat`` leave the computed
-#: values alone; BERT's ``pad_token_id`` is read by nothing), left out of the record.
+#: only; the initialiser's scale, ``scan_layers``' layout, ``remat`` and the ``attention``
+#: kernel leave the computed values alone; BERT's ``pad_token_id`` is read by nothing), left
+#: out of the record.
 NOT_RECORDED = {"BertConfig": ("hidden_dropout_prob", "attention_probs_dropout_prob",
                                "classifier_dropout", "initializer_range", "pad_token_id"),
-                "LlamaConfig": ("initializer_range", "scan_layers", "remat")}
+                "LlamaConfig": ("initializer_range", "scan_layers", "remat", "attention")}
 #: Fields of a BERT classifier's head, left out of the record of a :class:`BertModel`.
 HEAD_FIELDS = ("num_labels",)
 
