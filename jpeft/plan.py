@@ -405,7 +405,12 @@ def _plan_on(the_mesh, config, model, method, sizes, memory, targets, rank, alph
     full_params = params
     if method == "qlora":
         params = jax.eval_shape(lambda p: jpeft.quantize_params(p, sites, scheme="nf4"), params)
-        apply = jpeft.dequantizing(apply)
+        # each dequantized weight takes its full-precision layout (not one XLA derives from
+        # the flat codes: that can be a replicated copy per device); the model's own remat
+        # decides what the backward keeps (dequantizing's outer "dots" remat around a model
+        # that rematerialises its layers itself keeps every product, the attention's included)
+        apply = jpeft.dequantizing(apply, remat=None,
+                                   shardings=param_shardings(full_params, the_mesh))
         sites = jpeft.probe(apply, params, ids)
     m = build_method(method, targets, rank, alpha)
     delta = jax.eval_shape(lambda k, p: m.init(k, p, sites), jax.random.key(0), params)

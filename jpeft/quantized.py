@@ -99,8 +99,8 @@ def dequantize_params(params: Any, dtype: Any = None) -> Any:
 REMAT = {"dots": jax.checkpoint_policies.dots_saveable, None: None}
 
 
-def dequantizing(apply_fn: Callable[..., Any], *, remat: str | None = "dots"
-                 ) -> Callable[..., Any]:
+def dequantizing(apply_fn: Callable[..., Any], *, remat: str | None = "dots",
+                 shardings: Any = None) -> Callable[..., Any]:
     """``apply_fn`` for a parameter tree holding quantized weights: each is dequantized in the
     forward pass and named as the weight at its path (:func:`jpeft.weight`), then ``apply_fn``
     runs on the full-precision values. Pure and jit-safe; a tree without quantized weights runs
@@ -113,17 +113,42 @@ def dequantizing(apply_fn: Callable[..., Any], *, remat: str | None = "dots"
     against 9.18 GB for the bf16 base). ``"dots"`` (default) rematerialises everything but the
     matrix products' outputs, so the weights are dequantized again in the backward pass, as
     bitsandbytes does (peak 8.83 GB there; the step 1.17x the bf16 base's time); ``None`` keeps
-    them (1.05x)."""
+    them (1.05x). A model that rematerialises its layers itself (``LlamaConfig.remat``,
+    ``nnx.remat``/``nn.remat`` layers) wants ``remat=None``: the outer ``"dots"`` remat would keep
+    every product's output of the whole forward, the attention scores' included, for the
+    backward pass (``tests/test_plan.py`` measures it). A stack of layers run by ``scan`` is
+    dequantized whole before the scan (the stacked weight is one quantized array), so its
+    full-precision copy is alive while the stack runs: on such a model QLoRA saves the base's
+    storage between steps, not the step's peak.
+
+    ``shardings``: on a mesh, the shardings of the full-precision parameter tree (the layout the
+    unquantized weights would have, e.g. :func:`jpeft.models.sharding_rules.param_shardings` of
+    it): each dequantized weight is constrained to its own. Without them XLA chooses a layout for
+    the dequantized weights from the flat stored codes, which on a mesh can mean a replicated
+    full-precision copy of every weight on every device.
+
+    Raises:
+      ValueError: an unknown ``remat``; (when called) a quantized weight with no sharding in
+        ``shardings``.
+    """
     if remat not in REMAT:
         raise ValueError(f"dequantizing: remat must be one of {list(REMAT)}, got {remat!r}")
     policy = REMAT[remat]
+    by_path = None if shardings is None else paths_lib.flatten(shardings)
 
     def apply(params, *args, **kwargs):
         def run(params):
             def one(kp, x):
                 if not paths_lib.is_array_node(x):
                     return x
-                return dataflow.weight(q_lib.dequantize(x), paths_lib.to_path(kp))
+                path, w = paths_lib.to_path(kp), q_lib.dequantize(x)
+                if by_path is not None:
+                    if path not in by_path:
+                        raise ValueError(f"dequantizing: no sharding for the quantized weight "
+                                         f"{paths_lib.path_str(path)} in shardings (pass the "
+                                         f"shardings of the full-precision parameter tree)")
+                    w = jax.lax.with_sharding_constraint(w, by_path[path])
+                return dataflow.weight(w, path)
             full = jax.tree_util.tree_map_with_path(one, params, is_leaf=paths_lib.is_array_node)
             return apply_fn(full, *args, **kwargs)
         if policy is not None:

@@ -133,3 +133,30 @@ def test_rematerialising_the_dequantized_weights_changes_no_result(tiny_bert, ti
                  out[0][1], out[1][1])
     with pytest.raises(ValueError, match="remat must be one of"):
         jpeft.dequantizing(apply, remat="everything")
+
+
+def test_dequantized_weights_take_the_given_shardings(mesh):
+    """``dequantizing(shardings=...)``: each dequantized weight is constrained to the sharding of
+    its full-precision path (the same values; the layout visible in the lowered program); a
+    quantized weight missing from the shardings is an error naming it."""
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    s = zoo.build("nnx_decoder")
+    sites = jpeft.probe(s.apply, s.params, *s.args)
+    qparams = jpeft.quantize_params(s.params, sites, scheme="nf4", block_size=16)
+    rows = lambda x: NamedSharding(mesh, P("model") if x.ndim == 2 and x.shape[0] % 4 == 0
+                                   else P())
+    shardings = jax.tree.map(rows, s.params)
+    sharded = jpeft.dequantizing(s.apply, shardings=shardings)
+    np.testing.assert_allclose(jax.jit(sharded)(qparams, *s.args),
+                               jpeft.dequantizing(s.apply)(qparams, *s.args), rtol=1e-4,
+                               atol=1e-6)      # sharded sums: float32 reassociation
+    hlo = jax.jit(sharded).lower(qparams, *s.args).as_text()
+    assert "sharding_constraint" in hlo or "mhlo.sharding" in hlo
+    first = next(p for p, x in jpeft.core.paths.flatten(qparams).items()
+                 if jpeft.core.paths.is_array_node(x))
+    flat = jpeft.core.paths.flatten(shardings)
+    del flat[first]
+    with pytest.raises(ValueError, match=r"no sharding for the quantized weight "
+                                         + jpeft.core.paths.path_str(first)):
+        jpeft.dequantizing(s.apply, shardings=jpeft.core.paths.unflatten(flat))(qparams, *s.args)
