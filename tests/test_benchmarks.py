@@ -131,3 +131,19 @@ def test_isolated_targets_and_torch_categories():
     assert torch_step.op_category("aten::gelu_backward") == "GELU"
     assert torch_step.op_category("Optimizer.step#AdamW.step") == "optimizer"
     assert torch_step.op_category("aten::view") == "other"
+
+
+def test_long_seq_policies_train_alike_and_remat_shrinks_temporaries(tmp_path):
+    """``benchmarks/long_seq.py`` at a short sequence: every remat policy gives the same losses
+    (the same math), which fall over the steps, and rematerialising keeps fewer temporaries."""
+    import json
+
+    import long_seq
+    out = tmp_path / "long.jsonl"
+    assert long_seq.main(["--seq", "256", "--batch", "1", "--steps", "3", "--out", str(out)]) == 0
+    rows = {r["remat"]: r for r in map(json.loads, out.read_text().splitlines())}
+    assert set(rows) == {"none", "dots", "full"}
+    for r in rows.values():
+        np.testing.assert_allclose(r["losses"], rows["none"]["losses"], rtol=1e-5)
+    assert rows["none"]["losses"][-1] < rows["none"]["losses"][0]
+    assert rows["full"]["temp_bytes"] < rows["none"]["temp_bytes"]
