@@ -49,9 +49,11 @@ size 1). FSDP shards every weight matrix along its hidden axis over ``fsdp``; te
 shards ``q/k/v/gate/up`` column-wise (output axis over ``tp``) and ``o/down`` row-wise (input
 axis over ``tp``): ``q: P(None, "fsdp", "tp")``, ``o: P(None, "tp", "fsdp")``; the embedding
 ``[V, H]`` is ``P(None, "fsdp")``, the head ``[H, V]`` ``P("fsdp")`` (vocabularies need not
-divide the mesh); norms are replicated. An NF4/int8 weight (QLoRA) shards its flat packed codes and block
-scales over ``fsdp x tp`` (replicated where that does not divide). The batch's first axis is
-sharded over ``dp x fsdp``.
+divide the mesh); norms are replicated. An NF4/int8 weight (QLoRA) stores its codes and block
+scales in the weight's own layout (``[L, in, ceil(out / 2)]`` codes, ``[L, in, out / 64]`` scales)
+and shards them with the weight's spec (:func:`jpeft.ops.quantize.stored_specs`: the last axis
+replicated where its shards would cut a block), so each device dequantizes its own shard. The
+batch's first axis is sharded over ``dp x fsdp``.
 
 Remat (``"none" | "dots" | "full"``): the layers run under ``nnx.scan``; with ``"dots"`` or
 ``"full"`` the scanned layer body is wrapped in ``nnx.remat`` with
@@ -321,8 +323,8 @@ LAYOUT = sharding_rules.Layout(fsdp="fsdp", tp="tp", batch=("dp", "fsdp"))
 
 def param_shardings(params: Any, mesh: Mesh) -> Any:
     """``NamedSharding`` of every base leaf: :func:`jpeft.models.sharding_rules.param_shardings`
-    of the LLaMA under :data:`LAYOUT` (a quantized weight's flat arrays over ``fsdp x tp`` where
-    that divides them).
+    of the LLaMA under :data:`LAYOUT` (a quantized weight's stored arrays laid out like the
+    weight: :func:`jpeft.ops.quantize.stored_specs`).
 
     Raises:
       PlanError: (``--mesh``) a weight axis not divisible by its mesh axes.
@@ -405,8 +407,9 @@ def _plan_on(the_mesh, config, model, method, sizes, memory, targets, rank, alph
     full_params = params
     if method == "qlora":
         params = jax.eval_shape(lambda p: jpeft.quantize_params(p, sites, scheme="nf4"), params)
-        # each dequantized weight takes its full-precision layout (not one XLA derives from
-        # the flat codes: that can be a replicated copy per device); the model's own remat
+        # each dequantized weight is pinned to its full-precision layout (the stored arrays
+        # share it, so this costs nothing where they shard; where a last axis is replicated it
+        # keeps the dequantized copy sharded); the model's own remat
         # decides what the backward keeps (dequantizing's outer "dots" remat around a model
         # that rematerialises its layers itself keeps every product, the attention's included)
         apply = jpeft.dequantizing(apply, remat=None,
@@ -418,8 +421,8 @@ def _plan_on(the_mesh, config, model, method, sizes, memory, targets, rank, alph
     opt_state = jax.eval_shape(optimizer.init, delta)
 
     p_sh = param_shardings(params, the_mesh)
-    # The delta follows each weight's logical layout: a quantized weight's stored arrays are flat,
-    # so the factors take the shardings its full-precision version would have.
+    # The delta follows each weight's logical layout: the factors take the shardings of the
+    # full-precision weight (a quantized weight's shardings are a tree of its stored arrays).
     d_sh = jpeft.delta_shardings(m, param_shardings(full_params, the_mesh), delta, sites)
     o_sh = jpeft.opt_state_shardings(optimizer, delta, d_sh, the_mesh)
     b_sh = sharding_rules.batch_shardings({"ids": ids}, the_mesh, LAYOUT)

@@ -12,7 +12,8 @@ the delta trained on top.
 
 :func:`quantize_params` replaces the selected weights of a parameter tree by
 :class:`~jpeft.ops.quantize.QuantizedArray` s (:mod:`jpeft.ops.quantize`: int8 per output channel,
-or NF4 in blocks of 64 with double-quantized block scales, two codes per byte); by default every
+or NF4 in blocks of 64 along each row with double-quantized block scales, two codes per byte,
+every stored array in the weight's own layout so that it shards like the weight); by default every
 linear weight as Hugging Face PEFT's ``"all-linear"`` finds them (not embeddings, not the output
 head, which bitsandbytes also leaves in full precision). The tree keeps its paths: a quantized
 weight is one node at the weight's path (its stored arrays are its children).
@@ -123,9 +124,11 @@ def dequantizing(apply_fn: Callable[..., Any], *, remat: str | None = "dots",
 
     ``shardings``: on a mesh, the shardings of the full-precision parameter tree (the layout the
     unquantized weights would have, e.g. :func:`jpeft.models.sharding_rules.param_shardings` of
-    it): each dequantized weight is constrained to its own. Without them XLA chooses a layout for
-    the dequantized weights from the flat stored codes, which on a mesh can mean a replicated
-    full-precision copy of every weight on every device.
+    it): each dequantized weight is constrained to its own. The stored arrays keep the weight's
+    layout (:func:`jpeft.ops.quantize.stored_shardings`), so stored arrays sharded by
+    :func:`jpeft.models.sharding_rules.param_shardings` already dequantize to that sharding; the
+    constraint pins it where they do not (a replicated stored array, or shardings of another
+    origin), so that no full-precision weight is kept whole on every device.
 
     Raises:
       ValueError: an unknown ``remat``; (when called) a quantized weight with no sharding in

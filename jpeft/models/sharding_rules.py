@@ -38,6 +38,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jpeft.core import paths as paths_lib
 from jpeft.core.sharding import axis_size
+from jpeft.ops import quantize as q_lib
 
 #: Mesh axis names of the named layouts.
 DATA, MODEL = "data", "model"
@@ -163,22 +164,26 @@ def sharding_fn(mesh: Mesh, model: str, layout: str | Layout
 
 def param_shardings(params: Any, mesh: Mesh, model: str, layout: str | Layout) -> Any:
     """``NamedSharding`` per leaf of ``params`` (concrete or ``jax.ShapeDtypeStruct``) for
-    ``model`` (``"llama"`` or ``"bert"``) under ``layout`` (:func:`sharding_fn`). A quantized
-    weight (:class:`jpeft.QuantizedArray`) stores flat arrays: each is split on its first axis
-    over the layout's ``fsdp`` and ``tp`` axes where they divide it, replicated otherwise (its
-    LoRA factors follow the full-precision layout: give :func:`jpeft.delta_shardings` the
-    shardings of the unquantized tree)."""
+    ``model`` (``"llama"`` or ``"bert"``) under ``layout`` (:func:`sharding_fn`).
+
+    A quantized weight (:class:`jpeft.QuantizedArray`) gets a tree of shardings of its own
+    structure: its stored arrays are laid out like the weight (:mod:`jpeft.ops.quantize`: the
+    weight's leading axes, then packed codes and block scales along its last axis), so each takes
+    the weight's own spec (:func:`spec_of` of its logical shape, checked as for an unquantized
+    weight) by :func:`jpeft.ops.quantize.stored_specs`: the leading axes as the weight's; the last
+    axis of the NF4 codes and block scales as the weight's where every shard then holds whole
+    blocks and whole bytes (``N / S`` a multiple of the block size and even, for a last dimension
+    ``N`` over ``S`` devices), and **replicated** otherwise (each device then holds that weight's
+    whole rows of codes and cuts its shard locally: correct, more bytes); the double-quantization
+    constants' short last axis replicated, their offset replicated; int8 scales split on their
+    channel axes. Each device then dequantizes its own shard of the weight, with no gather."""
     one = sharding_fn(mesh, model, layout)
-    lay = layout_of(layout)
-    flat = _axes_in((lay.fsdp, lay.tp))
-    n_flat = axis_size(mesh, flat)
 
     def leaf(kp, x):
+        path = paths_lib.path_str(paths_lib.to_path(kp))
         if paths_lib.is_array_node(x):          # a QuantizedArray: its stored arrays
-            return jax.tree_util.tree_map(
-                lambda a: NamedSharding(mesh, P(flat) if flat and a.ndim and
-                                        a.shape[0] % n_flat == 0 else P()), x)
-        return one(paths_lib.path_str(paths_lib.to_path(kp)), tuple(x.shape))
+            return q_lib.stored_shardings(x, one(path, tuple(x.shape)))
+        return one(path, tuple(x.shape))
     return jax.tree_util.tree_map_with_path(leaf, params, is_leaf=paths_lib.is_array_node)
 
 

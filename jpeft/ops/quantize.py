@@ -18,9 +18,11 @@ is cast to the requested dtype last (as bitsandbytes does).
 bytes ``n + 4 * C`` for ``n`` entries and ``C`` channels: a ``[1024, 1024]`` float32 weight
 (4 MiB) becomes 1,052,672 bytes, 3.98x smaller.
 
-**NF4** (:func:`quantize_nf4`). The flattened weight (row-major, ``n`` entries) is cut into
-``B = ceil(n / block_size)`` blocks of ``block_size`` consecutive entries (the last one zero-padded:
-its absmax is that of its true entries, as in bitsandbytes). Per block ``b``::
+**NF4** (:func:`quantize_nf4`), stored in the weight's own layout: a weight of shape
+``[..., N]`` (its leading axes ``[...]``, ``R`` rows of ``N`` entries along its last axis) is cut,
+row by row, into ``K = ceil(N / block_size)`` blocks of ``block_size`` consecutive entries of its
+last axis (a row's last block zero-padded when ``block_size`` does not divide ``N``: its absmax is
+that of its true entries, as in bitsandbytes; blocks never cross rows). Per block ``b``::
 
     c[b] = max |w_block|,   x = clip(w * (1 / c[b]), -1, 1),   code = nearest NF4_TABLE entry
 
@@ -28,41 +30,61 @@ its absmax is that of its true entries, as in bitsandbytes). Per block ``b``::
 an exact zero at code 7). Nearest means ``code = #{k : x > m_k}`` over the 15 float32 midpoints
 ``m_k = (q_k + q_{k+1}) / 2``: a value exactly on a midpoint takes the lower code (bitsandbytes'
 ``torch.bucketize``). An all-zero block has ``c = 0`` and every code 7, so it dequantizes to exact
-zeros. Codes are packed two per byte, **the even-index entry in the high nibble** (bitsandbytes'
-order): ``packed[i] = code[2i] << 4 | code[2i + 1]``, ``ceil(n / 2)`` bytes (an odd ``n`` ends
-with the low nibble 7, the code of 0, as bitsandbytes).
+zeros. Codes are packed two per byte along each row, **the even-index entry in the high nibble**
+(bitsandbytes' order): ``packed[..., i] = code[..., 2i] << 4 | code[..., 2i + 1]``, ``codes``
+uint8 ``[..., ceil(N / 2)]`` (an odd ``N`` ends each row with the low nibble 7, the code of 0);
+``scales`` ``[..., K]``. When ``N`` is even and a multiple of ``block_size`` the row-major
+flattening of these arrays is exactly bitsandbytes' flat layout (its blocks of consecutive entries
+then never cross rows): the same 4-bit bytes and the same block constants. A 1-D weight is one
+row (the flat layout itself); a 0-d one is stored as ``[1]``.
+
+Why per row: the stored arrays have the weight's leading axes and a last axis that splits like
+the weight's, so on a mesh they shard exactly like the weight (:func:`stored_shardings`) and
+dequantization is elementwise along the last axis (a reshape only splits it into whole blocks and
+byte pairs; where a shard boundary would cut one, :func:`stored_specs` keeps that axis whole on
+every device): each device decodes its own shard of the weight, no gather. (Flat arrays chunked
+over the devices, the former layout, made XLA's partitioner replicate every dequantized weight:
+"[SPMD] Involuntary full rematerialization", 289 GiB of temporaries per device instead of 65 GiB
+for LLaMA-3-70B over 256 devices.)
 
 Double quantization (``double_quant=True``): the paper quantizes the float32 constants ``c`` to
 8 bits in blocks of 256 after subtracting their mean, "with 8-bit Floats". Here they are quantized
-exactly as bitsandbytes (the paper's released implementation, behind transformers'
+as bitsandbytes (the paper's released implementation, behind transformers'
 ``bnb_4bit_use_double_quant``) does: with its signed 8-bit *dynamic* map ``DYNAMIC8_TABLE``
 (``create_dynamic_map()``: 256 values, a sign, a decimal exponent from ``1e-6`` to ``1`` and
-linear fractions; built here bit for bit)::
+linear fractions; built here bit for bit), one ``offset`` (the mean of all constants), and
+second-level blocks of ``double_quant_block_size`` (256) consecutive constants **of one row**
+(along the last axis of ``scales``, ``J = ceil(K / 256)`` per row, the last one short)::
 
-    offset = mean(c),   d = c - offset,   per block j of 256:  s[j] = max |d_block|,
-    scale_code = nearest DYNAMIC8_TABLE entry to clip(d * (1 / s[j]), -1, 1)   (uint8, index)
-    c_hat = DYNAMIC8_TABLE[scale_code] * s[j] + offset
+    offset = mean(c),   d = c - offset,   per row and block j of 256:  s[..., j] = max |d_block|,
+    scale_code = nearest DYNAMIC8_TABLE entry to clip(d * (1 / s[..., j]), -1, 1)   (uint8, index)
+    c_hat = DYNAMIC8_TABLE[scale_code] * s[..., j] + offset
 
-Why the dynamic map and not FP8: (1) the stored arrays and their decoding are those of
-bitsandbytes' NF4 with nested absmax (``absmax`` uint8, ``nested_absmax`` float32, ``offset``), so
-a base stored here and one quantized by bitsandbytes decode the same way; (2) it is finer where the
-centred constants live: in ``[0.1, 1]`` of the block max its spacing is ``0.9 / 64``, a worst-case
-error of ``0.00703 s[j]``, against ``2^-5 = 0.031`` for E4M3 in ``[0.5, 1)``; smaller values sit
-on finer decades, so ``|c - c_hat| <= 0.00703 s[j]`` everywhere. Rounding is exact nearest (ties
-down); bitsandbytes' C++ blockwise kernel (checked on CPU) uses a binary search that gives a few
-per thousand constants a neighbouring code (near ties, and among tiny values): there the codes
-differ by one and ours is the nearer (tested). ``c_hat`` may differ by one float32 rounding between
-compilations (XLA may fuse its multiply-add).
+``scale_scales`` float32 ``[..., J]`` shards with the weight's leading axes; its last axis (one or
+a few entries) stays whole on every device, so expanding it along a row is local. This equals
+bitsandbytes' flat second level when ``K`` is a multiple of 256 (``N`` a multiple of 16384 at the
+defaults); on narrower rows a second-level block is one row's ``K < 256`` constants: 4 bytes per
+row instead of per 16384 entries (a ``[8192, 8192]`` weight: 16 KiB more than flat, 0.002 bits per
+entry; a ``[256, 512]`` one 0.0625 bits). Why the dynamic map and not FP8: (1) the stored arrays
+and their decoding are those of bitsandbytes' NF4 with nested absmax (``absmax`` uint8,
+``nested_absmax`` float32, ``offset``); (2) it is finer where the centred constants live: in
+``[0.1, 1]`` of the block max its spacing is ``0.9 / 64``, a worst-case error of ``0.00703 s``,
+against ``2^-5 = 0.031`` for E4M3 in ``[0.5, 1)``; smaller values sit on finer decades, so
+``|c - c_hat| <= 0.00703 s`` everywhere. Rounding is exact nearest (ties down); bitsandbytes' C++
+blockwise kernel (checked on CPU) uses a binary search that gives a few per thousand constants a
+neighbouring code (near ties, and among tiny values): there the codes differ by one and ours is
+the nearer (tested). ``c_hat`` may differ by one float32 rounding between compilations (XLA may
+fuse its multiply-add).
 
-Stored bytes (``n`` entries, ``B = ceil(n / block_size)``, ``S = ceil(B / 256)``)::
+Stored bytes (``R`` rows of ``N``, ``K = ceil(N / block_size)``, ``J = ceil(K / 256)``)::
 
-    ceil(n / 2)  +  B + 4 S + 4      (double_quant)        ceil(n / 2)  +  4 B     (without)
+    R ceil(N / 2)  +  R K + 4 R J + 4      (double_quant)        R ceil(N / 2)  +  4 R K   (without)
 
-i.e. ``4 + 8 / 64 + 32 / (64 * 256) = 4.127`` bits per entry at the defaults: a ``[1024, 1024]``
-float32 weight becomes 540,932 bytes, 7.75x smaller (7.11x without double quantization). Any
-``n >= 1`` and any block sizes are accepted (the last block of either level may be short);
-bitsandbytes itself allows block sizes 32..4096 (powers of two) and 256 for the second level.
-Inputs must be finite.
+i.e. ``4 + 8 / 64 + 32 J / N`` bits per entry at the defaults (``4.127`` when ``N`` is a multiple
+of 16384, ``4.129`` at ``N = 8192``): a ``[1024, 1024]`` float32 weight becomes 544,772 bytes,
+7.70x smaller (7.11x without double quantization). Any shape with ``n >= 1`` entries and any block
+sizes are accepted; bitsandbytes itself allows block sizes 32..4096 (powers of two) and 256 for
+the second level. Inputs must be finite.
 """
 
 from __future__ import annotations
@@ -75,6 +97,7 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
 from jpeft.core import checks
 
@@ -142,10 +165,12 @@ class QuantizedArray:
 
     * ``scheme="int8"``: ``codes`` int8 ``shape``; ``scales`` float32, ``shape`` with 1 on every
       non-channel axis (broadcasts against ``codes``).
-    * ``scheme="nf4"``: ``codes`` uint8 ``[ceil(n / 2)]`` (packed, even entry in the high nibble);
-      with double quantization ``scales`` uint8 ``[B]`` (indices into ``DYNAMIC8_TABLE``),
-      ``scale_scales`` float32 ``[ceil(B / 256)]`` and ``scale_offset`` float32 ``[]``; without,
-      ``scales`` float32 ``[B]`` (the block absmax).
+    * ``scheme="nf4"`` (a weight ``[..., N]``; module docstring): ``codes`` uint8
+      ``[..., ceil(N / 2)]`` (packed along each row, even entry in the high nibble); with double
+      quantization ``scales`` uint8 ``[..., K]`` (``K = ceil(N / block_size)``; indices into
+      ``DYNAMIC8_TABLE``), ``scale_scales`` float32 ``[..., ceil(K / scale_block_size)]`` and
+      ``scale_offset`` float32 ``[]``; without, ``scales`` float32 ``[..., K]`` (the block
+      absmax). ``[...]`` are the weight's leading axes (none for a 1-D or 0-d weight).
 
     Static: ``scheme``, ``shape`` and ``dtype`` (of the dequantized array), ``axis`` (int8: the
     channel axes, non-negative), ``block_size`` and ``scale_block_size`` (nf4; the latter ``None``
@@ -221,16 +246,38 @@ def int8_nbytes(shape: Sequence[int], axis: int | Sequence[int] = -1) -> int:
     return math.prod(shape) + 4 * math.prod(shape[a] for a in axes)
 
 
+def _rows(shape: Sequence[int]) -> tuple[tuple[int, ...], int]:
+    """``(leading shape, N)`` of the NF4 layout: a weight ``[..., N]`` is rows of ``N`` entries
+    (a 0-d weight is one row of one)."""
+    shape = tuple(int(d) for d in shape)
+    return (shape[:-1], shape[-1]) if shape else ((), 1)
+
+
+def nf4_shapes(shape: Sequence[int], block_size: int = 64, double_quant: bool = True,
+               double_quant_block_size: int = DOUBLE_QUANT_BLOCK_SIZE) -> dict[str, tuple]:
+    """The shapes of :func:`quantize_nf4`'s stored arrays for a weight of ``shape`` ``[..., N]``:
+    ``codes [..., ceil(N / 2)]``, ``scales [..., K]`` (``K = ceil(N / block_size)``) and, with
+    double quantization, ``scale_scales [..., ceil(K / double_quant_block_size)]`` and
+    ``scale_offset []``."""
+    lead, n = _rows(shape)
+    blocks = -(-n // block_size)
+    out = {"codes": lead + (-(-n // 2),), "scales": lead + (blocks,)}
+    if double_quant:
+        out["scale_scales"] = lead + (-(-blocks // double_quant_block_size),)
+        out["scale_offset"] = ()
+    return out
+
+
 def nf4_nbytes(shape: Sequence[int], block_size: int = 64, double_quant: bool = True,
                double_quant_block_size: int = DOUBLE_QUANT_BLOCK_SIZE) -> int:
-    """Stored bytes of :func:`quantize_nf4` for ``shape`` (``n`` entries, ``B`` blocks):
-    ``ceil(n / 2) + B + 4 ceil(B / double_quant_block_size) + 4`` with double quantization,
-    ``ceil(n / 2) + 4 B`` without."""
-    n = math.prod(int(d) for d in shape)
-    blocks = -(-n // block_size)
+    """Stored bytes of :func:`quantize_nf4` for ``shape`` (``R`` rows of ``N``, ``K`` blocks
+    and ``J`` second-level blocks per row): ``R ceil(N / 2) + R K + 4 R J + 4`` with double
+    quantization, ``R ceil(N / 2) + 4 R K`` without (:func:`nf4_shapes`)."""
+    shapes = nf4_shapes(shape, block_size, double_quant, double_quant_block_size)
+    size = {k: math.prod(v) for k, v in shapes.items()}
     if double_quant:
-        return -(-n // 2) + blocks + 4 * -(-blocks // double_quant_block_size) + 4
-    return -(-n // 2) + 4 * blocks
+        return size["codes"] + size["scales"] + 4 * size["scale_scales"] + 4
+    return size["codes"] + 4 * size["scales"]
 
 
 def quantize_int8(w: jax.Array, axis: int | Sequence[int] = -1) -> QuantizedArray:
@@ -263,20 +310,26 @@ def _int8_arrays(w, reduce_axes):
 
 @functools.partial(jax.jit, static_argnames="fill")
 def pack_nibbles(codes: jax.Array, fill: int = 0) -> jax.Array:
-    """Pack 4-bit codes (``[n]``, integers in ``[0, 15]``) two per byte: ``uint8 [ceil(n / 2)]``,
-    ``packed[i] = codes[2i] << 4 | codes[2i + 1]`` (an odd ``n`` pads the code ``fill``)."""
-    codes = jnp.asarray(codes).reshape(-1).astype(jnp.uint8)
-    if codes.shape[0] % 2:
-        codes = jnp.pad(codes, (0, 1), constant_values=fill)
-    pairs = codes.reshape(-1, 2)
-    return (pairs[:, 0] << 4) | (pairs[:, 1] & 0xF)
+    """Pack 4-bit codes (``[..., n]``, integers in ``[0, 15]``) two per byte along the last axis:
+    ``uint8 [..., ceil(n / 2)]``, ``packed[..., i] = codes[..., 2i] << 4 | codes[..., 2i + 1]``
+    (an odd ``n`` pads each row with the code ``fill``; a 0-d input is one code)."""
+    codes = jnp.asarray(codes).astype(jnp.uint8)
+    codes = codes.reshape(1) if codes.ndim == 0 else codes
+    if codes.shape[-1] % 2:
+        codes = jnp.pad(codes, [(0, 0)] * (codes.ndim - 1) + [(0, 1)], constant_values=fill)
+    pairs = codes.reshape(codes.shape[:-1] + (codes.shape[-1] // 2, 2))
+    return (pairs[..., 0] << 4) | (pairs[..., 1] & 0xF)
 
 
 @functools.partial(jax.jit, static_argnames="n")
 def unpack_nibbles(packed: jax.Array, n: int) -> jax.Array:
-    """Inverse of :func:`pack_nibbles`: the first ``n`` codes, ``uint8 [n]``."""
-    packed = jnp.asarray(packed).reshape(-1)
-    return jnp.stack([packed >> 4, packed & 0xF], axis=-1).reshape(-1)[:n]
+    """Inverse of :func:`pack_nibbles` along the last axis: the first ``n`` codes of each row,
+    ``uint8 [..., n]``."""
+    packed = jnp.asarray(packed)
+    packed = packed.reshape(1) if packed.ndim == 0 else packed
+    lead, m = packed.shape[:-1], packed.shape[-1]
+    codes = jnp.stack([packed >> 4, packed & 0xF], axis=-1).reshape(lead + (2 * m,))
+    return codes if n == 2 * m else codes[..., :n]
 
 
 def _lookup(table: np.ndarray, idx: jax.Array) -> jax.Array:
@@ -290,29 +343,41 @@ def _nearest(x: jax.Array, midpoints: np.ndarray) -> jax.Array:
     return jnp.searchsorted(jnp.asarray(midpoints), x, side="left", method=method)
 
 
+def _pad_last(x: jax.Array, to: int) -> jax.Array:
+    pad = to - x.shape[-1]
+    return x if not pad else jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, pad)])
+
+
 def _blockwise(x: jax.Array, block_size: int, midpoints: np.ndarray):
-    """Absmax-normalise ``x`` ``[n]`` in blocks of ``block_size`` (last one zero-padded) and take
-    the nearest code: ``(codes [n] int32, absmax [B] float32)``."""
-    n = x.shape[0]
+    """Absmax-normalise ``x`` ``[..., n]`` in blocks of ``block_size`` along its last axis (each
+    row's last one zero-padded) and take the nearest code: ``(codes [..., n] int32, absmax
+    [..., K] float32)``."""
+    lead, n = x.shape[:-1], x.shape[-1]
     blocks = -(-n // block_size)
-    xb = jnp.pad(x, (0, blocks * block_size - n)).reshape(blocks, block_size)
-    absmax = jnp.max(jnp.abs(xb), axis=1)
-    scaled = jnp.clip(xb * (jnp.float32(1) / jnp.maximum(absmax, _TINY))[:, None], -1, 1)
-    return _nearest(scaled, midpoints).reshape(-1)[:n], absmax
+    xb = _pad_last(x, blocks * block_size).reshape(lead + (blocks, block_size))
+    absmax = jnp.max(jnp.abs(xb), axis=-1)
+    scaled = jnp.clip(xb * (jnp.float32(1) / jnp.maximum(absmax, _TINY))[..., None], -1, 1)
+    codes = _nearest(scaled, midpoints).reshape(lead + (blocks * block_size,))
+    return (codes if blocks * block_size == n else codes[..., :n]), absmax
 
 
 def _unblock(values: jax.Array, absmax: jax.Array, block_size: int) -> jax.Array:
-    """``values [n] * absmax`` of each entry's block (float32)."""
-    n = values.shape[0]
-    blocks = absmax.shape[0]
-    if blocks * block_size != n:
-        values = jnp.pad(values, (0, blocks * block_size - n))
-    return (values.reshape(blocks, block_size) * absmax[:, None]).reshape(-1)[:n]
+    """``values [..., n] * absmax [..., K]`` of each entry's block along the last axis (float32):
+    elementwise over the leading axes, the last split into whole blocks (no pad or slice when
+    ``block_size`` divides ``n``)."""
+    lead, n = values.shape[:-1], values.shape[-1]
+    blocks = absmax.shape[-1]
+    full = blocks * block_size
+    out = (_pad_last(values, full).reshape(lead + (blocks, block_size))
+           * absmax[..., None]).reshape(lead + (full,))
+    return out if full == n else out[..., :n]
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2))
 def _nf4_arrays(w, block_size, scale_block_size):
-    codes, absmax = _blockwise(w.reshape(-1).astype(jnp.float32), block_size, _NF4_MIDPOINTS)
+    lead, n = _rows(w.shape)
+    codes, absmax = _blockwise(w.astype(jnp.float32).reshape(lead + (n,)), block_size,
+                               _NF4_MIDPOINTS)
     packed = pack_nibbles(codes, fill=_NF4_ZERO_CODE)
     if scale_block_size is None:
         return packed, absmax, None, None
@@ -323,12 +388,14 @@ def _nf4_arrays(w, block_size, scale_block_size):
 
 def quantize_nf4(w: jax.Array, block_size: int = 64, double_quant: bool = True,
                  double_quant_block_size: int = DOUBLE_QUANT_BLOCK_SIZE) -> QuantizedArray:
-    """4-bit NormalFloat quantization of ``w`` (any shape, any floating dtype; see the module
-    docstring for the math and layout): absmax blocks of ``block_size`` consecutive entries of the
-    row-major flattened ``w``, nearest NF4 code, two codes per byte (even entry high). With
+    """4-bit NormalFloat quantization of ``w`` (any shape ``[..., N]``, any floating dtype; see
+    the module docstring for the math and layout): absmax blocks of ``block_size`` consecutive
+    entries along each row (the last axis), nearest NF4 code, two codes per byte along the row
+    (even entry high); the stored arrays keep ``w``'s leading axes (:func:`nf4_shapes`). With
     ``double_quant`` the per-block absmax constants are centred on their mean and quantized to
-    8 bits (``DYNAMIC8_TABLE``) in blocks of ``double_quant_block_size``. A size not divisible by
-    a block size is padded (the last block is short; ``shape`` keeps the true size).
+    8 bits (``DYNAMIC8_TABLE``) in blocks of ``double_quant_block_size`` along each row of
+    constants. A row not divisible by a block size is padded (its last block is short; ``shape``
+    keeps the true size).
 
     Error per entry at most ``0.1519 * c`` (half the widest NF4 gap, ``(-0.6962 - (-1)) / 2``)
     plus ``|c - c_hat|``, the double-quantization error of its block's constant.
@@ -347,29 +414,102 @@ def quantize_nf4(w: jax.Array, block_size: int = 64, double_quant: bool = True,
                           scale_block_size=scale_block)
 
 
+def _expand_last(x: jax.Array, block_size: int, n: int) -> jax.Array:
+    """``x [..., J]``, one value per block of ``block_size`` along the last axis, as
+    ``[..., n]`` (``[..., 1]`` when ``J == 1``: it broadcasts)."""
+    if x.shape[-1] == 1:
+        return x
+    return jnp.repeat(x, block_size, axis=-1, total_repeat_length=x.shape[-1] * block_size
+                      )[..., :n]
+
+
 @jax.jit
 def nf4_absmax(q: QuantizedArray) -> jax.Array:
-    """The per-block constants of an NF4 array as dequantization uses them, float32 ``[B]``:
-    ``c`` itself, or with double quantization
-    ``c_hat = DYNAMIC8_TABLE[scales] * scale_scales[block] + scale_offset``."""
+    """The per-block constants of an NF4 array as dequantization uses them, float32
+    ``[..., K]`` (one row of ``K`` per row of the weight): ``c`` itself, or with double
+    quantization ``c_hat = DYNAMIC8_TABLE[scales] * scale_scales[..., k // 256] +
+    scale_offset``."""
     if q.scheme != "nf4":
         raise ValueError(f"nf4_absmax: {q!r} is not an nf4 array")
     if q.scale_block_size is None:
         return q.scales
     values = _lookup(DYNAMIC8_TABLE, q.scales)
-    return _unblock(values, q.scale_scales, q.scale_block_size) + q.scale_offset
+    scale = _expand_last(q.scale_scales, q.scale_block_size, values.shape[-1])
+    return values * scale + q.scale_offset
 
 
 @functools.partial(jax.jit, static_argnames="dtype")
 def dequantize(q: QuantizedArray, dtype=None) -> jax.Array:
     """The array ``q`` stands for, ``q.shape``, in ``dtype`` (default ``q.dtype``): computed in
     float32 (int8: ``codes * scales``; nf4: ``NF4_TABLE[code] * c_hat`` of the entry's block),
-    then cast. Pure ``jax.numpy``: jit-able, differentiable in the float children."""
+    then cast. Pure ``jax.numpy``: jit-able, differentiable in the float children. Elementwise
+    over the weight's leading axes and, in whole blocks, along its last axis: stored arrays
+    sharded like the weight (:func:`stored_shardings`) dequantize shard by shard."""
     dtype = np.dtype(q.dtype if dtype is None else jnp.dtype(dtype))
     if q.scheme == "int8":
         return (q.codes.astype(jnp.float32) * q.scales).astype(dtype)
     if q.scheme == "nf4":
-        n = math.prod(q.shape)
+        _, n = _rows(q.shape)
         values = _lookup(NF4_TABLE, unpack_nibbles(q.codes, n))
         return _unblock(values, nf4_absmax(q), q.block_size).reshape(q.shape).astype(dtype)
     raise ValueError(f"dequantize: unknown scheme {q.scheme!r} (known: 'int8', 'nf4')")
+
+
+def _axes_size(mesh: Any, axes: Any) -> int:
+    size = 1
+    for a in (axes if isinstance(axes, tuple) else (axes,)):
+        size *= mesh.shape[a] if a is not None else 1
+    return size
+
+
+def _spec(axes: Sequence[Any]) -> PartitionSpec:
+    axes = list(axes)
+    while axes and axes[-1] is None:            # P(None, None) is written P()
+        axes.pop()
+    return PartitionSpec(*axes)
+
+
+def stored_specs(q: QuantizedArray, spec: PartitionSpec, mesh: Any) -> dict[str, PartitionSpec]:
+    """The ``PartitionSpec`` of each stored array of ``q`` (``{child name: spec}``, the
+    children ``q`` has) when the weight it stands for is laid out as ``spec`` on ``mesh``
+    (``spec``'s axes must divide ``q.shape``, as for the weight itself):
+
+    * int8: ``codes`` take ``spec``; ``scales`` take it on their channel axes and are whole on
+      the others (size 1 there).
+    * nf4: ``codes`` and ``scales`` take ``spec``'s leading axes, and its last one where each
+      shard of a row then holds whole blocks and whole bytes (``N / S`` a multiple of
+      ``block_size`` and even, ``S`` the size of the mesh axes of the last dimension); otherwise
+      their last axis is **whole on every device** (replicated: the weight's shard is then cut
+      from it locally, correct but ``S`` times the bytes of that weight's stored arrays).
+      ``scale_scales`` take the leading axes, their last axis (a few entries per row) whole;
+      ``scale_offset`` is replicated.
+    """
+    axes = tuple(spec) + (None,) * (len(q.shape) - len(spec))
+    if len(axes) != len(q.shape):
+        raise ValueError(f"stored_specs: {spec} has more axes than {q!r}")
+    if q.scheme == "int8":
+        return {"codes": _spec(axes),
+                "scales": _spec(a if s == d else None
+                                for a, s, d in zip(axes, q.scales.shape, q.shape))}
+    if q.scheme != "nf4":
+        raise ValueError(f"stored_specs: unknown scheme {q.scheme!r}")
+    if not q.shape:
+        return {k: PartitionSpec() for k in _ARRAY_FIELDS if getattr(q, k) is not None}
+    lead, last = axes[:-1], axes[-1]
+    n, shards = q.shape[-1], _axes_size(mesh, last)
+    whole = n % shards == 0 and (n // shards) % q.block_size == 0 and (n // shards) % 2 == 0
+    out = {"codes": _spec(lead + (last if whole else None,)),
+           "scales": _spec(lead + (last if whole else None,))}
+    if q.scale_block_size is not None:
+        out["scale_scales"] = _spec(lead)
+        out["scale_offset"] = PartitionSpec()
+    return out
+
+
+def stored_shardings(q: QuantizedArray, sharding: NamedSharding) -> QuantizedArray:
+    """``q`` with each stored array replaced by its ``NamedSharding`` (:func:`stored_specs` of
+    ``sharding``, the weight's own): a tree of the same structure as ``q``, for ``jit``'s
+    shardings, ``jax.device_put`` or a checkpoint restore."""
+    specs = stored_specs(q, sharding.spec, sharding.mesh)
+    return dataclasses.replace(q, **{k: NamedSharding(sharding.mesh, v)
+                                     for k, v in specs.items()})

@@ -64,7 +64,8 @@ def test_quantized_env_and_bytes(env):
     assert not quant.quantized_paths(env.params)
     b = quant.num_bytes(nf4.params)
     assert b.full == jpeft.num_bytes(env.params) and b.stored == jpeft.num_bytes(nf4.params)
-    assert 7.6 < b.weights_full / b.weights_stored < 7.8
+    # 32-wide rows: the per-row second-level constants (one float32 a row) cost a bit an entry
+    assert 6.2 < b.weights_full / b.weights_stored < 6.3
     # The reload reads the weights again and quantizes them the same way, bit for bit.
     again = nf4.base_params()
     jax.tree.map(np.testing.assert_array_equal, again, nf4.params)
