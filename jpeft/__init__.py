@@ -14,6 +14,7 @@ _host_memory.apply_default()
 
 from jpeft import checkpoint  # noqa: E402
 from jpeft import distributed
+from jpeft import lomo  # LOMO/AdaLomo: jpeft.lomo.lomo, .adalomo, .make_step
 from jpeft import methods
 from jpeft import multi
 from jpeft import nnx

@@ -1,0 +1,395 @@
+"""LOMO and AdaLomo (jpeft.lomo): the update fused into the backward pass.
+
+Numerics: three steps equal plain SGD / a hand-written AdaLomo on the full gradient (a tiny MLP,
+a plain-JAX layer scan, the tiny LLaMA unrolled and ``nnx.scan``-stacked), and lomo-optim's
+LOMO/AdaLomo in torch on the same MLP and batches. Memory: the compiled step of the stacked
+decoder holds no stacked gradient (``memory_analysis``).
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import jpeft
+from jpeft import lomo
+from jpeft.core import paths
+from jpeft.models.llama import LlamaConfig, LlamaForCausalLM, convert_layers
+
+from conftest import require
+
+
+# --------------------------------------------------------------------------------------------
+# References on the whole gradient
+
+
+def sgd_reference(loss, params, batches, lr, wd=0.0, clip_value=None, clip_norm=None):
+    """Plain SGD as lomo-optim's LOMO computes it: value clip, then global-norm clip (norm of
+    the raw gradient), decoupled decay, step."""
+    grad = jax.jit(jax.grad(loss))
+    for b in batches:
+        g = grad(params, *b)
+        norm = optax.tree.norm(g)
+        if clip_value is not None:
+            g = jax.tree.map(lambda x: jnp.clip(x, -clip_value, clip_value), g)
+        if clip_norm is not None:
+            coef = jnp.minimum(clip_norm / (norm + 1e-6), 1.0)
+            g = jax.tree.map(lambda x: x * coef, g)
+        params = jax.tree.map(lambda p, g: p * (1 - lr * wd) - lr * g, params, g)
+    return params
+
+
+def adalomo_reference(loss, params, batches, lr, wd=0.0, eps=(1e-30, 1e-3), clip_threshold=1.0,
+                      stacked=()):
+    """AdaLomo written out on the whole gradient: Adafactor-style factored second moments
+    (rows: mean over the last axis, columns: over the one before), RMS-clipped update, learning
+    rate scaled by the parameter's RMS. Leaves in ``stacked`` are one tensor per leading
+    index (a layer stack)."""
+    def tensor(p, g, m, t):
+        beta = 1.0 - t ** -0.8
+        u2 = g * g + eps[0]
+        if p.ndim >= 2:
+            r = beta * m[0] + (1 - beta) * u2.mean(-1)
+            c = beta * m[1] + (1 - beta) * u2.mean(-2)
+            v = (r / r.mean(-1, keepdims=True))[..., :, None] * c[..., None, :]
+            m = (r, c)
+        else:
+            v = beta * m[0] + (1 - beta) * u2
+            m = (v,)
+        u = g / jnp.sqrt(v)
+        u = u / jnp.maximum(jnp.sqrt(jnp.mean(u * u)) / clip_threshold, 1.0)
+        step = lr * jnp.maximum(eps[1], jnp.sqrt(jnp.mean(p * p)))
+        return p * (1 - step * wd) - step * u, m
+
+    def zeros(p):
+        return (jnp.zeros(p.shape[:-1]), jnp.zeros(p.shape[:-2] + p.shape[-1:])) \
+            if p.ndim >= 2 else (jnp.zeros(p.shape),)
+
+    def one(p, g, m, t, stacked_leaf):
+        if stacked_leaf:
+            return jax.vmap(lambda p_, g_, m_: tensor(p_, g_, m_, t))(p, g, m)
+        return tensor(p, g, m, t)
+
+    @jax.jit
+    def update(flat, moments, grads, t):
+        out = {k: one(p, grads[k], moments[k], t, k in stacked) for k, p in flat.items()}
+        return {k: v[0] for k, v in out.items()}, {k: v[1] for k, v in out.items()}
+
+    flat = paths.flatten(params)
+    moments = {k: (jax.vmap(zeros)(p) if k in stacked else zeros(p)) for k, p in flat.items()}
+    grad = jax.jit(jax.grad(loss))
+    for t, b in enumerate(batches, start=1):
+        grads = paths.flatten(grad(paths.unflatten(flat), *b))
+        flat, moments = update(flat, moments, grads, jnp.float32(t))
+    return paths.unflatten(flat)
+
+
+def run(step, params, batches):
+    state = step.init(params, *batches[0])
+    metrics = []
+    for b in batches:
+        params, state, m = step(params, state, *b)
+        metrics.append(m)
+    return params, state, metrics
+
+
+def assert_trees_close(a, b, rtol=2e-5, atol=2e-6):
+    fa, fb = paths.flatten(a), paths.flatten(b)
+    assert fa.keys() == fb.keys()
+    for k in fa:
+        np.testing.assert_allclose(np.asarray(fa[k]), np.asarray(fb[k]), rtol=rtol, atol=atol,
+                                   err_msg="/".join(k))
+
+
+# --------------------------------------------------------------------------------------------
+# Models
+
+
+def mlp_params(key, d_in=6, d_hidden=8, d_out=3, dtype=jnp.float32):
+    k1, k2, k3, k4 = jax.random.split(key, 4)
+    return {"l1": {"kernel": jax.random.normal(k1, (d_in, d_hidden), dtype) * 0.5,
+                   "bias": jax.random.normal(k2, (d_hidden,), dtype) * 0.1},
+            "l2": {"kernel": jax.random.normal(k3, (d_hidden, d_out), dtype) * 0.5,
+                   "bias": jax.random.normal(k4, (d_out,), dtype) * 0.1}}
+
+
+def mlp_loss(p, x, y):
+    h = jnp.tanh(x @ p["l1"]["kernel"] + p["l1"]["bias"])
+    return jnp.mean(jnp.square(h @ p["l2"]["kernel"] + p["l2"]["bias"] - y))
+
+
+def mlp_batches(n=3, batch=5, d_in=6, d_out=3, dtype=jnp.float32):
+    keys = jax.random.split(jax.random.key(7), 2 * n)
+    return [(jax.random.normal(keys[2 * i], (batch, d_in), dtype),
+             jax.random.normal(keys[2 * i + 1], (batch, d_out), dtype)) for i in range(n)]
+
+
+def ce(logits, tokens):
+    logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32))
+    return -jnp.mean(jnp.take_along_axis(logp, tokens[:, 1:, None], -1))
+
+
+@pytest.fixture(scope="module")
+def llamas():
+    """The tiny LLaMA, unrolled and scanned, same weights: ``{layout: (apply, params)}``."""
+    unrolled = LlamaForCausalLM(LlamaConfig.tiny())
+    return {"unrolled": jpeft.nnx.split(unrolled),
+            "scanned": jpeft.nnx.split(convert_layers(unrolled, True))}
+
+
+def token_batches(n=3):
+    return [(jax.random.randint(jax.random.key(i), (2, 8), 0, 128),) for i in range(n)]
+
+
+# --------------------------------------------------------------------------------------------
+# LOMO == SGD
+
+
+def test_lomo_equals_sgd_on_an_mlp():
+    params, batches = mlp_params(jax.random.key(0)), mlp_batches()
+    kw = dict(weight_decay=0.1, clip_grad_value=0.3, clip_grad_norm=0.5)
+    step = lomo.make_step(mlp_loss, lomo.lomo(0.2, **kw), donate=False)
+    got, state, metrics = run(step, params, batches)
+    want = sgd_reference(mlp_loss, params, batches, 0.2, wd=0.1, clip_value=0.3, clip_norm=0.5)
+    assert_trees_close(got, want)
+    assert int(state.count) == 3
+    # the first pass's norm is the raw gradient's global norm; no leaf is refused or unused
+    g = jax.grad(mlp_loss)(params, *batches[0])
+    np.testing.assert_allclose(metrics[0]["grad_norm"], optax.tree.norm(g), rtol=1e-6)
+    assert not bool(metrics[0]["overflow"])
+    p = step.plan(params, *batches[0])
+    assert not p.unused and not p.fused_scan and len(p.whole) == 4
+
+
+def stacked_mlp(key, layers=3, d=5):
+    k1, k2, k3, k4 = jax.random.split(key, 4)
+    return {"w": jax.random.normal(k1, (layers, d, d)) * 0.4,
+            "b": jax.random.normal(k2, (layers, d)) * 0.1,
+            "gain": 1.0 + 0.1 * jax.random.normal(k3, (d,)),
+            "out": jax.random.normal(k4, (d, 2)) * 0.5}
+
+
+def stacked_loss(reverse):
+    def loss(p, x, y, noise):
+        def body(h, xs):
+            w, b, n = xs       # w, b: trainable slices; n: a scanned batch input
+            return jnp.tanh((h * p["gain"]) @ w + b + n), jnp.sum(h)
+        h, sums = jax.lax.scan(body, x, (p["w"], p["b"], noise), reverse=reverse)
+        return jnp.mean(jnp.square(h @ p["out"] - y)) + 1e-3 * jnp.sum(sums)
+    return loss
+
+
+@pytest.mark.parametrize("reverse,dtype", [(False, jnp.float32), (True, jnp.float32),
+                                           (False, jnp.float16)])
+def test_lomo_in_a_plain_jax_layer_scan(reverse, dtype):
+    """A ``lax.scan`` over stacked weights (forward or reversed), a trainable loop constant
+    (``gain``, its gradient summed over layers) and a scanned batch input: the stacked leaves
+    are updated slice by slice in the scan's backward pass, the rest at their identity. Float16
+    weights take the read-update-write path (float32 arithmetic, rounded once)."""
+    params = jax.tree.map(lambda a: a.astype(dtype), stacked_mlp(jax.random.key(1)))
+    keys = jax.random.split(jax.random.key(2), 9)
+    batches = [tuple(a.astype(dtype) for a in (
+        jax.random.normal(keys[3 * i], (4, 5)), jax.random.normal(keys[3 * i + 1], (4, 2)),
+        0.1 * jax.random.normal(keys[3 * i + 2], (3, 4, 5)))) for i in range(3)]
+    loss = stacked_loss(reverse)
+    step = lomo.make_step(loss, lomo.lomo(0.1, weight_decay=0.05), donate=False)
+    p = step.plan(params, *batches[0])
+    assert p.fused_scan == (("b",), ("w",)) and set(p.whole) == {("gain",), ("out",)}
+    got, _, _ = run(step, params, batches)
+    if dtype == jnp.float32:
+        assert_trees_close(got, sgd_reference(loss, params, batches, 0.1, wd=0.05))
+    else:
+        up = lambda t: jax.tree.map(lambda a: a.astype(jnp.float32), t)
+        want = sgd_reference(loss, up(params), [up(b) for b in batches], 0.1, wd=0.05)
+        assert all(a.dtype == dtype for a in jax.tree.leaves(got))
+        assert_trees_close(up(got), want, rtol=1e-2, atol=2e-3)
+
+
+@pytest.mark.parametrize("layout", ["unrolled", "scanned"])
+def test_lomo_equals_sgd_on_the_tiny_llama(llamas, layout):
+    apply, params = llamas[layout]
+    loss = lambda p, t: ce(apply(p, t), t)
+    batches = token_batches()
+    step = lomo.make_step(loss, lomo.lomo(0.5, weight_decay=0.01, clip_grad_norm=1.0),
+                          donate=False)
+    plan = step.plan(params, *batches[0])
+    if layout == "scanned":     # every layer leaf in the layer scan's backward pass
+        assert {p[:2] for p in plan.fused_scan} == {("model", "layers")}
+        assert len(plan.fused_scan) == 9 and set(plan.stacked) == set(plan.fused_scan)
+    else:
+        assert not plan.fused_scan and not plan.unused
+    got, _, _ = run(step, params, batches)
+    assert_trees_close(got, sgd_reference(loss, params, batches, 0.5, wd=0.01, clip_norm=1.0),
+                       rtol=1e-4, atol=1e-6)
+
+
+def test_lomo_trains_a_full_finetune_delta(llamas):
+    """``jpeft.full_finetune``'s selection: the delta is trained, the frozen rest is an argument
+    of the loss; the stacked MLP kernels go through the layer scan."""
+    apply, params = llamas["scanned"]
+    method = jpeft.full_finetune(r".*/mlp/.*")
+    delta = method.init(jax.random.key(0), params)
+    loss = lambda d, base, t: ce(apply(method.merge(base, d), t), t)
+    batches = [(params,) + b for b in token_batches()]
+    step = lomo.make_step(loss, lomo.lomo(0.5))
+    assert len(step.plan(delta, *batches[0]).fused_scan) == 3
+    want = sgd_reference(loss, delta, batches, 0.5)
+    got, _, _ = run(step, delta, batches)      # donated: the delta's buffers are reused
+    assert_trees_close(got, want, rtol=1e-4, atol=1e-6)
+
+
+# --------------------------------------------------------------------------------------------
+# AdaLomo == its hand-written reference
+
+
+def test_adalomo_equals_the_reference_on_an_mlp():
+    params, batches = mlp_params(jax.random.key(3)), mlp_batches()
+    step = lomo.make_step(mlp_loss, lomo.adalomo(0.05, weight_decay=0.1), donate=False)
+    got, state, _ = run(step, params, batches)
+    assert_trees_close(got, adalomo_reference(mlp_loss, params, batches, 0.05, wd=0.1))
+    m = state.moments
+    assert isinstance(m["l1"]["kernel"], lomo.Factored) and m["l1"]["kernel"].row.shape == (6,)
+    assert isinstance(m["l1"]["bias"], lomo.Full) and m["l1"]["bias"].v.shape == (8,)
+
+
+def test_adalomo_per_layer_on_the_scanned_llama(llamas):
+    """Layer-stacked leaves are L tensors (per-slice moments and RMS), as in the unrolled model:
+    the scanned step equals the reference with per-layer tensors, and the unrolled step."""
+    apply, params = llamas["scanned"]
+    loss = lambda p, t: ce(apply(p, t), t)
+    batches = token_batches(2)
+    step = lomo.make_step(loss, lomo.adalomo(0.01, weight_decay=0.1), donate=False)
+    stacked = step.plan(params, *batches[0]).stacked
+    state = step.init(params, *batches[0])
+    norm = state.moments["model"]["layers"]["input_layernorm"]["scale"]
+    assert isinstance(norm, lomo.Full) and norm.v.shape == (2, 64)
+    got, _, _ = run(step, params, batches)
+    want = adalomo_reference(loss, params, batches, 0.01, wd=0.1, stacked=set(stacked))
+    assert_trees_close(got, want, rtol=1e-4, atol=1e-6)
+    # a state built without the program's stacking is refused with the way out
+    with pytest.raises(ValueError, match="step.init"):
+        step(params, lomo.adalomo(0.01).init(params), *batches[0])
+
+
+# --------------------------------------------------------------------------------------------
+# Against lomo-optim (torch)
+
+
+@pytest.mark.torch
+@pytest.mark.parametrize("which", ["lomo", "adalomo"])
+def test_matches_lomo_optim_in_torch(which, monkeypatch):
+    torch = require("torch")
+    lomo_optim = require("lomo_optim")
+    monkeypatch.setattr(torch.Tensor, "cuda", lambda self, *a, **k: self)   # AdaLomo's state
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+    params = {f"l{i}": {"kernel": jnp.asarray(net[j].weight.detach().numpy().T),
+                        "bias": jnp.asarray(net[j].bias.detach().numpy())}
+              for i, j in ((1, 0), (2, 2))}
+    batches = mlp_batches()
+    lr, kw = 0.05, dict(weight_decay=0.1, clip_grad_norm=0.5)
+    if which == "lomo":
+        topt = lomo_optim.Lomo(net, lr=lr, clip_grad_value=0.3, **kw)
+        opt = lomo.lomo(lr, clip_grad_value=0.3, **kw)
+    else:
+        topt = lomo_optim.AdaLomo(net, lr=lr, loss_scale=2 ** 10, **kw)
+        opt = lomo.adalomo(lr, loss_scale=2.0 ** 10, **kw)
+    for x, y in batches:
+        x_t, y_t = (torch.from_numpy(np.array(a)) for a in (x, y))
+        loss = torch.mean((net(x_t) - y_t) ** 2)
+        topt.grad_norm(loss)
+        topt.fused_backward(loss, lr)
+    got, _, _ = run(lomo.make_step(mlp_loss, opt), params, batches)
+    for i, j in ((1, 0), (2, 2)):
+        np.testing.assert_allclose(got[f"l{i}"]["kernel"], net[j].weight.detach().numpy().T,
+                                   rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(got[f"l{i}"]["bias"], net[j].bias.detach().numpy(),
+                                   rtol=1e-5, atol=1e-6)
+
+
+# --------------------------------------------------------------------------------------------
+# Loss scaling, refusals, semantics
+
+
+def test_dynamic_loss_scale_skips_overflowing_steps_and_grows():
+    """float16 weights: at scale 2**32 the backward pass overflows: the step is skipped
+    (parameters and count unchanged) and the scale halved. At a small scale steps apply, and the
+    scale doubles after every ``window`` clean steps."""
+    params = mlp_params(jax.random.key(4), dtype=jnp.float16)
+    batches = mlp_batches(dtype=jnp.float16)
+    opt = lomo.lomo(0.1, loss_scale=lomo.DynamicLossScale(init_scale=2.0 ** 32))
+    step = lomo.make_step(mlp_loss, opt, donate=False)
+    state = step.init(params, *batches[0])
+    new, state, m = step(params, state, *batches[0])
+    assert bool(m["overflow"]) and int(state.count) == 0
+    assert float(state.loss_scale.scale) == 2.0 ** 31
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), new, params)
+
+    opt = lomo.lomo(0.1, loss_scale=lomo.DynamicLossScale(init_scale=16.0, window=2))
+    step = lomo.make_step(mlp_loss, opt, donate=False)
+    state = step.init(params, *batches[0])
+    p = params
+    scales = []
+    for b in batches:
+        p, state, m = step(p, state, *b)
+        assert not bool(m["overflow"])
+        scales.append(float(state.loss_scale.scale))
+    assert scales == [16.0, 32.0, 32.0] and int(state.count) == 3
+    want = sgd_reference(mlp_loss, jax.tree.map(lambda a: a.astype(jnp.float32), params),
+                         [tuple(a.astype(jnp.float32) for a in b) for b in batches], 0.1)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a.astype(np.float32), b, atol=3e-3),
+                 p, want)
+
+
+def test_refusals_and_unused_leaves():
+    params, batches = mlp_params(jax.random.key(5)), mlp_batches(1)
+    with pytest.raises(ValueError, match="floating-point.*'l1/steps'"):
+        lomo.lomo(0.1).init({**params, "l1": {**params["l1"], "steps": jnp.zeros((), jnp.int32)}})
+    with pytest.raises(ValueError, match="positive"):
+        lomo.lomo(0.1, clip_grad_norm=0.0)
+    # a leaf the loss never uses is never updated (no decay either), as in lomo-optim
+    extra = {**params, "unused": jnp.ones((3,))}
+    step = lomo.make_step(mlp_loss, lomo.lomo(0.1, weight_decay=0.5), donate=False)
+    assert step.plan(extra, *batches[0]).unused == (("unused",),)
+    new, _, _ = step(extra, step.init(extra, *batches[0]), *batches[0])
+    np.testing.assert_array_equal(new["unused"], extra["unused"])
+
+
+def test_a_tied_leaf_is_updated_once_with_its_whole_gradient():
+    params = mlp_params(jax.random.key(6), d_in=3, d_out=3)
+    batches = mlp_batches(d_in=3, d_out=3)
+
+    def tied(p, x, y):     # l1's kernel used twice (and transposed)
+        h = jnp.tanh(x @ p["l1"]["kernel"] + p["l1"]["bias"])
+        return jnp.mean(jnp.square(h @ p["l1"]["kernel"].T + p["l2"]["bias"] - y))
+    params = {"l1": params["l1"], "l2": {"bias": params["l2"]["bias"]}}
+    got, _, _ = run(lomo.make_step(tied, lomo.lomo(0.3), donate=False), params, batches)
+    assert_trees_close(got, sgd_reference(tied, params, batches, 0.3))
+
+
+# --------------------------------------------------------------------------------------------
+# Memory
+
+
+def test_the_stacked_decoder_step_holds_no_stacked_gradient():
+    """``memory_analysis`` of the compiled steps, 4 scanned layers: LOMO's temporaries are
+    below full fine-tuning with SGD (jpeft.make_train_step, donated) by at least the whole
+    gradient less its largest leaf (what remains: one layer's gradient at a time)."""
+    cfg = LlamaConfig.tiny(scan_layers=True, num_hidden_layers=4)
+    apply, params = jpeft.nnx.split(LlamaForCausalLM(cfg))
+    tokens = jnp.zeros((2, 16), jnp.int32)
+    method = jpeft.full_finetune()
+    delta = method.init(jax.random.key(0), params)
+    sgd = jpeft.make_train_step(
+        lambda p, d, b, k: ce(apply(method.merge(p, d), b), b), optax.sgd(0.1),
+        skip_nonfinite=False)
+    sgd_temp = sgd.lower(params, delta, optax.sgd(0.1).init(delta), tokens,
+                         jax.random.key(0)).compile().memory_analysis().temp_size_in_bytes
+    step = lomo.make_step(lambda d, p, b: ce(apply(method.merge(p, d), b), b), lomo.lomo(0.1))
+    state = step.init(delta, params, tokens)
+    lomo_temp = step.lower(delta, state, params, tokens).compile().memory_analysis() \
+        .temp_size_in_bytes
+    leaves = jax.tree.leaves(delta)
+    gradient, largest = sum(x.nbytes for x in leaves), max(x.nbytes for x in leaves)
+    assert sgd_temp - lomo_temp >= gradient - largest, (sgd_temp, lomo_temp, gradient, largest)
