@@ -201,8 +201,8 @@ def train(params: Any, delta: Any, loss_fn, optimizer: optax.GradientTransformat
     losses: list[float] = []
     bar = None
     if progress:
-        from tqdm.auto import tqdm
-        bar = tqdm(total=steps, desc="fine-tuning", unit="step")
+        from jpeft.recipes.progress import Progress      # a bar on a terminal, lines otherwise
+        bar = Progress(steps, "fine-tuning")
     start = time.perf_counter()
     key = jax.random.key(seed)
     for i in range(start_step, start_step + steps):
@@ -210,8 +210,7 @@ def train(params: Any, delta: Any, loss_fn, optimizer: optax.GradientTransformat
                                             jax.random.fold_in(key, i))
         losses.append(float(metrics["loss"]))
         if bar is not None:
-            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
-            bar.update(1)
+            bar.update(1, loss=float(np.mean(losses[-20:])))
     jax.block_until_ready(delta)
     seconds = time.perf_counter() - start
     if bar is not None:
