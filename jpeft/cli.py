@@ -768,6 +768,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip compiling full fine-tuning as the reference")
     r.add_argument("--json", action="store_true", help="print the report as one JSON object")
 
+    sub.add_parser("rlhf", add_help=False,
+                   help="RLHF on one frozen base: --stage sft|reward|ppo|dpo|all --out DIR "
+                        "(jpeft.rlhf.pipeline; `jpeft rlhf --help` for its flags)")
     sub.add_parser("presets", help="list the method presets, their stages and options")
     d = sub.add_parser("demo", help="fine-tune the embedded MiniLM on movie-review sentiment")
     add_method_flags(d)
@@ -914,6 +917,9 @@ def _subparser(parser: argparse.ArgumentParser, command: str) -> Parser:
 def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["rlhf"]:                      # its own parser: jpeft.rlhf.pipeline
+        from jpeft.rlhf import pipeline
+        return pipeline.main(argv[1:])
     args = parser.parse_args(argv)
     if args.release_host_memory and host_memory.retained():
         # importing jpeft kept freed host memory (the default); only a fresh process undoes it

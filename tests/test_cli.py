@@ -403,3 +403,13 @@ def test_causal_lm_flags(llama_dir, tmp_path, movie_data, monkeypatch, capsys):
                        (("--label-column", "label"), "--label-column")):
         assert _main(*base, *argv) == 2
         assert capsys.readouterr().err.startswith(f"jpeft finetune: error: {flag}")
+
+
+def test_rlhf_command_forwards_to_the_pipeline(monkeypatch):
+    """``jpeft rlhf ...`` hands its flags to :func:`jpeft.rlhf.pipeline.main` unchanged."""
+    from jpeft import cli as cli_lib
+    from jpeft.rlhf import pipeline
+    seen = []
+    monkeypatch.setattr(pipeline, "main", lambda argv: seen.append(list(argv)) or 0)
+    assert cli_lib.main(["rlhf", "--stage", "dpo", "--out", "x"]) == 0
+    assert seen == [["--stage", "dpo", "--out", "x"]]
