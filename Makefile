@@ -20,7 +20,7 @@ $(VENV)/.core-installed: pyproject.toml | $(BIN)/python
 # torch first, pinned to the CPU wheel, so that transformers/peft do not pull a CUDA build.
 $(VENV)/.test-installed: $(VENV)/.core-installed
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e '.[test,torch]'
+	$(BIN)/python -m pip install -q -e '.[test,torch,notebooks]'
 	touch $@
 
 install: $(VENV)/.core-installed

@@ -526,6 +526,10 @@ def _adalora_stages(o: Options) -> tuple[Stage, ...]:
                                          f"{adalora_lib.rank_pattern(s['delta'])}"),)
 
 
+def _head_stages(o: Options) -> tuple[Stage, ...]:
+    return (_train(o, "the head alone (a linear probe of the frozen encoder)", _head),)
+
+
 def _full_stages(o: Options) -> tuple[Stage, ...]:
     return (_train(o, "full fine-tuning of every parameter", lambda s: full_finetune()),)
 
@@ -919,6 +923,8 @@ for _kind in ("said", "did"):
         one_shape=True, merged_eval=True, quantized_base=False))
 register(Preset("full", "full fine-tuning of every parameter", _common(5e-5, head=False),
                 _full_stages, quantized_base=False))
+register(Preset("head", "the head alone: the encoder frozen (a linear probe)",
+                _common(1e-2, head=False), _head_stages))
 for _kind, _summary in (
         ("houlsby", "Houlsby adapters after the attention output and the FFN + the head"),
         ("pfeiffer", "Pfeiffer adapter after the FFN + the head"),

@@ -245,3 +245,10 @@ def tiny_classifier_env(tiny_config):
     return clf.ClassifierEnv(model.apply, variables, sites, random_split(8, 8),
                              random_split(6, 8, seed=1), batch=4, buckets=None,
                              log=lambda _: None, eval_batch=8)
+
+
+def pytest_collection_modifyitems(config, items):
+    """The tests marked ``slow`` first (the order otherwise kept): with ``-n auto`` the long ones
+    then overlap the many short ones instead of one of them running alone at the end."""
+    del config
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)

@@ -147,3 +147,73 @@ def test_long_seq_policies_train_alike_and_remat_shrinks_temporaries(tmp_path):
         np.testing.assert_allclose(r["losses"], rows["none"]["losses"], rtol=1e-5)
     assert rows["none"]["losses"][-1] < rows["none"]["losses"][0]
     assert rows["full"]["temp_bytes"] < rows["none"]["temp_bytes"]
+
+
+@pytest.mark.slow
+def test_results_table_quick_resumes_and_reports(tmp_path):
+    """``benchmarks/table.py --quick`` (the CI mode) on two methods and two binary tasks: every
+    cell is the mean of its seeds' runs, the learning rate is the grid's best on the tuning
+    task's dev set, trainable % and FLOPs ratios follow from the model; a second command resumes
+    (no run again), a run cut mid-write is run again with the same result, and runs made with
+    other settings are refused."""
+    import json
+
+    import numpy as np
+
+    import table
+    from jpeft.data import tasks as tasks_lib
+    try:
+        tasks_lib.load("sms")
+    except (ModuleNotFoundError, FileNotFoundError) as e:
+        from conftest import unavailable
+        unavailable(str(e))
+    args = ["--quick", "--methods", "head,bitfit", "--tasks", "movies,sms", "--tune", "movies",
+            "--low-methods", "head", "--low-tasks", "sms", "--low-k", "8", "--steps", "2",
+            "--out", str(tmp_path), "--jax-cache", str(tmp_path / "jax-cache")]
+    result = table.main(args)
+    runs_path = tmp_path / "table_runs.jsonl"
+    lines = runs_path.read_text().splitlines()
+    runs = [json.loads(line) for line in lines]
+    # 2 methods x (2 grid runs on movies + 1 more seed on movies + 2 seeds on sms) + 2 low-data.
+    assert len(runs) == 2 * (2 + 1 + 2) + 2
+    rows = {r["method"]: r for r in result["rows"]}
+    assert set(rows) == {"head", "bitfit"}
+    for name, row in rows.items():
+        grid = [r for r in runs if r["kind"] == "grid" and r["method"] == name]
+        assert [r["lr"] for r in grid] == [table.base_lr(table.ROWS[name]) * f for f in (1, 2)]
+        best = max(grid, key=lambda r: r["dev_accuracy"])
+        for task in ("movies", "sms"):
+            cell = row["tasks"][task]
+            assert cell["lr"] == best["lr"]                        # tuned on movies only
+            mine = [r for r in runs if r["method"] == name and r["task"] == task
+                    and r["kind"] != "low" and r["lr"] == best["lr"]]
+            accs = sorted((r["seed"], 100 * r["test_accuracy"]) for r in mine)
+            assert [s for s, _ in accs] == [0, 1]
+            assert np.isclose(cell["test_mean"], np.mean([a for _, a in accs]))
+            assert np.isclose(cell["test_std"], np.std([a for _, a in accs]))
+    costs = result["costs"]
+    assert 0 < costs["head"]["flops"] < costs["bitfit"]["flops"]
+    assert rows["head"]["flops_vs_full"] is None                    # no full row to divide by
+    assert rows["head"]["trainable"] == 384 * 2 + 2                 # MiniLM width x 2 labels
+    assert np.isclose(rows["head"]["trainable_percent"], 100 * 770 / 22_566_146)
+    assert rows["head"]["inference_time_vs_base"] > 0
+    low = result["low_data"]
+    assert [(r["task"], r["method"], r["k"], len(r["test_runs"])) for r in low] == [
+        ("sms", "head", 8, 2)]
+    md = (tmp_path / "table.md").read_text()
+    assert "| head | 0.00341 |" in md and "| bitfit |" in md and "K=8" in md
+    assert json.loads((tmp_path / "table.json").read_text())["rows"] == result["rows"]
+
+    # Resume: nothing runs again; a line cut mid-write runs again, to the same result.
+    again = table.main(args)
+    assert runs_path.read_text().splitlines() == lines
+    assert [r["tasks"] for r in again["rows"]] == [r["tasks"] for r in result["rows"]]
+    runs_path.write_text("\n".join(lines[:-1]) + "\n" + lines[-1][:40])
+    table.main(args)
+    redone = runs_path.read_text().splitlines()
+    assert len(redone) == len(lines) and redone[:-1] == lines[:-1]
+    cut, last = json.loads(lines[-1]), json.loads(redone[-1])
+    assert last["key"] == cut["key"] and last["test_accuracy"] == cut["test_accuracy"]
+
+    with pytest.raises(ValueError, match="other settings"):
+        table.main([*args, "--grid", "1,3"])

@@ -30,6 +30,7 @@ TINY = {
     "said": {"d": 40},
     "did": {"d": 40},
     "full": {},
+    "head": {},
     "houlsby": {"reduction_factor": 8},
     "pfeiffer": {"reduction_factor": 8},
     "parallel": {"reduction_factor": 8},
@@ -60,8 +61,8 @@ def test_every_preset_has_tiny_options():
 #: masks in the config, AdaLoRA's metadata, one-shape SAID, full fine-tuning without a head. The
 #: others are single-fit presets: :func:`test_every_preset_builds_and_rebuilds` checks their
 #: declaration and config, and the contract suite their methods.
-END_TO_END = ("lora", "adalora", "far", "diff-pruning", "fishmask", "said", "full", "prefix",
-              "sparse-adapter", "s4")
+END_TO_END = ("lora", "adalora", "far", "diff-pruning", "fishmask", "said", "full", "head",
+              "prefix", "sparse-adapter", "s4")
 
 
 def test_every_preset_builds_and_rebuilds(env):

@@ -18,6 +18,7 @@ TINY = ["--length", "16", "--new-tokens", "4", "--num-layers", "1", "--batch", "
         "--eval-prompts", "4"]
 
 
+@pytest.mark.slow
 def test_each_stage_runs_end_to_end_and_writes_its_outputs(tmp_path, capsys):
     out = tmp_path / "run"
     results = tmp_path / "results.jsonl"
