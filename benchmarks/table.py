@@ -193,6 +193,10 @@ def train_once(row: Row, env: clf.ClassifierEnv, test: clf.Split, *, lr: float, 
             "options": presets.resolve(row.preset, options)}
 
 
+#: The settings a run's result depends on, besides its key.
+RUN_SETTINGS = ("steps", "batch", "seq", "train", "dev", "test")
+
+
 class Runs:
     """``table_runs.jsonl``: one line per finished run, read back on a restart."""
 
@@ -440,6 +444,22 @@ def summarise(args, runs: Runs, costs: dict, settings: dict) -> dict:
             "machine": machine()}
 
 
+def summary_markdown(table: dict) -> str:
+    """The short table of the README: per method, trainable %, mean test accuracy over the tasks
+    (± the seeds' standard deviation averaged over the tasks), the best and worst task, FLOPs and
+    step time relative to full fine-tuning."""
+    f = lambda x: "–" if x is None else f"{x:.2f}"
+    lines = ["| method | trainable % | mean test accuracy % | FLOPs / full | step time / full |",
+             "|---|---:|---:|---:|---:|"]
+    for r in table["rows"]:
+        std = float(np.mean([c["test_std"] for c in r["tasks"].values()]))
+        pct = r["trainable_percent"]
+        lines.append(f"| {r['method']} | {'–' if pct is None else f'{pct:.3g}'} | "
+                     f"{r['accuracy']:.1f} ± {std:.1f} | {f(r['flops_vs_full'])} | "
+                     f"{f(r['step_time_vs_full'])} |")
+    return "\n".join(lines) + "\n"
+
+
 def markdown(table: dict) -> str:
     s = table["settings"]
     tasks = s["tasks"]
@@ -522,6 +542,10 @@ def parse(argv=None):
     p.add_argument("--eval-batch", type=int, default=200)
     p.add_argument("--time-steps", type=int, default=5)
     p.add_argument("--time-reps", type=int, default=3)
+    p.add_argument("--runs-only", action="store_true",
+                   help="train and record the runs, write no table (to split a table over "
+                        "processes: each takes some --methods, then one command with all of "
+                        "them writes the table from the recorded runs)")
     p.add_argument("--out", default=str(RESULTS))
     p.add_argument("--jax-cache", default=os.path.join(tempfile.gettempdir(),
                                                        "jpeft-table-jax-cache"),
@@ -579,10 +603,12 @@ def main(argv=None) -> dict:
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     keys = ("tasks", "methods", "low_methods", "low_tasks", "low_k", "grid", "tune", "seeds",
-            "steps",
-            "batch", "seq", "train", "dev", "test")
+            "steps", "batch", "seq", "train", "dev", "test")
     settings = {k: getattr(args, k) for k in keys}
-    runs = Runs(out / "table_runs.jsonl", settings)
+    # What a run's result depends on besides its key (task, method, factor, seed, K): the runs of
+    # commands that differ only in which tasks and methods they cover share one file (a table
+    # can be split over processes: --runs-only).
+    runs = Runs(out / "table_runs.jsonl", {k: settings[k] for k in RUN_SETTINGS})
     t0 = time.perf_counter()
     cache: dict = {}
     loaded = {t: load(t, args, cache) for t in args.tasks}
@@ -592,13 +618,18 @@ def main(argv=None) -> dict:
     log(f"{len(runs.done)} runs already in {runs.path}")
     accuracy_runs(args, runs, loaded)
     low_data_runs(args, runs, loaded)
+    if args.runs_only:
+        log(f"{len(runs.done)} runs in {runs.path}; no table written (--runs-only)")
+        return {}
     costs = cost_rows(args, loaded[args.tasks[0]])
     command = "python benchmarks/table.py" + ("" if argv is None and len(sys.argv) == 1 else
                                               " " + " ".join(argv if argv is not None
                                                              else sys.argv[1:]))
     table = summarise(args, runs, costs, {**settings, "command": command,
                                           "loadavg": loadavg(),
-                                          "seconds": time.perf_counter() - t0})
+                                          "seconds": time.perf_counter() - t0,
+                                          "run_seconds": sum(r["seconds"]
+                                                             for r in runs.done.values())})
     write_text(out / "table.json", json.dumps(table, indent=1, default=str) + "\n")
     write_text(out / "table.md", markdown(table))
     log(f"wrote {out / 'table.json'} and {out / 'table.md'} "

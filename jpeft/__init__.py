@@ -48,6 +48,7 @@ from jpeft.methods.fishmask import fishmask
 from jpeft.methods.full import full_finetune
 from jpeft.methods.ia3 import ia3
 from jpeft.methods.intrinsic import did, said
+from jpeft.methods import parts
 from jpeft.methods.lora import lora
 from jpeft.methods.prefix import prefix_tuning
 from jpeft.methods.prompt import prompt_tuning
@@ -69,7 +70,8 @@ __all__ = [
     # core verbs
     "active", "combine", "compose", "delta_shardings", "dequantize_params", "dequantizing",
     "init_opt_state", "make_train_step", "mark", "method_optimizer", "num_bytes", "num_params",
-    "observe", "opt_state_shardings", "param_report", "partition", "probe", "quantize_params",
+    "observe", "opt_state_shardings", "param_report", "partition", "parts", "probe",
+    "quantize_params",
     "retain_host_memory", "same_derivative", "select", "shard_by_rules", "shardings_of", "split",
     "trainable_count", "weight", "NonFiniteError", "DonatedBufferError", "TrainStep", "load",
     "save", "Loaded", "wrap",

@@ -145,6 +145,14 @@ def _merge_tasks(kind: str, tasks: list[jax.Array], weights: Sequence[float], de
 
 def _lora_parts(method: method_lib.Method, delta: Delta) -> tuple[float, dict, dict]:
     config = method.config
+    composed = next((config[k] for k in ("compose", "active") if k in config), None)
+    if composed is not None:
+        loras = [n for n, c in composed.items() if c.get("method") == "lora"]
+        way = (f"pass its LoRA part alone, `jpeft.parts(method, delta)[{loras[0]!r}]`, and keep "
+               f"the other parts ({', '.join(n for n in composed if n != loras[0])}) yourself"
+               if len(loras) == 1 else "pass each LoRA as a method of its own (jpeft.parts)")
+        raise ValueError(f"weighted_lora: {method.name!r} is a composition of "
+                         f"{', '.join(composed)}; only LoRA factors combine: {way}")
     if config.get("method") != "lora" or config.get("gate"):
         raise ValueError(f"weighted_lora: {method.name!r} is not a plain LoRA (one jpeft.lora "
                          f"method per adapter)")
@@ -278,7 +286,10 @@ def mixed(**adapters: method_lib.Method) -> method_lib.Method:
                 raise ValueError(f"mixed: adapter {n!r} changes the parameters or the inputs of "
                                  f"the model, which cannot differ per example; only adapters "
                                  f"that edit contractions or marks (LoRA, AdaLoRA, IA3, "
-                                 f"bottleneck adapters, prefix) mix in one batch")
+                                 f"bottleneck adapters, prefix) mix in one batch. A composition "
+                                 f"with a trained head or BitFit part: mix its adapter part "
+                                 f"(jpeft.parts(method, delta)) and run the heads on the "
+                                 f"output yourself")
             for path, edit in e.contractions.items():
                 contractions.setdefault(path, []).append((k, edit))
             for key, edit in e.marks.items():

@@ -11,6 +11,17 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # The suite keeps glibc's malloc defaults (jpeft keeps freed host memory by default on CPU;
 # tests/core/test_host_memory.py checks that default in processes of its own).
 os.environ.setdefault("JPEFT_HOST_MEMORY", "release")
+# JAX's persistent compilation cache, one directory per test run (shared by the xdist workers and
+# the subprocesses they start, which inherit the variables): the same program (the MiniLM train
+# step of the CLI, the notebooks, the README's quickstart) compiles once per run, not once per
+# process. A loaded executable is the compiled one (its cost and memory analyses included); the
+# tests that need a fresh compile's log (tests/test_plan.py) drop the variable for their child.
+import tempfile  # noqa: E402
+
+_RUN = os.environ.get("PYTEST_XDIST_TESTRUNUID") or f"pid{os.getpid()}"
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
+                      os.path.join(tempfile.gettempdir(), f"jpeft-tests-jax-cache-{_RUN}"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
 # Shared fixtures: a tiny BERT, a padded batch for it, the embedded MiniLM and the movie reviews.
 # The environment lines above must run before anything imports jax.

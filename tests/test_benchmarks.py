@@ -169,7 +169,7 @@ def test_results_table_quick_resumes_and_reports(tmp_path):
         unavailable(str(e))
     args = ["--quick", "--methods", "head,bitfit", "--tasks", "movies,sms", "--tune", "movies",
             "--low-methods", "head", "--low-tasks", "sms", "--low-k", "8", "--steps", "2",
-            "--out", str(tmp_path), "--jax-cache", str(tmp_path / "jax-cache")]
+            "--out", str(tmp_path), "--jax-cache", ""]      # the suite's own cache (conftest)
     result = table.main(args)
     runs_path = tmp_path / "table_runs.jsonl"
     lines = runs_path.read_text().splitlines()
@@ -204,16 +204,29 @@ def test_results_table_quick_resumes_and_reports(tmp_path):
     assert "| head | 0.00341 |" in md and "| bitfit |" in md and "K=8" in md
     assert json.loads((tmp_path / "table.json").read_text())["rows"] == result["rows"]
 
-    # Resume: nothing runs again; a line cut mid-write runs again, to the same result.
+    # Resume: nothing runs again; a line cut mid-write (a kill during the append) is dropped,
+    # so its run runs again; a line that is not JSON before the end is an error.
     again = table.main(args)
     assert runs_path.read_text().splitlines() == lines
     assert [r["tasks"] for r in again["rows"]] == [r["tasks"] for r in result["rows"]]
-    runs_path.write_text("\n".join(lines[:-1]) + "\n" + lines[-1][:40])
-    table.main(args)
-    redone = runs_path.read_text().splitlines()
-    assert len(redone) == len(lines) and redone[:-1] == lines[:-1]
-    cut, last = json.loads(lines[-1]), json.loads(redone[-1])
-    assert last["key"] == cut["key"] and last["test_accuracy"] == cut["test_accuracy"]
-
+    settings = {"fingerprint": "of these runs"}
+    cut = tmp_path / "cut.jsonl"
+    cut.write_text(lines[0] + "\n" + lines[1][:40])
     with pytest.raises(ValueError, match="other settings"):
-        table.main([*args, "--grid", "1,3"])
+        table.Runs(cut, settings)                        # another fingerprint: refused
+    first = json.loads(lines[0])
+    fresh = table.Runs(tmp_path / "fresh.jsonl", settings)
+    fresh.add(first["key"], {k: v for k, v in first.items() if k not in ("key", "settings")})
+    good = (tmp_path / "fresh.jsonl").read_text()
+    cut.write_text(good + good[:30])
+    kept = table.Runs(cut, settings)
+    assert list(kept.done) == [first["key"]] and cut.read_text() == good
+    cut.write_text(good[:30] + "\n" + good)
+    with pytest.raises(ValueError, match="line 1 is not JSON"):
+        table.Runs(cut, settings)
+
+    # A command on a subset of the methods reuses the runs (a table split over processes).
+    assert table.main([*args, "--methods", "head", "--low-methods", "head", "--runs-only"]) == {}
+    assert runs_path.read_text().splitlines() == lines
+    with pytest.raises(ValueError, match="other settings"):
+        table.main([*args, "--steps", "3"])

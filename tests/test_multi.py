@@ -133,3 +133,36 @@ def test_mixed_batch_equals_each_example_alone(bert, tiny_batch):
         jpeft.wrap(model.apply, multi.mixed(bitfit=jpeft.bitfit()), sites)(
             variables, {"bitfit": jpeft.bitfit().init(jax.random.key(0), variables)},
             **tiny_batch, method_inputs=index)
+
+
+def test_compositions_with_a_head_split_into_parts_for_the_multi_adapter_tools(bert, tiny_batch):
+    """A ``lora + head`` composition is refused by weighted_lora and mixed with the way out named;
+    ``jpeft.parts`` gives its LoRA alone (the same forward as the composition minus the head)."""
+    model, variables, sites = bert
+    method = jpeft.compose(lora=jpeft.lora(("query", "value"), rank=2, alpha=4.0),
+                           head=jpeft.full_finetune(("classifier",)))
+    delta = perturb(method.init(jax.random.key(0), variables, sites), seed=0, scale=0.3)
+    with pytest.raises(ValueError, match=r"composition of lora, head.*jpeft.parts\(method, "
+                                         r"delta\)\['lora'\]"):
+        multi.weighted_lora([(method, delta), (method, delta)], [0.5, 0.5], "linear")
+    with pytest.raises(ValueError, match=r"jpeft.parts"):
+        jpeft.wrap(model.apply, multi.mixed(a=method), sites)(
+            variables, {"a": delta}, **tiny_batch, method_inputs=jnp.zeros(2, jnp.int32))
+    got = jpeft.parts(method, delta)
+    assert sorted(got) == ["head", "lora"]
+    lora, lora_delta = got["lora"]
+    assert lora.config == method.config["compose"]["lora"] and lora_delta is delta["lora"]
+    head, head_delta = got["head"]
+    # the parts applied one after the other are the composition
+    params = head.merge(variables, head_delta, sites)
+    np.testing.assert_allclose(
+        jpeft.wrap(model.apply, lora, sites)(params, lora_delta, **tiny_batch),
+        jpeft.wrap(model.apply, method, sites)(variables, delta, **tiny_batch),
+        rtol=1e-6, atol=1e-6)
+    combined, _ = multi.weighted_lora([got["lora"], got["lora"]], [0.5, 0.5], "linear")
+    assert combined.config["method"] == "lora"
+    assert sorted(jpeft.parts(method)) == ["head", "lora"]
+    with pytest.raises(ValueError, match="not a composition"):
+        jpeft.parts(lora)
+    with pytest.raises(ValueError, match="are not the method's"):
+        jpeft.parts(method, {"lora": lora_delta})

@@ -64,3 +64,27 @@ def from_config(config: dict[str, Any], data: Any = None) -> method_lib.Method:
     if kind not in factories:
         raise ValueError(f"from_config: unknown method {kind!r}; known: {sorted(factories)}")
     return factories[kind](config)
+
+
+def parts(method: method_lib.Method, delta: Any = None) -> dict[str, Any]:
+    """The parts of a :func:`jpeft.compose` (or :func:`jpeft.active`) method, rebuilt from its
+    config and data: ``{name: Method}``, or ``{name: (Method, delta[name])}`` given its ``delta``
+    (``{name: delta_name}``). E.g. the LoRA of a ``compose(lora=..., head=...)`` on its own::
+
+        lora_method, lora_delta = jpeft.parts(method, delta)["lora"]
+
+    Raises:
+      ValueError: ``method`` is not a composition, or ``delta`` does not have its parts.
+    """
+    key = next((k for k in ("compose", "active") if k in method.config), None)
+    if key is None:
+        raise ValueError(f"parts: {method.name!r} is not a composition (jpeft.compose or "
+                         f"jpeft.active); it has no parts")
+    data = method.data or {}
+    built = {n: from_config(c, data.get(n)) for n, c in method.config[key].items()}
+    if delta is None:
+        return built
+    if not isinstance(delta, dict) or set(delta) != set(built):
+        raise ValueError(f"parts: the delta's parts {sorted(delta) if isinstance(delta, dict) else type(delta).__name__} "
+                         f"are not the method's {sorted(built)}")
+    return {n: (m, delta[n]) for n, m in built.items()}
