@@ -198,38 +198,57 @@ RUN_SETTINGS = ("steps", "batch", "seq", "train", "dev", "test")
 
 
 class Runs:
-    """``table_runs.jsonl``: one line per finished run, read back on a restart."""
+    """``table_runs.jsonl``: one line per finished run, read back on a restart.
+
+    Several processes may share the file (``--runs-only`` on different methods): each appends a
+    record with one ``write`` and reads the file again when asked for a run it does not hold, so a
+    run another process recorded is not run twice. A line that is not JSON is a record cut by a
+    kill: it is skipped (its run runs again) and counted in ``dropped``; the file is never
+    rewritten, so no other process's record can be lost.
+    """
 
     def __init__(self, path: pathlib.Path, settings: dict):
         self.path = path
         self.done: dict[str, dict] = {}
+        self.dropped = 0
         self.fingerprint = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
-        if path.exists():
-            lines = path.read_text(encoding="utf-8").splitlines()
-            for lineno, line in enumerate(lines, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError:
-                    if lineno == len(lines):
-                        # A line cut by a kill mid-write: dropped (atomically), its run runs again.
-                        write_text(path, "".join(f"{x}\n" for x in lines[:-1]))
-                        continue
-                    raise ValueError(f"{path} line {lineno} is not JSON; delete the file to "
-                                     f"start the table afresh") from None
-                if rec.get("settings") != self.fingerprint:
-                    raise ValueError(f"{path} holds runs made with other settings; delete it "
-                                     f"(or pass another --out) to start afresh")
-                self.done[rec["key"]] = rec
+        self._load()
+
+    def _load(self) -> None:
+        if not self.path.exists():
+            return
+        *lines, tail = self.path.read_text(encoding="utf-8").split("\n")
+        del tail                  # no newline yet: being written (or cut; the next add ends it)
+        dropped = 0
+        for line in lines:
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                dropped += 1
+                continue
+            if rec.get("settings") != self.fingerprint:
+                raise ValueError(f"{self.path} holds runs made with other settings; delete it "
+                                 f"(or pass another --out) to start afresh")
+            self.done[rec["key"]] = rec
+        self.dropped = dropped
 
     def get(self, key: str) -> dict | None:
+        if key not in self.done:
+            self._load()                 # another process may have recorded it since
         return self.done.get(key)
 
     def add(self, key: str, record: dict) -> dict:
         rec = {"key": key, "settings": self.fingerprint, **record}
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(rec, default=str) + "\n")
+        line = json.dumps(rec, default=str) + "\n"
+        with open(self.path, "a+b") as f:
+            f.seek(0, os.SEEK_END)
+            if f.tell() > 0:
+                f.seek(-1, os.SEEK_END)
+                if f.read(1) != b"\n":
+                    line = "\n" + line        # end a record cut by a kill; it stays a bad line
+            f.write(line.encode("utf-8"))
             f.flush()
             os.fsync(f.fileno())
         self.done[key] = rec

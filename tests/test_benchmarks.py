@@ -204,8 +204,8 @@ def test_results_table_quick_resumes_and_reports(tmp_path):
     assert "| head | 0.00341 |" in md and "| bitfit |" in md and "K=8" in md
     assert json.loads((tmp_path / "table.json").read_text())["rows"] == result["rows"]
 
-    # Resume: nothing runs again; a line cut mid-write (a kill during the append) is dropped,
-    # so its run runs again; a line that is not JSON before the end is an error.
+    # Resume: nothing runs again. A record cut by a kill is skipped (its run runs again) and the
+    # next record starts on a line of its own; the file is never rewritten.
     again = table.main(args)
     assert runs_path.read_text().splitlines() == lines
     assert [r["tasks"] for r in again["rows"]] == [r["tasks"] for r in result["rows"]]
@@ -214,16 +214,22 @@ def test_results_table_quick_resumes_and_reports(tmp_path):
     cut.write_text(lines[0] + "\n" + lines[1][:40])
     with pytest.raises(ValueError, match="other settings"):
         table.Runs(cut, settings)                        # another fingerprint: refused
-    first = json.loads(lines[0])
-    fresh = table.Runs(tmp_path / "fresh.jsonl", settings)
-    fresh.add(first["key"], {k: v for k, v in first.items() if k not in ("key", "settings")})
-    good = (tmp_path / "fresh.jsonl").read_text()
-    cut.write_text(good + good[:30])
-    kept = table.Runs(cut, settings)
-    assert list(kept.done) == [first["key"]] and cut.read_text() == good
-    cut.write_text(good[:30] + "\n" + good)
-    with pytest.raises(ValueError, match="line 1 is not JSON"):
-        table.Runs(cut, settings)
+    first, second = json.loads(lines[0]), json.loads(lines[1])
+    body = lambda rec: {k: v for k, v in rec.items() if k not in ("key", "settings")}
+    mine = table.Runs(tmp_path / "mine.jsonl", settings)
+    mine.add(first["key"], body(first))
+    good = (tmp_path / "mine.jsonl").read_text()
+    cut.write_text(good + good[:30])                     # killed while appending a second record
+    runs = table.Runs(cut, settings)
+    assert list(runs.done) == [first["key"]] and runs.get(second["key"]) is None
+    runs.add(second["key"], body(second))
+    again = table.Runs(cut, settings)
+    assert list(again.done) == [first["key"], second["key"]] and again.dropped == 1
+    assert cut.read_text().startswith(good + good[:30] + "\n")
+    other = table.Runs(cut, settings)                    # a second process sharing the file
+    third = json.loads(lines[2])
+    runs.add(third["key"], body(third))
+    assert other.get(third["key"])["test_accuracy"] == third["test_accuracy"]
 
     # A command on a subset of the methods reuses the runs (a table split over processes).
     assert table.main([*args, "--methods", "head", "--low-methods", "head", "--runs-only"]) == {}
