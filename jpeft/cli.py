@@ -113,6 +113,22 @@ def positive_float(text: str) -> float:
     return value
 
 
+def nonnegative_float(text: str) -> float:
+    value = _float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be zero or positive, got {value:g}")
+    return value
+
+
+def byte_top_k(text: str) -> int:
+    """A top-k over the byte-level decoder's 257 tokens."""
+    value = positive_int(text)
+    if value > 257:
+        raise argparse.ArgumentTypeError(f"must be at most 257 (256 bytes and padding), got "
+                                         f"{value}")
+    return value
+
+
 def open_fraction(text: str) -> float:
     """A number strictly between 0 and 1."""
     value = _float(text)
@@ -276,7 +292,8 @@ def demo(args: argparse.Namespace, options: dict) -> int:
 def decoder_example(args: argparse.Namespace) -> int:
     from jpeft.recipes import decoder
     results = decoder.run(args.method.split(","), base_steps=args.base_steps, steps=args.steps,
-                          lr=args.lr, seed=args.seed, quantize=args.quantize)
+                          lr=args.lr, seed=args.seed, quantize=args.quantize,
+                          temperature=args.temperature, top_k=args.top_k)
     return 0 if all(np.isfinite(r.adapted_loss) for r in results.values()) else 1
 
 
@@ -796,6 +813,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="adapter peak learning rate (default per method)")
     g.add_argument("--seed", type=nonnegative_int, default=0,
                    help="initialisation and data order (default: 0)")
+    g.add_argument("--temperature", type=nonnegative_float, default=0.8,
+                   help="sampling temperature of the continuations, 0 for greedy (default: 0.8; "
+                        "the same random draws before and after training)")
+    g.add_argument("--top-k", type=byte_top_k, default=20,
+                   help="sample from the k most likely bytes (default: 20)")
     add_quantize_flag(g)
     add_plan_parser(sub)
     return parser

@@ -8,8 +8,11 @@ No pretrained decoder ships with jpeft, so the example makes its own base model 
 2. a PEFT method (``"lora"`` on q, v; ``"prefix"``; any preset name of :func:`build`) is trained
    on the *positive* sentences only, the base frozen;
 3. the example reports the positive sentences' per-byte loss under the base and the adapted
-   model, and greedy continuations of a few prompts before and after, generated with the KV cache
-   (``jpeft.wrap`` around :func:`jpeft.models.llama.generate`).
+   model, and continuations of a few prompts before and after, generated with the KV cache
+   (``jpeft.wrap`` around :func:`jpeft.models.llama.generate`): sampled at ``temperature`` from
+   the ``top_k`` most likely bytes with one fixed key, so the base and the adapted model draw the
+   same random numbers and differ only by the adapter (``temperature=0``: greedy, which on a model
+   this small soon repeats itself: "the the the").
 
 With ``quantize="nf4"`` or ``"int8"`` (the CLI's ``--quantize``) the trained base is stored
 quantized before step 2 (:func:`jpeft.recipes.quantization.prepare`: its linear weights, not the
@@ -77,8 +80,8 @@ def build(name: str, rank: int = 8, prefix_length: int = 8) -> method_lib.Method
 
 
 class Result(NamedTuple):
-    """One method's outcome: held-out loss per byte under the base and adapted models, greedy
-    continuations of :data:`PROMPTS` before and after, trainable entries, seconds (its training,
+    """One method's outcome: held-out loss per byte under the base and adapted models, the
+    continuations of :data:`PROMPTS` before and after (sampled with one key, or greedy), trainable entries, seconds (its training,
     evaluation and generation)."""
     base_loss: float
     adapted_loss: float
@@ -114,8 +117,8 @@ def _fit(f, params, delta, ids, mask, *, steps, lr, batch, seed, method=None):
 
 def run(methods: str | Sequence[str] = "lora", *, base_steps: int = 300, steps: int = 200,
         length: int = 48, batch: int = 32, new_tokens: int = 24, lr: float | None = None,
-        seed: int = 0, quantize: str = "none",
-        log: Callable[[str], None] = print) -> dict[str, Result]:
+        seed: int = 0, quantize: str = "none", temperature: float = 0.8,
+        top_k: int | None = 20, log: Callable[[str], None] = print) -> dict[str, Result]:
     """The example (module docstring) for one method or several (names of :func:`build`), all on
     the same base; returns ``{name: Result}``. ``lr``: the adapters' peak learning rate (default
     :data:`LR` of each method); ``quantize``: how the base is stored while the adapters train
@@ -166,8 +169,11 @@ def run(methods: str | Sequence[str] = "lora", *, base_steps: int = 300, steps: 
     for i, p in enumerate(PROMPTS):
         left[i, -len(p):], lmask[i, -len(p):] = prompts[i, :len(p)], 1
     gen_apply, _ = jpeft.nnx.split(LlamaForCausalLM(config, rngs=nnx.Rngs(seed)),
-                                   method=lambda m, x, k: generate(m, x, k, new_tokens,
-                                                                   pad_token_id=PAD))
+                                   method=lambda m, x, k: generate(
+                                       m, x, k, new_tokens, temperature=temperature,
+                                       top_k=top_k if temperature > 0 else None,
+                                       key=jax.random.key(seed + 2),   # the same draws before
+                                       pad_token_id=PAD))              # and after training
     gen_apply = base.wrap(gen_apply)
     plain = jax.jit(gen_apply)(params, left, lmask)
     before = [decode(np.asarray(r)[-new_tokens:]) for r in plain]
@@ -188,7 +194,7 @@ def run(methods: str | Sequence[str] = "lora", *, base_steps: int = 300, steps: 
         log(f"{name}: {trainable:,} trainable parameters, {steps} steps (lr {rate:g}) on "
             f"{len(pos) - 256} positive sentences; held-out positive sentences, loss per byte: "
             f"base {base_loss:.3f} -> adapted {adapted_loss:.3f}")
-        # 3. greedy continuations with the KV cache, before and after
+        # 3. continuations with the KV cache, before and after (the same key)
         adapted = jax.jit(jpeft.wrap(gen_apply, method, sites))(params, delta, left, lmask)
         after = [decode(np.asarray(r)[-new_tokens:]) for r in adapted]
         for p, b, a in zip(PROMPTS, before, after):

@@ -15,6 +15,7 @@ def test_decoder_example_runs_through_the_cli(monkeypatch):
     real = decoder.run
 
     def tiny(methods, **kw):
+        assert (kw["temperature"], kw["top_k"]) == (0.8, 20)      # the CLI's sampling defaults
         runs.append((methods, real(methods[:1], **{**kw, "base_steps": 2, "steps": 2},
                                    length=16, batch=4, new_tokens=3, log=lines.append)))
         return runs[-1][1]
@@ -31,6 +32,20 @@ def test_decoder_example_runs_through_the_cli(monkeypatch):
     assert decoder.decode(decoder.encode(["Abc"], 5)[0][0]) == "abc"
     with pytest.raises(ValueError, match="decoder example: unknown method 'lorra'"):
         real("lorra")
+    for flags in (["--top-k", "300"], ["--temperature", "-1"]):       # refused before training
+        with pytest.raises(SystemExit):
+            cli.main(["decoder", *flags])
+    assert len(runs) == 1
+
+
+def test_sampled_continuations_share_their_draws_before_and_after():
+    """The same key before and after: with the adapter's learning rate tiny the adapted model is
+    nearly the base, and so are its sampled continuations, which are not the greedy ones."""
+    kw = dict(base_steps=2, steps=2, length=16, batch=4, new_tokens=6, log=lambda _: None)
+    sampled = decoder.run("lora", lr=1e-12, **kw)["lora"]
+    assert sampled.after == sampled.before
+    greedy = decoder.run("lora", lr=1e-12, temperature=0.0, **kw)["lora"]
+    assert greedy.after == greedy.before and greedy.before != sampled.before
 
 
 def test_every_offered_method_builds_and_rebuilds_from_its_config():
