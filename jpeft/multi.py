@@ -4,7 +4,9 @@
 ``add`` / ``select`` (the active ones, several at once) / ``disable`` / ``delete``;
 ``set.method_and_delta()`` is what to ``jpeft.wrap`` and ``merge`` with: the active adapters
 together (:func:`jpeft.active`: their changes add up on shared weights), or the base model when
-none is active.
+none is active. :func:`switch` is a jitted forward of whichever adapters a set has active that
+compiles once per selection of method objects: switching among adapters trained with one method
+never compiles again.
 
 **Weighted combination** (:func:`weighted_lora`), Hugging Face PEFT's ``add_weighted_adapter``
 on the same inputs: LoRA adapters ``k`` with factors ``A_k [in, r_k]``, ``B_k [r_k, out]`` and
@@ -98,12 +100,50 @@ class AdapterSet(NamedTuple):
                           tuple(n for n in self.active if n != name))
 
     def method_and_delta(self) -> tuple[method_lib.Method, Delta]:
-        """``(method, delta)`` of the active adapters (:func:`jpeft.active`), or of the base
-        model when none is active."""
+        """``(method, delta)`` of the active adapters: one adapter's own pair, several together
+        (:func:`jpeft.active`, the delta ``{name: delta}``), or the base model when none is
+        active."""
         if not self.active:
             return _identity(), {}
+        if len(self.active) == 1:
+            name, = self.active
+            return self.methods[name], self.deltas[name]
         return (method_lib.active(**{n: self.methods[n] for n in self.active}),
                 {n: self.deltas[n] for n in self.active})
+
+
+def switch(apply_fn: Callable[..., Any], sites: sites_lib.Sites = None, *,
+           mode: str = "factored", static_argnames: Sequence[str] = ()) -> Callable[..., Any]:
+    """A jitted forward of whichever adapters an :class:`AdapterSet` has active:
+    ``forward(adapters, params, *args, **kwargs)`` is ``jpeft.wrap(apply_fn, *adapters
+    .method_and_delta())`` applied, without compiling again when the selection changes back.
+
+    One jitted :func:`jpeft.wrap` is kept per selection of *method objects* (with one adapter
+    active: the method object alone), the active deltas are its arguments. Adapters trained with
+    one method object (``m = jpeft.lora(...)``; a delta per task from ``m.init``) share one
+    executable: switching among them never compiles. Selections of other methods compile once
+    each, when first used. The cache holds the methods it was built from (an adapter deleted
+    and re-added with a new method object compiles anew: nothing is matched by name or config).
+    ``static_argnames`` are passed to ``jax.jit`` (the model's Python flags, e.g. ``train``).
+    """
+    cache: dict = {}
+    base = _identity()
+
+    def forward(adapters: AdapterSet, params, *args, **kwargs):
+        if not isinstance(adapters, AdapterSet):
+            raise TypeError(f"switch: the first argument is the AdapterSet to run, got "
+                            f"{type(adapters).__name__}")
+        method, delta = adapters.method_and_delta() if adapters.active else (base, {})
+        key = tuple((n if len(adapters.active) > 1 else None, id(adapters.methods[n]))
+                    for n in adapters.active)
+        if key not in cache:
+            owners = tuple(adapters.methods[n] for n in adapters.active)    # keeps ids alive
+            cache[key] = (owners, jax.jit(method_lib.wrap(apply_fn, method, sites, mode=mode),
+                                          static_argnames=tuple(static_argnames)))
+        return cache[key][1](params, delta, *args, **kwargs)
+
+    forward.compiled = lambda: sum(f._cache_size() for _, f in cache.values())
+    return forward
 
 
 # --------------------------------------------------------------------------------------------

@@ -65,6 +65,39 @@ def _content_mask(x, density):
 
 
 @pytest.mark.torch
+def test_switch_compiles_once_per_method_and_equals_wrap(bert, tiny_batch):
+    model, variables, sites = bert
+    method = jpeft.lora(("query", "value"), rank=2, alpha=4.0)
+    deltas = [perturb(method.init(jax.random.key(k), variables, sites), seed=k, scale=0.3)
+              for k in range(3)]
+    other, d_other = _lora(bert, ("query",), 3, 3.0, 7)
+    s = multi.AdapterSet()
+    for k, d in enumerate(deltas):
+        s = s.add(f"task{k}", method, d)
+    s = s.add("other", other, d_other)
+    forward = multi.switch(model.apply, sites)
+    expect = lambda m, d: jpeft.wrap(model.apply, m, sites)(variables, d, **tiny_batch)
+    outs = []
+    for k in (0, 1, 2, 0):                     # one method object: one executable for all three
+        outs.append(forward(s.select(f"task{k}"), variables, **tiny_batch))
+        np.testing.assert_allclose(outs[-1], expect(method, deltas[k]), rtol=1e-6, atol=1e-6)
+    assert forward.compiled() == 1
+    assert not np.allclose(outs[0], outs[1])   # the deltas differ: each call used its own
+    np.testing.assert_allclose(forward(s.select("other"), variables, **tiny_batch),
+                               expect(other, d_other), rtol=1e-6, atol=1e-6)
+    both = forward(s.select("task1", "other"), variables, **tiny_batch)
+    np.testing.assert_allclose(both, expect(*s.select("task1", "other").method_and_delta()),
+                               rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(forward(s.disable(), variables, **tiny_batch),
+                               model.apply(variables, **tiny_batch), rtol=1e-6, atol=1e-6)
+    assert forward.compiled() == 4
+    forward(s.select("task2"), variables, **tiny_batch)
+    forward(s.select("task1", "other"), variables, **tiny_batch)
+    assert forward.compiled() == 4             # switching back compiles nothing
+    with pytest.raises(TypeError, match="the first argument is the AdapterSet"):
+        forward(variables, variables, **tiny_batch)
+
+
 def test_weighted_combinations_equal_hugging_face(hf_bert_pair, tiny_batch, tmp_path, monkeypatch):
     torch, hf, model, variables, sites = hf_bert_pair
     peft = require("peft")
