@@ -17,10 +17,11 @@ linear head:
 
 Then per method, on the first task's shapes: trainable % of the model, the train step's FLOPs
 (``cost_analysis``) and time relative to full fine-tuning, and inference time relative to the base
-model (the method's factored forward; merged methods cost exactly the base). Times are medians of
-``--time-reps`` repetitions of ``--time-steps`` steps in this one process, methods one after the
-other, with the load average recorded: they are ratios measured side by side, not absolute
-figures. The low-data table (as in the UniPELT paper) trains ``--low-methods`` on ``K`` examples
+model (the method's factored forward; merged methods cost exactly the base). Times are measured
+side by side in this one process: per method, ``--time-reps`` rounds each timing ``--time-steps``
+calls of the method's step, its forward, full fine-tuning's step and the base model's forward in
+turn; a ratio is the median of the per-round ratios (the load average is recorded). They are
+ratios, not absolute figures. The low-data table (as in the UniPELT paper) trains ``--low-methods`` on ``K`` examples
 drawn from each ``--low-tasks`` training set (seeds 0-2 draw different examples) at the learning
 rate chosen above, and reports test accuracy.
 
@@ -47,6 +48,7 @@ from typing import Any, NamedTuple
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from common import loadavg, machine, write_jsonl  # noqa: E402
@@ -346,25 +348,37 @@ def low_data_runs(args, runs: Runs, loaded: dict[str, Loaded]) -> None:
 # Cost: FLOPs and time relative to full fine-tuning, inference relative to the base
 
 
-def _median_seconds(fn, reps: int) -> float:
-    times = []
+def _alternated(fns: dict, reps: int, calls: int) -> dict[str, list[float]]:
+    """Seconds per call of each of ``fns``: ``reps`` rounds, each timing ``calls`` calls of every
+    function in turn (so a slow spell of the machine falls on all of them alike)."""
+    times: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(reps):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            jax.block_until_ready([fn() for _ in range(calls)])
+            times[k].append((time.perf_counter() - t0) / calls)
+    return times
+
+
+def _ratio(times: dict[str, list[float]], a: str, b: str) -> float:
+    """The median over rounds of ``a``'s time over ``b``'s in the same round."""
+    return statistics.median(x / y for x, y in zip(times[a], times[b]))
 
 
 def cost_rows(args, loaded: Loaded) -> dict[str, dict]:
-    """Per method: train-step FLOPs and seconds, inference seconds, on one batch of ``loaded``."""
+    """Per method: train-step FLOPs, and its step and inference timed side by side with full
+    fine-tuning's step and the base model's inference on one batch of ``loaded`` (rounds
+    alternated, :func:`_alternated`); the ratios are the medians of the per-round ratios."""
     env = loaded.env
     batch = next(clf.batches(env.train, args.batch, seed=0))
     ex = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids")}
     plain = clf.make_predict(env.apply_fn, None, env.sites)
-    plain_s = _median_seconds(
-        lambda: [plain(env.params, None, ex) for _ in range(args.time_steps)], args.time_reps)
+    base_fn = lambda: plain(env.params, None, ex)
+    base_fn()
+    full_fn = None
     out = {}
-    for name in args.methods:
+    # Full fine-tuning first: every other step is timed beside its step.
+    for name in sorted(args.methods, key=lambda n: n != "full"):
         row = ROWS[name]
         preset = presets.get(row.preset)
         # Every stage for one step (the stages before the main fit as short as they go, for the
@@ -374,9 +388,11 @@ def cost_rows(args, loaded: Loaded) -> dict[str, dict]:
                    "seed": 0}
         main = presets.main_stage(preset, options)
         kept: dict = {}
+        # A copy: the stages after the main fit (diff pruning's re-fine-tune) donate its delta.
         presets.run_stages(preset, env, options,
-                           after=lambda stage, st: kept.update(st) if stage.name == main.name
-                           else None)
+                           after=lambda stage, st: kept.update(
+                               st, delta=jax.tree.map(jnp.copy, st["delta"]))
+                           if stage.name == main.name else None)
         method, delta = kept["method"], kept["delta"]
         opt = (main.optimizer(method) if main.optimizer is not None else
                presets.default_optimizer(method, main.steps, main.lr or 1e-3, main.head_lr))
@@ -386,23 +402,33 @@ def cost_rows(args, loaded: Loaded) -> dict[str, dict]:
         key = jax.random.key(0)
         compiled = step.lower(env.params, delta, opt_state, batch, key).compile()
         flops = (compiled.cost_analysis() or {}).get("flops")
-        step(env.params, delta, opt_state, batch, key)          # warm
-        step_s = _median_seconds(lambda: [step(env.params, delta, opt_state, batch, key)
-                                          for _ in range(args.time_steps)], args.time_reps)
+        step_fn = (lambda step=step, delta=delta, opt_state=opt_state:
+                   step(env.params, delta, opt_state, batch, key))
         predict = clf.make_predict(env.apply_fn, method, env.sites)
-        predict(env.params, delta, ex)
-        infer_s = _median_seconds(lambda: [predict(env.params, delta, ex)
-                                           for _ in range(args.time_steps)], args.time_reps)
+        predict_fn = lambda predict=predict, delta=delta: predict(env.params, delta, ex)
+        step_fn(), predict_fn()                                  # warm
+        fns = {"step": step_fn, "predict": predict_fn, "base": base_fn}
+        if full_fn is not None:
+            fns["full"] = full_fn
+        times = _alternated(fns, args.time_reps, args.time_steps)
+        if name == "full":
+            full_fn = step_fn
         report = tree_lib.param_report(env.params, delta, method)
-        out[name] = {"flops": flops, "step_seconds": step_s / args.time_steps,
-                     "inference_seconds": infer_s / args.time_steps,
-                     "base_inference_seconds": plain_s / args.time_steps,
+        out[name] = {"flops": flops, "step_seconds": statistics.median(times["step"]),
+                     "inference_seconds": statistics.median(times["predict"]),
+                     "base_inference_seconds": statistics.median(times["base"]),
+                     "step_time_vs_full": (1.0 if name == "full" else
+                                           _ratio(times, "step", "full") if "full" in times
+                                           else None),
+                     "inference_time_vs_base": _ratio(times, "predict", "base"),
                      "trainable": report.trainable, "trainable_percent": report.percent,
                      "mergeable": method.merge is not None, "loadavg": loadavg()}
         log(f"cost {name:15} {report.percent:8.4f}% trainable, {flops:.3g} FLOPs, "
-            f"{1e3 * step_s / args.time_steps:.1f} ms/step, "
-            f"{1e3 * infer_s / args.time_steps:.1f} ms/inference")
-    return out
+            f"{1e3 * out[name]['step_seconds']:.1f} ms/step "
+            f"({out[name]['step_time_vs_full'] or float('nan'):.2f} x full), "
+            f"{1e3 * out[name]['inference_seconds']:.1f} ms/inference "
+            f"({out[name]['inference_time_vs_base']:.2f} x base)")
+    return {name: out[name] for name in args.methods}
 
 
 def _one_step(preset: str) -> dict:
@@ -445,9 +471,8 @@ def summarise(args, runs: Runs, costs: dict, settings: dict) -> dict:
             "tasks": per_task,
             "accuracy": float(np.mean([t["test_mean"] for t in per_task.values()])),
             "flops_vs_full": ratio(c.get("flops"), full.get("flops")),
-            "step_time_vs_full": ratio(c.get("step_seconds"), full.get("step_seconds")),
-            "inference_time_vs_base": ratio(c.get("inference_seconds"),
-                                            c.get("base_inference_seconds")),
+            "step_time_vs_full": c.get("step_time_vs_full"),
+            "inference_time_vs_base": c.get("inference_time_vs_base"),
             "mergeable": c.get("mergeable")})
     low = []
     for task in args.low_tasks:
@@ -494,8 +519,9 @@ def markdown(table: dict) -> str:
         f"test accuracy % as mean ± std over seeds "
         f"{list(range(s['seeds']))}. FLOPs (`cost_analysis`) and step time relative to full "
         f"fine-tuning, inference time relative to the base model (factored forward), measured "
-        f"on one batch of `{tasks[0]}`, methods one after another in one process "
-        f"(load average {s.get('loadavg')}).",
+        f"on one batch of `{tasks[0]}` in one process, each method's step and forward timed in "
+        f"alternated rounds beside full fine-tuning's step and the base's forward (load "
+        f"average before the timings: {s.get('loadavg_before_costs')}).",
         "",
         "| method | trainable % | " + " | ".join(tasks) + " | mean | FLOPs/full | time/full "
         "| inference/base |",
@@ -640,12 +666,13 @@ def main(argv=None) -> dict:
     if args.runs_only:
         log(f"{len(runs.done)} runs in {runs.path}; no table written (--runs-only)")
         return {}
+    loadavg_before_costs = loadavg()
     costs = cost_rows(args, loaded[args.tasks[0]])
     command = "python benchmarks/table.py" + ("" if argv is None and len(sys.argv) == 1 else
                                               " " + " ".join(argv if argv is not None
                                                              else sys.argv[1:]))
     table = summarise(args, runs, costs, {**settings, "command": command,
-                                          "loadavg": loadavg(),
+                                          "loadavg_before_costs": loadavg_before_costs,
                                           "seconds": time.perf_counter() - t0,
                                           "run_seconds": sum(r["seconds"]
                                                              for r in runs.done.values())})

@@ -150,6 +150,19 @@ def test_long_seq_policies_train_alike_and_remat_shrinks_temporaries(tmp_path):
 
 
 @pytest.mark.slow
+def test_results_table_costs_a_method_whose_later_stage_donates_the_delta(tmp_path):
+    """Diff pruning re-fine-tunes after its main fit, donating the main fit's delta: the cost
+    columns measure the main fit's step on a copy (it was once measured on deleted buffers)."""
+    import table
+    result = table.main(["--quick", "--methods", "diff-pruning", "--tasks", "movies",
+                         "--tune", "movies", "--grid", "1", "--seeds", "1", "--steps", "2",
+                         "--low-methods", "", "--low-tasks", "", "--low-k", "",
+                         "--out", str(tmp_path), "--jax-cache", ""])
+    cost = result["costs"]["diff-pruning"]
+    assert cost["flops"] > 0 and cost["step_seconds"] > 0 and cost["inference_seconds"] > 0
+
+
+@pytest.mark.slow
 def test_results_table_quick_resumes_and_reports(tmp_path):
     """``benchmarks/table.py --quick`` (the CI mode) on two methods and two binary tasks: every
     cell is the mean of its seeds' runs, the learning rate is the grid's best on the tuning

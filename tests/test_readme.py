@@ -30,3 +30,25 @@ def test_readme_quickstart_runs_as_pasted(tmp_path):
                                             run.stdout).groups())
     assert acc > 0.7 and reloaded == acc and abs(merged - acc) < 0.005
     assert (tmp_path / "runs" / "quickstart").is_dir()
+
+
+def _table():
+    import importlib.util
+    import json
+    root = README.parent
+    spec = importlib.util.spec_from_file_location("bench_table", root / "benchmarks" / "table.py")
+    table = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(table)
+    return table, json.loads((root / "benchmarks" / "results" / "table.json").read_text())
+
+
+def test_readme_results_come_from_the_results_table():
+    """Every number of the README's Results section is the table file's, rendered by the same
+    function, and ``table.md`` is the rendering of ``table.json`` (neither edited by hand)."""
+    table, data = _table()
+    assert table.summary_markdown(data) in README.read_text()
+    md = (README.parent / "benchmarks" / "results" / "table.md").read_text()
+    assert md == table.markdown(data)
+    assert {r["method"] for r in data["rows"]} == set(table.ROWS)
+    assert all(len(t["test_runs"]) == data["settings"]["seeds"]
+               for r in data["rows"] for t in r["tasks"].values())
