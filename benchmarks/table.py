@@ -365,11 +365,10 @@ def _ratio(times: dict[str, list[float]], a: str, b: str) -> float:
     return statistics.median(x / y for x, y in zip(times[a], times[b]))
 
 
-def cost_rows(args, loaded: Loaded) -> dict[str, dict]:
+def cost_rows(args, env: clf.ClassifierEnv) -> dict[str, dict]:
     """Per method: train-step FLOPs, and its step and inference timed side by side with full
-    fine-tuning's step and the base model's inference on one batch of ``loaded`` (rounds
+    fine-tuning's step and the base model's inference on one training batch of ``env`` (rounds
     alternated, :func:`_alternated`); the ratios are the medians of the per-round ratios."""
-    env = loaded.env
     batch = next(clf.batches(env.train, args.batch, seed=0))
     ex = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids")}
     plain = clf.make_predict(env.apply_fn, None, env.sites)
@@ -667,7 +666,7 @@ def main(argv=None) -> dict:
         log(f"{len(runs.done)} runs in {runs.path}; no table written (--runs-only)")
         return {}
     loadavg_before_costs = loadavg()
-    costs = cost_rows(args, loaded[args.tasks[0]])
+    costs = cost_rows(args, loaded[args.tasks[0]].env)
     command = "python benchmarks/table.py" + ("" if argv is None and len(sys.argv) == 1 else
                                               " " + " ".join(argv if argv is not None
                                                              else sys.argv[1:]))

@@ -149,17 +149,20 @@ def test_long_seq_policies_train_alike_and_remat_shrinks_temporaries(tmp_path):
     assert rows["full"]["temp_bytes"] < rows["none"]["temp_bytes"]
 
 
-@pytest.mark.slow
-def test_results_table_costs_a_method_whose_later_stage_donates_the_delta(tmp_path):
+def test_results_table_costs_a_method_whose_later_stage_donates_the_delta(tiny_config):
     """Diff pruning re-fine-tunes after its main fit, donating the main fit's delta: the cost
-    columns measure the main fit's step on a copy (it was once measured on deleted buffers)."""
+    columns measure the main fit's step on a copy (they once ran it on deleted buffers)."""
     import table
-    result = table.main(["--quick", "--methods", "diff-pruning", "--tasks", "movies",
-                         "--tune", "movies", "--grid", "1", "--seeds", "1", "--steps", "2",
-                         "--low-methods", "", "--low-tasks", "", "--low-k", "",
-                         "--out", str(tmp_path), "--jax-cache", ""])
-    cost = result["costs"]["diff-pruning"]
-    assert cost["flops"] > 0 and cost["step_seconds"] > 0 and cost["inference_seconds"] > 0
+    from conftest import tiny_classifier_env
+    env = tiny_classifier_env(tiny_config)
+    args = table.parse(["--quick", "--methods", "full,diff-pruning", "--steps", "2",
+                        "--batch", "4", "--time-steps", "1", "--time-reps", "2",
+                        "--low-methods", "", "--low-tasks", "", "--low-k", ""])
+    costs = table.cost_rows(args, env)
+    assert list(costs) == ["full", "diff-pruning"]
+    dp = costs["diff-pruning"]
+    assert dp["flops"] > 0 and dp["step_seconds"] > 0 and dp["inference_time_vs_base"] > 0
+    assert dp["step_time_vs_full"] > 0 and costs["full"]["step_time_vs_full"] == 1.0
 
 
 @pytest.mark.slow
