@@ -123,7 +123,8 @@ def compile_config(name: str, apply, params, tokens, options) -> tuple[dict, dic
                "adalomo": lomo.adalomo(1e-3)}[name]
         step = lomo.make_step(loss_of, opt)
         plan = step.plan(params, tokens)
-        extra = {"fused_scan_leaves": len(plan.fused_scan), "whole_leaves": len(plan.whole),
+        extra = {"fused_scan_leaves": len(plan.fused_scan),
+                 "fused_dot_leaves": len(plan.fused_dot), "whole_leaves": len(plan.whole),
                  "unused_leaves": len(plan.unused)}
         lowered = step.lower(params, step.init(params, tokens), tokens)
     elif name == "forward":

@@ -163,12 +163,6 @@ def with_train(loaded: Loaded, k: int, seed: int) -> clf.ClassifierEnv:
                                                                        seed)))
 
 
-def test_accuracy(env: clf.ClassifierEnv, test: clf.Split, method, delta) -> float:
-    predict = clf.make_predict(env.apply_fn, method, env.sites)
-    logits = clf.logits_of(predict, env.params, delta, test, batch_size=env.eval_batch)
-    return clf.accuracy(logits, test.labels)
-
-
 # --------------------------------------------------------------------------------------------
 # Runs
 
@@ -185,8 +179,13 @@ def train_once(row: Row, env: clf.ClassifierEnv, test: clf.Split, *, lr: float, 
     t0 = time.perf_counter()
     state = presets.run_stages(row.preset, env, options)
     method, delta = state["method"], state["delta"]
-    dev_acc = env.evaluate(method, env.params, delta)[1] if dev else None
-    test_acc = test_accuracy(env, test, method, delta)
+    # One jitted forward for both splits (each make_predict traces and lowers again).
+    predict = clf.make_predict(env.apply_fn, method, env.sites)
+    accuracy = lambda split: clf.accuracy(clf.logits_of(predict, env.params, delta, split,
+                                                        batch_size=env.eval_batch),
+                                          split.labels)
+    dev_acc = accuracy(env.dev) if dev else None
+    test_acc = accuracy(test)
     report = tree_lib.param_report(env.params, delta, method)
     return {"dev_accuracy": dev_acc, "test_accuracy": test_acc,
             "seconds": time.perf_counter() - t0,

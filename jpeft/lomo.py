@@ -43,9 +43,15 @@ parameters:
   returns, as the cotangent of the leaf's *sink* ``(p, optimizer state)``, the updated
   ``(p, state)``; ``jax.grad`` of the loss with respect to the sinks is then the new parameters
   and state. Under ``jax.jit`` with the parameters donated, XLA frees each gradient right after
-  its update and writes the new value into the parameter's own buffer. (For an unrolled model
-  XLA already schedules plain SGD's per-leaf updates this way: the compiled LOMO and SGD steps
-  are the same program; ``benchmarks/lomo_memory.py``.)
+  its update and writes the new value into the parameter's own buffer.
+* a leaf whose only use is one operand of a ``dot_general`` (every kernel of an unrolled model,
+  the LM head) is updated in that product's backward pass instead (:func:`_fused_dot`): the
+  product's VJP gives the other operand's cotangent (``dx = dy W^T``, which reads the old
+  weights) and the leaf's complete gradient, and the update is made to depend on ``dx``
+  (exactly, as :func:`_after` does), so the write comes after every read. Updated at an identity,
+  the write is unordered with that read and XLA keeps a copy of the weight through the step, as
+  it does for plain SGD through :func:`jpeft.make_train_step` (a copy of every donated kernel;
+  ``tests/test_lomo.py``, ``benchmarks/lomo_memory.py``).
 * a layer-stacked leaf ``[L, ...]`` that a ``scan`` over layers consumes as a scanned operand
   would get its gradient only as the stacked ``[L, ...]`` cotangent that the scan's transpose
   accumulates: the gradient buffer LOMO removes. Such a scan is replaced by a *fused scan*
@@ -503,6 +509,7 @@ _TRANSPARENT = frozenset({"convert_element_type", "copy", "sharding_constraint"}
 class _Use(NamedTuple):
     scan: tuple | None      # the path (equation indices through inlined jits) of a scan
     position: int           # the leaf's operand position there
+    dot: tuple | None = None  # the path of a dot_general with the leaf as one operand
 
 
 class Plan(NamedTuple):
@@ -511,11 +518,16 @@ class Plan(NamedTuple):
     Attributes:
       fused_scan: leaves updated slice by slice inside a layer scan's backward pass (the stacked
         gradient never exists).
-      whole: leaves updated once their whole gradient is complete (at their identity).
+      fused_dot: leaves whose only use is one operand of a ``dot_general`` (an LM head, a Dense
+        kernel outside a scan): updated in that product's backward pass, after it has read the
+        old weights for the other operand's cotangent (no copy of the weights is kept).
+      whole: the other used leaves, updated once their whole gradient is complete (at their
+        identity).
       stacked: leaves a scan slices along their leading axis (AdaLomo's per-layer tensors).
       unused: leaves the loss does not use: never updated.
     """
     fused_scan: tuple
+    fused_dot: tuple
     whole: tuple
     stacked: tuple
     unused: tuple
@@ -526,7 +538,8 @@ class _Program(NamedTuple):
     out_tree: Any
     n_train: int
     fused: dict                 # scan path -> {operand position: leaf index}
-    inline: frozenset           # jit paths that lead to a fused scan
+    dots: dict                  # dot_general path -> (operand position, leaf index)
+    inline: frozenset           # jit paths that lead to a fused scan or dot
     stacked: tuple              # per trainable leaf
     used: tuple                 # per trainable leaf
     eligible: tuple             # per trainable leaf
@@ -546,6 +559,7 @@ def _trace(loss_fn: Callable, params: Any, args: tuple) -> _Program:
     var_leaf = {v: k for k, v in enumerate(closed.jaxpr.invars[:n_train])}
     _analyse(closed.jaxpr, var_leaf, (), uses)
     fused: dict = {}
+    dots: dict = {}
     eligible, stacked, used = [], [], []
     for k in range(n_train):
         u = uses[k]
@@ -555,9 +569,11 @@ def _trace(loss_fn: Callable, params: Any, args: tuple) -> _Program:
         used.append(bool(u))
         if ok:
             fused.setdefault(u[0].scan, {})[u[0].position] = k
-    inline = frozenset(path[:n] for path in fused for n in range(1, len(path)))
-    return _Program(closed, jax.tree_util.tree_structure(out_shape), n_train, fused, inline,
-                    tuple(stacked), tuple(used), tuple(eligible))
+        elif len(u) == 1 and u[0].dot is not None:
+            dots[u[0].dot] = (u[0].position, k)
+    inline = frozenset(path[:n] for path in (*fused, *dots) for n in range(1, len(path)))
+    return _Program(closed, jax.tree_util.tree_structure(out_shape), n_train, fused, dots,
+                    inline, tuple(stacked), tuple(used), tuple(eligible))
 
 
 def _analyse(jaxpr, var_leaf: dict, path: tuple, uses: dict) -> None:
@@ -583,6 +599,9 @@ def _analyse(jaxpr, var_leaf: dict, path: tuple, uses: dict) -> None:
             first_xs = parts.num_consts + parts.num_carry
             for j, k in here:
                 uses[k].append(_Use(path + (i,) if j >= first_xs else None, j))
+        elif kind == "dot_general" and len(here) == 1:
+            j, k = here[0]
+            uses[k].append(_Use(None, j, path + (i,)))
         else:
             for _, k in here:
                 uses[k].append(_Use(None, -1))
@@ -592,14 +611,16 @@ def _analyse(jaxpr, var_leaf: dict, path: tuple, uses: dict) -> None:
 
 
 def plan(loss_fn: Callable, params: Any, *args: Any) -> Plan:
-    """Which leaves of ``params`` a LOMO/AdaLomo step updates inside a layer scan, which at their
-    whole gradient, which are layer-stacked and which the loss never uses (and so are never
-    updated). Traces ``loss_fn(params, *args)`` abstractly; computes nothing."""
+    """Which leaves of ``params`` a LOMO/AdaLomo step updates inside a layer scan, which inside
+    their one matrix product, which at their whole gradient, which are layer-stacked and which
+    the loss never uses (and so are never updated). Traces ``loss_fn(params, *args)`` abstractly; computes nothing."""
     prog = _trace(loss_fn, params, args)
     paths = list(paths_lib.flatten(params))
     pick = lambda flags: tuple(p for p, f in zip(paths, flags) if f)
-    whole = [u and not e for u, e in zip(prog.used, prog.eligible)]
-    return Plan(pick(prog.eligible), pick(whole), pick(prog.stacked),
+    dotted = {k for _, k in prog.dots.values()}
+    in_dot = [k in dotted for k in range(prog.n_train)]
+    whole = [u and not e and not d for u, e, d in zip(prog.used, prog.eligible, in_dot)]
+    return Plan(pick(prog.eligible), pick(in_dot), pick(whole), pick(prog.stacked),
                 pick([not u for u in prog.used]))
 
 
@@ -631,6 +652,8 @@ def _evaluate(jaxpr, consts: Sequence, args: Sequence, ctx: _Ctx | None, path: t
         here = path + (i,)
         if ctx is not None and here in ctx.prog.fused:
             outs = _fused_scan(eqn, invals, ctx.prog.fused[here], ctx)
+        elif ctx is not None and here in ctx.prog.dots:
+            outs = _fused_dot(eqn, invals, *ctx.prog.dots[here], ctx)
         elif ctx is not None and here in ctx.prog.inline:
             inner = compat.jit_parts(eqn).jaxpr
             outs = _evaluate(inner.jaxpr, inner.consts, invals, ctx, here)
@@ -692,6 +715,41 @@ def _after(index, values: list):
             first = jax.lax.reshape(v, (v.size,))[0] if v.ndim else v
             dep = dep + jnp.isnan(first).astype(index.dtype)
     return jnp.minimum(index + dep, index)
+
+
+def _fused_dot(eqn, operands: list, position: int, k: int, ctx: _Ctx) -> list:
+    """The ``dot_general`` equation ``eqn`` on ``operands`` whose operand ``position`` is
+    trainable leaf ``k`` (its only use), with the leaf's update fused into its backward pass.
+
+    Backward: the dot's VJP gives the other operand's cotangent and the leaf's complete gradient,
+    which goes to the leaf's sink (:meth:`_Update.whole`, :meth:`_Norm.whole`) with the learning
+    rate made to depend on the other cotangent (exactly: :func:`_after`), so that the write of
+    the new weights comes after the VJP's read of the old ones (``dx = dy W^T``). Updated at an
+    identity instead (:func:`_tag`), the write is unordered with that read and XLA keeps a copy
+    of the weights through the whole step (a vocabulary-sized copy for an LM head)."""
+    mode, sink = ctx.mode, ctx.sinks[k]
+
+    @jax.custom_vjp
+    def dot(ops, sink, h):
+        return compat.bind(eqn, ops)
+
+    def fwd(ops, sink, h):
+        return dot(ops, sink, h), (ops, sink, h)
+
+    def bwd(res, cts):
+        ops, sink, h = res
+        _, vjp = jax.vjp(lambda *o: compat.bind(eqn, list(o)), *ops)
+        d_ops = list(vjp(cts))
+        g = d_ops[position]
+        others = [d for j, d in enumerate(d_ops) if j != position]
+        ordered = h._replace(lr=jnp.minimum(h.lr + sum(
+            (jnp.isnan(jax.lax.reshape(d, (d.size,))[0]).astype(f32) for d in others
+             if d.size), jnp.zeros((), f32)), h.lr))
+        d_ops[position] = None
+        return d_ops, mode.whole(sink, ops[position], g, ordered, False), None
+
+    dot.defvjp(fwd, bwd)
+    return dot(list(operands), sink, ctx.h)
 
 
 def _fused_scan(eqn, operands: list, train: dict, ctx: _Ctx) -> list:
@@ -1034,10 +1092,11 @@ def _loss_with_sinks_flat(prog: _Program, mode, xs, arg_leaves, sinks, h) -> lis
     through an identity (:func:`_tag`) unless a fused scan consumes it. ``xs`` enter with their
     gradient stopped: the only derivative taken is the sinks' (the rules)."""
     ctx = _Ctx(prog, mode, sinks, h)
+    dotted = {k for _, k in prog.dots.values()}
     inputs = []
     for k, x in enumerate(xs):
         x = jax.lax.stop_gradient(x)
-        if prog.used[k] and not prog.eligible[k]:
+        if prog.used[k] and not prog.eligible[k] and k not in dotted:
             x = _tag(mode, prog.stacked[k])(x, sinks[k], h)
         inputs.append(x)
     return _evaluate(prog.closed.jaxpr, prog.closed.consts, inputs + list(arg_leaves), ctx, ())
