@@ -1,6 +1,6 @@
 """The results table: every method on six shipped text-classification tasks, three seeds each.
 
-    python benchmarks/table.py            # the full table (about an hour on a 2-core CPU)
+    python benchmarks/table.py            # the full table (about three hours on a 2-core CPU)
     python benchmarks/table.py --quick --out /tmp/table   # the CI smoke run (a minute or two)
 
 For each task of :mod:`jpeft.data.tasks` (movie, tweet, Amazon and NYT snippets by rating sign,
