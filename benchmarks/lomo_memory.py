@@ -124,7 +124,7 @@ def compile_config(name: str, apply, params, tokens, options) -> tuple[dict, dic
         step = lomo.make_step(loss_of, opt)
         plan = step.plan(params, tokens)
         extra = {"fused_scan_leaves": len(plan.fused_scan),
-                 "fused_dot_leaves": len(plan.fused_dot), "whole_leaves": len(plan.whole),
+                 "fused_op_leaves": len(plan.fused_op), "whole_leaves": len(plan.whole),
                  "unused_leaves": len(plan.unused)}
         lowered = step.lower(params, step.init(params, tokens), tokens)
     elif name == "forward":

@@ -45,7 +45,8 @@ parameters:
   and state. Under ``jax.jit`` with the parameters donated, XLA frees each gradient right after
   its update and writes the new value into the parameter's own buffer.
 * a leaf whose only use is one operand of a ``dot_general`` (every kernel of an unrolled model,
-  the LM head) is updated in that product's backward pass instead (:func:`_fused_dot`): the
+  the LM head) is updated in that product's backward pass instead (:func:`_fused_dot`; an
+  embedding table looked up once by a ``gather``: :func:`_fused_gather`): the
   product's VJP gives the other operand's cotangent (``dx = dy W^T``, which reads the old
   weights) and the leaf's complete gradient, and the update is made to depend on ``dx``
   (exactly, as :func:`_after` does), so the write comes after every read. Updated at an identity,
@@ -509,7 +510,8 @@ _TRANSPARENT = frozenset({"convert_element_type", "copy", "sharding_constraint"}
 class _Use(NamedTuple):
     scan: tuple | None      # the path (equation indices through inlined jits) of a scan
     position: int           # the leaf's operand position there
-    dot: tuple | None = None  # the path of a dot_general with the leaf as one operand
+    op: tuple | None = None   # the path of a dot_general (the leaf one operand) or a gather
+                              # (the leaf the table looked up)
 
 
 class Plan(NamedTuple):
@@ -518,16 +520,18 @@ class Plan(NamedTuple):
     Attributes:
       fused_scan: leaves updated slice by slice inside a layer scan's backward pass (the stacked
         gradient never exists).
-      fused_dot: leaves whose only use is one operand of a ``dot_general`` (an LM head, a Dense
-        kernel outside a scan): updated in that product's backward pass, after it has read the
-        old weights for the other operand's cotangent (no copy of the weights is kept).
+      fused_op: leaves whose only use is one operand of a ``dot_general`` (an LM head, a Dense
+        kernel outside a scan) or the table of a ``gather`` (an embedding): updated in that
+        operation's backward pass (a product's after it has read the old weights for the other
+        operand's cotangent, so no copy of the weights is kept; a lookup's gradient scattered
+        into a buffer created there, not at the start of the step).
       whole: the other used leaves, updated once their whole gradient is complete (at their
         identity).
       stacked: leaves a scan slices along their leading axis (AdaLomo's per-layer tensors).
       unused: leaves the loss does not use: never updated.
     """
     fused_scan: tuple
-    fused_dot: tuple
+    fused_op: tuple
     whole: tuple
     stacked: tuple
     unused: tuple
@@ -538,8 +542,8 @@ class _Program(NamedTuple):
     out_tree: Any
     n_train: int
     fused: dict                 # scan path -> {operand position: leaf index}
-    dots: dict                  # dot_general path -> (operand position, leaf index)
-    inline: frozenset           # jit paths that lead to a fused scan or dot
+    ops: dict                   # dot_general / gather path -> (operand position, leaf index)
+    inline: frozenset           # jit paths that lead to a fused scan, product or lookup
     stacked: tuple              # per trainable leaf
     used: tuple                 # per trainable leaf
     eligible: tuple             # per trainable leaf
@@ -559,7 +563,7 @@ def _trace(loss_fn: Callable, params: Any, args: tuple) -> _Program:
     var_leaf = {v: k for k, v in enumerate(closed.jaxpr.invars[:n_train])}
     _analyse(closed.jaxpr, var_leaf, (), uses)
     fused: dict = {}
-    dots: dict = {}
+    ops: dict = {}
     eligible, stacked, used = [], [], []
     for k in range(n_train):
         u = uses[k]
@@ -569,10 +573,10 @@ def _trace(loss_fn: Callable, params: Any, args: tuple) -> _Program:
         used.append(bool(u))
         if ok:
             fused.setdefault(u[0].scan, {})[u[0].position] = k
-        elif len(u) == 1 and u[0].dot is not None:
-            dots[u[0].dot] = (u[0].position, k)
-    inline = frozenset(path[:n] for path in (*fused, *dots) for n in range(1, len(path)))
-    return _Program(closed, jax.tree_util.tree_structure(out_shape), n_train, fused, dots,
+        elif len(u) == 1 and u[0].op is not None:
+            ops[u[0].op] = (u[0].position, k)
+    inline = frozenset(path[:n] for path in (*fused, *ops) for n in range(1, len(path)))
+    return _Program(closed, jax.tree_util.tree_structure(out_shape), n_train, fused, ops,
                     inline, tuple(stacked), tuple(used), tuple(eligible))
 
 
@@ -599,7 +603,8 @@ def _analyse(jaxpr, var_leaf: dict, path: tuple, uses: dict) -> None:
             first_xs = parts.num_consts + parts.num_carry
             for j, k in here:
                 uses[k].append(_Use(path + (i,) if j >= first_xs else None, j))
-        elif kind == "dot_general" and len(here) == 1:
+        elif (len(here) == 1 and (kind == "dot_general"
+                                  or (kind == "gather" and here[0][0] == 0))):
             j, k = here[0]
             uses[k].append(_Use(None, j, path + (i,)))
         else:
@@ -612,15 +617,15 @@ def _analyse(jaxpr, var_leaf: dict, path: tuple, uses: dict) -> None:
 
 def plan(loss_fn: Callable, params: Any, *args: Any) -> Plan:
     """Which leaves of ``params`` a LOMO/AdaLomo step updates inside a layer scan, which inside
-    their one matrix product, which at their whole gradient, which are layer-stacked and which
-    the loss never uses (and so are never updated). Traces ``loss_fn(params, *args)`` abstractly; computes nothing."""
+    their one matrix product or lookup, which at their whole gradient, which are layer-stacked
+    and which the loss never uses (and so are never updated). Traces ``loss_fn(params, *args)``
+    abstractly; computes nothing."""
     prog = _trace(loss_fn, params, args)
     paths = list(paths_lib.flatten(params))
     pick = lambda flags: tuple(p for p, f in zip(paths, flags) if f)
-    dotted = {k for _, k in prog.dots.values()}
-    in_dot = [k in dotted for k in range(prog.n_train)]
-    whole = [u and not e and not d for u, e, d in zip(prog.used, prog.eligible, in_dot)]
-    return Plan(pick(prog.eligible), pick(in_dot), pick(whole), pick(prog.stacked),
+    in_op = [k in {k for _, k in prog.ops.values()} for k in range(prog.n_train)]
+    whole = [u and not e and not o for u, e, o in zip(prog.used, prog.eligible, in_op)]
+    return Plan(pick(prog.eligible), pick(in_op), pick(whole), pick(prog.stacked),
                 pick([not u for u in prog.used]))
 
 
@@ -652,8 +657,9 @@ def _evaluate(jaxpr, consts: Sequence, args: Sequence, ctx: _Ctx | None, path: t
         here = path + (i,)
         if ctx is not None and here in ctx.prog.fused:
             outs = _fused_scan(eqn, invals, ctx.prog.fused[here], ctx)
-        elif ctx is not None and here in ctx.prog.dots:
-            outs = _fused_dot(eqn, invals, *ctx.prog.dots[here], ctx)
+        elif ctx is not None and here in ctx.prog.ops:
+            fused_op = _fused_dot if compat.kind(eqn) == "dot_general" else _fused_gather
+            outs = fused_op(eqn, invals, *ctx.prog.ops[here], ctx)
         elif ctx is not None and here in ctx.prog.inline:
             inner = compat.jit_parts(eqn).jaxpr
             outs = _evaluate(inner.jaxpr, inner.consts, invals, ctx, here)
@@ -750,6 +756,47 @@ def _fused_dot(eqn, operands: list, position: int, k: int, ctx: _Ctx) -> list:
 
     dot.defvjp(fwd, bwd)
     return dot(list(operands), sink, ctx.h)
+
+
+def _fused_gather(eqn, operands: list, position: int, k: int, ctx: _Ctx) -> list:
+    """The ``gather`` equation ``eqn`` (a lookup in trainable leaf ``k``, operand 0: an
+    embedding table) with the leaf's update fused into its backward pass.
+
+    Backward: the table's gradient is the cotangent scatter-added into zeros, as JAX's own
+    transpose of ``gather`` computes it, but the zeros are made to depend on the cotangent
+    (exactly: ``min(isnan(ct[0]), 0) == 0``). JAX's zeros are a constant that XLA materialises
+    at the start of the step, a table-sized buffer alive through the forward and backward passes
+    next to every other layer's gradient; these are created when the gradient is."""
+    del position
+    mode, sink = ctx.mode, ctx.sinks[k]
+    params = eqn.params
+    dn = params["dimension_numbers"]
+    scatter_dn = jax.lax.ScatterDimensionNumbers(
+        update_window_dims=dn.offset_dims, inserted_window_dims=dn.collapsed_slice_dims,
+        scatter_dims_to_operand_dims=dn.start_index_map,
+        operand_batching_dims=dn.operand_batching_dims,
+        scatter_indices_batching_dims=dn.start_indices_batching_dims)
+
+    @jax.custom_vjp
+    def gather(table, indices, sink, h):
+        return compat.bind(eqn, [table, indices])
+
+    def fwd(table, indices, sink, h):
+        return gather(table, indices, sink, h), (table, indices, sink, h)
+
+    def bwd(res, ct):
+        table, indices, sink, h = res
+        ct = ct[0] if isinstance(ct, (list, tuple)) else ct
+        first = jax.lax.reshape(ct, (ct.size,))[0] if ct.size else jnp.zeros((), ct.dtype)
+        zero = jnp.minimum(jnp.isnan(first).astype(ct.dtype), jnp.zeros((), ct.dtype))
+        g = jax.lax.scatter_add(jnp.broadcast_to(zero, table.shape), indices, ct, scatter_dn,
+                                indices_are_sorted=params["indices_are_sorted"],
+                                unique_indices=params["unique_indices"], mode=params["mode"])
+        return None, None, mode.whole(sink, table, g, h, False), None
+
+    gather.defvjp(fwd, bwd)
+    out = gather(operands[0], operands[1], sink, ctx.h)
+    return out if isinstance(out, (list, tuple)) else [out]
 
 
 def _fused_scan(eqn, operands: list, train: dict, ctx: _Ctx) -> list:
@@ -1089,14 +1136,14 @@ def _step(loss_fn, opt: FusedOptimizer, has_aux: bool, params, state, args):
 
 def _loss_with_sinks_flat(prog: _Program, mode, xs, arg_leaves, sinks, h) -> list:
     """The flat outputs of the loss program with every used trainable leaf routed to its sink:
-    through an identity (:func:`_tag`) unless a fused scan consumes it. ``xs`` enter with their
-    gradient stopped: the only derivative taken is the sinks' (the rules)."""
+    through an identity (:func:`_tag`) unless a fused scan, product or lookup consumes it. ``xs``
+    enter with their gradient stopped: the only derivative taken is the sinks' (the rules)."""
     ctx = _Ctx(prog, mode, sinks, h)
-    dotted = {k for _, k in prog.dots.values()}
+    in_op = {k for _, k in prog.ops.values()}
     inputs = []
     for k, x in enumerate(xs):
         x = jax.lax.stop_gradient(x)
-        if prog.used[k] and not prog.eligible[k] and k not in dotted:
+        if prog.used[k] and not prog.eligible[k] and k not in in_op:
             x = _tag(mode, prog.stacked[k])(x, sinks[k], h)
         inputs.append(x)
     return _evaluate(prog.closed.jaxpr, prog.closed.consts, inputs + list(arg_leaves), ctx, ())

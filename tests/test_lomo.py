@@ -162,7 +162,7 @@ def test_lomo_equals_sgd_on_an_mlp():
     assert not bool(metrics[0]["overflow"])
     p = step.plan(params, *batches[0])
     assert not p.unused and not p.fused_scan
-    assert p.fused_dot == (("l1", "kernel"), ("l2", "kernel"))      # kernels: in their product
+    assert p.fused_op == (("l1", "kernel"), ("l2", "kernel"))      # kernels: in their product
     assert p.whole == (("l1", "bias"), ("l2", "bias"))
 
 
@@ -200,7 +200,7 @@ def test_lomo_in_a_plain_jax_layer_scan(reverse, dtype):
     step = lomo.make_step(loss, lomo.lomo(0.1, weight_decay=0.05), donate=False)
     p = step.plan(params, *batches[0])
     assert p.fused_scan == (("b",), ("w",)) and p.whole == (("gain",),)
-    assert p.fused_dot == (("out",),)
+    assert p.fused_op == (("out",),)
     got, _, _ = run(step, params, batches)
     if dtype == jnp.float32:
         assert_trees_close(got, sgd_reference(loss, params, batches, 0.1, wd=0.05))
@@ -427,9 +427,35 @@ def test_the_decoder_step_keeps_no_copy_of_a_weight(scan):
         skip_nonfinite=False).lower(params, delta, optax.sgd(0.1).init(delta), tokens,
                                     jax.random.key(0)).compile()
     step = lomo.make_step(lambda d, p, b: ce(apply(method.merge(p, d), b), b), lomo.lomo(0.1))
-    assert ("lm_head", "kernel") in step.plan(delta, params, tokens).fused_dot
+    assert ("lm_head", "kernel") in step.plan(delta, params, tokens).fused_op
     fused = step.lower(delta, step.init(delta, params, tokens), params, tokens).compile()
     assert _weight_copies(sgd)
     assert _weight_copies(fused) == []
     assert (fused.memory_analysis().temp_size_in_bytes
             < sgd.memory_analysis().temp_size_in_bytes)
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_training_the_embedding_adds_no_table_sized_buffer(scan):
+    """The embedding's gradient (its lookup's cotangent scattered into zeros) is formed in the
+    lookup's backward pass: training the table adds next to nothing to LOMO's temporaries. (JAX's
+    own transpose makes the zeros a constant that XLA creates at the start of the step: a
+    table-sized buffer through the whole step, 262,272 bytes more here.)"""
+    cfg = LlamaConfig(vocab_size=1024, hidden_size=64, intermediate_size=128,
+                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                      max_position_embeddings=64, scan_layers=scan)
+    apply, params = jpeft.nnx.split(LlamaForCausalLM(cfg))
+    tokens = jnp.zeros((2, 16), jnp.int32)
+    temp = {}
+    for name, method in (("all", jpeft.full_finetune()),
+                         ("frozen table", jpeft.full_finetune(exclude="model/embed_tokens"))):
+        delta = method.init(jax.random.key(0), params)
+        step = lomo.make_step(lambda d, p, b, m=method: ce(apply(m.merge(p, d), b), b),
+                              lomo.lomo(0.1))
+        if name == "all":
+            assert ("model", "embed_tokens", "embedding") in step.plan(delta, params,
+                                                                       tokens).fused_op
+        temp[name] = step.lower(delta, step.init(delta, params, tokens), params,
+                                tokens).compile().memory_analysis().temp_size_in_bytes
+    table = params["model"]["embed_tokens"]["embedding"].nbytes
+    assert temp["all"] - temp["frozen table"] < table // 4, (temp, table)
