@@ -377,24 +377,30 @@ def test_a_tied_leaf_is_updated_once_with_its_whole_gradient():
 # Memory
 
 
-def test_the_stacked_decoder_step_holds_no_stacked_gradient():
-    """``memory_analysis`` of the compiled steps, 4 scanned layers: LOMO's temporaries are
-    below full fine-tuning with SGD (jpeft.make_train_step, donated) by at least the whole
-    gradient less its largest leaf (what remains: one layer's gradient at a time)."""
-    cfg = LlamaConfig.tiny(scan_layers=True, num_hidden_layers=4)
+def _decoder_steps(scan: bool):
+    """On the tiny 4-layer decoder (full fine-tuning's delta): the compiled SGD step
+    (jpeft.make_train_step, donated), the compiled LOMO step, LOMO's plan and the delta."""
+    cfg = LlamaConfig.tiny(scan_layers=scan, num_hidden_layers=4)
     apply, params = jpeft.nnx.split(LlamaForCausalLM(cfg))
     tokens = jnp.zeros((2, 16), jnp.int32)
     method = jpeft.full_finetune()
     delta = method.init(jax.random.key(0), params)
     sgd = jpeft.make_train_step(
         lambda p, d, b, k: ce(apply(method.merge(p, d), b), b), optax.sgd(0.1),
-        skip_nonfinite=False)
-    sgd_temp = sgd.lower(params, delta, optax.sgd(0.1).init(delta), tokens,
-                         jax.random.key(0)).compile().memory_analysis().temp_size_in_bytes
+        skip_nonfinite=False).lower(params, delta, optax.sgd(0.1).init(delta), tokens,
+                                    jax.random.key(0)).compile()
     step = lomo.make_step(lambda d, p, b: ce(apply(method.merge(p, d), b), b), lomo.lomo(0.1))
-    state = step.init(delta, params, tokens)
-    lomo_temp = step.lower(delta, state, params, tokens).compile().memory_analysis() \
-        .temp_size_in_bytes
+    fused = step.lower(delta, step.init(delta, params, tokens), params, tokens).compile()
+    return sgd, fused, step.plan(delta, params, tokens), delta
+
+
+def test_the_stacked_decoder_step_holds_no_stacked_gradient():
+    """``memory_analysis`` of the compiled steps, 4 scanned layers: LOMO's temporaries are
+    below full fine-tuning with SGD (jpeft.make_train_step, donated) by at least the whole
+    gradient less its largest leaf (what remains: one layer's gradient at a time)."""
+    sgd, fused, _, delta = _decoder_steps(scan=True)
+    sgd_temp = sgd.memory_analysis().temp_size_in_bytes
+    lomo_temp = fused.memory_analysis().temp_size_in_bytes
     leaves = jax.tree.leaves(delta)
     gradient, largest = sum(x.nbytes for x in leaves), max(x.nbytes for x in leaves)
     assert sgd_temp - lomo_temp >= gradient - largest, (sgd_temp, lomo_temp, gradient, largest)
@@ -417,18 +423,8 @@ def test_the_decoder_step_keeps_no_copy_of_a_weight(scan):
     cotangent, so XLA updates the donated buffer in place. Full fine-tuning with SGD through
     jpeft.make_train_step, whose update is unordered with that read, keeps copies of the
     donated weights (the check sees them); LOMO keeps none and fewer temporaries."""
-    cfg = LlamaConfig.tiny(scan_layers=scan, num_hidden_layers=4)
-    apply, params = jpeft.nnx.split(LlamaForCausalLM(cfg))
-    tokens = jnp.zeros((2, 16), jnp.int32)
-    method = jpeft.full_finetune()
-    delta = method.init(jax.random.key(0), params)
-    sgd = jpeft.make_train_step(
-        lambda p, d, b, k: ce(apply(method.merge(p, d), b), b), optax.sgd(0.1),
-        skip_nonfinite=False).lower(params, delta, optax.sgd(0.1).init(delta), tokens,
-                                    jax.random.key(0)).compile()
-    step = lomo.make_step(lambda d, p, b: ce(apply(method.merge(p, d), b), b), lomo.lomo(0.1))
-    assert ("lm_head", "kernel") in step.plan(delta, params, tokens).fused_op
-    fused = step.lower(delta, step.init(delta, params, tokens), params, tokens).compile()
+    sgd, fused, plan, _ = _decoder_steps(scan)
+    assert ("lm_head", "kernel") in plan.fused_op
     assert _weight_copies(sgd)
     assert _weight_copies(fused) == []
     assert (fused.memory_analysis().temp_size_in_bytes
