@@ -45,14 +45,17 @@ parameters:
   and state. Under ``jax.jit`` with the parameters donated, XLA frees each gradient right after
   its update and writes the new value into the parameter's own buffer.
 * a leaf whose only use is one operand of a ``dot_general`` (every kernel of an unrolled model,
-  the LM head) is updated in that product's backward pass instead (:func:`_fused_dot`; an
-  embedding table looked up once by a ``gather``: :func:`_fused_gather`): the
+  the LM head) is updated in that product's backward pass instead (:func:`_fused_dot`): the
   product's VJP gives the other operand's cotangent (``dx = dy W^T``, which reads the old
   weights) and the leaf's complete gradient, and the update is made to depend on ``dx``
   (exactly, as :func:`_after` does), so the write comes after every read. Updated at an identity,
   the write is unordered with that read and XLA keeps a copy of the weight through the step, as
   it does for plain SGD through :func:`jpeft.make_train_step` (a copy of every donated kernel;
   ``tests/test_lomo.py``, ``benchmarks/lomo_memory.py``).
+* a table whose only use is one ``gather`` (an embedding lookup) is updated in the lookup's
+  backward pass (:func:`_fused_gather`), its gradient scattered into zeros created there. JAX's
+  own transpose makes those zeros a constant, which XLA creates before the forward pass: a
+  table-sized buffer alive through the whole step.
 * a layer-stacked leaf ``[L, ...]`` that a ``scan`` over layers consumes as a scanned operand
   would get its gradient only as the stacked ``[L, ...]`` cotangent that the scan's transpose
   accumulates: the gradient buffer LOMO removes. Such a scan is replaced by a *fused scan*
@@ -747,7 +750,8 @@ def _fused_dot(eqn, operands: list, position: int, k: int, ctx: _Ctx) -> list:
         _, vjp = jax.vjp(lambda *o: compat.bind(eqn, list(o)), *ops)
         d_ops = list(vjp(cts))
         g = d_ops[position]
-        others = [d for j, d in enumerate(d_ops) if j != position]
+        others = [d for j, d in enumerate(d_ops)
+                  if j != position and jnp.issubdtype(d.dtype, jnp.inexact)]
         ordered = h._replace(lr=jnp.minimum(h.lr + sum(
             (jnp.isnan(jax.lax.reshape(d, (d.size,))[0]).astype(f32) for d in others
              if d.size), jnp.zeros((), f32)), h.lr))
