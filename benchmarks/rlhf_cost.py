@@ -32,7 +32,9 @@
 Models (``--models``): ``rlhf`` is the RLHF example's byte-level decoder (107K parameters: 64 wide,
 2 layers, vocabulary 257); ``decoder`` the ~25M-parameter LLaMA of ``decoder_torch.py`` (512 wide, 8
 layers, vocabulary 6000). Rows go to ``--out`` (default ``benchmarks/results/rlhf_cost.jsonl``),
-each with the load average before and after: a timing taken on a loaded machine is not final.
+each with the load average before and after (the benchmark's own processes raise it) and, with
+``--note``, what the operator knows of the conditions: a timing taken on a loaded machine is not
+final.
 """
 
 from __future__ import annotations
@@ -355,6 +357,9 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--out", type=pathlib.Path, default=OUT)
     ap.add_argument("--pipeline-out", type=pathlib.Path, default=PIPELINE_OUT)
+    ap.add_argument("--note", default=None,
+                    help="recorded on every row: the conditions of this run, e.g. 'other jobs "
+                         "were running: not final' (the load averages are recorded anyway)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--data", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
@@ -372,8 +377,7 @@ def main(argv=None):
                    part_bytes(name, a) if part == "bytes" else part_generate(name, a))
             row.update({"seconds_part": round(time.perf_counter() - t0, 1),
                         "load_at_start": load, "load_at_end": _loadavg(),
-                        "note": "timings on a shared, loaded 2-core machine: not final",
-                        **common.machine()})
+                        **({"note": a.note} if a.note else {}), **common.machine()})
             common.append_jsonl(a.out, row)
             rows.append(row)
             print(json.dumps({k: v for k, v in row.items() if not isinstance(v, (list, dict))

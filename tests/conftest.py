@@ -19,8 +19,11 @@ os.environ.setdefault("JPEFT_HOST_MEMORY", "release")
 import tempfile  # noqa: E402
 
 _RUN = os.environ.get("PYTEST_XDIST_TESTRUNUID") or f"pid{os.getpid()}"
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
-                      os.path.join(tempfile.gettempdir(), f"jpeft-tests-jax-cache-{_RUN}"))
+# The process that names the directory removes it when the run ends (pytest_sessionfinish); its
+# xdist workers and subprocesses inherit the name, and a directory the caller set is kept.
+_OWN_CACHE = (None if "JAX_COMPILATION_CACHE_DIR" in os.environ else
+              os.path.join(tempfile.gettempdir(), f"jpeft-tests-jax-cache-{_RUN}"))
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _OWN_CACHE or "")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
 # Shared fixtures: a tiny BERT, a padded batch for it, the embedded MiniLM and the movie reviews.
@@ -263,3 +266,11 @@ def pytest_collection_modifyitems(config, items):
     then overlap the many short ones instead of one of them running alone at the end."""
     del config
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Remove the run's compilation cache (when this process named it: not in an xdist worker,
+    not one the caller set)."""
+    if _OWN_CACHE and not hasattr(session.config, "workerinput"):
+        import shutil
+        shutil.rmtree(_OWN_CACHE, ignore_errors=True)
