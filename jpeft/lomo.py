@@ -626,7 +626,8 @@ def plan(loss_fn: Callable, params: Any, *args: Any) -> Plan:
     prog = _trace(loss_fn, params, args)
     paths = list(paths_lib.flatten(params))
     pick = lambda flags: tuple(p for p, f in zip(paths, flags) if f)
-    in_op = [k in {k for _, k in prog.ops.values()} for k in range(prog.n_train)]
+    fused = {k for _, k in prog.ops.values()}
+    in_op = [k in fused for k in range(prog.n_train)]
     whole = [u and not e and not o for u, e, o in zip(prog.used, prog.eligible, in_op)]
     return Plan(pick(prog.eligible), pick(in_op), pick(whole), pick(prog.stacked),
                 pick([not u for u in prog.used]))
