@@ -52,9 +52,16 @@ parameters:
   the write is unordered with that read and XLA keeps a copy of the weight through the step, as
   it does for plain SGD through :func:`jpeft.make_train_step` (a copy of every donated kernel;
   ``tests/test_lomo.py``, ``benchmarks/lomo_memory.py``).
+* LOMO's rule is elementwise, so such a product's gradient is applied in pieces along the
+  leaf's largest free axis (an LM head ``[hidden, vocab]``: columns of the vocabulary), each
+  computed (``x^T ct[:, c]``) and applied in turn (:func:`_apply_in_pieces`, ``make_step``'s
+  ``piece_bytes``): one piece's gradient is alive, not the head's.
 * a table whose only use is one ``gather`` (an embedding lookup) is updated in the lookup's
-  backward pass (:func:`_fused_gather`), its gradient scattered into zeros created there. JAX's
-  own transpose makes those zeros a constant, which XLA creates before the forward pass: a
+  backward pass (:func:`_fused_gather`). A row lookup's gradient is zero outside the rows looked
+  up: LOMO keeps it as those rows (``[tokens, hidden]``, duplicates summed) and updates them
+  in place, the other rows only decaying; no table-sized gradient exists. Otherwise (AdaLomo,
+  whose moments see every row) the gradient is scattered into zeros created there: JAX's own
+  transpose makes those zeros a constant, which XLA creates before the forward pass, a
   table-sized buffer alive through the whole step.
 * a layer-stacked leaf ``[L, ...]`` that a ``scan`` over layers consumes as a scanned operand
   would get its gradient only as the stacked ``[L, ...]`` cotangent that the scan's transpose
@@ -426,6 +433,36 @@ class _Update:
 
     def __init__(self, opt: FusedOptimizer):
         self.opt = opt
+        # LOMO's rule is elementwise: a gradient can be applied to part of a tensor at a time.
+        # AdaLomo's moments and update normalisation need the whole tensor's gradient.
+        self.elementwise = opt.name == "lomo"
+
+    def apply_piece(self, sink, axis: int, start, g_c, h):
+        """``sink`` with the piece of the parameter at ``start`` along ``axis`` (the shape of
+        ``g_c``) updated from its gradient ``g_c`` in place (LOMO only)."""
+        p, state = sink
+        old = jax.lax.dynamic_slice_in_dim(p, start, g_c.shape[axis], axis)
+        new, _ = _tensor_update(self.opt, old, g_c, state, h)
+        return jax.lax.dynamic_update_slice_in_dim(p, new, start, axis), state
+
+    def apply_rows(self, sink, rows, g_rows, h):
+        """``sink`` updated from a gradient that is zero outside the rows ``rows`` ``[n]``
+        (distinct; an index past the table is no row), ``g_rows`` ``[n, ...]`` those rows'
+        gradient (LOMO only). The other rows get their zero gradient's update, the weight
+        decay alone: ``p <- p * decay`` (in place), then the rows are set to
+        ``p_row * decay - step_row`` computed from their old values (one rounding, as
+        :func:`_tensor_update`)."""
+        p, state = sink
+        old = p.at[rows].get(mode="fill", fill_value=0)
+        decay, step, _ = _affine_update(self.opt, old, g_rows, state, h)
+        new = (old.astype(f32) * decay - step).astype(p.dtype)
+        if self.opt.weight_decay:
+            # The decay's in-place write made to come after the read of the old rows (exactly:
+            # min(d + isnan(x), d) == d), so XLA keeps no copy of the table for that read.
+            first = jax.lax.reshape(old, (old.size,))[0].astype(f32) if old.size else 0.0
+            decay = jnp.minimum(decay + jnp.isnan(first).astype(f32), decay)
+            p = (p.astype(f32) * decay).astype(p.dtype)
+        return p.at[rows].set(new, mode="drop"), state
 
     def whole(self, sink, x, g, h, stacked: bool):
         p, state = sink
@@ -466,12 +503,19 @@ class _Norm:
     non-finite entries]`` (float32)."""
 
     writes = False
+    elementwise = True
 
     def __init__(self, opt: FusedOptimizer):
         self.opt = opt
 
     def whole(self, sink, x, g, h, stacked: bool):
         return self.add(sink, g, h)
+
+    def apply_piece(self, sink, axis: int, start, g_c, h):
+        return self.add(sink, g_c, h)
+
+    def apply_rows(self, sink, rows, g_rows, h):
+        return self.add(sink, g_rows, h)
 
     def read_slice(self, sink, x, l):
         return jax.lax.dynamic_index_in_dim(x, l, keepdims=False)
@@ -526,8 +570,9 @@ class Plan(NamedTuple):
       fused_op: leaves whose only use is one operand of a ``dot_general`` (an LM head, a Dense
         kernel outside a scan) or the table of a ``gather`` (an embedding): updated in that
         operation's backward pass (a product's after it has read the old weights for the other
-        operand's cotangent, so no copy of the weights is kept; a lookup's gradient scattered
-        into a buffer created there, not at the start of the step).
+        operand's cotangent, so no copy of the weights is kept, and by LOMO in pieces of at
+        most ``piece_bytes``; a row lookup's by LOMO as its looked-up rows, otherwise its
+        gradient scattered into a buffer created there, not at the start of the step).
       whole: the other used leaves, updated once their whole gradient is complete (at their
         identity).
       stacked: leaves a scan slices along their leading axis (AdaLomo's per-layer tensors).
@@ -642,6 +687,7 @@ class _Ctx(NamedTuple):
     mode: Any
     sinks: list
     h: Hyper
+    pieces: dict            # leaf index -> pieces its gradient is applied in (a product's)
 
 
 def _read(env: dict, v):
@@ -757,21 +803,90 @@ def _fused_dot(eqn, operands: list, position: int, k: int, ctx: _Ctx) -> list:
             (jnp.isnan(jax.lax.reshape(d, (d.size,))[0]).astype(f32) for d in others
              if d.size), jnp.zeros((), f32)), h.lr))
         d_ops[position] = None
-        return d_ops, mode.whole(sink, ops[position], g, ordered, False), None
+        n = ctx.pieces.get(k, 1) if mode.elementwise else 1
+        axes = _free_axis(eqn, ops, position)
+        if n > 1 and axes is not None:
+            new = _apply_in_pieces(eqn, ops, position, axes, cts[0], sink, ordered, mode, n)
+        else:
+            new = mode.whole(sink, ops[position], g, ordered, False)
+        return d_ops, new, None
 
     dot.defvjp(fwd, bwd)
     return dot(list(operands), sink, ctx.h)
+
+
+def _free_axis(eqn, ops: list, position: int) -> tuple[int, int] | None:
+    """``(axis, out_axis)``: the largest axis of operand ``position`` of the ``dot_general``
+    ``eqn`` that is neither contracted nor a batch axis, and the axis of the product it becomes
+    (the product's axes: batch, then the left operand's free axes, then the right's); ``None``
+    when the operand has no such axis."""
+    (lc, rc), (lb, rb) = compat.dot_dims(eqn.params)
+    free = [[a for a in range(ops[j].ndim) if a not in (lc, rc)[j] and a not in (lb, rb)[j]]
+            for j in (0, 1)]
+    if not free[position]:
+        return None
+    axis = max(free[position], key=lambda a: ops[position].shape[a])
+    return axis, len(lb) + (free[0].index(axis) if position == 0
+                            else len(free[0]) + free[1].index(axis))
+
+
+def _apply_in_pieces(eqn, ops: list, position: int, axes: tuple[int, int], ct, sink, h, mode,
+                     n: int):
+    """``sink`` after the gradient of operand ``position`` of the ``dot_general`` ``eqn`` is
+    applied to it in ``n`` pieces along the operand's free ``axis`` (``axes``: that axis and the
+    product's axis it becomes), one piece computed and applied at a time.
+
+    The product is linear in the operand ``W``, so the gradient of a piece ``W[..., c, ...]``
+    is the transpose of the product restricted to it applied to the cotangent's matching piece
+    ``ct[..., c, ...]`` (for an LM head ``[hidden, vocab]``: ``x^T ct[:, c]``): exact, with
+    ``n`` products of ``1/n`` the size instead of one. The pieces are a loop (``fori_loop``)
+    whose carry is the sink, so XLA holds one piece's gradient at a time and updates the
+    parameter in place; the last piece is narrower when ``n`` does not divide the axis."""
+    axis, out_axis = axes
+    w = ops[position]
+    size = w.shape[axis]
+    width = -(-size // min(n, size))
+    full, rest = divmod(size, width)
+
+    def gradient(start, length):
+        shape = list(w.shape)
+        shape[axis] = length
+
+        def product(piece):
+            operands = list(ops)
+            operands[position] = piece
+            return compat.bind(eqn, operands)[0]
+
+        ct_piece = jax.lax.dynamic_slice_in_dim(ct, start, length, out_axis)
+        (g,) = jax.linear_transpose(product, jax.ShapeDtypeStruct(tuple(shape), w.dtype))(
+            ct_piece)
+        return g
+
+    def body(i, sink):
+        start = i * width
+        return mode.apply_piece(sink, axis, start, gradient(start, width), h)
+
+    sink = jax.lax.fori_loop(0, full, body, sink)
+    if rest:
+        sink = mode.apply_piece(sink, axis, full * width, gradient(full * width, rest), h)
+    return sink
 
 
 def _fused_gather(eqn, operands: list, position: int, k: int, ctx: _Ctx) -> list:
     """The ``gather`` equation ``eqn`` (a lookup in trainable leaf ``k``, operand 0: an
     embedding table) with the leaf's update fused into its backward pass.
 
-    Backward: the table's gradient is the cotangent scatter-added into zeros, as JAX's own
-    transpose of ``gather`` computes it, but the zeros are made to depend on the cotangent
-    (exactly: ``min(isnan(ct[0]), 0) == 0``). JAX's zeros are a constant that XLA materialises
-    at the start of the step, a table-sized buffer alive through the forward and backward passes
-    next to every other layer's gradient; these are created when the gradient is."""
+    Backward, for a row lookup (``table[ids]``, ``jnp.take(table, ids, axis=0)``: whole rows
+    of a table ``[V, ...]`` at indices ``ids``) under an elementwise rule (LOMO, the norm pass):
+    the gradient is zero outside the looked-up rows, so it is kept as those rows only
+    (:func:`_row_gradient`: ``[n, ...]`` for ``n`` looked-up positions, duplicates summed) and
+    applied to them (:meth:`_Update.apply_rows`), with no table-sized gradient at all.
+    Otherwise (AdaLomo, another gather): the table's gradient is the cotangent scatter-added
+    into zeros, as JAX's own transpose of ``gather`` computes it, but the zeros are made to
+    depend on the cotangent (exactly: ``min(isnan(ct[0]), 0) == 0``). JAX's zeros are a
+    constant that XLA materialises at the start of the step, a table-sized buffer alive
+    through the forward and backward passes next to every other layer's gradient; these are
+    created when the gradient is."""
     del position
     mode, sink = ctx.mode, ctx.sinks[k]
     params = eqn.params
@@ -781,6 +896,7 @@ def _fused_gather(eqn, operands: list, position: int, k: int, ctx: _Ctx) -> list
         scatter_dims_to_operand_dims=dn.start_index_map,
         operand_batching_dims=dn.operand_batching_dims,
         scatter_indices_batching_dims=dn.start_indices_batching_dims)
+    rows = mode.elementwise and _is_row_lookup(params, *operands)
 
     @jax.custom_vjp
     def gather(table, indices, sink, h):
@@ -792,6 +908,9 @@ def _fused_gather(eqn, operands: list, position: int, k: int, ctx: _Ctx) -> list
     def bwd(res, ct):
         table, indices, sink, h = res
         ct = ct[0] if isinstance(ct, (list, tuple)) else ct
+        if rows:
+            ids, g_rows = _row_gradient(params, table, indices, ct)
+            return None, None, mode.apply_rows(sink, ids, g_rows, h), None
         first = jax.lax.reshape(ct, (ct.size,))[0] if ct.size else jnp.zeros((), ct.dtype)
         zero = jnp.minimum(jnp.isnan(first).astype(ct.dtype), jnp.zeros((), ct.dtype))
         g = jax.lax.scatter_add(jnp.broadcast_to(zero, table.shape), indices, ct, scatter_dn,
@@ -802,6 +921,40 @@ def _fused_gather(eqn, operands: list, position: int, k: int, ctx: _Ctx) -> list
     gather.defvjp(fwd, bwd)
     out = gather(operands[0], operands[1], sink, ctx.h)
     return out if isinstance(out, (list, tuple)) else [out]
+
+
+def _is_row_lookup(params, table, indices) -> bool:
+    """Whether a ``gather`` takes whole rows of ``table`` (``[V, ...]``) at the indices
+    ``indices`` ``[..., 1]`` (the last axis the index vector): ``table[ids]``."""
+    dn = params["dimension_numbers"]
+    return (tuple(dn.collapsed_slice_dims) == (0,) and tuple(dn.start_index_map) == (0,)
+            and not tuple(dn.operand_batching_dims) and table.ndim >= 1
+            and indices.ndim >= 1 and indices.shape[-1] == 1
+            and tuple(params["slice_sizes"]) == (1, *table.shape[1:])
+            and len(dn.offset_dims) == table.ndim - 1)
+
+
+def _row_gradient(params, table, indices, ct):
+    """``(ids, g_rows)``: the gradient of a row lookup (:func:`_is_row_lookup`) with respect to
+    ``table`` ``[V, ...]``, as the distinct looked-up rows ``ids`` ``[n]`` (padded with ``V``,
+    no row) and their gradients ``g_rows`` ``[n, ...]`` (the cotangents of every position
+    that looked the row up, summed), ``n`` the number of looked-up positions. The full
+    gradient is ``zeros.at[ids].add(g_rows)``. Indices out of bounds are clamped under the
+    gather's ``clip`` mode and dropped (give no gradient) otherwise, as JAX's transpose."""
+    v = table.shape[0]
+    offset = tuple(params["dimension_numbers"].offset_dims)
+    batch = [a for a in range(ct.ndim) if a not in offset]
+    n = int(np.prod([ct.shape[a] for a in batch], dtype=np.int64))
+    ct_rows = jnp.transpose(ct, batch + list(offset)).reshape((n, *table.shape[1:]))
+    ids = indices.reshape(n).astype(jnp.int32)
+    if params["mode"] == jax.lax.GatherScatterMode.CLIP:
+        ids = jnp.clip(ids, 0, v - 1)
+    else:
+        ids = jnp.where((ids < 0) | (ids >= v), v, ids)
+    uniq, inverse = jnp.unique(ids, size=n, fill_value=v, return_inverse=True)
+    g_rows = jax.ops.segment_sum(ct_rows, inverse.reshape(n), num_segments=n)
+    keep = (uniq < v).reshape((n,) + (1,) * (g_rows.ndim - 1))
+    return uniq, jnp.where(keep, g_rows, jnp.zeros((), g_rows.dtype))
 
 
 def _fused_scan(eqn, operands: list, train: dict, ctx: _Ctx) -> list:
@@ -1016,7 +1169,7 @@ class FusedStep:
 
 
 def make_step(loss_fn: Callable[..., Any], opt: FusedOptimizer, *, donate: bool = True,
-              has_aux: bool = False,
+              has_aux: bool = False, piece_bytes: int | None = None,
               compiler_options: dict | None = None) -> FusedStep:
     """The jit-compiled LOMO/AdaLomo step for ``loss_fn``.
 
@@ -1027,6 +1180,13 @@ def make_step(loss_fn: Callable[..., Any], opt: FusedOptimizer, *, donate: bool 
       opt: :func:`lomo` or :func:`adalomo`.
       donate: donate ``params`` and ``state`` (updated in place; use the returned ones). Without
         donation the step holds the old and the new parameters.
+      piece_bytes: LOMO applies the gradient of a leaf updated in its matrix product (an LM
+        head, a kernel outside a layer scan) in pieces of at most this many bytes along the
+        leaf's largest free axis, one computed and applied at a time (exact: LOMO's rule is
+        elementwise); ``None``: an eighth of the largest gradient the step holds at once
+        otherwise (one layer of a layer scan, or a whole leaf), so that no product's gradient
+        rivals a layer's. AdaLomo applies whole gradients (its moments and update normalisation
+        need the whole tensor); its first (norm) pass is pieced as LOMO's.
       compiler_options: XLA options; ``None``: those of :func:`jpeft.make_train_step`
         (:func:`jpeft.core.xla_options.train_step_options`).
 
@@ -1038,8 +1198,12 @@ def make_step(loss_fn: Callable[..., Any], opt: FusedOptimizer, *, donate: bool 
     options = (xla_options.train_step_options() if compiler_options is None
                else dict(compiler_options))
 
+    if piece_bytes is not None and not piece_bytes > 0:
+        raise ValueError(f"make_step: piece_bytes should be a positive number of bytes or None, "
+                         f"got {piece_bytes!r}")
+
     def step(params, state, *args):
-        return _step(loss_fn, opt, has_aux, params, state, args)
+        return _step(loss_fn, opt, has_aux, piece_bytes, params, state, args)
 
     jitted = jax.jit(step, donate_argnums=(0, 1) if donate else (),
                      compiler_options=options or None)
@@ -1051,10 +1215,11 @@ def _learning_rate(opt: FusedOptimizer, count):
     return jnp.asarray(lr(count) if callable(lr) else lr, f32)
 
 
-def _step(loss_fn, opt: FusedOptimizer, has_aux: bool, params, state, args):
+def _step(loss_fn, opt: FusedOptimizer, has_aux: bool, piece_bytes, params, state, args):
     _check_float(params)
     prog = _trace(loss_fn, params, args)
     xs, p_tree = jax.tree_util.tree_flatten(params)
+    pieces = _pieces(prog, xs, piece_bytes)
     arg_leaves = jax.tree_util.tree_leaves(args)
     paths = list(paths_lib.flatten(params))
     n = len(xs)
@@ -1087,7 +1252,7 @@ def _step(loss_fn, opt: FusedOptimizer, has_aux: bool, params, state, args):
     one, zero = jnp.ones((), f32), jnp.zeros((), f32)
 
     def objective(mode, sinks, h, seed):
-        outs = _loss_with_sinks_flat(prog, mode, xs, arg_leaves, sinks, h)
+        outs = _loss_with_sinks_flat(prog, mode, xs, arg_leaves, sinks, h, pieces)
         out = jax.tree_util.tree_unflatten(prog.out_tree, outs)
         loss, aux = out if has_aux else (out, None)
         return loss.astype(f32) * seed, (loss, aux)
@@ -1139,11 +1304,28 @@ def _step(loss_fn, opt: FusedOptimizer, has_aux: bool, params, state, args):
     return new_params, new_state, metrics
 
 
-def _loss_with_sinks_flat(prog: _Program, mode, xs, arg_leaves, sinks, h) -> list:
+def _pieces(prog: _Program, xs: list, piece_bytes: int | None) -> dict:
+    """Leaf index -> the number of pieces the gradient of a leaf updated in its matrix product
+    is applied in: ``ceil(bytes / piece_bytes)`` (1 leaves it whole). ``piece_bytes=None``: an
+    eighth of the largest gradient held at once on the other paths (the slices of one layer
+    of a fused scan together; a whole leaf)."""
+    in_op = {k for _, k in prog.ops.values()}
+    if piece_bytes is None:
+        units = [sum(xs[k].nbytes // max(xs[k].shape[0], 1) for k in train.values())
+                 for train in prog.fused.values()]
+        units += [xs[k].nbytes for k in range(prog.n_train) if prog.used[k]
+                  and not prog.eligible[k]]
+        piece_bytes = max(units, default=0) / 8
+    if not piece_bytes:
+        return {}
+    return {k: -(-xs[k].nbytes // int(max(piece_bytes, 1))) for k in in_op}
+
+
+def _loss_with_sinks_flat(prog: _Program, mode, xs, arg_leaves, sinks, h, pieces) -> list:
     """The flat outputs of the loss program with every used trainable leaf routed to its sink:
     through an identity (:func:`_tag`) unless a fused scan, product or lookup consumes it. ``xs``
     enter with their gradient stopped: the only derivative taken is the sinks' (the rules)."""
-    ctx = _Ctx(prog, mode, sinks, h)
+    ctx = _Ctx(prog, mode, sinks, h, pieces)
     in_op = {k for _, k in prog.ops.values()}
     inputs = []
     for k, x in enumerate(xs):

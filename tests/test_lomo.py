@@ -244,6 +244,84 @@ def test_lomo_trains_a_full_finetune_delta(llamas):
     assert_trees_close(got, want, rtol=1e-4, atol=1e-6)
 
 
+def head_params(key, d=6, vocab=37, dtype=jnp.float32):
+    """An embedding ``[vocab, d]``, per-head weights ``[2, d, 4]`` (a batch axis) and an output
+    head ``[d, vocab]`` (37: no piece count divides it)."""
+    k1, k2, k3, k4 = jax.random.split(key, 4)
+    return {"embed": (jax.random.normal(k1, (vocab, d)) * 0.5).astype(dtype),
+            "heads": (jax.random.normal(k2, (2, d, 4)) * 0.5).astype(dtype),
+            "mix": (jax.random.normal(k3, (4, d)) * 0.5).astype(dtype),
+            "head": (jax.random.normal(k4, (d, vocab)) * 0.5).astype(dtype)}
+
+
+def head_loss(lookup):
+    def loss(p, ids, targets):
+        x = lookup(p["embed"], ids)                                   # [b, t, d]
+        h = jnp.tanh(jnp.einsum("btd,hdk->hbtk", x, p["heads"]))      # heads: a batch-free rhs
+        h = jnp.einsum("hbtk,kd->btd", h, p["mix"])                   # mix: rhs, free axis d
+        logits = jnp.einsum("btd,dv->btv", x + h, p["head"]).astype(jnp.float32)
+        return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), targets[..., None],
+                                             -1))
+    return loss
+
+
+LOOKUPS = {"index": lambda t, i: t[i],
+           "take-fill": lambda t, i: jnp.take(t, i, axis=0, mode="fill", fill_value=0),
+           "take-clip": lambda t, i: jnp.take(t, i, axis=0, mode="clip")}
+
+
+@pytest.mark.parametrize("lookup", sorted(LOOKUPS))
+@pytest.mark.parametrize("piece_bytes", [None, 4 * 6 * 5])
+def test_lomo_applies_a_product_or_lookup_gradient_in_parts_exactly(lookup, piece_bytes):
+    """LOMO's rule is elementwise, so the head's gradient is applied in pieces along its
+    vocabulary axis (``piece_bytes=120``: 8 pieces of 5 columns of 37, the last 2 wide) and the
+    embedding's as its looked-up rows (duplicates summed; out-of-range ids dropped, or clamped
+    under ``mode="clip"``; the other rows only decay). Equal to SGD on the whole gradient
+    (JAX's own transpose) with value and global-norm clipping and weight decay."""
+    params = head_params(jax.random.key(3))
+    keys = jax.random.split(jax.random.key(4), 6)
+    batches = []
+    for i in range(3):
+        ids = jax.random.randint(keys[2 * i], (2, 9), 0, 12)          # few rows, duplicates
+        ids = ids.at[0, 0].set(40).at[1, 3].set(-50)                  # out of range
+        batches.append((ids, jax.random.randint(keys[2 * i + 1], (2, 9), 0, 37)))
+    loss = head_loss(LOOKUPS[lookup])
+    kw = dict(weight_decay=0.1, clip_grad_value=0.05, clip_grad_norm=0.8)
+    step = lomo.make_step(loss, lomo.lomo(0.3, **kw), donate=False, piece_bytes=piece_bytes)
+    assert set(step.plan(params, *batches[0]).fused_op) == {("embed",), ("heads",), ("mix",),
+                                                            ("head",)}
+    got, _, metrics = run(step, params, batches)
+    want = sgd_reference(loss, params, batches, 0.3, wd=0.1, clip_value=0.05, clip_norm=0.8)
+    assert_trees_close(got, want)
+    g = jax.grad(loss)(params, *batches[0])
+    np.testing.assert_allclose(metrics[0]["grad_norm"], optax.tree.norm(g), rtol=1e-6)
+    # rows no position looked up only decayed
+    seen = np.unique(np.clip(np.concatenate([np.asarray(b[0]).ravel() for b in batches]),
+                             0 if lookup == "take-clip" else -1, 36))
+    untouched = np.setdiff1d(np.arange(37), seen)
+    np.testing.assert_allclose(got["embed"][untouched], params["embed"][untouched] * 0.97 ** 3,
+                               rtol=1e-6)
+
+
+def test_lomo_float16_parts_round_once():
+    """Float16 tables and heads: every piece and row is updated in float32 and rounded once,
+    as the whole tensor would be (the reference: the float32 update of the same float16
+    values, rounded)."""
+    params = head_params(jax.random.key(8), dtype=jnp.float16)
+    ids = jnp.array([[1, 2, 2, 5], [7, 1, 0, 3]])
+    batch = (ids, (ids + 3) % 37)
+    loss = head_loss(LOOKUPS["index"])
+    step = lomo.make_step(loss, lomo.lomo(0.3, weight_decay=0.1), donate=False, piece_bytes=24)
+    got, _, _ = step(params, step.init(params, *batch), *batch)
+    g = jax.grad(loss)(params, *batch)
+    for k in ("embed", "head"):
+        want = (params[k].astype(jnp.float32) * (1 - 0.03)
+                - 0.3 * g[k].astype(jnp.float32)).astype(jnp.float16)
+        assert got[k].dtype == jnp.float16
+        np.testing.assert_allclose(np.asarray(got[k], np.float32), np.asarray(want, np.float32),
+                                   rtol=2e-3, atol=1e-3, err_msg=k)
+
+
 # --------------------------------------------------------------------------------------------
 # AdaLomo == its hand-written reference
 
@@ -455,3 +533,24 @@ def test_training_the_embedding_adds_no_table_sized_buffer(scan):
                                 tokens).compile().memory_analysis().temp_size_in_bytes
     table = params["model"]["embed_tokens"]["embedding"].nbytes
     assert temp["all"] - temp["frozen table"] < table // 4, (temp, table)
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_a_large_vocabulary_adds_no_table_sized_gradient(scan):
+    """A vocabulary 16 times the hidden size (LOMO's setting: a few tokens, a large model): the
+    LM head's gradient is applied in pieces and the embedding's as its looked-up rows, so
+    LOMO's temporaries stay under a third of one table (2 MiB here). With the head's
+    gradient whole (``piece_bytes`` past its size) they exceed a table: the check sees one."""
+    cfg = LlamaConfig(vocab_size=4096, hidden_size=128, intermediate_size=128,
+                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                      max_position_embeddings=64, scan_layers=scan)
+    apply, params = jpeft.nnx.split(LlamaForCausalLM(cfg))
+    tokens = jnp.zeros((1, 4), jnp.int32)
+    loss = lambda p, t: ce(apply(p, t), t)
+    table = params["model"]["embed_tokens"]["embedding"].nbytes
+    temp = {}
+    for name, kw in (("parts", {}), ("whole head", {"piece_bytes": 2 ** 40})):
+        step = lomo.make_step(loss, lomo.lomo(0.1), **kw)
+        temp[name] = step.lower(params, step.init(params, tokens),
+                                tokens).compile().memory_analysis().temp_size_in_bytes
+    assert temp["parts"] < table // 3 < table < temp["whole head"], (temp, table)
