@@ -1,10 +1,12 @@
 """Memory of LOMO and AdaLomo (``jpeft.lomo``) against SGD and AdamW full fine-tuning.
 
-The NNX LLaMA decoder (``jpeft.models.llama.LlamaForCausalLM``, random weights, float32; hidden
-128, intermediate 256, 4 query / 2 key-value heads, vocabulary 1024, untied ``lm_head``: 590,848
-bytes of parameters per layer) at several depths, in both layer layouts (unrolled ``nnx.List``
-and ``scan_layers=True``), one synthetic batch of random tokens, next-token cross-entropy. Two
-batch shapes: ``1x32`` (parameters dominate, LOMO's setting: a large model, a small batch) and
+The NNX LLaMA decoder (``jpeft.models.llama.LlamaForCausalLM``, random weights, float32, 4 query
+/ 2 key-value heads, untied ``lm_head``) in two shapes (``--models``): ``tiny`` (hidden 128,
+intermediate 256, vocabulary 1024: 590,848 bytes of parameters per layer, a table 524,288) and
+``wide-vocab`` (hidden 256, intermediate 688, vocabulary 32,000: 2.9 MB per layer, a table
+32.8 MB, 11 layers' worth, as small LLMs have: Qwen2.5-0.5B's table is 9 of its layers), at
+several depths, in both layer layouts (unrolled ``nnx.List`` and ``scan_layers=True``), one
+synthetic batch of random tokens, next-token cross-entropy. Two batch shapes: ``1x32`` (parameters dominate, LOMO's setting: a large model, a small batch) and
 ``4x64`` (activations dominate). For every configuration the train step is compiled (not run) and
 its ``memory_analysis()`` (temporaries, arguments, outputs, aliased bytes) and ``cost_analysis()``
 FLOPs are recorded (XLA counts a ``while`` loop's body once: the scanned rows' FLOPs do not grow
@@ -30,7 +32,8 @@ layer between the smallest and the largest depth.
 
 Usage::
 
-    python benchmarks/lomo_memory.py                         # depths 2, 4, 8; both layouts
+    python benchmarks/lomo_memory.py                         # both models, depths 2, 4, 8, both layouts
+    python benchmarks/lomo_memory.py --models wide-vocab --batches 1x32
     python benchmarks/lomo_memory.py --depths 2,4 --layouts scanned --batches 1x32 --out /tmp/x.jsonl
 
 Rows go to ``--out`` (default ``benchmarks/results/lomo_memory.jsonl``, rewritten each run).
@@ -63,10 +66,13 @@ CONFIGS = ("sgd", "sgd_clip", "adamw", "lomo", "lomo_clip", "adalomo", "forward"
 LAYOUTS = ("unrolled", "scanned")
 
 
-def config(depth: int, scan: bool) -> LlamaConfig:
-    return LlamaConfig(vocab_size=1024, hidden_size=128, intermediate_size=256,
-                       num_hidden_layers=depth, num_attention_heads=4, num_key_value_heads=2,
-                       max_position_embeddings=128, scan_layers=scan)
+MODELS = {"tiny": dict(vocab_size=1024, hidden_size=128, intermediate_size=256),
+          "wide-vocab": dict(vocab_size=32000, hidden_size=256, intermediate_size=688)}
+
+
+def config(depth: int, scan: bool, model: str = "tiny") -> LlamaConfig:
+    return LlamaConfig(**MODELS[model], num_hidden_layers=depth, num_attention_heads=4,
+                       num_key_value_heads=2, max_position_embeddings=128, scan_layers=scan)
 
 
 def ce(logits, tokens):
@@ -138,6 +144,7 @@ def compile_config(name: str, apply, params, tokens, options) -> tuple[dict, dic
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", default=",".join(MODELS))
     p.add_argument("--depths", default="2,4,8")
     p.add_argument("--layouts", default=",".join(LAYOUTS))
     p.add_argument("--batches", default="1x32,4x64", help="comma-separated BATCHxSEQ shapes")
@@ -148,19 +155,22 @@ def main(argv: list[str] | None = None) -> int:
     host_memory = common.host_memory(args)
     depths = [int(d) for d in args.depths.split(",") if d.strip()]
     layouts = [s.strip() for s in args.layouts.split(",") if s.strip()]
+    models = [s.strip() for s in args.models.split(",") if s.strip()]
     shapes = [tuple(int(n) for n in b.split("x")) for b in args.batches.split(",") if b.strip()]
     names = CONFIGS if not args.only else [s.strip() for s in args.only.split(",") if s.strip()]
-    bad = [n for n in names if n not in CONFIGS] + [l for l in layouts if l not in LAYOUTS]
+    bad = ([n for n in names if n not in CONFIGS] + [l for l in layouts if l not in LAYOUTS]
+           + [m for m in models if m not in MODELS])
     if bad:
-        p.error(f"unknown {bad}; configs {CONFIGS}, layouts {LAYOUTS}")
+        p.error(f"unknown {bad}; configs {CONFIGS}, layouts {LAYOUTS}, models {tuple(MODELS)}")
     options = xla_options.train_step_options()
     info = machine(host_memory=host_memory, compiler_options=options)
     rows = []
-    for batch, seq in shapes:
-        tokens = jax.random.randint(jax.random.key(1), (batch, seq), 0, 1024)
+    for model, (batch, seq) in ((m, b) for m in models for b in shapes):
+        tokens = jax.random.randint(jax.random.key(1), (batch, seq), 0,
+                                    MODELS[model]["vocab_size"])
         for layout in layouts:
             for depth in depths:
-                cfg = config(depth, layout == "scanned")
+                cfg = config(depth, layout == "scanned", model)
                 apply, params = jpeft.nnx.split(LlamaForCausalLM(cfg))
                 flat = paths_lib.flatten(params)
                 sizes = {
@@ -174,10 +184,12 @@ def main(argv: list[str] | None = None) -> int:
                     "residual_bytes": residual_bytes(apply, params, tokens)}
                 by_name = {}
                 for name in names:
-                    print(f"[{batch}x{seq}, {layout}, depth {depth}] {name}", flush=True)
+                    print(f"[{model}, {batch}x{seq}, {layout}, depth {depth}] {name}",
+                          flush=True)
                     measured, extra = compile_config(name, apply, params, tokens, options)
-                    row = {"kind": "memory", "batch": batch, "seq": seq, "layout": layout,
-                           "depth": depth, "config": name, **sizes, **measured, **extra,
+                    row = {"kind": "memory", "model": model, "batch": batch, "seq": seq,
+                           "layout": layout, "depth": depth, "config": name, **sizes,
+                           **measured, **extra,
                            "temp_minus_residuals": measured["temp_bytes"]
                            - sizes["residual_bytes"],
                            "setup": {"model": dataclasses.asdict(cfg), "dtype": "float32"},
@@ -192,22 +204,24 @@ def main(argv: list[str] | None = None) -> int:
             if len(depths) > 1:
                 lo, hi = min(depths), max(depths)
                 mine = [r for r in rows if r["kind"] == "memory" and r["layout"] == layout
-                        and (r["batch"], r["seq"]) == (batch, seq)]
+                        and (r["model"], r["batch"], r["seq"]) == (model, batch, seq)]
                 grad = {r["depth"]: r["gradient_bytes"] for r in mine}
                 for name in names:
                     t = {r["depth"]: r["temp_bytes"] for r in mine if r["config"] == name}
-                    rows.append({"kind": "slope", "batch": batch, "seq": seq, "layout": layout,
-                                 "config": name, "depths": [lo, hi],
+                    rows.append({"kind": "slope", "model": model, "batch": batch, "seq": seq,
+                                 "layout": layout, "config": name, "depths": [lo, hi],
                                  "temp_bytes_per_layer": (t[hi] - t[lo]) / (hi - lo),
                                  "param_bytes_per_layer": (grad[hi] - grad[lo]) / (hi - lo)})
     for r in rows:
         if r["kind"] == "memory":
-            print(f"{r['batch']}x{r['seq']} {r['layout']:>8} L={r['depth']} {r['config']:>9}: "
+            print(f"{r['model']:>10} {r['batch']}x{r['seq']} {r['layout']:>8} L={r['depth']} "
+                  f"{r['config']:>9}: "
                   f"temp {r['temp_bytes']:>11,} (-resid {r['temp_minus_residuals']:>11,}) "
                   f"args {r['argument_bytes']:>11,} out {r['output_bytes']:>11,} "
                   f"alias {r['alias_bytes']:>11,} flops {r['flops'] or 0:>14,.0f}")
         else:
-            print(f"{r['batch']}x{r['seq']} {r['layout']:>8} slope {r['config']:>9}: "
+            print(f"{r['model']:>10} {r['batch']}x{r['seq']} {r['layout']:>8} slope "
+                  f"{r['config']:>9}: "
                   f"{r['temp_bytes_per_layer']:>11,.0f} bytes/layer")
     write_jsonl(pathlib.Path(args.out), rows)
     print(f"wrote {len(rows)} rows to {args.out}")

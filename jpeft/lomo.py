@@ -48,7 +48,10 @@ parameters:
   the LM head) is updated in that product's backward pass instead (:func:`_fused_dot`): the
   product's VJP gives the other operand's cotangent (``dx = dy W^T``, which reads the old
   weights) and the leaf's complete gradient, and the update is made to depend on ``dx``
-  (exactly, as :func:`_after` does), so the write comes after every read. Updated at an identity,
+  (exactly, as :func:`_after` does), so the write comes after every read, and the rest of the
+  backward pass is made to wait for the update (:func:`_depending`), so the gradient is gone
+  before the next layer's exists (left alone, XLA may defer an LM head's update to the end of
+  the step, its gradient alive through every layer's). Updated at an identity,
   the write is unordered with that read and XLA keeps a copy of the weight through the step, as
   it does for plain SGD through :func:`jpeft.make_train_step` (a copy of every donated kernel;
   ``tests/test_lomo.py``, ``benchmarks/lomo_memory.py``).
@@ -809,10 +812,28 @@ def _fused_dot(eqn, operands: list, position: int, k: int, ctx: _Ctx) -> list:
             new = _apply_in_pieces(eqn, ops, position, axes, cts[0], sink, ordered, mode, n)
         else:
             new = mode.whole(sink, ops[position], g, ordered, False)
+        # The rest of the backward pass (which reads the other cotangents) waits for the
+        # update, so the leaf's gradient is gone before it goes on (left to itself, XLA may
+        # apply an LM head's update at the very end, its gradient alive through every layer's).
+        last = jax.tree_util.tree_leaves(new)[0]
+        d_ops = [d if d is None or not jnp.issubdtype(d.dtype, jnp.inexact) else
+                 _depending(d, last) for d in d_ops]
         return d_ops, new, None
 
     dot.defvjp(fwd, bwd)
     return dot(list(operands), sink, ctx.h)
+
+
+def _depending(x, y):
+    """``x`` itself, computed so that it depends on ``y`` (exactly: its first entry becomes
+    ``min(x0 + isnan(y0), x0) == x0``), for ordering (as :func:`_after`)."""
+    if not x.size or not y.size:
+        return x
+    flat = jax.lax.reshape(x, (x.size,))
+    y0 = jax.lax.reshape(y, (y.size,))[0]
+    x0 = flat[0]
+    x0 = jnp.minimum(x0 + jnp.isnan(y0).astype(x0.dtype), x0)
+    return jax.lax.reshape(flat.at[0].set(x0), x.shape)
 
 
 def _free_axis(eqn, ops: list, position: int) -> tuple[int, int] | None:
