@@ -452,18 +452,23 @@ class _Update:
         """``sink`` updated from a gradient that is zero outside the rows ``rows`` ``[n]``
         (distinct; an index past the table is no row), ``g_rows`` ``[n, ...]`` those rows'
         gradient (LOMO only). The other rows get their zero gradient's update, the weight
-        decay alone: ``p <- p * decay`` (in place), then the rows are set to
-        ``p_row * decay - step_row`` computed from their old values (one rounding, as
-        :func:`_tensor_update`)."""
+        decay alone. A float32 table is updated as a layer slice is (:meth:`apply_slice`):
+        ``p *= decay; p[rows] -= step`` in place; another dtype has its rows read, updated in
+        float32 and written (one rounding, as :func:`_tensor_update`), after ``p`` is decayed
+        (rounded once, as the rows no position looked up are)."""
         p, state = sink
+        if p.dtype == f32:
+            decay, step, _ = _affine_update(self.opt, None, g_rows, state, h)
+            if self.opt.weight_decay:
+                p = p * decay
+            return p.at[rows].add(-step, mode="drop"), state
         old = p.at[rows].get(mode="fill", fill_value=0)
         decay, step, _ = _affine_update(self.opt, old, g_rows, state, h)
         new = (old.astype(f32) * decay - step).astype(p.dtype)
         if self.opt.weight_decay:
             # The decay's in-place write made to come after the read of the old rows (exactly:
             # min(d + isnan(x), d) == d), so XLA keeps no copy of the table for that read.
-            first = jax.lax.reshape(old, (old.size,))[0].astype(f32) if old.size else 0.0
-            decay = jnp.minimum(decay + jnp.isnan(first).astype(f32), decay)
+            decay = _after(jnp.asarray(decay, f32), [old])
             p = (p.astype(f32) * decay).astype(p.dtype)
         return p.at[rows].set(new, mode="drop"), state
 
@@ -758,22 +763,25 @@ def _depends(jaxpr, inputs: set) -> set:
     return dep
 
 
-def _after(index, values: list):
-    """``index`` itself, computed so that it depends on one entry of each of ``values``.
+def _after(x, values: list):
+    """The scalar ``x`` itself, computed so that it depends on one entry of each of the
+    floating-point arrays ``values``: ``min(x + isnan(v_1[0]) + ... + isnan(v_n[0]), x) == x``
+    (exactly, for every ``x``: finite, infinite or NaN).
 
+    This is how the step orders operations that XLA would otherwise leave unordered (XLA orders
+    by data dependence; an ``optimization_barrier`` is removed before buffer assignment on CPU).
     The write of layer ``l``'s new weights into the carried buffer must come after every read of
     those weights in the layer's VJP (``dx = dy W^T`` reads them; the new value itself does not
-    depend on ``dx``). XLA orders operations by data dependence (an ``optimization_barrier`` is
-    removed before buffer assignment on CPU), and a write unordered with a read of the same
-    buffer makes it copy the whole buffer every iteration. The write index
-    ``min(l + isnan(v_1[0]) + ... + isnan(v_n[0]), l) == l`` depends on every output of the
-    VJP, so every read of the weights comes before the write, which is then in place."""
-    dep = jnp.zeros((), index.dtype)
+    depend on ``dx``): a write unordered with a read of the same buffer makes XLA copy the whole
+    buffer. With the write index ``_after(l, outputs of the VJP)`` every read comes first and
+    the write is in place. Likewise a product's learning rate (:func:`_fused_dot`), zeros to
+    scatter into (:func:`_zeros_after`) and the update pass's seed (:func:`_step`)."""
+    dep = jnp.zeros((), x.dtype)
     for v in values:
         if v.size:
             first = jax.lax.reshape(v, (v.size,))[0] if v.ndim else v
-            dep = dep + jnp.isnan(first).astype(index.dtype)
-    return jnp.minimum(index + dep, index)
+            dep = dep + jnp.isnan(first).astype(x.dtype)
+    return jnp.minimum(x + dep, x)
 
 
 def _fused_dot(eqn, operands: list, position: int, k: int, ctx: _Ctx) -> list:
@@ -802,9 +810,7 @@ def _fused_dot(eqn, operands: list, position: int, k: int, ctx: _Ctx) -> list:
         g = d_ops[position]
         others = [d for j, d in enumerate(d_ops)
                   if j != position and jnp.issubdtype(d.dtype, jnp.inexact)]
-        ordered = h._replace(lr=jnp.minimum(h.lr + sum(
-            (jnp.isnan(jax.lax.reshape(d, (d.size,))[0]).astype(f32) for d in others
-             if d.size), jnp.zeros((), f32)), h.lr))
+        ordered = h._replace(lr=_after(h.lr, others))
         d_ops[position] = None
         n = ctx.pieces.get(k, 1) if mode.elementwise else 1
         axes = _free_axis(eqn, ops, position)
@@ -827,13 +833,10 @@ def _fused_dot(eqn, operands: list, position: int, k: int, ctx: _Ctx) -> list:
 def _depending(x, y):
     """``x`` itself, computed so that it depends on ``y`` (exactly: its first entry becomes
     ``min(x0 + isnan(y0), x0) == x0``), for ordering (as :func:`_after`)."""
-    if not x.size or not y.size:
+    if not x.size:
         return x
     flat = jax.lax.reshape(x, (x.size,))
-    y0 = jax.lax.reshape(y, (y.size,))[0]
-    x0 = flat[0]
-    x0 = jnp.minimum(x0 + jnp.isnan(y0).astype(x0.dtype), x0)
-    return jax.lax.reshape(flat.at[0].set(x0), x.shape)
+    return jax.lax.reshape(flat.at[0].set(_after(flat[0], [y])), x.shape)
 
 
 def _free_axis(eqn, ops: list, position: int) -> tuple[int, int] | None:
@@ -932,9 +935,7 @@ def _fused_gather(eqn, operands: list, position: int, k: int, ctx: _Ctx) -> list
         if rows:
             ids, g_rows = _row_gradient(params, table, indices, ct)
             return None, None, mode.apply_rows(sink, ids, g_rows, h), None
-        first = jax.lax.reshape(ct, (ct.size,))[0] if ct.size else jnp.zeros((), ct.dtype)
-        zero = jnp.minimum(jnp.isnan(first).astype(ct.dtype), jnp.zeros((), ct.dtype))
-        g = jax.lax.scatter_add(jnp.broadcast_to(zero, table.shape), indices, ct, scatter_dn,
+        g = jax.lax.scatter_add(_zeros_after(table.shape, ct), indices, ct, scatter_dn,
                                 indices_are_sorted=params["indices_are_sorted"],
                                 unique_indices=params["unique_indices"], mode=params["mode"])
         return None, None, mode.whole(sink, table, g, h, False), None
@@ -942,6 +943,13 @@ def _fused_gather(eqn, operands: list, position: int, k: int, ctx: _Ctx) -> list
     gather.defvjp(fwd, bwd)
     out = gather(operands[0], operands[1], sink, ctx.h)
     return out if isinstance(out, (list, tuple)) else [out]
+
+
+def _zeros_after(shape: tuple, ct):
+    """Zeros of ``shape`` (``ct``'s dtype) to scatter-add ``ct`` into, made to depend on ``ct``
+    (exactly: ``min(isnan(ct[0]), 0) == 0``): XLA creates them when the sum is formed, where
+    ``jnp.zeros`` is a constant it creates at the start of the step and keeps through it."""
+    return jnp.broadcast_to(_after(jnp.zeros((), ct.dtype), [ct]), shape)
 
 
 def _is_row_lookup(params, table, indices) -> bool:
@@ -973,7 +981,7 @@ def _row_gradient(params, table, indices, ct):
     else:
         ids = jnp.where((ids < 0) | (ids >= v), v, ids)
     uniq, inverse = jnp.unique(ids, size=n, fill_value=v, return_inverse=True)
-    g_rows = jax.ops.segment_sum(ct_rows, inverse.reshape(n), num_segments=n)
+    g_rows = _zeros_after(ct_rows.shape, ct).at[inverse.reshape(n)].add(ct_rows)
     keep = (uniq < v).reshape((n,) + (1,) * (g_rows.ndim - 1))
     return uniq, jnp.where(keep, g_rows, jnp.zeros((), g_rows.dtype))
 
@@ -1302,7 +1310,7 @@ def _step(loss_fn, opt: FusedOptimizer, has_aux: bool, piece_bytes, params, stat
         # pass alive until the clip coefficient is known (the whole gradient tree). The forward
         # passes stay identical and XLA may compute the forward once, as lomo-optim's
         # ``retain_graph`` does.
-        seed = jnp.minimum(scale + jnp.isnan(total[0]).astype(f32), scale)
+        seed = _after(scale, [total[0]])
     sinks = [(x, m) for x, m in zip(xs, moments)]
     (_, (loss, aux)), new_sinks = jax.value_and_grad(
         lambda s: objective(_Update(opt), s, h, seed), has_aux=True)(sinks)
