@@ -21,7 +21,11 @@ with depth):
 * ``lomo_clip``: ``lomo(1e-2, clip_grad_norm=1.0)``: a first backward pass for the global norm,
   then the fused pass;
 * ``adalomo``: ``jpeft.lomo.adalomo(1e-3)``;
-* ``forward``: the loss alone.
+* ``forward``: the loss alone;
+* ``forward_residuals``: the forward pass that keeps the activations (``jax.vjp``'s forward,
+  returning its residuals): ``forward_peak_bytes`` = its temporaries + the residuals it returns,
+  what the forward pass of any training step holds at its peak. Optimizer rows carry
+  ``temp_above_forward_peak`` = their temporaries less that.
 
 Every row carries the gradient's bytes (all parameters), those of the layer-stacked leaves, the
 largest leaf, the largest layer (one decoder layer's parameters, or the embedding or head when
@@ -62,7 +66,8 @@ from jpeft.models.llama import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "lomo_memory.jsonl"
-CONFIGS = ("sgd", "sgd_clip", "adamw", "lomo", "lomo_clip", "adalomo", "forward")
+CONFIGS = ("sgd", "sgd_clip", "adamw", "lomo", "lomo_clip", "adalomo", "forward",
+           "forward_residuals")
 LAYOUTS = ("unrolled", "scanned")
 
 
@@ -135,6 +140,12 @@ def compile_config(name: str, apply, params, tokens, options) -> tuple[dict, dic
         lowered = step.lower(params, step.init(params, tokens), tokens)
     elif name == "forward":
         lowered = jax.jit(loss_of, compiler_options=options or None).lower(params, tokens)
+    elif name == "forward_residuals":
+        def forward(p, t):
+            kept = jax.tree.leaves(jax.vjp(lambda q: loss_of(q, t), p)[1])
+            inputs = {id(x) for x in jax.tree.leaves(p)}
+            return [x for x in kept if id(x) not in inputs]
+        lowered = jax.jit(forward, compiler_options=options or None).lower(params, tokens)
     else:
         raise ValueError(name)
     t0 = time.perf_counter()
@@ -196,6 +207,13 @@ def main(argv: list[str] | None = None) -> int:
                            **info}
                     by_name[name] = row
                     rows.append(row)
+                if "forward_residuals" in by_name:
+                    fr = by_name["forward_residuals"]
+                    peak = fr["temp_bytes"] + fr["output_bytes"]
+                    for name, row in by_name.items():
+                        if name not in ("forward", "forward_residuals"):
+                            row["forward_peak_bytes"] = peak
+                            row["temp_above_forward_peak"] = row["temp_bytes"] - peak
                 for name in ("lomo", "lomo_clip", "adalomo"):
                     for ref in ("sgd", "sgd_clip", "adamw"):
                         if name in by_name and ref in by_name:
