@@ -14,6 +14,7 @@ _host_memory.apply_default()
 
 from jpeft import checkpoint  # noqa: E402
 from jpeft import distributed
+from jpeft import lm_loss
 from jpeft import lomo  # LOMO/AdaLomo: jpeft.lomo.lomo, .adalomo, .make_step
 from jpeft import methods
 from jpeft import multi
@@ -32,6 +33,7 @@ from jpeft.core.sites import Contraction, Sites, probe
 from jpeft.core.sparse import sparse_finetune
 from jpeft.core.train import (DonatedBufferError, NonFiniteError, TrainStep, init_opt_state,
                               make_train_step, method_optimizer, partition)
+from jpeft.lm_loss import lm_cross_entropy
 from jpeft.core.tree import (ParamReport, combine, num_bytes, num_params, param_report, split,
                               trainable_count)
 from jpeft.methods.adalora import adalora
@@ -69,7 +71,7 @@ __all__ = [
     "unipelt",
     # core verbs
     "active", "combine", "compose", "delta_shardings", "dequantize_params", "dequantizing",
-    "init_opt_state", "make_train_step", "mark", "method_optimizer", "num_bytes", "num_params",
+    "init_opt_state", "lm_cross_entropy", "make_train_step", "mark", "method_optimizer", "num_bytes", "num_params",
     "observe", "opt_state_shardings", "param_report", "partition", "parts", "probe",
     "quantize_params",
     "retain_host_memory", "same_derivative", "select", "shard_by_rules", "shardings_of", "split",
@@ -77,5 +79,6 @@ __all__ = [
     "save", "Loaded", "wrap",
     # types and namespaces
     "Context", "Contraction", "Method", "ParamReport", "QuantizedArray", "Selection", "Sites",
-    "checkpoint", "distributed", "marks", "methods", "multi", "nnx", "presets", "sparse",
+    "checkpoint", "distributed", "lm_loss", "lomo", "marks", "methods", "multi", "nnx", "presets",
+    "sparse",
 ]

@@ -59,6 +59,9 @@ parameters:
   leaf's largest free axis (an LM head ``[hidden, vocab]``: columns of the vocabulary), each
   computed (``x^T ct[:, c]``) and applied in turn (:func:`_apply_in_pieces`, ``make_step``'s
   ``piece_bytes``): one piece's gradient is alive, not the head's.
+* an LM head whose only use is :func:`jpeft.lm_cross_entropy` (the head and the loss computed
+  together in vocabulary chunks) is updated chunk by chunk inside the loss's backward pass
+  (:func:`_fused_lm_loss`): neither the logits' cotangent nor the head's gradient exists whole.
 * a table whose only use is one ``gather`` (an embedding lookup) is updated in the lookup's
   backward pass (:func:`_fused_gather`). A row lookup's gradient is zero outside the rows looked
   up: LOMO keeps it as those rows (``[tokens, hidden]``, duplicates summed) and updates them
@@ -129,6 +132,7 @@ import jax.extend.core as jcore
 import jax.numpy as jnp
 import numpy as np
 
+from jpeft import lm_loss
 from jpeft.core import compat
 from jpeft.core import paths as paths_lib
 from jpeft.core import xla_options
@@ -576,7 +580,8 @@ class Plan(NamedTuple):
       fused_scan: leaves updated slice by slice inside a layer scan's backward pass (the stacked
         gradient never exists).
       fused_op: leaves whose only use is one operand of a ``dot_general`` (an LM head, a Dense
-        kernel outside a scan) or the table of a ``gather`` (an embedding): updated in that
+        kernel outside a scan), the kernel of :func:`jpeft.lm_cross_entropy` or the table of a
+        ``gather`` (an embedding): updated in that
         operation's backward pass (a product's after it has read the old weights for the other
         operand's cotangent, so no copy of the weights is kept, and by LOMO in pieces of at
         most ``piece_bytes``; a row lookup's by LOMO as its looked-up rows, otherwise its
@@ -650,6 +655,10 @@ def _analyse(jaxpr, var_leaf: dict, path: tuple, uses: dict) -> None:
                 and eqn.invars[0].aval.shape == eqn.outvars[0].aval.shape):
             if not isinstance(eqn.outvars[0], compat.DropVar):
                 var_leaf[eqn.outvars[0]] = here[0][1]
+        elif (kind == "jit" and here == [(1, here[0][1])]
+              and lm_loss.chunk_of(compat.jit_parts(eqn).name) is not None):
+            # jpeft.lm_cross_entropy with a trainable leaf as the head's kernel (operand 1)
+            uses[here[0][1]].append(_Use(None, 1, path + (i,)))
         elif kind == "jit":
             inner = compat.jit_parts(eqn).jaxpr.jaxpr
             sub = {inner.invars[j]: k for j, k in here}
@@ -716,7 +725,8 @@ def _evaluate(jaxpr, consts: Sequence, args: Sequence, ctx: _Ctx | None, path: t
         if ctx is not None and here in ctx.prog.fused:
             outs = _fused_scan(eqn, invals, ctx.prog.fused[here], ctx)
         elif ctx is not None and here in ctx.prog.ops:
-            fused_op = _fused_dot if compat.kind(eqn) == "dot_general" else _fused_gather
+            fused_op = {"dot_general": _fused_dot, "gather": _fused_gather}.get(
+                compat.kind(eqn), _fused_lm_loss)
             outs = fused_op(eqn, invals, *ctx.prog.ops[here], ctx)
         elif ctx is not None and here in ctx.prog.inline:
             inner = compat.jit_parts(eqn).jaxpr
@@ -837,6 +847,57 @@ def _depending(x, y):
         return x
     flat = jax.lax.reshape(x, (x.size,))
     return jax.lax.reshape(flat.at[0].set(_after(flat[0], [y])), x.shape)
+
+
+def _fused_lm_loss(eqn, operands: list, position: int, k: int, ctx: _Ctx) -> list:
+    """:func:`jpeft.lm_cross_entropy` (the ``jit`` equation ``eqn`` on ``[hidden, kernel,
+    labels, weights]``) whose head ``kernel`` is trainable leaf ``k`` (its only use), with the
+    head's update fused into the loss's chunked backward pass.
+
+    Backward (:func:`jpeft.lm_loss.backward`): each chunk's logits are recomputed from the
+    kernel's columns, read from the buffer being updated; under an elementwise rule (LOMO, the
+    norm pass) the chunk's gradient is applied to those columns right away, after the hidden
+    states' cotangent has read them (:func:`_after`), so neither the logits' cotangent nor the
+    head's gradient exists whole; AdaLomo's rule gets the gradient whole, gathered chunk by
+    chunk. Chunks: the loss's own width, narrowed to the product's piece size
+    (``make_step``'s ``piece_bytes``). The rest of the backward pass waits for the update."""
+    del position
+    mode, sink = ctx.mode, ctx.sinks[k]
+    v = operands[1].shape[1]
+    width = lm_loss.chunk_of(compat.jit_parts(eqn).name)
+    width = min(width, -(-v // ctx.pieces.get(k, 1)))
+
+    @jax.custom_vjp
+    def loss(h, kernel, labels, w, sink, hyp):
+        return compat.bind(eqn, [h, kernel, labels, w])
+
+    def fwd(h, kernel, labels, w, sink, hyp):
+        lse, picked = lm_loss.forward(h, kernel, labels, width)
+        out = jnp.sum((lse - picked) * w) / jnp.maximum(jnp.sum(w), 1.0)
+        return [out], (h, kernel, labels, w, lse, sink, hyp)
+
+    def bwd(res, cts):
+        h, kernel, labels, w, lse, sink, hyp = res
+        g = cts[0]
+        column = lambda a, start, length: jax.lax.dynamic_slice_in_dim(a, start, length, 1)
+        if mode.elementwise:
+            read = ((lambda acc, start, length: column(acc[0], start, length)) if mode.writes
+                    else (lambda acc, start, length: column(kernel, start, length)))
+            apply = lambda acc, start, g_c, dh: mode.apply_piece(
+                acc, 1, start, g_c, hyp._replace(lr=_after(hyp.lr, [dh])))
+            dh, new = lm_loss.backward(h, read, labels, w, lse, g, width, v, apply, sink)
+        else:
+            put = lambda acc, start, g_c, dh: jax.lax.dynamic_update_slice_in_dim(acc, g_c,
+                                                                                  start, 1)
+            dh, grad = lm_loss.backward(h, lambda _, start, length: column(kernel, start, length),
+                                        labels, w, lse, g, width, v, put,
+                                        _zeros_after(kernel.shape, lse).astype(kernel.dtype))
+            new = mode.whole(sink, kernel, grad, hyp._replace(lr=_after(hyp.lr, [dh])), False)
+        dh = _depending(dh, jax.tree_util.tree_leaves(new)[0]).astype(h.dtype)
+        return dh, None, None, None, new, None
+
+    loss.defvjp(fwd, bwd)
+    return loss(*operands, sink, ctx.h)
 
 
 def _free_axis(eqn, ops: list, position: int) -> tuple[int, int] | None:

@@ -322,6 +322,43 @@ def test_lomo_float16_parts_round_once():
                                    rtol=2e-3, atol=1e-3, err_msg=k)
 
 
+def lm_loss_model(p, ids, labels, mask):
+    """An embedding, a hidden layer and the head in jpeft.lm_cross_entropy (chunks of 5 of the
+    37 columns: the last one 2 wide)."""
+    h = jnp.tanh(p["embed"][ids] @ p["mix"].T)
+    return jpeft.lm_cross_entropy(h, p["head"], labels, mask, chunk=5)
+
+
+@pytest.mark.parametrize("piece_bytes", [None, 4 * 6 * 3])
+def test_lomo_applies_the_head_inside_the_chunked_lm_loss(piece_bytes):
+    """The head's kernel used only by jpeft.lm_cross_entropy is updated chunk by chunk inside
+    the loss's backward pass (chunks narrowed to 3 columns by ``piece_bytes=72``): LOMO equals
+    SGD (value and norm clipping, weight decay; the norm pass pieced too), AdaLomo its
+    reference (the head's gradient gathered whole)."""
+    p = head_params(jax.random.key(9))
+    params = {"embed": p["embed"], "mix": p["mix"][:, :6].T @ p["mix"][:, :6] * 0.3,
+              "head": p["head"]}
+    keys = jax.random.split(jax.random.key(10), 9)
+    batches = [(jax.random.randint(keys[3 * i], (2, 6), 0, 37),
+                jax.random.randint(keys[3 * i + 1], (2, 6), 0, 37),
+                (jax.random.uniform(keys[3 * i + 2], (2, 6)) > 0.2).astype(jnp.float32))
+               for i in range(3)]
+    kw = dict(weight_decay=0.1, clip_grad_value=0.05, clip_grad_norm=0.8)
+    step = lomo.make_step(lm_loss_model, lomo.lomo(0.3, **kw), donate=False,
+                          piece_bytes=piece_bytes)
+    assert ("head",) in step.plan(params, *batches[0]).fused_op
+    got, _, metrics = run(step, params, batches)
+    assert_trees_close(got, sgd_reference(lm_loss_model, params, batches, 0.3, wd=0.1,
+                                          clip_value=0.05, clip_norm=0.8))
+    g = jax.grad(lm_loss_model)(params, *batches[0])
+    np.testing.assert_allclose(metrics[0]["grad_norm"], optax.tree.norm(g), rtol=1e-6)
+    step = lomo.make_step(lm_loss_model, lomo.adalomo(0.05, weight_decay=0.1), donate=False,
+                          piece_bytes=piece_bytes)
+    got, _, _ = run(step, params, batches)
+    assert_trees_close(got, adalomo_reference(lm_loss_model, params, batches, 0.05, wd=0.1),
+                       rtol=1e-4, atol=1e-6)
+
+
 # --------------------------------------------------------------------------------------------
 # AdaLomo == its hand-written reference
 
@@ -560,3 +597,29 @@ def test_a_large_vocabulary_adds_no_table_sized_gradient(scan):
                                 tokens).compile().memory_analysis().temp_size_in_bytes
     assert temp["parts"] < table // 3 < table < temp["whole head"], (temp, table)
     assert temp["adalomo"] < 2.5 * table, (temp, table)
+
+
+def test_the_chunked_lm_loss_removes_the_logits_cotangent():
+    """4 x 32 tokens, a vocabulary of 4,096 (logits ``[4, 31, 4096]``: 2 MB): with the
+    decoder's head in jpeft.lm_cross_entropy LOMO's step holds more than three logits-sized
+    buffers fewer (13.2 MB -> 4.2 MB) than with the logits formed and the loss taken on them
+    (the logits, softmax and their cotangents)."""
+    cfg = LlamaConfig(vocab_size=4096, hidden_size=128, intermediate_size=128,
+                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                      max_position_embeddings=64, scan_layers=True)
+    net = LlamaForCausalLM(cfg)
+    apply, params = jpeft.nnx.split(net)
+    body, _ = jpeft.nnx.split(net.model)
+    tokens = jnp.zeros((4, 32), jnp.int32)
+
+    def chunked(p, t):
+        hidden, _ = body(p["model"], t)
+        return jpeft.lm_cross_entropy(hidden[:, :-1], p["lm_head"]["kernel"], t[:, 1:],
+                                      chunk=512)
+    logits = 4 * 31 * 4096 * 4
+    temp = {}
+    for name, loss in (("chunked", chunked), ("logits", lambda p, t: ce(apply(p, t), t))):
+        step = lomo.make_step(loss, lomo.lomo(0.1))
+        temp[name] = step.lower(params, step.init(params, tokens),
+                                tokens).compile().memory_analysis().temp_size_in_bytes
+    assert temp["logits"] - temp["chunked"] > 3 * logits, (temp, logits)
