@@ -25,7 +25,10 @@ with depth):
 * ``forward_residuals``: the forward pass that keeps the activations (``jax.vjp``'s forward,
   returning its residuals): ``forward_peak_bytes`` = its temporaries + the residuals it returns,
   what the forward pass of any training step holds at its peak. Optimizer rows carry
-  ``temp_above_forward_peak`` = their temporaries less that.
+  ``temp_above_forward_peak`` = their temporaries less that;
+* ``*_lm_loss``: the same with the head and the loss computed together in vocabulary chunks of
+  4,096 (``jpeft.lm_cross_entropy`` on the decoder body's hidden states; no logits ``[B, T, V]``
+  or their cotangent), against ``forward_residuals_lm_loss``, that loss's forward peak.
 
 Every row carries the gradient's bytes (all parameters), those of the layer-stacked leaves, the
 largest leaf, the largest layer (one decoder layer's parameters, or the embedding or head when
@@ -67,7 +70,8 @@ from jpeft.models.llama import LlamaConfig, LlamaForCausalLM  # noqa: E402
 REPO = pathlib.Path(__file__).resolve().parent.parent
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "lomo_memory.jsonl"
 CONFIGS = ("sgd", "sgd_clip", "adamw", "lomo", "lomo_clip", "adalomo", "forward",
-           "forward_residuals")
+           "forward_residuals", "sgd_lm_loss", "lomo_lm_loss", "adalomo_lm_loss",
+           "forward_residuals_lm_loss")
 LAYOUTS = ("unrolled", "scanned")
 
 
@@ -117,9 +121,23 @@ def measure(compiled) -> dict:
     return {**common.memory(compiled), **common.cost(compiled)}
 
 
-def compile_config(name: str, apply, params, tokens, options) -> tuple[dict, dict]:
-    """``(measurements, extra)`` of one configuration's compiled step."""
-    loss_of = lambda p, t: ce(apply(p, t), t)
+def chunked_loss(body):
+    """Next-token cross-entropy with the head in ``jpeft.lm_cross_entropy``: ``body(params
+    ["model"], tokens)`` gives the hidden states."""
+    def loss(p, t):
+        hidden, _ = body(p["model"], t)
+        return jpeft.lm_cross_entropy(hidden[:, :-1], p["lm_head"]["kernel"], t[:, 1:],
+                                      chunk=4096)
+    return loss
+
+
+def compile_config(name: str, apply, params, tokens, options, body=None) -> tuple[dict, dict]:
+    """``(measurements, extra)`` of one configuration's compiled step (``*_lm_loss``: with
+    :func:`chunked_loss` of ``body``)."""
+    if name.endswith("_lm_loss"):
+        loss_of, name = chunked_loss(body), name[:-len("_lm_loss")]
+    else:
+        loss_of = lambda p, t: ce(apply(p, t), t)
     method = jpeft.full_finetune()
     extra: dict = {}
     if name in ("sgd", "sgd_clip", "adamw"):
@@ -182,7 +200,9 @@ def main(argv: list[str] | None = None) -> int:
         for layout in layouts:
             for depth in depths:
                 cfg = config(depth, layout == "scanned", model)
-                apply, params = jpeft.nnx.split(LlamaForCausalLM(cfg))
+                net = LlamaForCausalLM(cfg)
+                apply, params = jpeft.nnx.split(net)
+                body, _ = jpeft.nnx.split(net.model)
                 flat = paths_lib.flatten(params)
                 sizes = {
                     "params": sum(x.size for x in flat.values()),
@@ -197,7 +217,8 @@ def main(argv: list[str] | None = None) -> int:
                 for name in names:
                     print(f"[{model}, {batch}x{seq}, {layout}, depth {depth}] {name}",
                           flush=True)
-                    measured, extra = compile_config(name, apply, params, tokens, options)
+                    measured, extra = compile_config(name, apply, params, tokens, options,
+                                                     body)
                     row = {"kind": "memory", "model": model, "batch": batch, "seq": seq,
                            "layout": layout, "depth": depth, "config": name, **sizes,
                            **measured, **extra,
@@ -207,11 +228,14 @@ def main(argv: list[str] | None = None) -> int:
                            **info}
                     by_name[name] = row
                     rows.append(row)
-                if "forward_residuals" in by_name:
-                    fr = by_name["forward_residuals"]
+                for suffix in ("", "_lm_loss"):
+                    fr = by_name.get("forward_residuals" + suffix)
+                    if fr is None:
+                        continue
                     peak = fr["temp_bytes"] + fr["output_bytes"]
                     for name, row in by_name.items():
-                        if name not in ("forward", "forward_residuals"):
+                        if (not name.startswith("forward")
+                                and name.endswith("_lm_loss") == bool(suffix)):
                             row["forward_peak_bytes"] = peak
                             row["temp_above_forward_peak"] = row["temp_bytes"] - peak
                 for name in ("lomo", "lomo_clip", "adalomo"):

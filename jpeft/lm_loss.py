@@ -47,7 +47,9 @@ def lm_cross_entropy(hidden: jax.Array, kernel: jax.Array, labels: jax.Array,
     Args:
       hidden: ``[..., H]`` hidden states (any float dtype; products accumulate in float32).
       kernel: ``[H, V]`` the LM head's kernel (no bias).
-      labels: ``[...]`` integer labels in ``[0, V)``.
+      labels: ``[...]`` integer labels in ``[0, V)``; a label outside it makes the loss NaN
+        unless its position's weight is 0 (Hugging Face's ``-100``: pass ``mask=labels !=
+        -100``).
       mask: ``[...]`` weights (1 for a position counted, 0 for padding); ``None``: all ones.
       chunk: vocabulary columns per chunk (the last chunk is narrower when it does not divide
         ``V``).
@@ -104,7 +106,8 @@ def forward(h, kernel, labels, chunk: int):
         got = jnp.take_along_axis(logits, jnp.clip(at, 0, length - 1)[:, None], axis=-1)[:, 0]
         return m_new, s, jnp.where(inside, got, picked)
 
-    carry = (jnp.full((n,), -jnp.inf, f32), jnp.zeros((n,), f32), jnp.zeros((n,), f32))
+    # A label outside [0, V) picks no logit: NaN, so that its loss is NaN, not a quiet number.
+    carry = (jnp.full((n,), -jnp.inf, f32), jnp.zeros((n,), f32), jnp.full((n,), jnp.nan, f32))
     carry = jax.lax.fori_loop(0, full, lambda i, c: piece(i * width, width, c), carry)
     if rest:
         carry = piece(full * width, rest, carry)
@@ -112,8 +115,10 @@ def forward(h, kernel, labels, chunk: int):
     return m + jnp.log(s), picked
 
 
-def _reduce(lse, picked, w):
-    return jnp.sum((lse - picked) * w) / jnp.maximum(jnp.sum(w), 1.0)
+def mean_loss(lse, picked, w):
+    """The weighted mean of ``lse - picked`` (a position of weight 0 counts nothing, even with a
+    label out of range)."""
+    return jnp.sum(jnp.where(w != 0, (lse - picked) * w, 0.0)) / jnp.maximum(jnp.sum(w), 1.0)
 
 
 def backward(h, read, labels, w, lse, g, chunk: int, v: int, apply: Callable, acc):
@@ -145,12 +150,12 @@ def backward(h, read, labels, w, lse, g, chunk: int, v: int, apply: Callable, ac
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
 def _loss(h, kernel, labels, w, chunk):
     lse, picked = forward(h, kernel, labels, chunk)
-    return _reduce(lse, picked, w)
+    return mean_loss(lse, picked, w)
 
 
 def _loss_fwd(h, kernel, labels, w, chunk):
     lse, picked = forward(h, kernel, labels, chunk)
-    return _reduce(lse, picked, w), (h, kernel, labels, w, lse)
+    return mean_loss(lse, picked, w), (h, kernel, labels, w, lse)
 
 
 def _loss_bwd(chunk, res, g):
@@ -175,4 +180,4 @@ def _jitted(chunk: int):
     return jax.jit(fn)
 
 
-__all__ = ["NAME", "backward", "chunk_of", "forward", "lm_cross_entropy"]
+__all__ = ["NAME", "backward", "chunk_of", "forward", "lm_cross_entropy", "mean_loss"]

@@ -873,8 +873,7 @@ def _fused_lm_loss(eqn, operands: list, position: int, k: int, ctx: _Ctx) -> lis
 
     def fwd(h, kernel, labels, w, sink, hyp):
         lse, picked = lm_loss.forward(h, kernel, labels, width)
-        out = jnp.sum((lse - picked) * w) / jnp.maximum(jnp.sum(w), 1.0)
-        return [out], (h, kernel, labels, w, lse, sink, hyp)
+        return [lm_loss.mean_loss(lse, picked, w)], (h, kernel, labels, w, lse, sink, hyp)
 
     def bwd(res, cts):
         h, kernel, labels, w, lse, sink, hyp = res

@@ -83,3 +83,18 @@ def test_the_gradient_holds_no_logits_sized_buffer():
         grad = jax.jit(jax.grad(loss, (0, 1)))
         temp[name] = grad.lower(hidden, kernel).compile().memory_analysis().temp_size_in_bytes
     assert temp["chunked"] < logits // 4 < logits <= temp["plain"], (temp, logits)
+
+
+def test_a_label_out_of_range_is_nan_unless_masked():
+    """A label past the vocabulary (or Hugging Face's -100) makes the loss NaN, not a number
+    computed from no logit; with its position masked out it counts nothing."""
+    hidden, kernel, labels, _ = data(4, lead=(6,))
+    bad = labels.at[2].set(-100)
+    assert np.isnan(float(jpeft.lm_cross_entropy(hidden, kernel, bad, chunk=8)))
+    assert np.isnan(float(jpeft.lm_cross_entropy(hidden, kernel, labels.at[0].set(37), chunk=8)))
+    mask = bad != -100
+    got = jpeft.lm_cross_entropy(hidden, kernel, bad, mask, chunk=8)
+    np.testing.assert_allclose(got, reference(hidden, kernel, labels, mask), rtol=1e-6)
+    g = jax.grad(lambda a: jpeft.lm_cross_entropy(a, kernel, bad, mask, chunk=8))(hidden)
+    want = jax.grad(lambda a: reference(a, kernel, labels, mask))(hidden)
+    np.testing.assert_allclose(g, want, rtol=1e-5, atol=1e-7)
