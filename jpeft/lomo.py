@@ -569,8 +569,9 @@ _TRANSPARENT = frozenset({"convert_element_type", "copy", "sharding_constraint"}
 class _Use(NamedTuple):
     scan: tuple | None      # the path (equation indices through inlined jits) of a scan
     position: int           # the leaf's operand position there
-    op: tuple | None = None   # the path of a dot_general (the leaf one operand) or a gather
-                              # (the leaf the table looked up)
+    op: tuple | None = None   # the path of a dot_general (the leaf one operand), a gather
+                              # (the leaf the table looked up) or jpeft.lm_cross_entropy's
+                              # jit (the leaf the head's kernel)
 
 
 class Plan(NamedTuple):
