@@ -82,18 +82,20 @@ def chunk_of(name: str) -> int | None:
     return int(tail) if head == NAME and tail.isdigit() else None
 
 
-def _chunks(size: int, chunk: int) -> tuple[int, int, int]:
-    """``(width, full, rest)``: ``full`` chunks of ``width`` columns, then one of ``rest``."""
+def over_chunks(size: int, chunk: int, piece: Callable, carry):
+    """``carry`` threaded through ``piece(start, length, carry)`` for the chunks of ``chunk``
+    (at most ``size``) of ``range(size)``: the full ones in a ``fori_loop`` (one compiled body),
+    then the narrower last one when ``chunk`` does not divide ``size``."""
     width = min(chunk, size)
     full, rest = divmod(size, width)
-    return width, full, rest
+    carry = jax.lax.fori_loop(0, full, lambda i, c: piece(i * width, width, c), carry)
+    return piece(full * width, rest, carry) if rest else carry
 
 
 def forward(h, kernel, labels, chunk: int):
     """``(lse, picked)`` ``[N]``: each position's log-sum-exp over the vocabulary and its
     label's logit, in chunks (float32)."""
     n, v = h.shape[0], kernel.shape[1]
-    width, full, rest = _chunks(v, chunk)
 
     def piece(start, length, carry):
         m, s, picked = carry
@@ -107,11 +109,9 @@ def forward(h, kernel, labels, chunk: int):
         return m_new, s, jnp.where(inside, got, picked)
 
     # A label outside [0, V) picks no logit: NaN, so that its loss is NaN, not a quiet number.
-    carry = (jnp.full((n,), -jnp.inf, f32), jnp.zeros((n,), f32), jnp.full((n,), jnp.nan, f32))
-    carry = jax.lax.fori_loop(0, full, lambda i, c: piece(i * width, width, c), carry)
-    if rest:
-        carry = piece(full * width, rest, carry)
-    m, s, picked = carry
+    m, s, picked = over_chunks(v, chunk, piece, (jnp.full((n,), -jnp.inf, f32),
+                                                 jnp.zeros((n,), f32),
+                                                 jnp.full((n,), jnp.nan, f32)))
     return m + jnp.log(s), picked
 
 
@@ -126,7 +126,6 @@ def backward(h, read, labels, w, lse, g, chunk: int, v: int, apply: Callable, ac
     kernel's columns ``[H, length]``; ``apply(acc, start, g_c, dh)`` takes the head's gradient
     on those columns (``[H, length]``, after ``dh`` has read them) and returns the new ``acc``.
     ``dh`` ``[N, H]`` float32."""
-    width, full, rest = _chunks(v, chunk)
     scale = (g * w / jnp.maximum(jnp.sum(w), 1.0)).astype(f32)
 
     def piece(start, length, carry):
@@ -140,11 +139,7 @@ def backward(h, read, labels, w, lse, g, chunk: int, v: int, apply: Callable, ac
         g_c = jnp.dot(h.T, d.astype(h.dtype), preferred_element_type=f32).astype(wc.dtype)
         return dh, apply(acc, start, g_c, dh)
 
-    carry = (jnp.zeros(h.shape, f32), acc)
-    carry = jax.lax.fori_loop(0, full, lambda i, c: piece(i * width, width, c), carry)
-    if rest:
-        carry = piece(full * width, rest, carry)
-    return carry
+    return over_chunks(v, chunk, piece, (jnp.zeros(h.shape, f32), acc))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
@@ -180,4 +175,5 @@ def _jitted(chunk: int):
     return jax.jit(fn)
 
 
-__all__ = ["NAME", "backward", "chunk_of", "forward", "lm_cross_entropy", "mean_loss"]
+__all__ = ["NAME", "backward", "chunk_of", "forward", "lm_cross_entropy", "mean_loss",
+           "over_chunks"]

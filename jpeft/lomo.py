@@ -930,8 +930,6 @@ def _apply_in_pieces(eqn, ops: list, position: int, axes: tuple[int, int], ct, s
     axis, out_axis = axes
     w = ops[position]
     size = w.shape[axis]
-    width = -(-size // min(n, size))
-    full, rest = divmod(size, width)
 
     def gradient(start, length):
         shape = list(w.shape)
@@ -947,14 +945,10 @@ def _apply_in_pieces(eqn, ops: list, position: int, axes: tuple[int, int], ct, s
             ct_piece)
         return g
 
-    def body(i, sink):
-        start = i * width
-        return mode.apply_piece(sink, axis, start, gradient(start, width), h)
-
-    sink = jax.lax.fori_loop(0, full, body, sink)
-    if rest:
-        sink = mode.apply_piece(sink, axis, full * width, gradient(full * width, rest), h)
-    return sink
+    return lm_loss.over_chunks(
+        size, -(-size // min(n, size)),
+        lambda start, length, sink: mode.apply_piece(sink, axis, start,
+                                                     gradient(start, length), h), sink)
 
 
 def _fused_gather(eqn, operands: list, position: int, k: int, ctx: _Ctx) -> list:
